@@ -1,0 +1,56 @@
+"""What a bank trains and validates on, from wherever its node config points.
+
+`data-path` is either a bank's own data-config YAML (deployment: the bank's real files, validated
+and split here) or a folder prepared by `fingpt-sim` (one simulated bank's partition).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+import conf  # noqa: F401  (registers the ${shared_data:...} resolver a bank config may use)
+from client.loading import as_dict, load_dataset, split_validation
+from client.records import BankDataset
+from client.storage import load_records, save_records
+
+
+@dataclass
+class BankData:
+    name: str
+    train: BankDataset
+    valid: BankDataset | None
+
+
+def load_bank(path: str | Path) -> BankData:
+    """The bank's train and validation sets; any invalid row raises `DataError` before training starts."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _load_prepared(path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return _load_from_config(path)
+    raise FileNotFoundError(f"data-path {path} is neither a bank data config (.yaml) nor a prepared bank folder")
+
+
+def save_bank(bank: BankData, folder: str | Path) -> Path:
+    folder = Path(folder)
+    save_records(bank.train, folder / "train")
+    if bank.valid is not None:
+        save_records(bank.valid, folder / "valid")
+    (folder / "name.txt").write_text(bank.name, encoding="utf-8")
+    return folder
+
+
+def _load_prepared(folder: Path) -> BankData:
+    name_file = folder / "name.txt"
+    name = name_file.read_text(encoding="utf-8").strip() if name_file.is_file() else folder.name
+    valid = load_records(folder / "valid") if (folder / "valid").is_dir() else None
+    return BankData(name=name, train=load_records(folder / "train"), valid=valid)
+
+
+def _load_from_config(path: Path) -> BankData:
+    cfg = as_dict(OmegaConf.load(path))
+    train, valid = split_validation(load_dataset(cfg), cfg.get("split") or {})
+    return BankData(name=str(cfg.get("name") or path.stem), train=train, valid=valid)

@@ -1,0 +1,21 @@
+"""The one error a bank sees for bad data: which file, which row, which column, what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """Invalid input data. Rows are counted from 1 over data rows (a CSV header is not a row)."""
+
+    def __init__(self, path: str | Path, message: str, *, row: int | None = None, column: str | None = None):
+        self.path = str(path)
+        self.row = row
+        self.column = column
+        self.message = message
+        where = [self.path]
+        if row is not None:
+            where.append(f"row {row}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        super().__init__(f"{', '.join(where)}: {message}")

@@ -1,0 +1,131 @@
+"""A data config in, a validated `BankDataset` out: the one way every command reads a bank's data.
+
+Nothing is returned until every row has passed: a run never starts on data that fails validation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from client.columns import canonical, labels_from, require_columns, texts_from
+from client.records import BankDataset
+from client.series import Series, long_series, wide_series, window_series
+from client.splits import split_train_valid, time_split_indices
+from client.tables import read_table
+
+LAYOUTS = ("wide", "long", "windows")
+DEFAULT_VALID_FRACTION = 0.15
+DEFAULT_TEST_FRACTION = 0.2
+
+
+@dataclass
+class Splits:
+    train: BankDataset
+    valid: BankDataset
+    test: BankDataset
+
+
+def as_dict(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """A plain, resolved dict of a (Hydra) config section."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def load_dataset(data_cfg: Mapping[str, Any] | DictConfig, which: str = "train") -> BankDataset:
+    """The records of `data_cfg.files[which]` ("train" or "test"), validated."""
+    cfg = as_dict(data_cfg)
+    path = (cfg.get("files") or {}).get(which)
+    if not path:
+        raise ValueError(f"data config {cfg.get('name')!r} has no files.{which}")
+    table = read_table(path, cfg.get("format"), cfg.get("encoding") or "utf-8")
+    return table_to_dataset(table, cfg)
+
+
+def has_test_file(data_cfg: Mapping[str, Any] | DictConfig) -> bool:
+    return bool((as_dict(data_cfg).get("files") or {}).get("test"))
+
+
+def load_splits(data_cfg: Mapping[str, Any] | DictConfig) -> Splits:
+    """Deterministic train / validation / test sets of one data config (centralized use, benchmarks).
+
+    The test set is `files.test` when given, else `split.test_fraction` of the rows (the latest by
+    `split.by_time` when set, else a stratified random draw with `split.seed`).
+    """
+    cfg = as_dict(data_cfg)
+    data, test = hold_out_test(cfg)
+    train, valid = split_validation(data, cfg.get("split") or {})
+    return Splits(train=train, valid=valid, test=test)
+
+
+def split_validation(data: BankDataset, split_cfg: Mapping[str, Any]) -> tuple[BankDataset, BankDataset]:
+    """(train, validation) of one bank's rows, by `split.valid_fraction` and `split.seed`."""
+    fraction = float(split_cfg.get("valid_fraction", DEFAULT_VALID_FRACTION))
+    train_idx, valid_idx = split_train_valid(np.arange(len(data)), data.labels, fraction, int(split_cfg.get("seed", 0)))
+    return data.subset(train_idx), data.subset(valid_idx)
+
+
+def hold_out_test(data_cfg: Mapping[str, Any] | DictConfig) -> tuple[BankDataset, BankDataset]:
+    """(the rows to train on, the global test set) of one data config."""
+    cfg = as_dict(data_cfg)
+    data = load_dataset(cfg, "train")
+    if has_test_file(cfg):
+        return data, load_dataset(cfg, "test")
+    split = cfg.get("split") or {}
+    fraction = float(split.get("test_fraction", DEFAULT_TEST_FRACTION))
+    if split.get("by_time"):
+        kept, held = time_split_indices(data.keys[split["by_time"]], fraction)
+    else:
+        kept, held = split_train_valid(np.arange(len(data)), data.labels, fraction, int(split.get("seed", 0)))
+    return data.subset(kept), data.subset(held)
+
+
+def table_to_dataset(table: pd.DataFrame, cfg: Mapping[str, Any]) -> BankDataset:
+    series_cfg = cfg.get("series") or {}
+    layout = series_cfg.get("layout")
+    if layout not in (None, *LAYOUTS):
+        raise ValueError(f"data.series.layout must be one of {LAYOUTS} or null, got {layout!r}")
+    extra = None
+    if layout == "windows":
+        series, labels, table = window_series(table, series_cfg, cfg["label"])
+        class_names = list((cfg["label"].get("classes") or {0: "down", 1: "up"}).values())
+    else:
+        labels, class_names = labels_from(table, cfg["label"]["column"], cfg["label"]["classes"])
+        series, extra = _row_series(table, series_cfg, layout, cfg)
+    texts = texts_from(table, cfg.get("text") or {}, extra)
+    if texts is None and series is None:
+        raise ValueError(f"data config {cfg.get('name')!r} maps neither text nor series")
+    return BankDataset(
+        texts=texts,
+        series=None if series is None else series.values,
+        mask=None if series is None else series.mask,
+        labels=labels,
+        class_names=class_names,
+        feature_names=[] if series is None else series.feature_names,
+        keys=_kept_columns(table, _columns_to_keep(cfg)),
+    )
+
+
+def _row_series(table: pd.DataFrame, series_cfg: Mapping[str, Any], layout: str | None,
+                cfg: Mapping[str, Any]) -> tuple[Series | None, pd.DataFrame | None]:
+    if layout == "wide":
+        return wide_series(table, series_cfg["features"]), None
+    if layout == "long":
+        return long_series(table, series_cfg, cfg.get("format"), cfg.get("encoding") or "utf-8")
+    return None, None
+
+
+def _columns_to_keep(cfg: Mapping[str, Any]) -> list[str]:
+    by_time = (cfg.get("split") or {}).get("by_time")
+    return list(dict.fromkeys([*(cfg.get("keep_columns") or []), *([by_time] if by_time else [])]))
+
+
+def _kept_columns(table: pd.DataFrame, columns: list[str]) -> dict[str, np.ndarray]:
+    """Columns kept beside the records, e.g. the segment or ticker that makes a natural bank split."""
+    require_columns(table, columns, "keep_columns")
+    return {c: table[c].map(canonical).to_numpy() for c in columns}

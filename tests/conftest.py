@@ -1,0 +1,28 @@
+"""Shared fixtures. Real data sets are read from ../shared/data (or $FINGPT_SHARED_DATA) when present."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conf import CONFIG_DIR, shared_data_root
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+def require_shared_data(*relative: str) -> None:
+    """Skip, saying why, when a real data set is not beside the checkout."""
+    for part in relative:
+        path = shared_data_root() / part
+        if not path.exists():
+            pytest.skip(f"real data {path} is absent (set FINGPT_SHARED_DATA or place ../shared/data beside the repo)")
+
+
+@pytest.fixture
+def data_config_dir():
+    return CONFIG_DIR / "data"
