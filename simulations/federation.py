@@ -1,0 +1,87 @@
+"""A simulated federation on disk: one folder per bank (its train and validation rows) and a shared test set.
+
+Every bank's ClientApp then loads its folder through `client.bank_data.load_bank`, exactly as a real
+bank loads its own data, so simulation and deployment share one data path.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from omegaconf import DictConfig
+
+from client.bank_data import BankData, save_bank
+from client.loading import as_dict, hold_out_test
+from client.records import BankDataset
+from client.splits import split_train_valid
+from simulations.partitioning import bank_names, partition_indices
+from simulations.synthetic import write_federation
+
+
+@dataclass
+class FederationLayout:
+    bank_dirs: list[Path]
+    bank_names: list[str]
+    test_dir: Path
+    class_names: list[str]
+    num_features: int
+    train_counts: np.ndarray  # banks x classes, rows each bank trains on
+    valid_counts: np.ndarray
+
+
+def materialize_data_config(data_cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """The data config with generated files filled in when it asks for synthetic data."""
+    cfg = copy.deepcopy(as_dict(data_cfg))
+    spec = cfg.get("synthetic")
+    if not spec:
+        return cfg
+    paths = write_federation(spec["task"], Path(out_dir) / "synthetic_data", int(spec["num_banks"]),
+                             int(spec["rows_per_bank"]), int(spec["seed"]))
+    cfg.setdefault("files", {})["train"] = str(paths["train"])
+    if "series" in paths:
+        cfg["series"]["path"] = str(paths["series"])
+    return cfg
+
+
+def partition(pool: BankDataset, fed_cfg: Mapping[str, Any], seed: int) -> tuple[list[np.ndarray], list[str]]:
+    """Row indices of each bank in `pool`, and the banks' names."""
+    method = fed_cfg["partitioner"]
+    keys = None
+    if method == "natural":
+        key = fed_cfg.get("key")
+        if key not in pool.keys:
+            raise ValueError(f"federation.key={key!r} must be one of data.keep_columns {sorted(pool.keys)}")
+        keys = pool.keys[key]
+        if fed_cfg.get("bins"):
+            keys = keys.astype(float)
+    num_banks = fed_cfg.get("num_banks")
+    parts = partition_indices(pool.labels, num_banks, method, alpha=float(fed_cfg.get("alpha", 0.5)), keys=keys,
+                              bins=fed_cfg.get("bins"), min_size=int(fed_cfg.get("min_size", 2)), seed=seed)
+    names = bank_names(method, len(parts), keys, fed_cfg.get("bins"), key_name=str(fed_cfg.get("key")))
+    return parts, names
+
+
+def prepare_federation(cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path) -> FederationLayout:
+    """Load `cfg.data`, hold out the global test set, deal the rest out to banks, and save it all."""
+    root = as_dict(cfg)
+    out_dir = Path(out_dir)
+    data_cfg = materialize_data_config(root["data"], out_dir)
+    pool, test = hold_out_test(data_cfg)
+    seed = int(root.get("seed", 0))
+    fed_cfg = root["federation"]
+    parts, names = partition(pool, fed_cfg, seed)
+    bank_dirs, train_counts, valid_counts = [], [], []
+    for number, (rows, name) in enumerate(zip(parts, names)):
+        train_idx, valid_idx = split_train_valid(rows, pool.labels, float(fed_cfg.get("valid_fraction", 0.15)),
+                                                 seed + number)
+        bank = BankData(name=name, train=pool.subset(train_idx), valid=pool.subset(valid_idx))
+        bank_dirs.append(save_bank(bank, out_dir / "banks" / f"bank_{number:02d}"))
+        train_counts.append(bank.train.label_counts())
+        valid_counts.append(bank.valid.label_counts())
+    test_dir = save_bank(BankData(name="global_test", train=test, valid=None), out_dir / "test")
+    return FederationLayout(bank_dirs, names, test_dir, pool.class_names, pool.num_features,
+                            np.array(train_counts), np.array(valid_counts))
