@@ -1,0 +1,187 @@
+"""Append-only audit log of predictions: one JSON line per prediction, never raw PII.
+
+Each line holds the UTC time, the model hash, a sha256 of the canonical JSON of the inputs (the
+inputs themselves are never written), the output (label and probabilities) and a summary of the
+explanation. Every string, mapping key and integer in what is written passes through the
+redactor first. Explanations list tokens, and a tokenizer splits "jane.doe@bank.com" or a card
+number into pieces that no pattern recognises on their own; so any explanation string that is a
+piece of PII found in the inputs is replaced by that PII's placeholder too.
+
+Writes are line-atomic: the file is opened with O_APPEND and each entry is one `os.write` of a
+complete line, under a lock shared by the threads using this `AuditLog`. Other processes (or
+other `AuditLog` objects) appending to the same file rely on O_APPEND alone, which keeps lines
+whole on local file systems. `fsync=True` makes each entry durable before `record` returns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from privacy.redaction import Redactor, map_strings, placeholder
+
+OWNER_ONLY = 0o600
+SUBWORD_MARKERS = ("##", "Ġ", "▁")
+MIN_FRAGMENT_CHARS = 2
+_NOT_ALNUM = re.compile(r"[\W_]+")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _json_default(value: Any) -> Any:
+    """Arrays and numpy scalars hash by their values, not by their repr."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable; convert it before auditing")
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no whitespace, UTF-8 text: the same inputs always give the same bytes."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default)
+
+
+def input_hash(inputs: Any) -> str:
+    """sha256 of the canonical JSON of the inputs, as hex."""
+    return hashlib.sha256(canonical_json(inputs).encode("utf-8")).hexdigest()
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _strings(item)
+
+
+def _pii_in(redactor: Redactor, inputs: Any) -> dict[str, str]:
+    """Every piece of PII in the inputs (case-folded, separators removed) and its kind."""
+    found: dict[str, str] = {}
+    for text in _strings(inputs):
+        for match in redactor.find(text):
+            found[_normalise(text[match.start : match.end])] = match.kind
+    return found
+
+
+def _normalise(text: str) -> str:
+    for marker in SUBWORD_MARKERS:
+        text = text.replace(marker, "")
+    return _NOT_ALNUM.sub("", text.casefold())
+
+
+def _fragment_masker(pii: Mapping[str, str]) -> Callable[[str], str]:
+    """Replace a string that is a piece (2+ letters or digits) of PII from the inputs.
+
+    Applied to strings only: integers in an explanation are counts and positions, and most
+    short ones would be digits of some phone or card number.
+    """
+    longest = max(map(len, pii), default=0)
+
+    def mask(token: str) -> str:
+        core = _normalise(token)
+        if not MIN_FRAGMENT_CHARS <= len(core) <= longest:
+            return token
+        for value, kind in pii.items():
+            if core in value:
+                return placeholder(kind)
+        return token
+
+    return mask
+
+
+def _checked_output(output: Mapping[str, Any]) -> Mapping[str, Any]:
+    missing = {"label", "probabilities"} - set(output)
+    if missing:
+        raise ValueError(f"prediction output lacks {sorted(missing)}; an audit entry needs the label and probabilities")
+    return output
+
+
+class AuditLog:
+    """An append-only JSON-lines file of predictions, safe to share between threads."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        redactor: Redactor | None = None,
+        fsync: bool = False,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.redactor = redactor or Redactor()
+        self.fsync = fsync
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def record(
+        self,
+        model_hash: str,
+        inputs: Any,
+        output: Mapping[str, Any],
+        explanation: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Append one prediction and return the entry exactly as written."""
+        mask = _fragment_masker(_pii_in(self.redactor, inputs))
+        explained = map_strings(explanation, self.redactor.redact)
+        entry = {
+            "time": self._timestamp(),
+            "model_hash": self.redactor.redact(model_hash),
+            "input_hash": input_hash(inputs),
+            "output": self.redactor.redact_record(_checked_output(output)),
+            "explanation": map_strings(explained, mask, integers=False),
+        }
+        line = json.dumps(entry, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
+        self._append(line.encode("utf-8"))
+        return json.loads(line)
+
+    def _timestamp(self) -> str:
+        now = self._clock()
+        if now.tzinfo is None:
+            raise ValueError("the audit clock must return timezone-aware datetimes")
+        return now.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+    def _append(self, data: bytes) -> None:
+        """One write of a whole line to an O_APPEND descriptor, so lines never interleave.
+
+        A short write (a full disk, a signal) is continued under the lock rather than dropped.
+        """
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, OWNER_ONLY)
+            try:
+                written = os.write(fd, data)
+                while written < len(data):
+                    written += os.write(fd, data[written:])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def read_audit_log(path: str | Path) -> list[dict[str, Any]]:
+    """Every entry of an audit log, in order; a damaged line is an error naming its number."""
+    entries = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+            if not isinstance(entry, dict):
+                raise ValueError(f"{path}:{number}: an audit entry must be a JSON object")
+            entries.append(entry)
+    return entries
