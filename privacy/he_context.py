@@ -1,0 +1,312 @@
+"""The federation's CKKS context: parameters, key ceremony, and loading with the right rights.
+
+One key ceremony per federation creates two files from one TenSEAL context:
+
+* the SECRET context (`he_secret.ctx`, mode 0600) holds the secret key. Every bank gets a copy
+  over a confidential channel; it encrypts updates and decrypts aggregates. All banks share this
+  one key (DESIGN.md): a bank colluding with the operator could decrypt other banks' updates,
+  which stay protected by their own differential privacy.
+* the PUBLIC context (`he_public.ctx`) holds only the parameters (and, for asymmetric encryption,
+  the public key). The operator gets this one and can add ciphertexts but never decrypt them;
+  `load_public_context` refuses a file that holds a secret key.
+
+The fingerprint of a ceremony is the sha256 of its public file. It is printed and stored beside
+the files (`he_context.sha256`) so that operator and banks can compare it over a second channel,
+and every encrypted update carries it, so ciphertexts from another ceremony are refused before
+they are added. A random ceremony id inside the public file makes two ceremonies with equal
+parameters tell apart even with symmetric encryption, whose public file holds no key at all.
+
+Both files are `MAGIC | u32 meta length | meta JSON (ceremony id, parameters) | TenSEAL bytes`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import secrets
+import stat
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import tenseal as ts
+from omegaconf import OmegaConf
+
+SECRET_NAME = "he_secret.ctx"
+PUBLIC_NAME = "he_public.ctx"
+FINGERPRINT_NAME = "he_context.sha256"
+OWNER_ONLY = 0o600
+
+_MAGIC = b"FGHECTX\x01"
+_LENGTH = struct.Struct("<I")
+_ENCRYPTIONS = {"symmetric": ts.ENCRYPTION_TYPE.SYMMETRIC, "asymmetric": ts.ENCRYPTION_TYPE.ASYMMETRIC}
+
+
+class SecretKeyRefused(ValueError):
+    """The operator was handed a context that could decrypt bank updates."""
+
+
+class ContextMismatchError(ValueError):
+    """Two things that must come from the same key ceremony do not."""
+
+
+@dataclass(frozen=True)
+class HEParams:
+    """CKKS parameters of an add-only federation (see conf/privacy/he.yaml for the chosen ones).
+
+    The last modulus of `coeff_mod_bit_sizes` is SEAL's special prime: TenSEAL insists on
+    creating relinearization keys, which need it, but fresh ciphertexts drop it, so only the
+    other moduli travel and set the ciphertext size. `max_summands` bounds how many updates one
+    aggregate may hold, so that each bank can check on its own that the sum cannot overflow.
+    `round_bits` sets the grid 2^-round_bits that decrypted values are rounded to.
+    """
+
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: tuple[int, ...] = (58, 20)
+    global_scale_bits: int = 36
+    encryption: str = "symmetric"
+    max_summands: int = 64
+    round_bits: int = 22
+
+    def __post_init__(self) -> None:
+        n = self.poly_modulus_degree
+        if n < 1024 or n & (n - 1):
+            raise ValueError(f"poly_modulus_degree must be a power of two >= 1024, got {n}")
+        if len(self.coeff_mod_bit_sizes) < 2:
+            raise ValueError(
+                "coeff_mod_bit_sizes needs at least two moduli (data moduli + SEAL's special prime): "
+                "TenSEAL creates relinearization keys, which a single modulus cannot support"
+            )
+        if self.encryption not in _ENCRYPTIONS:
+            raise ValueError(f"encryption must be one of {sorted(_ENCRYPTIONS)}, got {self.encryption!r}")
+        if not 1 <= self.global_scale_bits < self.data_modulus_bits - 1:
+            raise ValueError(
+                f"global_scale_bits {self.global_scale_bits} leaves no room below the data modulus "
+                f"({self.data_modulus_bits} bits)"
+            )
+        if self.max_summands < 1:
+            raise ValueError("max_summands must be at least 1")
+        if not 0 <= self.round_bits <= 52:
+            raise ValueError("round_bits must be in 0..52 (float64 has 52 fraction bits)")
+
+    @classmethod
+    def from_config(cls, he: Mapping[str, Any]) -> "HEParams":
+        """Build from the `he` block of conf/privacy/he.yaml (extra keys such as `enabled` are ignored)."""
+        fields = cls.__dataclass_fields__
+        values = {key: he[key] for key in fields if key in he}
+        if "coeff_mod_bit_sizes" in values:
+            values["coeff_mod_bit_sizes"] = tuple(int(bits) for bits in values["coeff_mod_bit_sizes"])
+        return cls(**values)
+
+    @property
+    def slots(self) -> int:
+        """Real values one ciphertext holds."""
+        return self.poly_modulus_degree // 2
+
+    @property
+    def data_modulus_bits(self) -> int:
+        """Bits of the modulus fresh ciphertexts live under (every modulus but the special prime)."""
+        return sum(self.coeff_mod_bit_sizes[:-1])
+
+    @property
+    def sum_capacity(self) -> float:
+        """Largest absolute slot value an aggregate may reach before CKKS wraps around silently.
+
+        A slot holding x sits in the ciphertext as about x * 2^scale and must stay below half
+        the data modulus; one more bit is kept as margin for encoding and noise.
+        """
+        return 2.0 ** (self.data_modulus_bits - self.global_scale_bits - 2)
+
+    @property
+    def update_bound(self) -> float:
+        """Largest absolute weighted value one bank may encrypt: the sum of `max_summands` fits."""
+        return self.sum_capacity / self.max_summands
+
+
+@dataclass(frozen=True)
+class HEContext:
+    """A loaded federation context, its parameters and the fingerprint of its ceremony."""
+
+    context: ts.Context
+    params: HEParams
+    ceremony_id: str
+    fingerprint: str
+
+    @property
+    def holds_secret_key(self) -> bool:
+        return bool(self.context.is_private())
+
+    def public(self) -> "HEContext":
+        """The operator's view of this context: same ceremony, no secret key."""
+        body = _public_body(self.context, self.params)
+        return HEContext(ts.context_from(body), self.params, self.ceremony_id, self.fingerprint)
+
+
+@dataclass(frozen=True)
+class CeremonyFiles:
+    """Where a key ceremony wrote its output, and the fingerprint everyone should compare."""
+
+    secret: Path
+    public: Path
+    fingerprint_file: Path
+    fingerprint: str
+
+
+def new_context(params: HEParams) -> HEContext:
+    """Create a fresh secret context (a ceremony held in memory: simulations and tests)."""
+    context = ts.context(
+        ts.SCHEME_TYPE.CKKS,
+        poly_modulus_degree=params.poly_modulus_degree,
+        coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes),
+        encryption_type=_ENCRYPTIONS[params.encryption],
+    )
+    context.global_scale = 2.0**params.global_scale_bits
+    ceremony_id = secrets.token_hex(16)
+    meta = _meta_bytes(ceremony_id, params)
+    fingerprint = hashlib.sha256(_container(meta, _public_body(context, params))).hexdigest()
+    return HEContext(context, params, ceremony_id, fingerprint)
+
+
+def key_ceremony(params: HEParams, out_dir: str | Path, *, overwrite: bool = False) -> CeremonyFiles:
+    """Create the federation's context and write its secret file, public file and fingerprint.
+
+    Refuses to replace an existing secret context unless `overwrite`: a new ceremony makes every
+    ciphertext of the old one undecryptable.
+    """
+    he = new_context(params)
+    out = Path(out_dir)
+    meta = _meta_bytes(he.ceremony_id, params)
+    secret_body = he.context.serialize(
+        save_public_key=params.encryption == "asymmetric",
+        save_secret_key=True,
+        save_galois_keys=False,
+        save_relin_keys=False,
+    )
+    secret = _write_owner_only(out / SECRET_NAME, _container(meta, secret_body), overwrite=overwrite)
+    public = out / PUBLIC_NAME
+    public.write_bytes(_container(meta, _public_body(he.context, params)))
+    fingerprint_file = out / FINGERPRINT_NAME
+    fingerprint_file.write_text(f"{he.fingerprint}  {PUBLIC_NAME}\n", encoding="utf-8")
+    return CeremonyFiles(secret, public, fingerprint_file, he.fingerprint)
+
+
+def load_secret_context(path: str | Path, *, expected_fingerprint: str | None = None) -> HEContext:
+    """Load a bank's secret context; refuse it when others may read it or it is not secret."""
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(
+            f"secret HE context {path} has permissions {mode:o}; it must be readable by its owner only "
+            f"(run: chmod 600 {path})"
+        )
+    he = _load(path)
+    if not he.holds_secret_key:
+        raise ValueError(f"{path} holds no secret key: it is a public context and cannot decrypt")
+    _check_expected(he, expected_fingerprint, path)
+    return he
+
+
+def load_public_context(path: str | Path, *, expected_fingerprint: str | None = None) -> HEContext:
+    """Load the operator's context; refuse any context that could decrypt."""
+    path = Path(path)
+    he = _load(path)
+    if he.holds_secret_key or he.context.has_secret_key():
+        raise SecretKeyRefused(
+            f"{path} holds the federation's SECRET key; the operator must only ever get the public "
+            f"context ({PUBLIC_NAME}). Delete this copy from the operator's machine."
+        )
+    _check_expected(he, expected_fingerprint, path)
+    return he
+
+
+def _load(path: Path) -> HEContext:
+    meta, body = _split_container(path.read_bytes(), path)
+    try:
+        decoded = json.loads(meta)
+        params = HEParams.from_config(decoded["params"])
+        ceremony_id = str(decoded["ceremony_id"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: unreadable HE context metadata ({error})") from None
+    if _meta_bytes(ceremony_id, params) != meta:
+        raise ValueError(f"{path}: HE context metadata is not in canonical form (was the file edited?)")
+    context = ts.context_from(body)
+    if context.global_scale != 2.0**params.global_scale_bits:
+        raise ValueError(f"{path}: context scale does not match global_scale_bits={params.global_scale_bits}")
+    fingerprint = hashlib.sha256(_container(meta, _public_body(context, params))).hexdigest()
+    return HEContext(context, params, ceremony_id, fingerprint)
+
+
+def _check_expected(he: HEContext, expected: str | None, path: Path) -> None:
+    if expected is not None and expected.strip().lower() != he.fingerprint:
+        raise ContextMismatchError(
+            f"{path} has fingerprint {he.fingerprint} but {expected} was expected: "
+            "it comes from another key ceremony"
+        )
+
+
+def _public_body(context: ts.Context, params: HEParams) -> bytes:
+    return context.serialize(
+        save_public_key=params.encryption == "asymmetric",
+        save_secret_key=False,
+        save_galois_keys=False,
+        save_relin_keys=False,
+    )
+
+
+def _meta_bytes(ceremony_id: str, params: HEParams) -> bytes:
+    meta = {"ceremony_id": ceremony_id, "params": asdict(params)}
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _container(meta: bytes, body: bytes) -> bytes:
+    return _MAGIC + _LENGTH.pack(len(meta)) + meta + body
+
+
+def _split_container(data: bytes, path: Path) -> tuple[bytes, bytes]:
+    head = len(_MAGIC) + _LENGTH.size
+    if len(data) < head or not data.startswith(_MAGIC):
+        raise ValueError(f"{path} is not an HE context file written by the key ceremony")
+    (length,) = _LENGTH.unpack_from(data, len(_MAGIC))
+    if len(data) < head + length:
+        raise ValueError(f"{path} is truncated")
+    return data[head : head + length], data[head + length :]
+
+
+def _write_owner_only(path: Path, data: bytes, *, overwrite: bool) -> Path:
+    """Write a file that is owner-only from its first byte (no window where others may read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OWNER_ONLY)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; refusing to replace the federation's secret context") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, OWNER_ONLY)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m privacy.he_context [OUT_DIR]`: run a key ceremony with the he.yaml parameters."""
+    parser = argparse.ArgumentParser(description="Create the federation's CKKS context (key ceremony).")
+    parser.add_argument("out_dir", type=Path, nargs="?", help="default: he.context_dir of the config")
+    parser.add_argument("--config", type=Path, help="a privacy config with an `he:` block (default: conf/privacy/he.yaml)")
+    parser.add_argument("--force", action="store_true", help="replace an existing secret context")
+    args = parser.parse_args(argv)
+    config_path = args.config or Path(__file__).resolve().parent.parent / "conf" / "privacy" / "he.yaml"
+    he_block = OmegaConf.to_container(OmegaConf.load(config_path).he, resolve=True)
+    out_dir = args.out_dir or Path(str(he_block["context_dir"])).expanduser()
+    files = key_ceremony(HEParams.from_config(he_block), out_dir, overwrite=args.force)
+    print(f"secret context (give to every bank, confidentially): {files.secret}")
+    print(f"public context (give to the operator):                {files.public}")
+    print(f"fingerprint (compare over a second channel):          {files.fingerprint}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
