@@ -1,0 +1,240 @@
+"""Local training and evaluation of the hybrid model on one bank's data.
+
+Used by a bank training alone and by the Flower ClientApp each round. Only the trainable
+tensors (the federated state) move; the backbone stays frozen. The series normaliser is fitted
+on the training split it is given (if not fitted yet), never on validation data.
+
+Early stopping: after every epoch (and at the last step) the model is evaluated on `valid`;
+after `patience` evaluations without improvement of `monitor` training stops, and the best
+federated state seen is restored at the end.
+
+FedProx: with `proximal_mu > 0` the gradient of every stepped parameter gets
+`mu * (w - w_global)` in an optimizer step pre-hook (see client/proximal.py for why a hook and
+not a loss term). `global_state` defaults to the state the model starts from.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from client.batching import make_loader
+from client.proximal import add_proximal_correction
+from client.records import BankDataset
+from model.hybrid import HybridFinGPT
+from model.state import federated_state, load_federated_state, trainable_parameters
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+LOWER_IS_BETTER = {"loss"}
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` block of a model config, field for field."""
+
+    optimizer: str = "adamw"
+    lr: float = 5e-4
+    batch_size: int = 32
+    epochs: int = 3
+    max_steps: int | None = None
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    patience: int | None = 2
+    monitor: str = "loss"
+    eval_batch_size: int = 64
+    seed: int = 0
+    progress: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.monitor not in ("loss", "accuracy", "macro_f1", "roc_auc"):
+            raise ValueError(f"train.monitor must be loss, accuracy, macro_f1 or roc_auc, got {self.monitor!r}")
+
+    @classmethod
+    def from_mapping(cls, cfg: Mapping[str, Any] | "TrainConfig") -> "TrainConfig":
+        """From a `train:` DictConfig or dict; unknown keys are errors."""
+        if isinstance(cfg, TrainConfig):
+            return cfg
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in train; known: {sorted(known)}")
+        return cls(**{key: cfg[key] for key in cfg})
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    """Mean training loss over all steps."""
+    steps: int
+    examples: int
+    """Size of the training split: the weight of this bank in a FedAvg average."""
+    seconds: float
+    best_valid: dict[str, float] | None = None
+    """Validation metrics of the restored (best) state; None without validation data."""
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(trainable_parameters(model).values())
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_local(
+    model: HybridFinGPT,
+    tokenizer: PreTrainedTokenizerBase,
+    train: BankDataset,
+    cfg: TrainConfig,
+    *,
+    valid: BankDataset | None = None,
+    global_state: Mapping[str, torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
+    max_steps: int | None = None,
+) -> TrainResult:
+    """Train the model's trainable tensors in place on `train`; `max_steps` overrides cfg.max_steps."""
+    cfg = TrainConfig.from_mapping(cfg)
+    _check_compatible(model, train)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if train.series is not None and not model.normalizer_fitted:
+        model.fit_normalizer(train.series, train.mask)
+    loader = make_loader(train, tokenizer, model.config.max_length, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    budget = max_steps if max_steps is not None else cfg.max_steps
+    total = cfg.epochs * len(loader) if budget is None else min(budget, cfg.epochs * len(loader))
+    optimizer = build_optimizer(model, cfg)
+    proximal = None
+    if proximal_mu > 0:
+        anchor = global_state if global_state is not None else federated_state(model)
+        proximal = add_proximal_correction(optimizer, model, anchor, proximal_mu)
+
+    stopper = _EarlyStopping(cfg.monitor, cfg.patience)
+    history: list[dict[str, float]] = []
+    losses: list[float] = []
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=_cuda_indices(device)), tqdm(
+        total=total, desc="train", disable=not cfg.progress, leave=False
+    ) as bar:
+        torch.manual_seed(cfg.seed)
+        epoch = 0
+        while len(losses) < total and not stopper.stopped:
+            model.train()
+            for batch in loader:
+                batch = batch.to(device)
+                loss = F.cross_entropy(model(**batch.inputs()), batch.labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if len(losses) >= total:
+                    break
+            epoch += 1
+            if valid is not None:
+                metrics = evaluate(model, tokenizer, valid, cfg.eval_batch_size)
+                history.append({"epoch": epoch, "step": len(losses), **metrics})
+                log.info("epoch %d, step %d: %s", epoch, len(losses), metrics)
+                stopper.update(metrics, model)
+    if proximal is not None:
+        proximal.remove()
+    if stopper.best_state is not None:
+        load_federated_state(model, stopper.best_state)
+    return TrainResult(
+        loss=float(np.mean(losses)) if losses else math.nan,
+        steps=len(losses),
+        examples=len(train),
+        seconds=time.perf_counter() - started,
+        best_valid=stopper.best_metrics,
+        history=history,
+        stopped_early=stopper.stopped,
+    )
+
+
+class _EarlyStopping:
+    """Keeps the federated state of the best evaluation; stops after `patience` worse ones."""
+
+    def __init__(self, monitor: str, patience: int | None) -> None:
+        self.monitor = monitor
+        self.patience = patience
+        self.sign = 1.0 if monitor in LOWER_IS_BETTER else -1.0
+        self.best_score = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_metrics: dict[str, float] | None = None
+        self.waited = 0
+        self.stopped = False
+
+    def update(self, metrics: dict[str, float], model: nn.Module) -> None:
+        score = self.sign * metrics[self.monitor]
+        if score < self.best_score:
+            self.best_score, self.best_state, self.best_metrics, self.waited = score, federated_state(model), metrics, 0
+            return
+        self.waited += 1
+        self.stopped = self.patience is not None and self.waited >= self.patience
+
+
+def _cuda_indices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@torch.no_grad()
+def evaluate(
+    model: HybridFinGPT, tokenizer: PreTrainedTokenizerBase, data: BankDataset, batch_size: int = 64
+) -> dict[str, float]:
+    """loss, accuracy and macro_f1; roc_auc too for binary tasks (NaN if only one class is present)."""
+    _check_compatible(model, data)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits = []
+    for batch in make_loader(data, tokenizer, model.config.max_length, batch_size, shuffle=False):
+        logits.append(model(**batch.to(device).inputs()).float().cpu())
+    model.train(was_training)
+    all_logits = torch.cat(logits)
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    predicted = all_logits.argmax(dim=1).numpy()
+    metrics = {
+        "loss": F.cross_entropy(all_logits, labels).item(),
+        "accuracy": float((predicted == data.labels).mean()),
+        "macro_f1": float(
+            f1_score(data.labels, predicted, labels=list(range(model.num_classes)), average="macro", zero_division=0)
+        ),
+    }
+    if model.num_classes == 2:
+        positive = all_logits.softmax(dim=1)[:, 1].numpy()
+        both = len(np.unique(data.labels)) == 2
+        metrics["roc_auc"] = float(roc_auc_score(data.labels, positive)) if both else math.nan
+    return metrics
+
+
+def _check_compatible(model: HybridFinGPT, data: BankDataset) -> None:
+    if data.num_classes != model.num_classes:
+        raise ValueError(f"data has {data.num_classes} classes, the model {model.num_classes}")
+    if data.series is not None and data.num_features != model.num_features:
+        raise ValueError(f"data has {data.num_features} series features, the model {model.num_features}")

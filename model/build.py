@@ -1,0 +1,38 @@
+"""One entry point from a `model:` config to a ready hybrid model and its tokenizer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from model.backbone import is_quantized, load_backbone
+from model.config import ModelConfig
+from model.hybrid import HybridFinGPT
+from model.lora import apply_lora
+from model.vocabulary import add_finance_vocabulary
+
+
+def build_model(
+    model_cfg: Mapping[str, Any] | ModelConfig, num_classes: int, num_features: int
+) -> tuple[HybridFinGPT, PreTrainedTokenizerBase]:
+    """Backbone + finance vocabulary + LoRA + series encoder + fusion + head.
+
+    Deterministic in `model_cfg.seed` (the caller's RNG is left untouched), so every bank that
+    builds from the same config starts from the same weights. `num_features=0` gives a text-only
+    model. The model is on the CPU unless the backbone was loaded 4-bit onto a GPU.
+    """
+    cfg = ModelConfig.from_mapping(model_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        backbone, tokenizer, family = load_backbone(cfg)
+        term_ids = add_finance_vocabulary(tokenizer, backbone) if cfg.vocabulary.enabled else []
+        if is_quantized(backbone):
+            from peft import prepare_model_for_kbit_training
+
+            backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+        backbone = apply_lora(backbone, cfg.lora, cfg.seed)
+        model = HybridFinGPT(backbone, family, cfg, num_classes, num_features, term_ids)
+    return model, tokenizer
