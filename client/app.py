@@ -1,0 +1,249 @@
+"""The bank's ClientApp: train the global model on the bank's own data, or evaluate it there.
+
+The same app runs in a deployment (a bank's SuperNode, node config `data-path`) and in a
+simulation (a Ray actor standing in for many banks, found through `partition-id` in the run's
+FederationSpec). Data and the model are cached per process: a simulation actor serves many
+messages and rebuilding the backbone for each would dominate a round; a deployment SuperNode
+starts a fresh process per message, where the caches simply stay cold.
+
+One cached model serves every bank of an actor: each message loads the global state into it
+and refits the series normaliser on that bank's own train split, so nothing of one bank stays
+behind for the next.
+
+Differential privacy: when the round config carries a `dp-config`, the bank trains with Opacus
+DP-SGD against its own privacy ledger in its state folder (node config `state-dir`, else
+`state` beside its data), with its own budget when it sets one (`dp-target-epsilon`, ... in its
+node config). A bank whose next round would exceed its budget declines: it replies with a
+`status` record instead of a state, the server logs it and goes on with the others. Under DP the
+train loss stays at the bank (it is computed from the records without noise) and the reply
+reports epsilon, delta and the noise multiplier instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common import log
+from transformers import PreTrainedTokenizerBase
+
+from client import protocol
+from client.bank_data import BankData, load_bank
+from client.federation_spec import BankSite, FederationSpec
+from client.protocol import Receipt, RoundTask
+from client.training import TrainConfig, evaluate, private_config, train_local
+from model.build import build_model
+from model.hybrid import HybridFinGPT
+from model.state import federated_state, load_federated_state
+from privacy.dp_budget import BudgetExceeded, PrivacyLedger, ledger_path
+from privacy.dp_settings import DPSettings, budget_from_flat
+from privacy.dp_training import DPTask
+
+app = ClientApp()
+
+
+class SimulatedBankFailure(RuntimeError):
+    """Raised by a bank marked `fail` in a simulation's FederationSpec."""
+
+
+@dataclass
+class _Worker:
+    """A built model and its tokenizer, for one (model config, task shape)."""
+
+    key: str
+    model: HybridFinGPT
+    tokenizer: PreTrainedTokenizerBase
+
+
+_worker: _Worker | None = None
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global state, train locally (FedProx when proximal-mu > 0), reply with the new state."""
+    task, site, bank, worker = _prepare(msg, context)
+    cfg = local_train_config(task)
+    privacy = bank_privacy(task, site, context)
+    if privacy is not None:
+        cfg = private_config(cfg, privacy.settings)
+    planned = planned_steps(len(bank.train), cfg, task.local_steps)
+    steps = max(1, math.ceil(site.work * planned))
+    anchor = federated_state(worker.model)
+    try:
+        result = train_local(
+            worker.model,
+            worker.tokenizer,
+            bank.train,
+            cfg,
+            global_state=anchor,
+            proximal_mu=task.proximal_mu,
+            max_steps=steps,
+            privacy=privacy,
+        )
+    except BudgetExceeded as refused:
+        log(WARNING, "bank %s round %d: declines to train: %s", site.name, task.server_round, refused)
+        return _declined(msg, site, task, str(refused))
+    log(INFO, "bank %s round %d: %d/%d local steps, loss %.4f", site.name, task.server_round, result.steps, planned, result.loss)
+    metrics = MetricRecord(
+        {
+            protocol.NUM_EXAMPLES: result.examples,
+            "train_loss": result.loss if privacy is None else math.nan,
+            "local_steps": result.steps,
+            "planned_steps": planned,
+            "straggler": float(result.steps < planned),
+            "seconds": result.seconds,
+        }
+    )
+    if privacy is not None:
+        log(INFO, "bank %s round %d: epsilon %.4f (delta %g) of its budget %s", site.name, task.server_round,
+            result.epsilon, privacy.settings.delta, privacy.settings.target_epsilon)
+        metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
+    content = RecordDict(
+        {
+            protocol.ARRAYS: protocol.state_to_record(federated_state(worker.model)),
+            protocol.METRICS: metrics,
+            protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def _declined(msg: Message, site: BankSite, task: RoundTask, reason: str) -> Message:
+    """A train reply without a state: the bank did not train this round, and why."""
+    content = RecordDict(
+        {
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 0}),
+            protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
+            protocol.STATUS: ConfigRecord({"status": protocol.DECLINED, "reason": reason}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def bank_privacy(task: RoundTask, site: BankSite, context: Context) -> DPTask | None:
+    """The round's DP task for this bank: the federation's settings with the bank's own budget
+    (its `banks:` entry, then its node config) and its ledger; None without DP."""
+    if not task.dp or not task.dp.get("enabled", False):
+        return None
+    settings = DPSettings.from_mapping(task.dp, bank=site.name, overrides=budget_from_flat(context.node_config))
+    run = task.dp_run or "run"
+    ledger = PrivacyLedger.open(
+        ledger_path(state_dir(site, context), run),
+        run=run,
+        accountant=settings.accountant,
+        delta=settings.delta,
+        target_epsilon=settings.target_epsilon,
+    )
+    return DPTask(settings, ledger, round_label=str(task.server_round))
+
+
+def state_dir(site: BankSite, context: Context) -> Path:
+    """Node config `state-dir`, else `state` inside a prepared bank folder or beside a data config."""
+    configured = context.node_config.get(protocol.NODE_STATE_DIR)
+    if configured:
+        return Path(str(configured)).expanduser()
+    data = Path(site.path).expanduser()
+    return (data if data.is_dir() else data.parent) / "state"
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Metrics of the global model on this bank's validation split (never used for training)."""
+    task, site, bank, worker = _prepare(msg, context)
+    if bank.valid is None or len(bank.valid) == 0:
+        raise ValueError(f"bank {site.name} has no validation rows to evaluate on")
+    cfg = local_train_config(task)
+    metrics = evaluate(worker.model, worker.tokenizer, bank.valid, cfg.eval_batch_size)
+    content = RecordDict(
+        {
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(bank.valid), **metrics}),
+            protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+def local_train_config(task: RoundTask) -> TrainConfig:
+    """The model config's `train:` block with the round's local epochs; no progress bars in a federation."""
+    cfg = TrainConfig.from_mapping(task.model_config.get("train") or {})
+    return replace(cfg, epochs=task.local_epochs, max_steps=task.local_steps, progress=False)
+
+
+def planned_steps(num_rows: int, cfg: TrainConfig, local_steps: int | None) -> int:
+    """Optimizer steps of a full round's local work: `epochs` passes, capped at `local_steps`."""
+    full = cfg.epochs * math.ceil(num_rows / cfg.batch_size)
+    return full if local_steps is None else min(full, local_steps)
+
+
+def bank_site(context: Context) -> BankSite:
+    """Where this node's data is: node config `data-path` (deployment) or the run's FederationSpec.
+
+    A deployed bank is named by its node config `bank-name`, else by its data (BankData.name).
+    """
+    node = context.node_config
+    if protocol.NODE_DATA_PATH in node:
+        path = str(node[protocol.NODE_DATA_PATH])
+        name = str(node.get(protocol.NODE_BANK_NAME, ""))
+        return BankSite(path=path, name=name, work=float(node.get(protocol.NODE_LOCAL_WORK, 1.0)))
+    spec_path = context.run_config.get(protocol.RUN_SPEC_PATH)
+    if protocol.NODE_PARTITION_ID not in node or not spec_path:
+        raise ValueError(
+            f"this node has no `{protocol.NODE_DATA_PATH}` in its node config and the run has no "
+            f"`{protocol.RUN_SPEC_PATH}` for simulated banks: start the SuperNode with "
+            f"--node-config '{protocol.NODE_DATA_PATH}=\"/path/to/bank.yaml\"'"
+        )
+    banks = _spec(str(spec_path)).banks
+    partition = int(node[protocol.NODE_PARTITION_ID])
+    if not 0 <= partition < len(banks):
+        raise ValueError(f"partition-id {partition} but the federation spec lists {len(banks)} banks")
+    return banks[partition]
+
+
+def _prepare(msg: Message, context: Context) -> tuple[RoundTask, BankSite, BankData, _Worker]:
+    """Parse the task, find and check the bank's data, and load the global state into the model."""
+    task = RoundTask.from_config(msg.content[protocol.CONFIG])
+    site = bank_site(context)
+    if site.fail:
+        raise SimulatedBankFailure(f"bank {site.name}: simulated failure (listed in the federation's fail_banks)")
+    arrays = msg.content[protocol.ARRAYS]
+    received = protocol.record_hash(arrays)
+    if received != task.state_hash:
+        raise ValueError(f"bank {site.name}: global state hash {received[:12]} differs from the announced {task.state_hash[:12]}")
+    bank = _bank(site.path)
+    if not site.name:
+        site = replace(site, name=bank.name)
+    if list(bank.train.class_names) != task.class_names:
+        raise ValueError(f"bank {site.name} has classes {bank.train.class_names}, the federation trains {task.class_names}")
+    worker = _model_for(task)
+    load_federated_state(worker.model, protocol.record_to_state(arrays))
+    if bank.train.series is not None:
+        worker.model.fit_normalizer(bank.train.series, bank.train.mask)
+    return task, site, bank, worker
+
+
+def _model_for(task: RoundTask) -> _Worker:
+    """The cached model when the task asks for the same one, else a freshly built one (only one is kept)."""
+    global _worker
+    architecture = {name: value for name, value in task.model_config.items() if name != "train"}
+    key = json.dumps([architecture, task.class_names, task.num_features], sort_keys=True)
+    if _worker is None or _worker.key != key:
+        _worker = None
+        model, tokenizer = build_model(task.model_config, task.num_classes, task.num_features)
+        _worker = _Worker(key, model, tokenizer)
+    return _worker
+
+
+@lru_cache(maxsize=256)
+def _bank(path: str) -> BankData:
+    return load_bank(path)
+
+
+@lru_cache(maxsize=8)
+def _spec(path: str) -> FederationSpec:
+    return FederationSpec.load(path)

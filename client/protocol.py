@@ -1,0 +1,171 @@
+"""What the ServerApp and a bank's ClientApp say to each other, in one place.
+
+A train or evaluate message carries the global federated state (ArrayRecord "arrays") and a
+ConfigRecord "config" holding a `RoundTask`: everything a bank needs to rebuild the model and
+run its share of the round. The bank needs no model config of its own, so every bank trains
+exactly the model the operator chose.
+
+A reply carries the bank's metrics (MetricRecord "metrics", with "num-examples" as the FedAvg
+weight), its new state for train replies, and a `Receipt` (ConfigRecord "bank"): the bank's name
+and the round and global-state hash it worked on. The server drops a reply whose receipt does
+not match what it sent, before aggregation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+RECEIPT = "bank"
+NUM_EXAMPLES = "num-examples"
+
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+MODEL_CONFIG = "model-config"
+CLASS_NAMES = "class-names"
+NUM_FEATURES = "num-features"
+STATE_HASH = "state-hash"
+LOCAL_EPOCHS = "local-epochs"
+LOCAL_STEPS = "local-steps"
+DP_CONFIG = "dp-config"
+"""JSON of the federation's `privacy.dp` block (absent: no DP); a bank may lay its own budget over it."""
+DP_RUN = "dp-run"
+"""Names the run in each bank's privacy ledger: a restarted or resumed run continues the same budget."""
+
+STATUS = "status"
+"""ConfigRecord of a train reply from a bank that did not train: {"status": DECLINED, "reason": ...}."""
+DECLINED = "declined"
+
+# Run config (pyproject [tool.flwr.app.config], overridden by `flwr run --run-config`).
+RUN_CONFIG_PATH = "config-path"
+"""The resolved Hydra config of the run (server side: model, strategy, federation)."""
+RUN_SPEC_PATH = "spec-path"
+"""A client.federation_spec.FederationSpec JSON."""
+RUN_DIR = "run-dir"
+"""Where the ServerApp writes checkpoints, metrics and the final state."""
+
+# Node config of a bank's SuperNode (deployment) or of a simulated node.
+NODE_DATA_PATH = "data-path"
+NODE_LOCAL_WORK = "local-work"
+NODE_BANK_NAME = "bank-name"
+NODE_PARTITION_ID = "partition-id"
+NODE_STATE_DIR = "state-dir"
+"""Where a bank keeps what must survive restarts (its privacy ledger); default: `state` beside its data."""
+
+TRAIN_METRICS = ("train_loss", "local_steps", "planned_steps", "straggler", "seconds")
+"""Metric names of every train reply besides num-examples (FedAvg needs identical keys)."""
+DP_METRICS = ("epsilon", "delta", "noise_multiplier")
+"""Added to every train reply under DP: the bank's epsilon spent so far in the run, at its delta."""
+
+
+def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord.from_torch_state_dict(dict(state))
+
+
+def record_to_state(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
+    return record.to_torch_state_dict()
+
+
+def record_hash(record: ArrayRecord) -> str:
+    """sha256 over every array's name and serialized bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(record):
+        digest.update(name.encode())
+        digest.update(record[name].data)
+    return digest.hexdigest()
+
+
+def task_config(
+    model_config: Mapping[str, Any],
+    class_names: list[str],
+    num_features: int,
+    local_epochs: int = 1,
+    local_steps: int | None = None,
+    dp: Mapping[str, Any] | None = None,
+    dp_run: str = "",
+) -> ConfigRecord:
+    """The part of a round's config that stays the same every round.
+
+    The strategy adds server-round and proximal-mu (Flower's strategies inject those) and the
+    hash of the state it sends.
+    """
+    config = ConfigRecord(
+        {
+            MODEL_CONFIG: json.dumps(dict(model_config), sort_keys=True),
+            CLASS_NAMES: list(class_names),
+            NUM_FEATURES: num_features,
+            LOCAL_EPOCHS: local_epochs,
+        }
+    )
+    if local_steps is not None:
+        config[LOCAL_STEPS] = local_steps
+    if dp is not None:
+        config[DP_CONFIG] = json.dumps(dict(dp), sort_keys=True)
+        config[DP_RUN] = dp_run
+    return config
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """A bank's reading of the "config" ConfigRecord of a train or evaluate message."""
+
+    server_round: int
+    model_config: dict[str, Any]
+    class_names: list[str]
+    num_features: int
+    state_hash: str
+    local_epochs: int = 1
+    local_steps: int | None = None
+    proximal_mu: float = 0.0
+    dp: dict[str, Any] | None = None
+    dp_run: str = ""
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "RoundTask":
+        required = (SERVER_ROUND, MODEL_CONFIG, CLASS_NAMES, NUM_FEATURES, STATE_HASH)
+        missing = [key for key in required if key not in config]
+        if missing:
+            raise ValueError(f"round config lacks {missing}: was it sent by the fingpt-federated ServerApp?")
+        steps = config.get(LOCAL_STEPS)
+        return cls(
+            server_round=int(config[SERVER_ROUND]),
+            model_config=json.loads(str(config[MODEL_CONFIG])),
+            class_names=[str(name) for name in config[CLASS_NAMES]],
+            num_features=int(config[NUM_FEATURES]),
+            state_hash=str(config[STATE_HASH]),
+            local_epochs=int(config.get(LOCAL_EPOCHS, 1)),
+            local_steps=None if steps is None else int(steps),
+            proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
+            dp=json.loads(str(config[DP_CONFIG])) if DP_CONFIG in config else None,
+            dp_run=str(config.get(DP_RUN, "")),
+        )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Who answered, and to which round and global state."""
+
+    bank: str
+    server_round: int
+    state_hash: str
+
+    def to_config(self) -> ConfigRecord:
+        return ConfigRecord({"name": self.bank, SERVER_ROUND: self.server_round, STATE_HASH: self.state_hash})
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord) -> "Receipt":
+        return cls(str(config["name"]), int(config[SERVER_ROUND]), str(config[STATE_HASH]))

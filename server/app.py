@@ -1,0 +1,217 @@
+"""The operator's ServerApp: rounds of FedAvg/FedProx over the banks, checkpointed and resumable.
+
+Inputs come from the run config (pyproject `[tool.flwr.app.config]`, overridden by
+`flwr run --run-config`):
+- `config-path`: the resolved Hydra config (model, strategy, federation, seed);
+- `spec-path`: a FederationSpec (classes, series features; in a simulation also the global test
+  set and the simulated banks);
+- `run-dir`: where checkpoints, metrics and the final global state go.
+
+Every round ends in `RoundEnd` (Flower calls it as the strategy's `evaluate_fn`, the one hook
+that sees each round's new global state): it evaluates on the test set when there is one,
+records the round time and writes a checkpoint. A restarted ServerApp with the same `run-dir`
+resumes after the last checkpointed round.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig, OmegaConf
+
+from client import protocol
+from client.bank_data import load_bank
+from client.federation_spec import FederationSpec
+from client.records import BankDataset
+from client.training import TrainConfig, evaluate
+from model.build import build_model
+from model.hybrid import HybridFinGPT
+from model.state import federated_state, load_federated_state, state_schema_hash
+from privacy.dp_settings import DPSettings
+from server.checkpoint import Checkpointer, save_state, write_atomic
+from server.fedavg import FedAvgBanks
+from server.fedprox import FedProxBanks
+from server.history import CENTRAL, History
+from server.strategy import BankRounds
+
+FINAL_STATE = "global_state.safetensors"
+METRICS_JSON = "metrics.json"
+METRICS_CSV = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+DEFAULT_ROUND_TIMEOUT_S = 3600.0
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    required = (protocol.RUN_CONFIG_PATH, protocol.RUN_SPEC_PATH, protocol.RUN_DIR)
+    missing = [key for key in required if not run_config.get(key)]
+    if missing:
+        raise ValueError(f"the run config lacks {missing}: pass them with `flwr run --run-config`")
+    cfg = OmegaConf.load(str(run_config[protocol.RUN_CONFIG_PATH]))
+    spec = FederationSpec.load(str(run_config[protocol.RUN_SPEC_PATH]))
+    run_federation(grid, cfg, spec, Path(str(run_config[protocol.RUN_DIR])))
+
+
+def build_strategy(cfg: DictConfig, history: History, round_offset: int = 0) -> BankRounds:
+    """The strategy named by `cfg.strategy.name`, sampling and minimums from `cfg.federation`."""
+    fed, strat = cfg.federation, cfg.strategy
+    min_banks = int(fed.min_banks)
+    fraction_evaluate = float(fed.get("fraction_evaluate", 1.0))
+    common: dict[str, Any] = {
+        "min_banks": min_banks,
+        "history": history,
+        "round_offset": round_offset,
+        "drop_stragglers": bool(strat.get("drop_stragglers", False)),
+        "fraction_train": float(fed.fraction_train),
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": min_banks,
+        "min_evaluate_nodes": min_banks if fraction_evaluate > 0 else 0,
+        "min_available_nodes": min_banks,
+    }
+    if strat.name == "fedavg":
+        return FedAvgBanks(**common)
+    if strat.name == "fedprox":
+        return FedProxBanks(proximal_mu=float(strat.mu), **common)
+    raise ValueError(f"strategy.name must be fedavg or fedprox, got {strat.name!r}")
+
+
+def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: Path) -> History:
+    """Train `cfg.federation.rounds` rounds (fewer when resuming); write the final state and metrics."""
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model, tokenizer = build_model(model_cfg, spec.num_classes, spec.num_features)
+    initial = federated_state(model)
+    checkpointer = Checkpointer(run_dir / CHECKPOINTS, state_schema_hash(initial))
+    resumed = checkpointer.latest()
+    rounds = int(cfg.federation.rounds)
+    done = resumed.server_round if resumed else 0
+    history = resumed.history if resumed else History()
+    arrays = resumed.arrays if resumed else protocol.state_to_record(initial)
+    if resumed:
+        log(WARNING, "Resuming from %s: %d of %d rounds done", run_dir / CHECKPOINTS, done, rounds)
+    round_end = RoundEnd(
+        run_dir=run_dir,
+        history=history,
+        checkpointer=checkpointer,
+        offset=done,
+        arrays=arrays,
+        central=CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
+    )
+    if done < rounds:
+        # Flower samples banks with the global `random` module: seeded, a run samples the same banks again.
+        random.seed(int(cfg.get("seed", 0)) + done)
+        strat = cfg.strategy
+        steps = strat.get("local_steps")
+        task = protocol.task_config(
+            model_cfg, spec.class_names, spec.num_features,
+            local_epochs=int(strat.get("local_epochs", 1)),
+            local_steps=None if steps is None else int(steps),
+            dp=dp_round_config(cfg),
+            dp_run=run_dir.resolve().name,
+        )
+        build_strategy(cfg, history, round_offset=done).start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=rounds - done,
+            timeout=float(strat.get("round_timeout", DEFAULT_ROUND_TIMEOUT_S)),
+            train_config=task,
+            evaluate_config=protocol.task_config(model_cfg, spec.class_names, spec.num_features),
+            evaluate_fn=round_end,
+        )
+    save_state(round_end.arrays, run_dir / FINAL_STATE, metadata={"rounds": str(rounds), "schema": checkpointer.schema})
+    write_metrics(history, run_dir)
+    log(INFO, "Global state after %d rounds: %s", rounds, run_dir / FINAL_STATE)
+    return history
+
+
+def dp_round_config(cfg: DictConfig) -> dict[str, Any] | None:
+    """The `privacy.dp` block the banks train with (None without DP), checked here so that a bad
+    setting stops the run before any bank trains. Its noise is calibrated for every round of the
+    run unless `planned_rounds` says otherwise (with partial participation that is conservative)."""
+    privacy = cfg.get("privacy")
+    dp = None if privacy is None else privacy.get("dp")
+    if dp is None or not dp.get("enabled", False):
+        return None
+    block = OmegaConf.to_container(dp, resolve=True)
+    if block.get("planned_rounds") is None:
+        block["planned_rounds"] = int(cfg.federation.rounds)
+    DPSettings.from_mapping(block)
+    for bank in block.get("banks") or {}:
+        DPSettings.from_mapping(block, bank=bank)
+    return block
+
+
+@dataclass
+class CentralEvaluation:
+    """The ServerApp's own test of the global model on a held-out set (simulations have one).
+
+    The server owns no training data, so the series normaliser is fitted on the test inputs
+    themselves (labels unused), as a bank fits it on its own data.
+    """
+
+    model: HybridFinGPT
+    tokenizer: Any
+    data: BankDataset
+    batch_size: int
+
+    @classmethod
+    def for_spec(
+        cls, spec: FederationSpec, model: HybridFinGPT, tokenizer: Any, cfg: DictConfig
+    ) -> "CentralEvaluation | None":
+        if not spec.test_dir:
+            return None
+        data = load_bank(spec.test_dir).train
+        if data.series is not None:
+            model.fit_normalizer(data.series, data.mask)
+        train_cfg = TrainConfig.from_mapping(OmegaConf.to_container(cfg.model.get("train") or {}, resolve=True))
+        return cls(model, tokenizer, data, train_cfg.eval_batch_size)
+
+    def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
+        load_federated_state(self.model, protocol.record_to_state(arrays))
+        return evaluate(self.model, self.tokenizer, self.data, self.batch_size)
+
+
+@dataclass
+class RoundEnd:
+    """Flower's `evaluate_fn`: called with the initial state (round 0) and after every round."""
+
+    run_dir: Path
+    history: History
+    checkpointer: Checkpointer
+    offset: int
+    arrays: ArrayRecord
+    central: CentralEvaluation | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        round_number = server_round + self.offset
+        seconds = time.perf_counter() - self.started
+        self.arrays = arrays
+        if server_round == 0 and self.offset > 0:
+            self.started = time.perf_counter()
+            return None
+        metrics = self.central(arrays) if self.central is not None else {}
+        if server_round > 0:
+            metrics["round_seconds"] = seconds
+        if metrics:
+            self.history.add(round_number, CENTRAL, CENTRAL, metrics)
+        if server_round > 0:
+            self.checkpointer.save(round_number, arrays, self.history)
+        write_metrics(self.history, self.run_dir)
+        self.started = time.perf_counter()
+        return MetricRecord(metrics) if metrics else None
+
+
+def write_metrics(history: History, run_dir: Path) -> None:
+    write_atomic(run_dir / METRICS_JSON, history.to_json().encode())
+    write_atomic(run_dir / METRICS_CSV, history.to_csv().encode())

@@ -1,0 +1,124 @@
+"""Run the ServerApp and ClientApp on Flower's simulation engine, the supported (non-deprecated) way.
+
+`flwr run` against a SuperLink started with `--simulation`: the SuperLink launches the ServerApp
+and the simulation engine (Ray) in a subprocess, exactly as `flwr run` does for a user's local
+simulation. We start that SuperLink ourselves instead of letting `flwr run` start its "local"
+one, because Flower's local SuperLink listens on fixed ports (39091, 39093) that concurrent runs
+on one machine would share, and outlives the run; ours gets a free port, a private FLWR_HOME in
+the run folder, and is stopped with its whole process tree when the run ends.
+
+The app submitted is the pyproject-only Flower App of server/flower_app.py, generated in the run
+folder: its components are imported from the installed package, so the same code runs from a
+checkout or a wheel.
+
+`flwr run` exits 0 even when the ServerApp raised, so the run's final status is read back and a
+failed run raises `SimulationFailed` with Flower's status details (the ServerApp's exception).
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.control import FlowerControl, write_connection
+from server.flower_app import COMPLETED, wait_finished, write_app, write_run_config
+from server.superlink import LOOPBACK, ManagedProcess, bin_path, flower_env
+
+APP_NAME = "fingpt-federated-simulation"
+
+
+class SimulationFailed(RuntimeError):
+    """The simulated run did not complete; the message carries Flower's status details."""
+
+
+@dataclass(frozen=True)
+class SimulationResources:
+    """How Ray shares the machine: CPUs (and GPU share) per simulated bank, CPUs in all (None = every core)."""
+
+    client_cpus: int = 1
+    client_gpus: float = 0.0
+    total_cpus: int | None = None
+
+    def federation_config(self, num_banks: int) -> str:
+        items = {
+            "num-supernodes": num_banks,
+            "client-resources-num-cpus": self.client_cpus,
+            "client-resources-num-gpus": self.client_gpus,
+        }
+        if self.total_cpus is not None:
+            items["init-args-num-cpus"] = self.total_cpus
+        return " ".join(f"{key}={value}" for key, value in items.items())
+
+
+class SimulationControl(FlowerControl):
+    """Flower's Control API through the `flwr` CLI, plus submitting a run with a federation config."""
+
+    def submit_simulation(self, app_dir: Path, run_config: Path, federation_config: str) -> int:
+        reply = self._call(
+            "run", str(app_dir), "--run-config", str(run_config), "--federation-config", federation_config
+        )
+        return int(reply["run-id"])
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def run_flower_simulation(
+    run_dir: Path,
+    config_path: Path,
+    spec_path: Path,
+    num_banks: int,
+    resources: SimulationResources = SimulationResources(),
+    *,
+    echo: bool = True,
+) -> dict:
+    """Run one simulated federation to its end; return Flower's run record (status, timings).
+
+    The ServerApp writes its outputs into `run_dir`; Flower's own files (app install, SuperLink
+    log, the run's log) go to `run_dir/flower/`.
+    """
+    flower_dir = run_dir / "flower"
+    flwr_home = flower_dir / "home"
+    app_dir = write_app(flower_dir / "app", APP_NAME)
+    run_config = write_run_config(flower_dir / "run_config.toml", config_path, spec_path, run_dir)
+    port = free_port()
+    write_connection(flwr_home, port, None)
+    env = flower_env(flwr_home)
+    # The ServerApp's own model work (initial state, central evaluation) gets one bank's CPU share,
+    # as Ray gives every ClientApp actor: torch's default of a thread per core was measured 7x
+    # slower on a shared 2-core machine.
+    env["OMP_NUM_THREADS"] = str(resources.client_cpus)
+    superlink = ManagedProcess(
+        "simulation SuperLink",
+        [
+            bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", LOOPBACK, "--port", str(port), "--disable-runtime-dependency-installation",
+        ],
+        flower_dir / "superlink.log",
+        env,
+    )
+    control = SimulationControl(flwr_home)
+    superlink.start()
+    try:
+        superlink.wait_listening(LOOPBACK, port)
+        run_id = control.submit_simulation(app_dir, run_config, resources.federation_config(num_banks))
+        with open(flower_dir / "run.log", "w", encoding="utf-8", buffering=1) as log_file:
+            for line in control.stream_logs(run_id):
+                log_file.write(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        info = wait_finished(control, run_id)
+    finally:
+        superlink.stop()
+    if info.get("status") != COMPLETED:
+        raise SimulationFailed(
+            f"simulated run {run_id} ended {info.get('status')}: {info.get('status-details')} "
+            f"(log: {flower_dir / 'run.log'})"
+        )
+    return info

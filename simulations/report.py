@@ -1,0 +1,206 @@
+"""Tables, plots and the Markdown report of a simulated federation, from its History.
+
+Plots (PNG, matplotlib's Agg backend, no display needed):
+- `global.png`: accuracy and loss of the global model per round, on the global test set and
+  averaged over the banks' validation splits, with the baselines as horizontal lines;
+- `banks.png`: each bank's validation accuracy and loss of the global model per round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from simulations.baselines import CENTRALIZED, LOCAL, BaselineResult, mean_local  # noqa: E402
+from server.history import CENTRAL, FEDERATION, History  # noqa: E402
+
+GLOBAL_PLOT = "global.png"
+BANKS_PLOT = "banks.png"
+REPORT = "report.md"
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    test_accuracy: float
+    test_loss: float
+    valid_accuracy: float
+    valid_loss: float
+    train_loss: float
+    banks_ok: int
+    banks_failed: int
+    seconds: float
+
+
+def round_rows(history: History) -> list[RoundRow]:
+    """One row per round (round 0 = the initial model), NaN where a value was not measured."""
+    rounds = sorted({row.round for row in history.rows})
+    rows = []
+    for number in rounds:
+        central = _one(history, number, CENTRAL, CENTRAL)
+        valid = _one(history, number, "evaluate", FEDERATION)
+        train = _one(history, number, "train", FEDERATION)
+        trained = [r for r in history.rows if r.round == number and r.phase == "train" and r.bank != FEDERATION]
+        rows.append(
+            RoundRow(
+                round=number,
+                test_accuracy=central.get("accuracy", math.nan),
+                test_loss=central.get("loss", math.nan),
+                valid_accuracy=valid.get("accuracy", math.nan),
+                valid_loss=valid.get("loss", math.nan),
+                train_loss=train.get("train_loss", math.nan),
+                banks_ok=sum(r.status == "ok" for r in trained),
+                banks_failed=sum(r.status == "failed" for r in trained),
+                seconds=central.get("round_seconds", math.nan),
+            )
+        )
+    return rows
+
+
+def bank_series(history: History, metric: str) -> dict[str, tuple[list[int], list[float]]]:
+    """Per bank: the rounds it validated the global model in, and the metric each time."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for row in history.select("evaluate"):
+        if row.bank == FEDERATION or metric not in row.metrics:
+            continue
+        rounds, values = series.setdefault(row.bank, ([], []))
+        rounds.append(row.round)
+        values.append(row.metrics[metric])
+    return series
+
+
+def plot_global(history: History, baselines: Sequence[BaselineResult], path: Path) -> Path:
+    rows = round_rows(history)
+    x = [r.round for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        ax.plot(x, [getattr(r, f"test_{metric}") for r in rows], marker="o", label="global model, test set")
+        ax.plot(x, [getattr(r, f"valid_{metric}") for r in rows], marker="s", label="global model, banks' validation")
+        for label, value, style in _baseline_lines(baselines, metric):
+            ax.axhline(value, linestyle=style, color="grey", label=label)
+        _round_axis(ax)
+        ax.set_ylabel(metric)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Global model per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_banks(history: History, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("accuracy", "loss")):
+        for bank, (rounds, values) in sorted(bank_series(history, metric).items()):
+            ax.plot(rounds, values, marker=".", label=bank)
+        _round_axis(ax)
+        ax.set_ylabel(f"validation {metric}")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("Global model on each bank's validation split")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def markdown(
+    title: str,
+    settings: dict[str, object],
+    history: History,
+    baselines: Sequence[BaselineResult],
+) -> str:
+    """The report: settings, the global model per round, each bank, baselines, failures."""
+    sections = [
+        f"# {title}",
+        _table(["setting", "value"], [[key, value] for key, value in settings.items()]),
+        "## Global model per round",
+        _table(
+            ["round", "test accuracy", "test loss", "mean valid accuracy", "mean valid loss", "train loss",
+             "banks ok", "banks failed", "seconds"],
+            [[r.round, _f(r.test_accuracy), _f(r.test_loss), _f(r.valid_accuracy), _f(r.valid_loss),
+              _f(r.train_loss), r.banks_ok, r.banks_failed, _f(r.seconds, 1)] for r in round_rows(history)],
+        ),
+        f"![global]({GLOBAL_PLOT})",
+        "## Banks (the global model on each bank's validation split, last round it was asked)",
+        _table(["bank", "round", "valid accuracy", "valid loss", "rounds trained", "failures"],
+               [_bank_row(history, bank) for bank in sorted(history.banks())]),
+        f"![banks]({BANKS_PLOT})",
+    ]
+    if baselines:
+        sections += ["## Baselines (global test set, same step budget)", _baseline_table(history, baselines)]
+    failures = [r for r in history.rows if r.status != "ok"]
+    if failures:
+        sections += [
+            "## Failed and dropped replies",
+            _table(["round", "phase", "bank", "status", "reason"],
+                   [[r.round, r.phase, r.bank, r.status, _cell(r.reason)] for r in failures]),
+        ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _bank_row(history: History, bank: str) -> list[object]:
+    evaluated = history.select("evaluate", bank)
+    last = evaluated[-1] if evaluated else None
+    metrics = last.metrics if last else {}
+    failed = sum(1 for r in history.rows if r.bank == bank and r.status == "failed")
+    return [bank, last.round if last else "-", _f(metrics.get("accuracy", math.nan)), _f(metrics.get("loss", math.nan)),
+            len(history.select("train", bank)), failed]
+
+
+def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> str:
+    rows: list[list[object]] = []
+    final = next((r for r in reversed(round_rows(history)) if not math.isnan(r.test_accuracy)), None)
+    if final is not None:
+        central = _one(history, final.round, CENTRAL, CENTRAL)
+        rows.append([f"federated (round {final.round})", "-", "-", _f(final.test_accuracy),
+                     _f(central.get("macro_f1", math.nan)), _f(final.test_loss)])
+    for b in baselines:
+        label = "centralized" if b.kind == CENTRALIZED else f"local-only: {b.bank}"
+        rows.append([label, b.train_rows, b.steps, _f(b.test["accuracy"]), _f(b.test.get("macro_f1", math.nan)),
+                     _f(b.test["loss"])])
+    rows.append(["mean local-only", "-", "-", _f(mean_local(list(baselines))),
+                 _f(mean_local(list(baselines), "macro_f1")), _f(mean_local(list(baselines), "loss"))])
+    return _table(["model", "train rows", "steps", "test accuracy", "test macro-F1", "test loss"], rows)
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _round_axis(ax: plt.Axes) -> None:
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _baseline_lines(baselines: Sequence[BaselineResult], metric: str) -> list[tuple[str, float, str]]:
+    lines = [("centralized", b.test[metric], "--") for b in baselines if b.kind == CENTRALIZED]
+    if any(b.kind == LOCAL for b in baselines):
+        lines.append(("mean local-only", mean_local(list(baselines), metric), ":"))
+    return lines
+
+
+def _one(history: History, number: int, phase: str, bank: str) -> dict[str, float]:
+    for row in history.rows:
+        if row.round == number and row.phase == phase and row.bank == bank and row.status == "ok":
+            return row.metrics
+    return {}
+
+
+def _f(value: float, digits: int = 4) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _cell(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

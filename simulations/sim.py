@@ -1,0 +1,193 @@
+"""`fingpt-sim`: a federation of simulated banks on one machine, one command, a report at the end.
+
+    fingpt-sim                                        # defaults of conf/config.yaml
+    fingpt-sim data=tfns federation=dirichlet federation.num_banks=10 baseline=true
+    fingpt-sim -m strategy=fedavg,fedprox             # one run per strategy (Hydra multirun)
+
+Each run folder (Hydra's output dir) gets: resolved_config.yaml, the prepared federation
+(federation/), federation_spec.json, metrics.csv / metrics.json (per round, per bank),
+checkpoints/, global_state.safetensors, global.png, banks.png, report.md, and with
+`baseline=true` baselines.json. The banks run the same ServerApp and ClientApp as a deployment,
+on Flower's simulation engine (simulations/flower_run.py): no network, no open port but loopback.
+
+Simulation-only settings, read with these defaults when the config lacks them:
+`simulation.client_cpus` (1), `simulation.client_gpus` (0), `simulation.total_cpus` (all),
+`simulation.stragglers` (share of banks that do only part of each round's work, 0),
+`simulation.straggler_work` (the part they do, 0.5), `simulation.fail_banks` (indices of banks
+whose ClientApp raises, []); `baseline` (false).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from client.federation_spec import BankSite, FederationSpec
+from conf import CONFIG_DIR, save_resolved_config
+from server.app import METRICS_JSON
+from server.history import History, jsonable
+from simulations.baselines import CENTRALIZED, BaselineResult, mean_local, run_baselines
+from simulations.federation import FederationLayout, prepare_federation
+from simulations.flower_run import SimulationResources, run_flower_simulation
+from simulations.report import BANKS_PLOT, GLOBAL_PLOT, REPORT, RoundRow, markdown, plot_banks, plot_global, round_rows
+
+SPEC_FILE = "federation_spec.json"
+BASELINES_FILE = "baselines.json"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class SimulationSummary:
+    run_dir: Path
+    strategy: str
+    banks: list[str]
+    rounds: list[RoundRow]
+    baselines: list[BaselineResult] = field(default_factory=list)
+    seconds: float = math.nan
+
+    @property
+    def final(self) -> RoundRow:
+        return self.rounds[-1]
+
+    @property
+    def initial(self) -> RoundRow:
+        return self.rounds[0]
+
+    def to_dict(self) -> dict:
+        return {
+            "run_dir": str(self.run_dir),
+            "strategy": self.strategy,
+            "banks": self.banks,
+            "seconds": self.seconds,
+            "initial_test_accuracy": self.initial.test_accuracy,
+            "final_test_accuracy": self.final.test_accuracy,
+            "final_test_loss": self.final.test_loss,
+            "round_seconds": [r.seconds for r in self.rounds[1:]],
+            "baselines": [b.to_dict() for b in self.baselines],
+            "mean_local_only_accuracy": mean_local(self.baselines) if self.baselines else None,
+        }
+
+
+def simulation_settings(cfg: DictConfig) -> dict:
+    """The `simulation:` block over its defaults; an unknown key is an error, not a silent default."""
+    defaults = {"client_cpus": 1, "client_gpus": 0.0, "total_cpus": None, "stragglers": 0.0,
+                "straggler_work": 0.5, "fail_banks": []}
+    node = cfg.get("simulation")
+    given = {} if node is None else OmegaConf.to_container(node, resolve=True)
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown simulation setting(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec:
+    """The simulated banks, with the stragglers (seeded choice) and failing banks the config asks for."""
+    sim = simulation_settings(cfg)
+    count = len(layout.bank_dirs)
+    fail = {int(i) for i in sim["fail_banks"]}
+    if any(not 0 <= i < count for i in fail):
+        raise ValueError(f"simulation.fail_banks {sorted(fail)} must be bank indices in [0, {count})")
+    slow = round(float(sim["stragglers"]) * count)
+    stragglers = set(np.random.default_rng(int(cfg.get("seed", 0))).choice(count, size=slow, replace=False).tolist())
+    banks = [
+        BankSite(
+            path=str(path.resolve()),
+            name=name,
+            work=float(sim["straggler_work"]) if i in stragglers else 1.0,
+            fail=i in fail,
+        )
+        for i, (path, name) in enumerate(zip(layout.bank_dirs, layout.bank_names))
+    ]
+    return FederationSpec(list(layout.class_names), int(layout.num_features), str(layout.test_dir.resolve()), banks)
+
+
+def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> SimulationSummary:
+    """Prepare the banks, run the federation on Flower's simulation engine, then baselines and report."""
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = save_resolved_config(cfg, run_dir)
+    layout = prepare_federation(cfg, run_dir / "federation")
+    spec = federation_spec(cfg, layout)
+    spec_path = spec.save(run_dir / SPEC_FILE)
+    sim = simulation_settings(cfg)
+    resources = SimulationResources(int(sim["client_cpus"]), float(sim["client_gpus"]), sim["total_cpus"])
+    run_flower_simulation(run_dir, config_path, spec_path, len(spec.banks), resources, echo=echo)
+    history = History.from_json((run_dir / METRICS_JSON).read_text(encoding="utf-8"))
+    baselines = run_baselines(cfg, spec, resources.client_cpus) if cfg.get("baseline", False) else []
+    if baselines:
+        rows = jsonable([b.to_dict() for b in baselines])
+        (run_dir / BASELINES_FILE).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    summary = SimulationSummary(run_dir, str(cfg.strategy.name), [b.name for b in spec.banks], round_rows(history),
+                                baselines, time.perf_counter() - started)
+    write_report(cfg, spec, history, summary)
+    return summary
+
+
+def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summary: SimulationSummary) -> Path:
+    run_dir = summary.run_dir
+    plot_global(history, summary.baselines, run_dir / GLOBAL_PLOT)
+    plot_banks(history, run_dir / BANKS_PLOT)
+    settings = {
+        "data": cfg.data.name,
+        "model backbone": cfg.model.backbone,
+        "strategy": cfg.strategy.name + (f" (mu={cfg.strategy.mu})" if cfg.strategy.name == "fedprox" else ""),
+        "banks": f"{len(spec.banks)} ({cfg.federation.partitioner} split)",
+        "rounds": cfg.federation.rounds,
+        "fraction of banks trained per round": cfg.federation.fraction_train,
+        "stragglers": ", ".join(f"{b.name} ({b.work:.0%} of the work)" for b in spec.banks if b.work < 1) or "none",
+        "wall time (s)": f"{summary.seconds:.1f}",
+    }
+    text = markdown(f"Federated simulation: {cfg.data.name}, {cfg.strategy.name}", settings, history, summary.baselines)
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(jsonable(summary.to_dict()), indent=2), encoding="utf-8")
+    path = run_dir / REPORT
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def print_summary(summary: SimulationSummary, console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"{summary.strategy}: global model per round ({len(summary.banks)} banks)")
+    for column in ("round", "test acc", "test loss", "valid acc", "train loss", "banks ok/failed", "seconds"):
+        table.add_column(column, justify="right")
+    for r in summary.rounds:
+        table.add_row(str(r.round), _f(r.test_accuracy), _f(r.test_loss), _f(r.valid_accuracy), _f(r.train_loss),
+                      f"{r.banks_ok}/{r.banks_failed}", _f(r.seconds, 1))
+    console.print(table)
+    if summary.baselines:
+        base = Table(title="Baselines on the global test set (same step budget)")
+        for column in ("model", "steps", "test acc", "test macro-F1"):
+            base.add_column(column, justify="right")
+        base.add_row("federated", "-", _f(summary.final.test_accuracy), "-")
+        for b in summary.baselines:
+            label = "centralized" if b.kind == CENTRALIZED else f"local-only {b.bank}"
+            base.add_row(label, str(b.steps), _f(b.test["accuracy"]), _f(b.test.get("macro_f1", math.nan)))
+        local = summary.baselines
+        base.add_row("mean local-only", "-", _f(mean_local(local)), _f(mean_local(local, "macro_f1")))
+        console.print(base)
+    console.print(f"report: {summary.run_dir / REPORT}", soft_wrap=True)
+
+
+def _f(value: float, digits: int = 4) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Returns the final test accuracy, so Hydra sweepers can optimise it."""
+    summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    print_summary(summary)
+    return summary.final.test_accuracy
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The ServerApp's rounds (loud failures, stale replies, stragglers, checkpoints, resume), run in-process.
+
+The real ClientApp answers through `InProcessGrid`, so these tests cover the whole message path
+except the transport; tests/test_federation_sim.py runs the same apps on Flower's simulation engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MessageType
+from flwr.clientapp import ClientApp
+from safetensors.numpy import load_file
+
+from client import protocol
+from client.app import app as client_app
+from client.app import train as client_train
+from client.protocol import Receipt
+from federation_helpers import InProcessGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
+from server.app import CHECKPOINTS, FINAL_STATE, METRICS_CSV, build_strategy, run_federation
+from server.checkpoint import Checkpointer, CheckpointMismatch
+from server.fedavg import FedAvgBanks
+from server.fedprox import FedProxBanks
+from server.history import CENTRAL, FEDERATION, History
+from server.strategy import FederationRoundError, short_reason
+
+
+def federation(tmp_path: Path, *overrides: str, fail=(), work=None, app: ClientApp = client_app):
+    spec = write_federation(tmp_path / "data", fail=fail, work=work)
+    nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(spec.banks))
+    cfg = config("strategy.local_steps=3", *overrides)
+    return cfg, spec, InProcessGrid(app, nodes, run_config)
+
+
+def train_messages(grid: InProcessGrid) -> list:
+    return [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+
+
+def test_strategy_comes_from_the_config_group():
+    history = History()
+    fedprox = build_strategy(config("strategy=fedprox", "strategy.mu=0.3", "federation.min_banks=3"), history)
+    assert isinstance(fedprox, FedProxBanks) and fedprox.proximal_mu == 0.3
+    assert fedprox.min_banks == fedprox.min_train_nodes == fedprox.min_available_nodes == 3
+    assert isinstance(build_strategy(config("strategy=fedavg"), history), FedAvgBanks)
+
+
+def test_rounds_write_metrics_and_checkpoints_and_a_restart_resumes(tmp_path):
+    cfg, spec, grid = federation(tmp_path, "strategy=fedprox", "federation.rounds=1")
+    run_dir = tmp_path / "run"
+    history = run_federation(grid, cfg, spec, run_dir)
+    assert {(r.round, r.phase) for r in history.rows if r.bank == FEDERATION} == {(1, "train"), (1, "evaluate")}
+    assert len(history.select("train")) == 3 + 1 and len(history.select(CENTRAL)) == 2
+    assert all(m.content[protocol.CONFIG][protocol.PROXIMAL_MU] == cfg.strategy.mu for m in train_messages(grid))
+    first = load_file(str(run_dir / CHECKPOINTS / "round_0001" / "state.safetensors"))
+
+    cfg, spec, grid = federation(tmp_path, "strategy=fedprox", "federation.rounds=3")
+    history = run_federation(grid, cfg, spec, run_dir)
+    rounds_sent = {m.content[protocol.CONFIG][protocol.SERVER_ROUND] for m in grid.sent}
+    assert rounds_sent == {2, 3}
+    resumed_from = protocol.record_to_state(train_messages(grid)[0].content[protocol.ARRAYS])
+    assert all((resumed_from[name].numpy() == first[name]).all() for name in first)
+    assert sorted({r.round for r in history.rows}) == [0, 1, 2, 3]
+    assert sorted(p.name for p in (run_dir / CHECKPOINTS).iterdir()) == ["round_0002", "round_0003"]
+    final = load_file(str(run_dir / FINAL_STATE))
+    last = load_file(str(run_dir / CHECKPOINTS / "round_0003" / "state.safetensors"))
+    assert all((final[name] == last[name]).all() for name in last)
+    assert "bank_2" in (run_dir / METRICS_CSV).read_text()
+
+
+def test_a_failing_bank_is_logged_and_the_round_goes_on_while_enough_banks_remain(tmp_path):
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=2", "federation.min_banks=2", fail=[1])
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    failed = [r for r in history.rows if r.status == "failed"]
+    assert {(r.round, r.phase) for r in failed} == {(1, "train"), (1, "evaluate"), (2, "train"), (2, "evaluate")}
+    assert all("bank_1: simulated failure" in r.reason for r in failed)
+    assert {r.bank for r in history.select("train") if r.bank != FEDERATION} == {"bank_0", "bank_2"}
+
+
+def test_fewer_banks_than_the_minimum_fail_the_run_with_every_reason(tmp_path):
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=2", "federation.min_banks=2", fail=[0, 2])
+    with pytest.raises(FederationRoundError) as error:
+        run_federation(grid, cfg, spec, tmp_path / "run")
+    message = str(error.value)
+    assert "round 1 train: 1 of 3 sampled banks succeeded, the minimum is 2" in message
+    assert "bank_0: simulated failure" in message and "bank_2: simulated failure" in message
+
+
+def test_a_reply_to_another_round_or_state_is_rejected_before_aggregation(tmp_path):
+    stale = ClientApp()
+
+    @stale.train()
+    def _(msg, context):
+        reply = client_train(msg, context)
+        reply.content[protocol.RECEIPT] = Receipt("replayed bank", 7, "0" * 64).to_config()
+        return reply
+
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=1", "federation.min_banks=1", app=stale)
+    with pytest.raises(FederationRoundError, match="stale reply: it answers round 7"):
+        run_federation(grid, cfg, spec, tmp_path / "run")
+
+
+def test_a_bank_that_never_answers_counts_as_failed(tmp_path):
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=1", "federation.min_banks=3")
+    deliver = grid.send_and_receive
+    grid.send_and_receive = lambda messages, timeout=None: [r for r in deliver(messages) if r.metadata.src_node_id != 2]
+    with pytest.raises(FederationRoundError, match="node 2: no reply within the round timeout"):
+        run_federation(grid, cfg, spec, tmp_path / "run")
+
+
+def test_fedavg_can_drop_stragglers_as_in_the_fedprox_paper(tmp_path):
+    cfg, spec, grid = federation(tmp_path, "strategy=fedavg", "strategy.drop_stragglers=true", "federation.rounds=1",
+                                 work={0: 0.3})
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    dropped = [r for r in history.rows if r.status == "dropped"]
+    assert [(r.bank, r.metrics["local_steps"], r.metrics["planned_steps"]) for r in dropped] == [("bank_0", 1.0, 3.0)]
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=1")
+    run_federation(grid, cfg, spec, tmp_path / "run")
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=2", "model.lora.r=4")
+    with pytest.raises(CheckpointMismatch, match="schema"):
+        run_federation(grid, cfg, spec, tmp_path / "run")
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
+    checkpointer = Checkpointer(tmp_path, schema="s", keep=2)
+    history = History()
+    history.add(1, "central", CENTRAL, {"accuracy": 0.5, "roc_auc": float("nan")})
+    checkpointer.save(1, ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))}), history)
+    (tmp_path / ".round_0002.partial").mkdir()
+    latest = checkpointer.latest()
+    assert latest.server_round == 1 and latest.history.rows[0].metrics["accuracy"] == 0.5
+    assert np.isnan(latest.history.rows[0].metrics["roc_auc"])
+    assert (latest.arrays["w"].numpy() == 1).all()
+
+
+def test_a_bank_error_is_reported_by_its_message_not_by_flowers_wrapping():
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
+           "  File ...\nTraceback ...\nException ClientAppException occurred. Message: bank b: disk full'>")
+    assert short_reason(ray) == "bank b: disk full"
+    data_error = "<class 'client.errors.DataError'>:<'bank.csv, row 3: bad label'>"
+    assert short_reason(data_error) == "DataError: bank.csv, row 3: bad label"
+    assert short_reason("no reply") == "no reply"
