@@ -1,0 +1,223 @@
+"""Connect a bank to the consortium: check what can be checked locally, then run and watch a SuperNode.
+
+Flower's own messages for the two commonest mistakes are vague ("Connection refused" without the
+address; "Failed to activate SuperNode" for a key the operator never registered), so the server
+is probed first with bounded retries, and the SuperNode's output is read to turn its exit into
+an error that says what to do.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+import httpx
+
+DEFAULT_RUNTIME_PORT = 9094
+DEFAULT_MAX_RETRIES = 30
+DEFAULT_MAX_WAIT_S = 120.0
+TAIL_LINES = 200
+OUTPUT_DRAIN_S = 10.0
+PROBE_BACKOFF_CAP_S = 5.0
+KEY_REFUSED_MARKER = "[code: 2004]"  # Flower's FLEET_NODE_ACTIVATION_FAILED: no node has this public key
+# Offline, no telemetry, and never `uv sync` an app's dependencies at run time (shared with the server).
+FLOWER_QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+class NodeStartError(RuntimeError):
+    """Why the bank's node could not join, with the exit code the CLI returns for it."""
+
+    exit_code = 1
+
+
+class ServerUnreachable(NodeStartError):
+    exit_code = 3
+
+
+class KeyRefused(NodeStartError):
+    exit_code = 4
+
+
+class TlsRejected(NodeStartError):
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A bank's connection. `ca_cert=None` and `private_key=None` only in --insecure mode."""
+
+    server: str
+    ca_cert: Path | None
+    private_key: Path | None
+    data_path: Path
+    bank_name: str
+    runtime_port: int = DEFAULT_RUNTIME_PORT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
+
+    @property
+    def insecure(self) -> bool:
+        return self.ca_cert is None
+
+
+def split_address(server: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:port`), validated before any connection."""
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--server {server!r} must be HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _ssl_failure(exc: BaseException) -> ssl.SSLError | None:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def probe_server(settings: NodeSettings, sleep: Callable[[float], None] = time.sleep) -> None:
+    """Reach the server's health endpoint through TLS, retrying with back-off within the bounds.
+
+    A certificate that does not verify is not retried: waiting will not fix a wrong CA file or a
+    server certificate that does not name the address the bank dials.
+    """
+    host, port = split_address(settings.server)
+    url_host = f"[{host}]" if ":" in host else host
+    scheme = "http" if settings.insecure else "https"
+    verify: ssl.SSLContext | bool = False if settings.ca_cert is None else ssl.create_default_context(
+        cafile=str(settings.ca_cert)
+    )
+    deadline = time.monotonic() + settings.max_wait_s
+    delay, attempt, reason = 0.5, 0, ""
+    while True:
+        attempt += 1
+        try:
+            response = httpx.get(f"{scheme}://{url_host}:{port}/health", verify=verify, timeout=10.0)
+            if response.is_success:
+                return
+            reason = f"HTTP {response.status_code} from /health"  # e.g. 502 while the SuperLink restarts
+        except httpx.TransportError as exc:
+            failure = _ssl_failure(exc)
+            if failure is not None:
+                raise TlsRejected(
+                    f"the server at {settings.server} failed TLS verification against {settings.ca_cert}: "
+                    f"{failure}. Check that this is the consortium's ca.crt and that the server "
+                    f"certificate names {host!r}."
+                ) from None
+            reason = str(exc) or type(exc).__name__
+        if attempt > settings.max_retries or time.monotonic() + delay > deadline:
+            raise ServerUnreachable(
+                f"cannot reach the SuperLink at {settings.server} after {attempt} attempts "
+                f"over {settings.max_wait_s:.0f}s at most: {reason}"
+            )
+        sleep(delay)
+        delay = min(delay * 2, PROBE_BACKOFF_CAP_S)
+
+
+def toml_literal(value: str) -> str:
+    """A TOML literal string; Flower's --node-config splits on whitespace outside quotes."""
+    if "'" in value or "\n" in value:
+        raise ValueError(f"{value!r}: a path with a single quote or newline cannot be passed to Flower")
+    return f"'{value}'"
+
+
+def supernode_command(settings: NodeSettings) -> list[str]:
+    command = [
+        str(Path(sys.executable).parent / "flower-supernode"),
+        "--superlink", settings.server,
+        "--node-config",
+        f"data-path={toml_literal(str(settings.data_path.resolve()))} bank-name={toml_literal(settings.bank_name)}",
+        "--port", str(settings.runtime_port),
+        "--max-retries", str(settings.max_retries),
+        "--max-wait-time", str(settings.max_wait_s),
+    ]
+    if settings.insecure:
+        return command + ["--insecure"]
+    assert settings.ca_cert is not None and settings.private_key is not None
+    return command + [
+        "--root-certificates", str(settings.ca_cert),
+        "--auth-supernode-private-key", str(settings.private_key),
+    ]
+
+
+def classify_exit(settings: NodeSettings, returncode: int, tail: list[str]) -> NodeStartError:
+    text = "\n".join(tail)
+    if KEY_REFUSED_MARKER in text:
+        return KeyRefused(
+            f"the SuperLink at {settings.server} refused this bank's key {settings.private_key}: the "
+            f"operator has not registered its public key ({settings.private_key}.pub), or removed it. "
+            "Send the .pub file and its fingerprint to the operator."
+        )
+    if "Connection refused" in text or "Giving up reconnection" in text or "ConnectError" in text:
+        return ServerUnreachable(
+            f"lost the SuperLink at {settings.server}: it stayed unreachable through "
+            f"{settings.max_retries} retries / {settings.max_wait_s:.0f}s"
+        )
+    return NodeStartError(f"the SuperNode exited with code {returncode}; its last lines:\n" + "\n".join(tail[-15:]))
+
+
+def node_env() -> dict[str, str]:
+    """The environment of Flower processes: quiet and offline, and this interpreter's bin folder
+    first on PATH, where Flower looks for its helpers (`flower-superexec`, `flwr-clientapp`, ...)."""
+    env = dict(os.environ)
+    env.update(FLOWER_QUIET_ENV)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def _pump(stream: IO[str], tail: collections.deque[str]) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line.rstrip("\n"))
+
+
+def run_supernode(settings: NodeSettings) -> None:
+    """Run the SuperNode in the foreground until it ends; raise a `NodeStartError` if it failed.
+
+    SIGINT and SIGTERM are passed on so the node deregisters cleanly from the SuperLink. The exit
+    is awaited with `wait()`, not the end of its output: Flower's SuperExec inherits the output
+    pipe and only exits once the SuperNode has been reaped, so waiting for EOF first would never end.
+    """
+    proc = subprocess.Popen(
+        supernode_command(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=node_env(), start_new_session=True,
+    )
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    assert proc.stdout is not None
+    reader = threading.Thread(target=_pump, args=(proc.stdout, tail), daemon=True)
+    reader.start()
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=OUTPUT_DRAIN_S)
+    if returncode not in (0, -signal.SIGTERM):
+        raise classify_exit(settings, returncode, list(tail))

@@ -1,0 +1,200 @@
+"""`fingpt-server`: what the consortium operator runs.
+
+    fingpt-server init-ca --host fl.consortium.example      # once: CA + server certificate
+    fingpt-server register-bank bank-a.pub                  # per bank, after comparing fingerprints
+    fingpt-server run model=tiny_encoder federation.rounds=2   # Hydra overrides, as fingpt-sim
+
+Everything lives in one working directory (`--workdir`, default ./consortium): tls/, banks/,
+the SuperLink database, logs and runs/. Exit codes: 0 completed, 1 run failed, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import signal
+import socket
+import sys
+from pathlib import Path
+from types import FrameType
+
+from server.banks import BankRegistry
+from server.certificates import TlsFiles, certificate_names, create_ca, create_server_certificate
+from server.control import FlowerControl, connection_port
+from server.superlink import DEFAULT_CONTROL_PORT, DEFAULT_FLEET_PORT, LOOPBACK, OperatorSettings, port_open
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+INSECURE_BANNER = """
+**********************************************************************
+* WARNING: --insecure. TLS is OFF and SuperNode authentication is OFF:
+* updates travel in plaintext and ANY machine that reaches the fleet
+* port can join as a bank. Local development only.
+**********************************************************************
+"""
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"fingpt-server: error: {message}", file=sys.stderr)
+    return code
+
+
+def tls_folder(workdir: Path) -> Path:
+    return workdir / "tls"
+
+
+def cmd_init_ca(args: argparse.Namespace) -> int:
+    folder = tls_folder(args.workdir)
+    try:
+        create_ca(folder, overwrite=args.force)
+        files = create_server_certificate(folder, args.host, overwrite=args.force)
+    except FileExistsError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    print(f"CA certificate:     {files.ca_cert}  (give this file to every bank)")
+    print(f"CA key:             {folder / 'ca.key'}  (owner-only; keep it offline when not issuing)")
+    print(f"server certificate: {files.server_cert} for {certificate_names(files.server_cert)}")
+    return 0
+
+
+def cmd_server_cert(args: argparse.Namespace) -> int:
+    files = create_server_certificate(tls_folder(args.workdir), args.host, overwrite=True)
+    print(f"server certificate: {files.server_cert} for {certificate_names(files.server_cert)}")
+    return 0
+
+
+def cmd_register_bank(args: argparse.Namespace) -> int:
+    registry = BankRegistry(args.workdir)
+    try:
+        name, key_fingerprint = registry.add(args.public_key, args.name)
+    except (ValueError, OSError) as exc:
+        return fail(str(exc), EXIT_USAGE)
+    print(f"accepted bank {name!r}, key fingerprint {key_fingerprint}")
+    print("compare the fingerprint with the bank over a second channel before the run")
+    _sync_if_running(args.workdir, registry)
+    return 0
+
+
+def cmd_remove_bank(args: argparse.Namespace) -> int:
+    registry = BankRegistry(args.workdir)
+    try:
+        registry.remove(args.name)
+    except FileNotFoundError as exc:
+        return fail(str(exc), EXIT_USAGE)
+    print(f"removed bank {args.name!r}; its registration is revoked when the SuperLink next syncs")
+    _sync_if_running(args.workdir, registry)
+    return 0
+
+
+def _sync_if_running(workdir: Path, registry: BankRegistry) -> None:
+    """Apply the allow-list at once when this workdir's SuperLink is up; else `run` does at start-up."""
+    flwr_home = OperatorSettings(workdir, None).flwr_home
+    port = connection_port(flwr_home)
+    if port is not None and port_open(LOOPBACK, port):
+        report = registry.sync(FlowerControl(flwr_home))
+        print(f"SuperLink updated: registered {report.registered}, unregistered {report.unregistered}")
+
+
+def cmd_banks(args: argparse.Namespace) -> int:
+    registry = BankRegistry(args.workdir)
+    node_ids = registry.node_ids()
+    for name, key_fingerprint in registry.fingerprints().items():
+        print(f"{name}\t{key_fingerprint}\tnode {node_ids.get(name, '(not yet registered)')}")
+    return 0
+
+
+def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.insecure:
+        print(INSECURE_BANNER, file=sys.stderr)
+        tls = None
+    else:
+        tls = TlsFiles.in_folder(tls_folder(args.workdir))
+        if tls.missing():
+            return fail(f"TLS files {[str(p) for p in tls.missing()]} are missing: run `fingpt-server init-ca` "
+                        "first (or pass --insecure for local development)", EXIT_USAGE)
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from server.deployment import RunFailed, RunRequest, execute, load_config  # torch: only for `run`
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = (args.run_dir or args.workdir / "runs" / stamp).resolve()
+    settings = OperatorSettings(
+        workdir=args.workdir, tls=tls, fleet_host=args.fleet_host,
+        fleet_port=args.fleet_port, control_port=args.control_port,
+    )
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the run and the services on `kill` too
+    try:
+        cfg = load_config(args.overrides, run_dir)
+    except (HydraException, OmegaConfBaseException) as exc:
+        return fail(f"config: {exc}", EXIT_USAGE)
+    try:
+        summary = execute(settings, RunRequest(run_dir, cfg, args.test_data, args.bank_wait))
+    except RunFailed as exc:
+        return fail(str(exc))
+    except (ValueError, TimeoutError, RuntimeError, OSError) as exc:
+        return fail(f"{type(exc).__name__}: {exc}")
+    except KeyboardInterrupt:
+        return fail(f"interrupted; the run was stopped (resume with --run-dir {run_dir})", 130)
+    print(f"run {summary['run_id']} completed in {summary['seconds']:.1f}s")
+    print(f"final state: {summary['final_state']}")
+    print(f"metrics:     {summary['metrics']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fingpt-server", description="The consortium operator's side.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str, handler) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--workdir", type=Path, default=Path("consortium"), help="operator state (default ./consortium)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    hosts_help = "a name or IP banks dial (repeatable); loopback names are always included"
+    init_ca = command("init-ca", "create the consortium CA and the server certificate", cmd_init_ca)
+    init_ca.add_argument("--host", action="append", default=None, help=hosts_help)
+    init_ca.add_argument("--force", action="store_true", help="replace an existing CA (every bank needs the new ca.crt)")
+
+    server_cert = command("server-cert", "re-issue the server certificate with the existing CA", cmd_server_cert)
+    server_cert.add_argument("--host", action="append", default=None, help=hosts_help)
+
+    register = command("register-bank", "accept a bank's public key (KEY.pub from fingpt-client keygen)", cmd_register_bank)
+    register.add_argument("public_key", type=Path)
+    register.add_argument("--name", help="bank name (default: the key file's name)")
+
+    remove = command("remove-bank", "revoke a bank's key", cmd_remove_bank)
+    remove.add_argument("name")
+
+    command("banks", "list accepted banks with fingerprints and node ids", cmd_banks)
+
+    run = command("run", "start the SuperLink, run the federation to its end, stop", cmd_run)
+    run.add_argument("--run-dir", type=Path, help="outputs; an existing one with checkpoints is resumed")
+    run.add_argument("--fleet-host", default="0.0.0.0", help="where banks connect (default all interfaces)")
+    run.add_argument("--fleet-port", type=int, default=DEFAULT_FLEET_PORT)
+    run.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
+                     help="the SuperLink's own port; bound to 127.0.0.1 only")
+    run.add_argument("--test-data", type=Path, help="the operator's held-out test set (data config or prepared folder)")
+    run.add_argument("--bank-wait", type=float, default=600.0, help="seconds to wait for enough banks online")
+    run.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (development only)")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny_encoder federation.rounds=2")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.workdir = args.workdir.resolve()
+    if not args.workdir.exists():  # it will hold the CA key, the database and the logs
+        args.workdir.mkdir(mode=0o700, parents=True)
+    if getattr(args, "host", "unset") is None:
+        args.host = [socket.getfqdn()]
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
