@@ -29,7 +29,8 @@ install: $(VENV)/.stamp-install
 install-dev: $(VENV)/.stamp-dev
 
 demo: install
-	$(BIN)/fingpt-partition
+	@echo "Running the default federation: 5 synthetic banks, FedProx, MiniLM + LoRA, 3 rounds (outputs/...)"
+	$(BIN)/fingpt-sim
 
 # pytest exits 5 when it collected no test: report that as a failure of the suite, not a pass.
 test: install-dev
