@@ -11,6 +11,16 @@ federated state seen is restored at the end.
 FedProx: with `proximal_mu > 0` the gradient of every stepped parameter gets
 `mu * (w - w_global)` in an optimizer step pre-hook (see client/proximal.py for why a hook and
 not a loss term). `global_state` defaults to the state the model starts from.
+
+Differential privacy: with `privacy=` (a privacy.dp_training.DPTask) the round is Opacus DP-SGD
+(privacy/dp_training.py): Poisson batches of `dp.logical_batch_size` records in physical pieces,
+per-sample clipping and noise, the bank's ledger charged before the first step (a round over
+budget raises BudgetExceeded before training) and settled after it; `dp.lr` replaces the
+learning rate, a step is one logical batch, and the FedProx hook runs after the noise. Only the
+parameters this kind of data reaches are stepped (DP-SGD needs a per-sample gradient for each),
+and a round whose stepped tensors did not move raises StateUnchangedError (Opacus issue 820).
+Early stopping on `valid` picks a state by un-noised validation metrics, which lies outside the
+DP guarantee of those validation records (the ClientApp passes no `valid`).
 """
 
 from __future__ import annotations
@@ -18,8 +28,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -30,11 +40,13 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from client.batching import make_loader
+from client.batching import Batch, make_loader
 from client.proximal import add_proximal_correction
 from client.records import BankDataset
 from model.hybrid import HybridFinGPT
 from model.state import federated_state, load_federated_state, trainable_parameters
+from privacy.dp_settings import DPSettings
+from privacy.dp_training import DPTask, PrivateRound, assert_state_changed, make_private
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +102,9 @@ class TrainResult:
     """Validation metrics of the restored (best) state; None without validation data."""
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    epsilon: float | None = None
+    """Under DP: the bank's epsilon spent after this round (its whole run so far); else None."""
+    noise_multiplier: float | None = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -98,8 +113,38 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = list(trainable_parameters(model).values())
+def private_config(cfg: TrainConfig, dp: DPSettings) -> TrainConfig:
+    """The train config under DP: batches are the logical batches, and `dp.lr` when set."""
+    return replace(cfg, batch_size=dp.logical_batch_size, lr=dp.lr if dp.lr is not None else cfg.lr)
+
+
+def reached_parameters(model: HybridFinGPT, data: BankDataset) -> list[str]:
+    """Names of the trainable parameters that get a gradient from `data`'s kind of input.
+
+    Which ones depends only on whether the data has text, a series or both (series_proj only
+    serves series-only data, the fusion only text with a series), so the probe is a zero-valued
+    input of that kind and no record is read.
+    """
+    device = next(model.parameters()).device
+    probe: dict[str, torch.Tensor] = {}
+    if data.texts is not None:
+        probe["input_ids"] = torch.zeros((1, 2), dtype=torch.long, device=device)
+        probe["attention_mask"] = torch.ones((1, 2), dtype=torch.long, device=device)
+    if data.series is not None:
+        probe["series"] = torch.zeros((1, 1, model.num_features), device=device)
+        probe["series_mask"] = torch.ones((1, 1), dtype=torch.bool, device=device)
+    params = trainable_parameters(model)
+    model.zero_grad(set_to_none=True)
+    with torch.random.fork_rng(devices=_cuda_indices(device)):  # dropout must not move the caller's RNG
+        model(**probe).sum().backward()
+    reached = [name for name, p in params.items() if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    return reached
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, names: list[str] | None = None) -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters (only those in `names` when given)."""
+    params = [p for name, p in trainable_parameters(model).items() if names is None or name in names]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -115,9 +160,15 @@ def train_local(
     global_state: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
     max_steps: int | None = None,
+    privacy: DPTask | None = None,
 ) -> TrainResult:
-    """Train the model's trainable tensors in place on `train`; `max_steps` overrides cfg.max_steps."""
+    """Train the model's trainable tensors in place on `train`; `max_steps` overrides cfg.max_steps.
+
+    With `privacy`, the round is DP-SGD (see the module docstring) and the result carries epsilon.
+    """
     cfg = TrainConfig.from_mapping(cfg)
+    if privacy is not None:
+        cfg = private_config(cfg, privacy.settings)
     _check_compatible(model, train)
     device = resolve_device(cfg.device)
     model.to(device)
@@ -126,53 +177,105 @@ def train_local(
     loader = make_loader(train, tokenizer, model.config.max_length, cfg.batch_size, shuffle=True, seed=cfg.seed)
     budget = max_steps if max_steps is not None else cfg.max_steps
     total = cfg.epochs * len(loader) if budget is None else min(budget, cfg.epochs * len(loader))
-    optimizer = build_optimizer(model, cfg)
+    stepped = reached_parameters(model, train) if privacy is not None else None
+    optimizer = build_optimizer(model, cfg, stepped)
+    before = federated_state(model)
+    private = None
+    if privacy is not None:
+        private = make_private(
+            model, optimizer, loader, privacy.settings, privacy.ledger, steps=total,
+            round_label=privacy.round_label, planned_rounds=privacy.planned_rounds, seed=privacy.seed,
+        )
     proximal = None
     if proximal_mu > 0:
-        anchor = global_state if global_state is not None else federated_state(model)
-        proximal = add_proximal_correction(optimizer, model, anchor, proximal_mu)
+        anchor = global_state if global_state is not None else before
+        stepping = optimizer if private is None else private.optimizer  # the hook goes after the noise
+        proximal = add_proximal_correction(stepping, model, anchor, proximal_mu)
 
     stopper = _EarlyStopping(cfg.monitor, cfg.patience)
     history: list[dict[str, float]] = []
     losses: list[float] = []
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=_cuda_indices(device)), tqdm(
-        total=total, desc="train", disable=not cfg.progress, leave=False
-    ) as bar:
-        torch.manual_seed(cfg.seed)
-        epoch = 0
-        while len(losses) < total and not stopper.stopped:
-            model.train()
-            for batch in loader:
-                batch = batch.to(device)
-                loss = F.cross_entropy(model(**batch.inputs()), batch.labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if len(losses) >= total:
-                    break
-            epoch += 1
-            if valid is not None:
-                metrics = evaluate(model, tokenizer, valid, cfg.eval_batch_size)
-                history.append({"epoch": epoch, "step": len(losses), **metrics})
-                log.info("epoch %d, step %d: %s", epoch, len(losses), metrics)
-                stopper.update(metrics, model)
-    if proximal is not None:
-        proximal.remove()
+    try:
+        with torch.random.fork_rng(devices=_cuda_indices(device)), tqdm(
+            total=total, desc="train", disable=not cfg.progress, leave=False
+        ) as bar:
+            torch.manual_seed(cfg.seed)
+            epoch = 0
+            while len(losses) < total and not stopper.stopped:
+                model.train()
+                if private is None:
+                    steps = _plain_steps(model, optimizer, loader, device)
+                else:
+                    steps = _private_steps(model, private, device)
+                for loss in steps:
+                    losses.append(loss)
+                    bar.update()
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                    if len(losses) >= total:
+                        break
+                epoch += 1
+                if valid is not None:
+                    metrics = evaluate(model, tokenizer, valid, cfg.eval_batch_size)
+                    history.append({"epoch": epoch, "step": len(losses), **metrics})
+                    log.info("epoch %d, step %d: %s", epoch, len(losses), metrics)
+                    stopper.update(metrics, model)
+    finally:
+        if proximal is not None:
+            proximal.remove()
+        epsilon = private.finish() if private is not None else None
+    if private is not None and losses:
+        assert_state_changed(before, federated_state(model), stepped)
     if stopper.best_state is not None:
         load_federated_state(model, stopper.best_state)
     return TrainResult(
-        loss=float(np.mean(losses)) if losses else math.nan,
+        loss=float(np.nanmean(losses)) if not np.isnan(losses).all() else math.nan,
         steps=len(losses),
         examples=len(train),
         seconds=time.perf_counter() - started,
         best_valid=stopper.best_metrics,
         history=history,
         stopped_early=stopper.stopped,
+        epsilon=epsilon,
+        noise_multiplier=None if private is None else private.noise_multiplier,
     )
+
+
+def _plain_steps(
+    model: HybridFinGPT, optimizer: torch.optim.Optimizer, loader: Iterable[Batch], device: torch.device
+) -> Iterator[float]:
+    """One optimizer step per batch; yields each step's loss."""
+    for batch in loader:
+        batch = batch.to(device)
+        loss = F.cross_entropy(model(**batch.inputs()), batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        yield loss.item()
+
+
+def _private_steps(model: HybridFinGPT, private: PrivateRound, device: torch.device) -> Iterator[float]:
+    """One noisy step per Poisson batch, which runs as physical pieces; yields each step's mean loss.
+
+    Opacus clears per-sample gradients after every piece (zero_grad after step) and steps the
+    weights once the logical batch is complete. An empty batch is a noise-only step (NaN loss).
+    """
+    losses: list[float] = []
+    with private.physical_batches() as batches:
+        for batch in batches:
+            done = private.steps
+            if batch is None:
+                private.empty_step()
+            else:
+                batch = batch.to(device)
+                loss = F.cross_entropy(model(**batch.inputs()), batch.labels)
+                loss.backward()
+                private.optimizer.step()
+                losses.append(loss.item())
+            private.optimizer.zero_grad(set_to_none=True)
+            if private.steps > done:
+                yield float(np.mean(losses)) if losses else math.nan
+                losses = []
 
 
 class _EarlyStopping:

@@ -1,0 +1,120 @@
+"""The `dp:` block of a privacy config, validated, with a bank's own budget laid over it.
+
+The federation's config sets the defaults every bank trains with (clipping norm, batch sizes,
+learning rate). The privacy budget, however, is each bank's decision about its own customers:
+a bank may set its own `target_epsilon`, `delta`, `noise_multiplier`, `accountant` and
+`planned_rounds`, either in the config's `banks:` table (keyed by bank name) or in its own node
+configuration (`overrides`). It may not switch DP off or change how updates are computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+ACCOUNTANTS = ("prv", "rdp")
+BUDGET_KEYS = frozenset({"target_epsilon", "delta", "noise_multiplier", "accountant", "planned_rounds"})
+"""What a bank may set for itself."""
+TABLE_KEYS = frozenset({"banks"})
+"""Keys of the `dp:` block that are not settings: the per-bank table."""
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """Differentially private local training of one bank (Opacus DP-SGD).
+
+    Exactly how much noise: `noise_multiplier` when given, else calibrated once, ahead of the
+    first round, so that `planned_rounds` rounds of local steps spend at most `target_epsilon`.
+    `target_epsilon` is also the bank's budget: a round that would exceed it is refused.
+    """
+
+    enabled: bool = False
+    target_epsilon: float | None = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    logical_batch_size: int = 256
+    """Expected Poisson batch: each record is in a step's batch with probability ~ this / n."""
+    physical_batch_size: int = 32
+    """Largest batch one forward/backward holds in memory (Opacus BatchMemoryManager)."""
+    planned_rounds: int | None = None
+    """Rounds this bank expects to train, for calibrating the noise; None: the run's rounds."""
+    lr: float | None = None
+    """Learning rate under DP (noisy, large-batch steps want a larger one); None keeps train.lr."""
+    secure_mode: bool = False
+    """Opacus secure mode: cryptographically safe noise and sampling (slower; for production)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp.delta must be in (0, 1), got {self.delta}")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ValueError(f"dp.target_epsilon must be > 0 or null, got {self.target_epsilon}")
+        if self.noise_multiplier is not None and self.noise_multiplier <= 0:
+            raise ValueError(f"dp.noise_multiplier must be > 0 or null, got {self.noise_multiplier}")
+        if self.enabled and self.target_epsilon is None and self.noise_multiplier is None:
+            raise ValueError("dp needs a target_epsilon (to calibrate the noise) or a noise_multiplier")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"dp.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"dp.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 1 <= self.physical_batch_size <= self.logical_batch_size:
+            raise ValueError(
+                f"dp.physical_batch_size ({self.physical_batch_size}) must be between 1 and "
+                f"dp.logical_batch_size ({self.logical_batch_size})"
+            )
+        if self.planned_rounds is not None and self.planned_rounds < 1:
+            raise ValueError(f"dp.planned_rounds must be >= 1 or null, got {self.planned_rounds}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"dp.lr must be > 0 or null, got {self.lr}")
+
+    @classmethod
+    def from_mapping(
+        cls,
+        cfg: Mapping[str, Any] | None,
+        *,
+        bank: str | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> "DPSettings":
+        """From a `dp:` block; then the `banks[bank]` entry, then `overrides` (the bank's own).
+
+        Unknown keys are errors, and so is a bank overriding anything but its budget.
+        """
+        cfg = dict(cfg or {})
+        table = cfg.pop("banks", None) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in dp; known: {sorted(known | TABLE_KEYS)}")
+        settings = cls(**cfg)
+        layers = ((f"dp.banks.{bank}", table.get(bank) if bank else None), ("the bank's overrides", overrides))
+        for source, layer in layers:
+            if layer:
+                settings = settings.with_budget(layer, source=source)
+        return settings
+
+    def with_budget(self, budget: Mapping[str, Any], *, source: str = "budget") -> "DPSettings":
+        """These settings with a bank's budget keys replaced (and re-validated)."""
+        foreign = sorted(set(budget) - BUDGET_KEYS)
+        if foreign:
+            raise ValueError(f"{source} may only set {sorted(BUDGET_KEYS)}, not {foreign}")
+        return replace(self, **dict(budget))
+
+
+def budget_from_flat(config: Mapping[str, Any], prefix: str = "dp-") -> dict[str, Any]:
+    """A bank's budget keys from a flat key-value config (`dp-target-epsilon` -> target_epsilon).
+
+    Keys without the prefix are ignored; a prefixed key that is not a budget key is an error,
+    so a misspelt `dp-target-epsilion` does not silently leave the default budget in place.
+    """
+    budget = {}
+    for key, value in config.items():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):].replace("-", "_")
+        if name not in BUDGET_KEYS:
+            known = sorted(prefix + k.replace("_", "-") for k in BUDGET_KEYS)
+            raise ValueError(f"{key!r} is not a privacy budget key; known: {known}")
+        budget[name] = value
+    return budget

@@ -1,0 +1,216 @@
+"""What differential privacy costs: step time, and accuracy at a given epsilon.
+
+    python -m simulations.bench_dp step-time [--model minilm] [--steps 30] [--warmup 3]
+    python -m simulations.bench_dp utility [--epsilons 1 3 8] [--out DIR] [OVERRIDE ...]
+    python -m simulations.bench_dp credit [--epsilons 8] [--out DIR] [OVERRIDE ...]
+
+`step-time`: one DP-SGD step (Opacus hooks: per-sample gradients of the LoRA adapters and head,
+clipping, noise, accounting) against one ordinary step, same model, same physical batch (32
+texts of TFNS, else synthetic news), AdamW. So that other jobs on a shared machine slow both
+alike, the two kinds alternate step by step, and each step is timed in CPU time of this process
+(one thread), not wall time; medians are reported. DP batches are Poisson (expected 32), so time
+per example is reported too.
+
+`utility`: the privacy-utility table, TFNS over 10 banks split Dirichlet(0.3), FedProx: final
+global test accuracy, macro-F1 and ROC AUC (binary tasks) without DP and at each target epsilon,
+with the most epsilon any bank spent and how many bank-rounds were declined. `credit`: the same
+for Taiwan credit default (one bank per education segment), where ROC AUC is the figure to read.
+Both run the full simulation (simulations.sim, Flower's simulation engine) once per row, so they
+take as long as real federated runs; Hydra overrides after the options change the setting
+(e.g. `model=tiny_encoder federation.rounds=2 strategy.local_steps=5` for a quick look).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from torch.nn import functional as F
+
+from client.batching import make_loader
+from client.loading import load_dataset
+from client.records import BankDataset
+from conf import CONFIG_DIR
+from model.build import build_model
+from model.state import trainable_parameters
+from privacy.dp_budget import PrivacyLedger, ledger_path
+from privacy.dp_settings import DPSettings
+from privacy.dp_training import make_private
+from server.app import METRICS_JSON
+from server.history import CENTRAL, FEDERATION, History
+from simulations.federation import materialize_data_config
+
+TARGET_RATIO = 1.15
+
+
+def _config(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def _texts(work: Path, rows: int) -> BankDataset:
+    """TFNS when the shared data is there, else the synthetic news of the default config."""
+    for data in ("tfns", "synthetic_news"):
+        cfg = OmegaConf.to_container(_config(f"data={data}").data, resolve=True)
+        try:
+            dataset = load_dataset(materialize_data_config(cfg, work))
+        except FileNotFoundError:
+            continue
+        return dataset.subset(list(range(min(rows, len(dataset)))))
+    raise FileNotFoundError("neither TFNS nor synthetic news could be loaded")
+
+
+def _cycle(loader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def step_time(model_name: str, steps: int, warmup: int, batch: int, threads: int) -> dict[str, float]:
+    """Median seconds per step and per example, DP and not, and their ratios."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as work:
+        data = _texts(Path(work), rows=4096)
+        model_cfg = OmegaConf.to_container(_config(f"model={model_name}").model, resolve=True)
+        plain, tokenizer = build_model(model_cfg, data.num_classes, 0)
+        private_model = copy.deepcopy(plain)
+        lr = 5e-4
+
+        plain.train()
+        plain_opt = torch.optim.AdamW(list(trainable_parameters(plain).values()), lr=lr)
+        plain_batches = _cycle(make_loader(data, tokenizer, plain.config.max_length, batch, shuffle=True))
+
+        settings = DPSettings(enabled=True, target_epsilon=None, noise_multiplier=1.0, accountant="rdp",
+                              logical_batch_size=batch, physical_batch_size=batch)
+        ledger = PrivacyLedger.open(ledger_path(work, "bench"), run="bench", accountant="rdp",
+                                    delta=settings.delta, target_epsilon=None)
+        dp_opt = torch.optim.AdamW(list(trainable_parameters(private_model).values()), lr=lr)
+        loader = make_loader(data, tokenizer, private_model.config.max_length, batch, shuffle=True)
+        total = steps + warmup
+        timings: dict[str, list[float]] = {"plain": [], "dp": [], "plain_ex": [], "dp_ex": []}
+        with make_private(private_model, dp_opt, loader, settings, ledger, round_label="bench", steps=total) as private:
+            dp_batches = _cycle(private.loader)
+
+            def plain_step() -> int:
+                b = next(plain_batches)
+                loss = F.cross_entropy(plain(**b.inputs()), b.labels)
+                plain_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                plain_opt.step()
+                return len(b)
+
+            def dp_step() -> int:
+                b = next(dp_batches)
+                while b is None:  # an empty Poisson batch (rare at this size): not a timed step
+                    private.empty_step()
+                    private.optimizer.zero_grad(set_to_none=True)
+                    b = next(dp_batches)
+                loss = F.cross_entropy(private_model(**b.inputs()), b.labels)
+                private.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                private.optimizer.step()
+                return len(b)
+
+            for round_ in range(steps + warmup):  # the kinds alternate step by step
+                for name, step in (("plain", plain_step), ("dp", dp_step)):
+                    started = time.process_time()
+                    examples = step()
+                    seconds = time.process_time() - started
+                    if round_ >= warmup:
+                        timings[name].append(seconds)
+                        timings[f"{name}_ex"].append(seconds / examples)
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    return {
+        "plain_s_per_step": medians["plain"],
+        "dp_s_per_step": medians["dp"],
+        "ratio_per_step": medians["dp"] / medians["plain"],
+        "ratio_per_example": medians["dp_ex"] / medians["plain_ex"],
+        "steps_timed": len(timings["dp"]),
+    }
+
+
+TFNS_DIRICHLET = ("data=tfns", "federation=dirichlet", "federation.num_banks=10", "federation.alpha=0.3",
+                  "strategy=fedprox", "federation.rounds=10")
+CREDIT_SEGMENTS = ("data=credit_taiwan", "federation=natural", "federation.key=EDUCATION", "strategy=fedprox",
+                   "federation.rounds=10")
+
+
+def utility(base: tuple[str, ...], epsilons: list[float], out: Path, overrides: list[str]) -> list[dict[str, float]]:
+    """One simulated federation without DP and one per target epsilon; final central test metrics."""
+    from simulations.sim import simulate  # the simulation engine is only needed here
+
+    rows = []
+    for epsilon in [None, *epsilons]:
+        privacy = ["privacy=none"] if epsilon is None else ["privacy=dp", f"privacy.dp.target_epsilon={epsilon}"]
+        label = "no-dp" if epsilon is None else f"eps-{epsilon:g}"
+        started = time.perf_counter()
+        summary = simulate(_config(*base, *privacy, *overrides), out / label, echo=False)
+        history = History.from_json((out / label / METRICS_JSON).read_text(encoding="utf-8"))
+        final = history.select(CENTRAL)[-1].metrics
+        spent = [r.metrics["epsilon"] for r in history.select("train")
+                 if "epsilon" in r.metrics and r.bank != FEDERATION]
+        rows.append({
+            "target_epsilon": math.inf if epsilon is None else epsilon,
+            "accuracy": summary.final.test_accuracy,
+            "macro_f1": final.get("macro_f1", math.nan),
+            "roc_auc": final.get("roc_auc", math.nan),
+            "max_bank_epsilon": max(spent, default=math.nan),
+            "declined": len(history.select("train", status="declined")),
+            "seconds": time.perf_counter() - started,
+        })
+        print(_row(rows[-1]), flush=True)
+    return rows
+
+
+def _row(row: dict[str, float]) -> str:
+    target = "no DP" if math.isinf(row["target_epsilon"]) else f"{row['target_epsilon']:g}"
+    return (f"| {target:>6} | {row['accuracy']:.4f} | {row['macro_f1']:.4f} | {row['roc_auc']:.4f} | "
+            f"{row['max_bank_epsilon']:.3f} | {row['declined']} | {row['seconds']:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    timing = commands.add_parser("step-time", help="DP step time against a non-private step")
+    timing.add_argument("--model", default="minilm")
+    timing.add_argument("--steps", type=int, default=30, help="timed steps of each kind")
+    timing.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
+    timing.add_argument("--batch", type=int, default=32)
+    timing.add_argument("--threads", type=int, default=1)
+    for name, defaults in (("utility", [1.0, 3.0, 8.0]), ("credit", [8.0])):
+        sub = commands.add_parser(name, help=f"{name} of DP federations against no DP (full simulations)")
+        sub.add_argument("--epsilons", type=float, nargs="+", default=defaults)
+        sub.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+        sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=3")
+    args = parser.parse_args(argv)
+    if args.command in ("utility", "credit"):
+        base = TFNS_DIRICHLET if args.command == "utility" else CREDIT_SEGMENTS
+        with tempfile.TemporaryDirectory() as scratch:
+            out = args.out or Path(scratch)
+            print(f"{args.command}: {' '.join([*base, *args.overrides])}")
+            print("| target epsilon | test accuracy | macro-F1 | ROC AUC | max bank epsilon | declined | seconds |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            utility(base, args.epsilons, out, args.overrides)
+        return
+    if args.command == "step-time":
+        result = step_time(args.model, args.steps, args.warmup, args.batch, args.threads)
+        print(f"model {args.model}, batch {args.batch}, {result['steps_timed']} timed steps of each kind, "
+              f"{args.threads} thread(s)")
+        print(f"  non-private step: {result['plain_s_per_step']:.3f} s")
+        print(f"  DP-SGD step:      {result['dp_s_per_step']:.3f} s")
+        verdict = "within" if result["ratio_per_step"] <= TARGET_RATIO else "ABOVE"
+        print(f"  DP / non-DP: {result['ratio_per_step']:.3f}x per step, {result['ratio_per_example']:.3f}x per "
+              f"example ({verdict} the {TARGET_RATIO}x target)")
+
+
+if __name__ == "__main__":
+    main()

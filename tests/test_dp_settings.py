@@ -1,0 +1,70 @@
+"""The dp: config block: the shipped yaml files, validation, and a bank's own budget."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conf import CONFIG_DIR
+from privacy.dp_settings import DPSettings, budget_from_flat
+
+
+def _privacy(name: str) -> dict:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return OmegaConf.to_container(compose("config", overrides=[f"privacy={name}"]).privacy, resolve=False)
+
+
+def test_dp_yaml_gives_the_documented_defaults():
+    privacy = _privacy("dp")
+    settings = DPSettings.from_mapping(privacy["dp"])
+    assert settings.enabled and settings.target_epsilon == 8.0 and settings.delta == 1e-5
+    assert settings.noise_multiplier is None and settings.accountant == "prv"
+    assert (settings.logical_batch_size, settings.physical_batch_size) == (256, 32)
+    assert privacy["he"] == {"enabled": False}
+
+
+def test_dp_he_yaml_turns_on_both_layers_with_he_yaml_parameters():
+    privacy = _privacy("dp_he")
+    assert DPSettings.from_mapping(privacy["dp"]) == DPSettings.from_mapping(_privacy("dp")["dp"])
+    assert privacy["he"] == {**_privacy("he")["he"], "enabled": True}
+
+
+def test_none_yaml_disables_dp():
+    assert not DPSettings.from_mapping(_privacy("none")["dp"]).enabled
+
+
+def test_a_bank_sets_its_own_budget_in_the_table_and_in_its_node_config():
+    block = {**_privacy("dp")["dp"], "banks": {"bank_03": {"target_epsilon": 3.0, "accountant": "rdp"}}}
+    assert DPSettings.from_mapping(block, bank="bank_01").target_epsilon == 8.0
+    own = DPSettings.from_mapping(block, bank="bank_03")
+    assert (own.target_epsilon, own.accountant) == (3.0, "rdp")
+    node = {"data-path": "/x", "dp-target-epsilon": 1.0, "dp-noise-multiplier": 2.5}
+    mine = DPSettings.from_mapping(block, bank="bank_03", overrides=budget_from_flat(node))
+    assert (mine.target_epsilon, mine.noise_multiplier, mine.accountant) == (1.0, 2.5, "rdp")
+
+
+def test_a_bank_cannot_override_more_than_its_budget():
+    with pytest.raises(ValueError, match="may only set"):
+        DPSettings.from_mapping({"enabled": True, "banks": {"b": {"enabled": False}}}, bank="b")
+    with pytest.raises(ValueError, match="may only set"):
+        DPSettings.from_mapping({"enabled": True}, overrides={"max_grad_norm": 100.0})
+    with pytest.raises(ValueError, match="not a privacy budget key"):
+        budget_from_flat({"dp-target-epsilion": 3.0})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"delta": 0.0},
+        {"target_epsilon": -1.0},
+        {"accountant": "gdp"},
+        {"physical_batch_size": 512},
+        {"target_epsilon": None, "noise_multiplier": None},
+        {"max_grad_norm": 0.0},
+        {"unknown_key": 1},
+    ],
+)
+def test_invalid_settings_are_errors(bad):
+    with pytest.raises(ValueError):
+        DPSettings.from_mapping({"enabled": True, **bad})
