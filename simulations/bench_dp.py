@@ -1,8 +1,8 @@
 """What differential privacy costs: step time, and accuracy at a given epsilon.
 
     python -m simulations.bench_dp step-time [--model minilm] [--steps 30] [--warmup 3]
-    python -m simulations.bench_dp utility [--epsilons 1 3 8] [--out DIR] [OVERRIDE ...]
-    python -m simulations.bench_dp credit [--epsilons 8] [--out DIR] [OVERRIDE ...]
+    python -m simulations.bench_dp utility [OVERRIDE ...] [--epsilons 1 3 8] [--out DIR]
+    python -m simulations.bench_dp credit [OVERRIDE ...] [--epsilons 8] [--out DIR]
 
 `step-time`: one DP-SGD step (Opacus hooks: per-sample gradients of the LoRA adapters and head,
 clipping, noise, accounting) against one ordinary step, same model, same physical batch (32
@@ -16,7 +16,7 @@ global test accuracy, macro-F1 and ROC AUC (binary tasks) without DP and at each
 with the most epsilon any bank spent and how many bank-rounds were declined. `credit`: the same
 for Taiwan credit default (one bank per education segment), where ROC AUC is the figure to read.
 Both run the full simulation (simulations.sim, Flower's simulation engine) once per row, so they
-take as long as real federated runs; Hydra overrides after the options change the setting
+take as long as real federated runs; Hydra overrides before the options change the setting
 (e.g. `model=tiny_encoder federation.rounds=2 strategy.local_steps=5` for a quick look).
 """
 
