@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from conf import CONFIG_DIR, shared_data_root
 
@@ -26,3 +27,15 @@ def require_shared_data(*relative: str) -> None:
 @pytest.fixture
 def data_config_dir():
     return CONFIG_DIR / "data"
+
+
+@pytest.fixture(scope="module")
+def tiny_setting(tmp_path_factory):
+    """Tiny backbones cached in a temporary folder; one thread (tiny matrices gain nothing from
+    more, and a second thread on a busy shared machine made a step six times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fingpt-cache")))
+        yield
+    torch.set_num_threads(threads)

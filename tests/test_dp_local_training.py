@@ -20,23 +20,13 @@ from privacy.dp_budget import BudgetExceeded, PrivacyLedger, ledger_path
 from privacy.dp_settings import DPSettings
 from privacy.dp_training import DPTask
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("tiny_setting")]
 
 TINY = {"max_length": 16, "head_dropout": 0.0, "series_encoder": {"d_model": 16, "layers": 1, "heads": 2},
         "fusion": {"d_model": 16, "heads": 2}}
 CFG = TrainConfig(lr=3e-3, batch_size=32, epochs=1, patience=None, progress=False)
 WORDS = {0: ["plunged", "slumped", "missed", "downgraded"], 1: ["surged", "beat", "upgraded", "record"],
          2: ["scheduled", "announced", "held", "reported"]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def tiny_setting(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fingpt-cache")))
-        yield
-    torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=None)

@@ -17,23 +17,13 @@ from model.config import ModelConfig
 from model.state import federated_state
 from transformers import AutoModel, AutoTokenizer
 
+pytestmark = pytest.mark.usefixtures("tiny_setting")
+
 TINY = {
     "max_length": 24,
     "series_encoder": {"d_model": 16, "layers": 1, "heads": 2},
     "fusion": {"d_model": 16, "heads": 2},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def tiny_setting(tmp_path_factory):
-    """Tiny backbones cached in a temporary folder; one thread (tiny matrices gain nothing from
-    more, and a second thread on a busy shared machine made a step six times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fingpt-cache")))
-        yield
-    torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=None)

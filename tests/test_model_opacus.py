@@ -10,19 +10,9 @@ from torch.nn import functional as F
 from model.build import build_model
 from model.state import federated_state
 
+pytestmark = pytest.mark.usefixtures("tiny_setting")
+
 BATCH = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def tiny_setting(tmp_path_factory):
-    """Tiny backbones cached in a temporary folder; one thread (tiny matrices gain nothing from
-    more, and a second thread on a busy shared machine made a step six times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fingpt-cache")))
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("backbone", ["tiny-encoder", "tiny-decoder"])

@@ -19,6 +19,8 @@ from model.state import (
     state_schema_hash,
 )
 
+pytestmark = pytest.mark.usefixtures("tiny_setting")
+
 TINY = {
     "backbone": "tiny-encoder",
     "max_length": 24,
@@ -26,18 +28,6 @@ TINY = {
     "fusion": {"d_model": 16, "heads": 2},
     "vocabulary": {"trainable_delta": True},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def tiny_setting(tmp_path_factory):
-    """Tiny backbones cached in a temporary folder; one thread (tiny matrices gain nothing from
-    more, and a second thread on a busy shared machine made a step six times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fingpt-cache")))
-        yield
-    torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=None)

@@ -19,6 +19,8 @@ from client.training import TrainConfig, evaluate, train_local
 from model.build import build_model
 from model.state import federated_state
 
+pytestmark = pytest.mark.usefixtures("tiny_setting")
+
 TINY = {
     "max_length": 16,
     "head_dropout": 0.0,
@@ -27,18 +29,6 @@ TINY = {
 }
 FAST = TrainConfig(lr=3e-3, batch_size=32, epochs=1, patience=None, progress=False)
 FILLERS = ["the", "analyst", "said", "shares", "of", "bank", "today", "market", "report", "EBITDA", "$JPM"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def tiny_setting(tmp_path_factory):
-    """Tiny backbones cached in a temporary folder; one thread (tiny matrices gain nothing from
-    more, and a second thread on a busy shared machine made a step six times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINGPT_CACHE_DIR", str(tmp_path_factory.mktemp("fingpt-cache")))
-        yield
-    torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=None)
