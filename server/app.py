@@ -35,8 +35,9 @@ from client.training import TrainConfig, evaluate
 from model.build import build_model
 from model.hybrid import HybridFinGPT
 from model.state import federated_state, load_federated_state, state_schema_hash
+from privacy.atomic_file import atomic_write_bytes
 from privacy.dp_settings import DPSettings
-from server.checkpoint import Checkpointer, save_state, write_atomic
+from server.checkpoint import Checkpointer, save_state
 from server.fedavg import FedAvgBanks
 from server.fedprox import FedProxBanks
 from server.history import CENTRAL, History
@@ -213,5 +214,5 @@ class RoundEnd:
 
 
 def write_metrics(history: History, run_dir: Path) -> None:
-    write_atomic(run_dir / METRICS_JSON, history.to_json().encode())
-    write_atomic(run_dir / METRICS_CSV, history.to_csv().encode())
+    atomic_write_bytes(run_dir / METRICS_JSON, history.to_json().encode())
+    atomic_write_bytes(run_dir / METRICS_CSV, history.to_csv().encode())

@@ -21,6 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save, save_file
 
+from privacy.atomic_file import atomic_write_bytes
 from server.history import History
 
 STATE_FILE = "state.safetensors"
@@ -49,24 +50,9 @@ def numpy_to_arrays(tensors: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({name: Array(tensors[name]) for name in sorted(tensors)})
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_state(arrays: ArrayRecord, path: Path, metadata: dict[str, str] | None = None) -> Path:
     """The federated state as safetensors (atomic), names sorted as everywhere else."""
-    write_atomic(path, save(arrays_to_numpy(arrays), metadata=metadata))
+    atomic_write_bytes(path, save(arrays_to_numpy(arrays), metadata=metadata))
     return path
 
 
