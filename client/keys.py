@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import stat
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-OWNER_ONLY = 0o600
+from privacy.atomic_file import write_new_owner_only
 
 
 def write_secret_file(path: Path, data: bytes, *, overwrite: bool = False) -> Path:
-    """Write `data` to a file that is owner-only from its first byte (no window where it is not).
-
-    Refuses to replace an existing file unless `overwrite`: losing a CA or bank key by accident
-    locks a bank out of the federation.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        path.unlink(missing_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OWNER_ONLY)
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists; refusing to overwrite a key (pass --force to replace it)") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, OWNER_ONLY)  # the umask may have removed bits, never added any; make it exact
-    return path
+    """Write a key file that is owner-only from its first byte; refuse to replace one unless `overwrite`."""
+    return write_new_owner_only(path, data, overwrite=overwrite,
+                                what="overwrite a key (pass --force to replace it)")
 
 
 def check_owner_only(path: Path) -> None:

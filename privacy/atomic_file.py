@@ -33,6 +33,26 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int = OWNER_ONLY)
     _fsync_folder(path.parent)
 
 
+def write_new_owner_only(path: str | Path, data: bytes, *, overwrite: bool, what: str) -> Path:
+    """Create a file that is owner-only from its first byte (no window where others may read it).
+
+    Refuses to replace an existing file unless `overwrite`, naming `what` it would have replaced:
+    losing a key or secret context by accident locks a bank out of the federation.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OWNER_ONLY)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; refusing to {what}") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, OWNER_ONLY)  # the umask may have removed bits, never added any; make it exact
+    return path
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in `folder` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import secrets
 import stat
 import struct
@@ -36,10 +35,11 @@ from typing import Any
 import tenseal as ts
 from omegaconf import OmegaConf
 
+from privacy.atomic_file import write_new_owner_only
+
 SECRET_NAME = "he_secret.ctx"
 PUBLIC_NAME = "he_public.ctx"
 FINGERPRINT_NAME = "he_context.sha256"
-OWNER_ONLY = 0o600
 
 _MAGIC = b"FGHECTX\x01"
 _LENGTH = struct.Struct("<I")
@@ -186,7 +186,8 @@ def key_ceremony(params: HEParams, out_dir: str | Path, *, overwrite: bool = Fal
         save_galois_keys=False,
         save_relin_keys=False,
     )
-    secret = _write_owner_only(out / SECRET_NAME, _container(meta, secret_body), overwrite=overwrite)
+    secret = write_new_owner_only(out / SECRET_NAME, _container(meta, secret_body), overwrite=overwrite,
+                                  what="replace the federation's secret context")
     public = out / PUBLIC_NAME
     public.write_bytes(_container(meta, _public_body(he.context, params)))
     fingerprint_file = out / FINGERPRINT_NAME
@@ -274,21 +275,6 @@ def _split_container(data: bytes, path: Path) -> tuple[bytes, bytes]:
     if len(data) < head + length:
         raise ValueError(f"{path} is truncated")
     return data[head : head + length], data[head + length :]
-
-
-def _write_owner_only(path: Path, data: bytes, *, overwrite: bool) -> Path:
-    """Write a file that is owner-only from its first byte (no window where others may read it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        path.unlink(missing_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, OWNER_ONLY)
-    except FileExistsError:
-        raise FileExistsError(f"{path} exists; refusing to replace the federation's secret context") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.chmod(path, OWNER_ONLY)
-    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
