@@ -12,6 +12,14 @@ FedProx: with `proximal_mu > 0` the gradient of every stepped parameter gets
 `mu * (w - w_global)` in an optimizer step pre-hook (see client/proximal.py for why a hook and
 not a loss term). `global_state` defaults to the state the model starts from.
 
+Label skew: with `logit_adjustment` tau > 0 the training loss is the logit-adjusted cross-entropy
+of Menon et al. (2021), CE(logits + tau * log prior, y), with the prior of this bank's own
+training labels (add-one smoothed). A bank that holds mostly one class then learns what tells
+the classes apart instead of its own prior, which is what the FedLC line of work (Zhang et al.
+2022) does against label-distribution skew: plain FedAvg over such banks collapses to the
+majority class. Evaluation and inference use the raw logits. The prior is read from the records
+themselves, which DP-SGD does not account for, so the two cannot be combined.
+
 Differential privacy: with `privacy=` (a privacy.dp_training.DPTask) the round is Opacus DP-SGD
 (privacy/dp_training.py): Poisson batches of `dp.logical_batch_size` records in physical pieces,
 per-sample clipping and noise, the bank's ledger charged before the first step (a round over
@@ -71,8 +79,11 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     device: str = "auto"
+    logit_adjustment: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.logit_adjustment < 0:
+            raise ValueError(f"train.logit_adjustment must be >= 0, got {self.logit_adjustment}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.monitor not in ("loss", "accuracy", "macro_f1", "roc_auc"):
@@ -169,6 +180,9 @@ def train_local(
     cfg = TrainConfig.from_mapping(cfg)
     if privacy is not None:
         cfg = private_config(cfg, privacy.settings)
+        if cfg.logit_adjustment > 0:
+            raise ValueError("train.logit_adjustment reads the bank's label counts, which DP-SGD does not "
+                             "account for: set it to 0 with differential privacy")
     _check_compatible(model, train)
     device = resolve_device(cfg.device)
     model.to(device)
@@ -192,6 +206,7 @@ def train_local(
         stepping = optimizer if private is None else private.optimizer  # the hook goes after the noise
         proximal = add_proximal_correction(stepping, model, anchor, proximal_mu)
 
+    offsets = label_prior_offsets(train, model.num_classes, cfg.logit_adjustment, device)
     stopper = _EarlyStopping(cfg.monitor, cfg.patience)
     history: list[dict[str, float]] = []
     losses: list[float] = []
@@ -205,7 +220,7 @@ def train_local(
             while len(losses) < total and not stopper.stopped:
                 model.train()
                 if private is None:
-                    steps = _plain_steps(model, optimizer, loader, device)
+                    steps = _plain_steps(model, optimizer, loader, device, offsets)
                 else:
                     steps = _private_steps(model, private, device)
                 for loss in steps:
@@ -241,13 +256,23 @@ def train_local(
     )
 
 
+def label_prior_offsets(data: BankDataset, num_classes: int, tau: float, device: torch.device) -> torch.Tensor:
+    """tau * log of the add-one smoothed label prior of `data`, one value per class."""
+    counts = np.bincount(np.asarray(data.labels, dtype=np.int64), minlength=num_classes) + 1.0
+    return torch.as_tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32, device=device)
+
+
 def _plain_steps(
-    model: HybridFinGPT, optimizer: torch.optim.Optimizer, loader: Iterable[Batch], device: torch.device
+    model: HybridFinGPT,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[Batch],
+    device: torch.device,
+    offsets: torch.Tensor,
 ) -> Iterator[float]:
-    """One optimizer step per batch; yields each step's loss."""
+    """One optimizer step per batch, on the logits shifted by `offsets`; yields each step's loss."""
     for batch in loader:
         batch = batch.to(device)
-        loss = F.cross_entropy(model(**batch.inputs()), batch.labels)
+        loss = F.cross_entropy(model(**batch.inputs()) + offsets, batch.labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -13,11 +13,16 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from client import training
+from client.batching import make_loader
 from client.proximal import add_proximal_correction
 from client.records import BankDataset
 from client.training import TrainConfig, evaluate, train_local
 from model.build import build_model
 from model.state import federated_state
+from privacy.dp_budget import PrivacyLedger
+from privacy.dp_settings import DPSettings
+from privacy.dp_training import DPTask
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 
@@ -207,3 +212,44 @@ def test_train_config_maps_the_yaml_block_and_rejects_unknown_keys():
     assert TrainConfig.from_mapping({"lr": 1e-3, "optimizer": "sgd"}).optimizer == "sgd"
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate'\]"):
         TrainConfig.from_mapping({"learning_rate": 1e-3})
+
+
+def test_logit_adjustment_offsets_are_tau_times_the_smoothed_log_prior():
+    data = quadrant_task(8, seed=10)
+    data = BankDataset(data.texts, None, None, np.array([0, 0, 0, 0, 0, 1, 1, 2]), data.class_names)
+    offsets = training.label_prior_offsets(data, 4, 0.5, torch.device("cpu"))
+    expected = 0.5 * np.log(np.array([6.0, 3.0, 2.0, 1.0]) / 12.0)
+    assert np.allclose(offsets.numpy(), expected)
+    assert torch.equal(training.label_prior_offsets(data, 4, 0.0, torch.device("cpu")), torch.zeros(4))
+
+
+def test_logit_adjustment_keeps_a_skewed_bank_from_learning_its_prior():
+    """A bank with 90% of one class: plain CE learns to predict it; the adjusted loss much less."""
+    pool = quadrant_task(400, seed=11)
+    majority = np.flatnonzero(pool.labels == 0)
+    skewed = pool.subset(np.concatenate([majority, np.flatnonzero(pool.labels != 0)[: len(majority) // 9]]))
+    balanced = quadrant_task(200, seed=12)
+
+    def majority_share(tau: float) -> float:
+        model, tokenizer = built()
+        train_local(model, tokenizer, skewed, replace(FAST, logit_adjustment=tau), max_steps=12)
+        model.eval()
+        with torch.no_grad():
+            batch = next(iter(make_loader(balanced, tokenizer, 16, len(balanced), shuffle=False)))
+            predicted = model(**batch.inputs()).argmax(dim=1)
+        return float((predicted == 0).float().mean())
+
+    plain, adjusted = majority_share(0.0), majority_share(1.0)
+    assert plain > 0.6
+    assert adjusted < plain - 0.25
+
+
+def test_logit_adjustment_is_refused_with_differential_privacy(tmp_path):
+    settings = DPSettings.from_mapping({"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+                                        "logical_batch_size": 8, "physical_batch_size": 8})
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", run="r", accountant=settings.accountant,
+                                delta=settings.delta, target_epsilon=None)
+    model, tokenizer = built()
+    with pytest.raises(ValueError, match="logit_adjustment"):
+        train_local(model, tokenizer, quadrant_task(16, seed=13), replace(FAST, logit_adjustment=1.0),
+                    privacy=DPTask(settings, ledger, round_label="1"))
