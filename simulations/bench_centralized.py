@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.train.epochs=2")
     parser.add_argument("--variants", help=f"comma-separated subset of {VARIANTS}; default: all the data maps")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose("config", overrides=[f"data={args.data}", *args.overrides])
     splits = load_splits(cfg.data)
