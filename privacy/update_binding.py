@@ -17,8 +17,10 @@ Consequences for the threat model (honest-but-curious operator and banks):
   the aggregation against replays, retries and other banks, not against the operator itself.
   Non-repudiation towards auditors would need signatures (e.g. Ed25519 with the same binding);
 * tags reveal nothing about the update: they cover only a hash of ciphertext.
-The guard keeps what it has seen in memory for one run; a restarted server starts a new round
-history, so persist it beside the checkpoint if runs resume.
+The guard keeps what it has seen in memory; `seen()` exports it and `ReplayGuard(..., seen=...)`
+restores it, so a resumed run that repeats a round still refuses the updates it had already
+accepted in that round before the restart. Key files (`write_mac_key`, `read_mac_key`) hold the
+key as hex, owner-only.
 """
 
 from __future__ import annotations
@@ -26,9 +28,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+from privacy.atomic_file import write_new_owner_only
 
 MAC_KEY_BYTES = 32
 _DOMAIN = b"fingpt-federated/update-binding/v1"
@@ -106,6 +112,27 @@ def new_mac_key() -> bytes:
     return secrets.token_bytes(MAC_KEY_BYTES)
 
 
+def write_mac_key(path: str | Path, *, overwrite: bool = False) -> Path:
+    """Create a bank's MAC key file (hex, owner-only); refuse to replace one unless `overwrite`."""
+    return write_new_owner_only(path, (new_mac_key().hex() + "\n").encode("ascii"), overwrite=overwrite,
+                                what="replace the bank's update-binding key")
+
+
+def read_mac_key(path: str | Path) -> bytes:
+    """A MAC key file written by `write_mac_key`; refused when others may read it."""
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise PermissionError(f"update-binding key {path} has permissions {mode:o}; run: chmod 600 {path}")
+    try:
+        key = bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except ValueError:
+        raise ValueError(f"{path} is not an update-binding key (expected {MAC_KEY_BYTES} bytes as hex)") from None
+    if len(key) != MAC_KEY_BYTES:
+        raise ValueError(f"{path} holds {len(key)} bytes, an update-binding key has {MAC_KEY_BYTES}")
+    return key
+
+
 def tag_update(key: bytes, binding: UpdateBinding) -> str:
     """HMAC-SHA256 of the binding, hex: what the bank sends beside its encrypted update."""
     return hmac.new(key, binding.message(), hashlib.sha256).hexdigest()
@@ -114,11 +141,17 @@ def tag_update(key: bytes, binding: UpdateBinding) -> str:
 class ReplayGuard:
     """The operator's gate in front of aggregation, for one run."""
 
-    def __init__(self, run_id: str, keys: Mapping[str, bytes]) -> None:
+    def __init__(
+        self, run_id: str, keys: Mapping[str, bytes], seen: Mapping[str, Iterable[str]] | None = None
+    ) -> None:
         self.run_id = str(run_id)
         self._keys = {str(node): key for node, key in keys.items()}
-        self._seen_tags: set[str] = set()
-        self._seen_ciphertexts: set[str] = set()
+        self._seen_tags: set[str] = set((seen or {}).get("tags", ()))
+        self._seen_ciphertexts: set[str] = set((seen or {}).get("ciphertexts", ()))
+
+    def seen(self) -> dict[str, list[str]]:
+        """What was accepted so far (tags and ciphertext hashes, nothing secret), to persist."""
+        return {"tags": sorted(self._seen_tags), "ciphertexts": sorted(self._seen_ciphertexts)}
 
     def verify_update(
         self,

@@ -9,9 +9,15 @@ not re-implement aggregation):
 - aggregate_*: checks every reply (error, stale receipt, straggler to drop), logs each failed
   bank with its reason at WARNING, raises `FederationRoundError` listing all reasons when fewer
   banks than the minimum succeeded, records every bank's metrics in the run's History, and only
-  then hands the accepted replies to Flower's aggregation. A bank that declined to train (its
+  then hands the accepted replies to the aggregation (`combine_train`: Flower's, unless a subclass
+  such as server/he_rounds.py replaces it; `check_update` is its per-update gate, run before any
+  aggregation and counted as a failure of that bank). A bank that declined to train (its
   privacy budget is spent) is logged and recorded as "declined", not as a failure: the minimum
   counts the banks that could train, and a round where none could leaves the global state as is.
+
+Each round's aggregated metrics also count model-state bytes on the wire, for the report:
+`upload_bytes` (accepted train replies) and `download_bytes` (the train, resp. evaluate,
+messages sent).
 
 Concrete strategies (server/fedavg.py, server/fedprox.py) put this mixin in front of Flower's class.
 """
@@ -57,6 +63,7 @@ class BankRounds:
         self.drop_stragglers = drop_stragglers
         self.bank_of_node: dict[int, str] = {}
         self._sent: dict[str, tuple[set[int], str]] = {}
+        self._download_bytes: dict[str, int] = {}
 
     def summary(self) -> None:
         log(INFO, "\t├──> Bank rounds: at least %d successful banks per round, drop stragglers: %s, "
@@ -78,14 +85,29 @@ class BankRounds:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         round_number = server_round + self.round_offset
         accepted = self._accept("train", round_number, list(replies))
-        arrays, metrics = super().aggregate_train(round_number, accepted)  # type: ignore[misc]
+        arrays, metrics = self.combine_train(round_number, accepted)
+        if metrics is not None:
+            metrics["upload_bytes"] = sum(protocol.payload_bytes(reply.content) for reply in accepted)
+            metrics["download_bytes"] = self._download_bytes.pop("train", 0)
         self._record_aggregate("train", round_number, metrics)
         return arrays, metrics
+
+    def combine_train(
+        self, server_round: int, accepted: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The new global state from the accepted train replies: Flower's own aggregation here."""
+        return super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+
+    def check_update(self, reply: Message, server_round: int, state_hash: str) -> str:
+        """Why an accepted train reply's update must not be aggregated ("" if it may); none here."""
+        return ""
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         round_number = server_round + self.round_offset
         accepted = self._accept("evaluate", round_number, list(replies))
         metrics = super().aggregate_evaluate(round_number, accepted)  # type: ignore[misc]
+        if metrics is not None:
+            metrics["download_bytes"] = self._download_bytes.pop("evaluate", 0)
         self._record_aggregate("evaluate", round_number, metrics)
         return metrics
 
@@ -97,6 +119,7 @@ class BankRounds:
         parent = super().configure_train if phase == "train" else super().configure_evaluate  # type: ignore[misc]
         messages = list(parent(server_round + self.round_offset, arrays, config, grid))
         self._sent[phase] = ({m.metadata.dst_node_id for m in messages}, state_hash)
+        self._download_bytes[phase] = sum(protocol.payload_bytes(m.content) for m in messages)
         return messages
 
     def _accept(self, phase: str, server_round: int, replies: list[Message]) -> list[Message]:
@@ -113,8 +136,10 @@ class BankRounds:
             if receipt is not None:
                 self.bank_of_node[node] = receipt.bank
             bank = self.bank_of_node.get(node, f"node {node}")
-            metrics = {} if problem else _metrics(reply)
             reason = "" if problem else _declined(reply)
+            if phase == "train" and not problem and not reason:
+                problem = self.check_update(reply, server_round, state_hash)
+            metrics = {} if problem else _metrics(reply)
             if problem:
                 failures.append(f"{self._who(node)}: {problem}")
                 log(WARNING, "round %d %s: %s failed: %s", server_round, phase, self._who(node), problem)

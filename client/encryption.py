@@ -1,0 +1,93 @@
+"""The bank's side of an encrypted round: decrypt the global state it receives, encrypt what it sends.
+
+A bank finds its key material in its node config (`he-context`: the federation's SECRET context,
+`he-binding-key`: its update-binding MAC key) or, for a simulated bank, in its FederationSpec
+entry. The secret context must come from the ceremony whose fingerprint the round config
+announces; another ceremony's context is refused with `ContextMismatchError`.
+
+What leaves the bank in a train reply is one ConfigRecord: the ciphertext of
+`examples * (local - initial)` (privacy/he_global.py), its binding (run, round, bank name, hash of
+the global state it trained from, hash of the ciphertext) and the HMAC tag over that binding.
+No plaintext array of the state is sent.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+
+from client import protocol
+from client.federation_spec import BankSite
+from client.protocol import RoundTask
+from privacy.he_context import ContextMismatchError, HEContext, load_secret_context
+from privacy.he_global import decrypt_global, encrypt_drift
+from privacy.update_binding import UpdateBinding, read_mac_key, tag_update
+
+
+@dataclass(frozen=True)
+class BankSecrets:
+    context: Path
+    binding_key: Path
+
+
+def bank_secrets(site: BankSite, context: Context) -> BankSecrets:
+    """Node config first (a deployed bank), then the bank's entry in the run's FederationSpec."""
+    node = context.node_config
+    secret = str(node.get(protocol.NODE_HE_CONTEXT, "") or site.he_context)
+    key = str(node.get(protocol.NODE_BINDING_KEY, "") or site.binding_key)
+    if not secret or not key:
+        raise ValueError(
+            f"bank {site.name}: the round is encrypted but this node has no `{protocol.NODE_HE_CONTEXT}` "
+            f"(the federation's he_secret.ctx) and `{protocol.NODE_BINDING_KEY}` (its update-binding key) "
+            "in its node config: fingpt-client start --he-context ... --binding-key ..."
+        )
+    return BankSecrets(Path(secret).expanduser(), Path(key).expanduser())
+
+
+@lru_cache(maxsize=4)
+def secret_context(path: Path, fingerprint: str) -> HEContext:
+    return load_secret_context(path, expected_fingerprint=fingerprint)
+
+
+def check_initial(task: RoundTask, initial_hash: str, bank: str) -> None:
+    """The initial state this bank rebuilt must be the operator's, or the global would be wrong."""
+    if initial_hash != task.he_initial_hash:
+        raise ValueError(
+            f"bank {bank}: the initial state rebuilt from the model config has hash {initial_hash[:12]}, the "
+            f"operator's is {task.he_initial_hash[:12]}: the global cannot be decrypted onto it (same model "
+            "config and library versions needed)"
+        )
+
+
+def decrypt_received(
+    task: RoundTask, secrets: BankSecrets, bank: str, initial: Mapping[str, torch.Tensor], arrays: ArrayRecord
+) -> OrderedDict[str, np.ndarray]:
+    """The global state of this round: `initial` + the decrypted aggregate (if any round was aggregated)."""
+    try:
+        he = secret_context(secrets.context, task.he_fingerprint)
+    except ContextMismatchError as error:
+        raise ContextMismatchError(f"bank {bank}: its secret HE context is not the federation's: {error}") from None
+    return decrypt_global(initial, protocol.record_to_blob(arrays), he)
+
+
+def encrypted_update(
+    task: RoundTask,
+    secrets: BankSecrets,
+    bank: str,
+    local: Mapping[str, torch.Tensor],
+    initial: Mapping[str, torch.Tensor],
+    examples: int,
+) -> ConfigRecord:
+    """The reply's only state: the encrypted weighted drift, bound to this round and tagged."""
+    he = secret_context(secrets.context, task.he_fingerprint)
+    blob = encrypt_drift(local, initial, float(examples), he)
+    binding = UpdateBinding.for_blob(task.he_run, task.server_round, bank, task.state_hash, blob)
+    tag = tag_update(read_mac_key(secrets.binding_key), binding)
+    return ConfigRecord({**binding.to_dict(), protocol.HE_CIPHERTEXT: blob, protocol.HE_TAG: tag})

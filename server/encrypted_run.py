@@ -1,0 +1,94 @@
+"""What the ServerApp needs for an encrypted run (`privacy.he.enabled`), read and checked up front.
+
+- `privacy.he.public_context`: the ceremony's PUBLIC context; a context holding the secret key is
+  refused (`SecretKeyRefused`), before any bank is contacted.
+- `privacy.he.binding_keys`: the folder of the banks' registered update-binding keys,
+  `NAME.binding` per bank (a deployment's `WORKDIR/banks`, a simulation's `he/bindings`).
+
+The run starts from the empty encrypted global (no aggregate yet: every bank uses the initial
+state it rebuilds, whose hash is announced in the round config). The initial state is public (it
+is built from the model config alone) and is written to `initial_state.safetensors`; the final
+encrypted aggregate goes to `global_state.he`, which a key-holding bank turns into a plaintext
+state with `fingpt-client he-decrypt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord
+from omegaconf import DictConfig
+
+from client import protocol
+from client.handover import FINAL_CIPHERTEXT, INITIAL_STATE
+from privacy.atomic_file import atomic_write_bytes
+from privacy.he_context import HEContext, load_public_context
+from privacy.update_binding import read_mac_key
+from server.checkpoint import save_state
+from server.he_rounds import load_guard
+
+GUARD_FILE = "he_replay_guard.json"
+BINDING_SUFFIX = ".binding"
+
+
+@dataclass(frozen=True)
+class EncryptedRun:
+    he: HEContext
+    keys: dict[str, bytes]
+    run_dir: Path
+    initial_hash: str
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, run_dir: Path, initial: Mapping[str, torch.Tensor]) -> "EncryptedRun | None":
+        """None without HE; else the checked public context and keys (and the initial state written)."""
+        privacy = cfg.get("privacy")
+        he_cfg = None if privacy is None else privacy.get("he")
+        if he_cfg is None or not he_cfg.get("enabled", False):
+            return None
+        context_path, keys_dir = he_cfg.get("public_context"), he_cfg.get("binding_keys")
+        if not context_path or not keys_dir:
+            raise ValueError("privacy.he.enabled needs privacy.he.public_context (the ceremony's he_public.ctx) "
+                             "and privacy.he.binding_keys (the folder of the banks' NAME.binding keys)")
+        he = load_public_context(Path(str(context_path)).expanduser())
+        record = protocol.state_to_record(initial)
+        save_state(record, run_dir / INITIAL_STATE, metadata={"fingerprint": he.fingerprint})
+        return cls(he, binding_keys(Path(str(keys_dir)).expanduser()), run_dir, protocol.record_hash(record))
+
+    @property
+    def run_label(self) -> str:
+        """What updates are bound to: the run folder's name, the same across a resumed run."""
+        return self.run_dir.resolve().name
+
+    def strategy_kwargs(self) -> dict[str, Any]:
+        guard_path = self.run_dir / GUARD_FILE
+        return {"he": self.he, "guard": load_guard(guard_path, self.run_label, self.keys), "guard_path": guard_path}
+
+    def round_config(self) -> dict[str, str]:
+        return {
+            protocol.HE_FINGERPRINT: self.he.fingerprint,
+            protocol.HE_INITIAL_HASH: self.initial_hash,
+            protocol.HE_RUN: self.run_label,
+        }
+
+    @staticmethod
+    def initial_arrays() -> ArrayRecord:
+        return ArrayRecord()
+
+    def write_final(self, arrays: ArrayRecord) -> Path:
+        """The last encrypted aggregate (empty file: no round was aggregated)."""
+        path = self.run_dir / FINAL_CIPHERTEXT
+        atomic_write_bytes(path, protocol.record_to_blob(arrays) or b"")
+        return path
+
+
+def binding_keys(folder: Path) -> dict[str, bytes]:
+    """{bank name: MAC key} from `NAME.binding` files; an empty folder is an error, not a silent run."""
+    keys = {path.name.removesuffix(BINDING_SUFFIX): read_mac_key(path) for path in sorted(folder.glob(f"*{BINDING_SUFFIX}"))}
+    if not keys:
+        raise ValueError(f"no update-binding keys (*{BINDING_SUFFIX}) in {folder}: register each bank's key "
+                         "(fingpt-server register-bank KEY.pub --binding-key KEY.binding)")
+    return keys
