@@ -5,5 +5,11 @@ encoder, gated cross-attention fusion and a classification head. Knows nothing o
 - model.state: federated_state / load_federated_state / state_schema_hash (what travels),
   save_model / load_model (a whole trained model on disk)
 
-Submodules are imported explicitly (nothing here), so that importing one stays cheap.
+Submodules are imported explicitly (nothing here but a log level), so that importing one stays cheap.
 """
+
+import logging
+
+# bitsandbytes (imported by PEFT) warns at import that an optional CPU 4-bit kernel could not be
+# downloaded from the Hub; nothing is downloaded here, and its pure-PyTorch CPU path is used instead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

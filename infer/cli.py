@@ -1,0 +1,128 @@
+"""`fingpt-infer`: publish a run's global model, predict on a file, serve over HTTP.
+
+    fingpt-infer publish RUN_DIR [--state FILE] [--out DIR] [--variants fp32 bf16 ...]
+    fingpt-infer predict MODEL_DIR INPUT [--variant fp32] [--out preds.jsonl] [--no-explain] [--mc-samples N]
+    fingpt-infer serve MODEL_DIR [--variant fp32] [--host 127.0.0.1] [--port 8000]
+
+Every prediction is appended to the audit log (`--audit-log`, default ./fingpt-audit.jsonl),
+redacted. Exit codes: 0 done, 1 failed (bad input, damaged model), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from client.errors import DataError
+from model.quantize import VARIANTS
+
+EXIT_FAILED = 1
+DEFAULT_AUDIT_LOG = "fingpt-audit.jsonl"
+
+
+def fail(message: str) -> int:
+    print(f"fingpt-infer: error: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from server.publish import publish_run
+
+    out, card = publish_run(args.run_dir, state=args.state, out=args.out, variants=args.variants)
+    print(f"published {out} (model hash {card['model_hash']})")
+    for name, variant in card["variants"].items():
+        print(f"  {name:<13} {variant['bytes']:>14,} bytes  {variant['ratio_to_fp32']:.2f} x fp32")
+    return 0
+
+
+def open_service(args: argparse.Namespace, batch_size: int):  # noqa: ANN201 - a PredictionService, imported late
+    from infer.loading import open_model
+    from infer.predictor import Predictor
+    from infer.service import PredictionService
+    from privacy.audit import AuditLog
+
+    published, card = open_model(args.model_dir, args.variant)
+    return PredictionService(Predictor(published, batch_size=batch_size), card, AuditLog(args.audit_log),
+                             cache_size=getattr(args, "cache_size", 0))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from infer.inputs import read_inputs, record_inputs
+
+    service = open_service(args, args.batch_size)
+    table = read_inputs(args.input, service.predictor.published.manifest)
+    inputs = [record_inputs(table.data, i) for i in range(len(table.data))]
+    results = service.predict_data(table.data, inputs, explain=not args.no_explain, mc_samples=args.mc_samples,
+                                   progress=len(table.data) > args.batch_size)
+    lines = [json.dumps({**ref, **result}, ensure_ascii=False) for ref, result in zip(table.refs, results)]
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"{len(results)} predictions -> {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if table.labelled:
+        names = table.data.class_names
+        correct = sum(names[label] == r["label"] for label, r in zip(table.data.labels, results))
+        print(f"accuracy {correct / len(results):.4f} on {len(results)} labelled records", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from infer.web import create_app
+
+    service = open_service(args, args.batch_size)
+    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="fingpt-infer", description=__doc__.split("\n")[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    pub = commands.add_parser("publish", help="merge, quantize and card a run's global model")
+    pub.add_argument("run_dir", type=Path)
+    pub.add_argument("--state", type=Path, help="a plaintext state file instead of RUN_DIR/global_state.safetensors "
+                                                 "(e.g. one a bank decrypted with fingpt-client he-decrypt)")
+    pub.add_argument("--out", type=Path, help="model folder (default: publish.out of the run, else RUN_DIR/model)")
+    pub.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: publish.variants of the run")
+    pub.set_defaults(run=cmd_publish)
+    for name, run, help_text in (("predict", cmd_predict, "predict every record of a file"),
+                                 ("serve", cmd_serve, "serve /predict, /health and /model over HTTP")):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("model_dir", type=Path)
+        sub.add_argument("--variant", default="fp32", choices=VARIANTS)
+        sub.add_argument("--audit-log", type=Path, default=Path(DEFAULT_AUDIT_LOG))
+        sub.add_argument("--batch-size", type=int, default=32)
+        sub.set_defaults(run=run)
+    predict = commands.choices["predict"]
+    predict.add_argument("input", type=Path, help="CSV, Parquet or JSONL with the training data's columns "
+                                                  "(the label column is optional)")
+    predict.add_argument("--out", type=Path, help="JSON lines of predictions (default: stdout)")
+    predict.add_argument("--no-explain", action="store_true", help="skip the token / series-step attributions")
+    predict.add_argument("--mc-samples", type=int, default=0, help="Monte Carlo dropout passes for uncertainty")
+    serve = commands.choices["serve"]
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--cache-size", type=int, default=1024, help="predictions kept for repeated inputs")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    try:
+        return args.run(args)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        return fail(str(error))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

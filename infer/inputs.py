@@ -1,0 +1,103 @@
+"""What fingpt-infer predicts on: a table read with the model's own data config, or request records.
+
+A prediction file is read exactly as a training file (client/tables, client/loading: the same
+columns, templates and series layout, and the same file/row/column errors), except that the
+label column may be absent. Request records carry the model's inputs directly: `text` (what the
+data config's column or template gives) and/or `series` (steps x features, oldest first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.columns import class_mapping
+from client.loading import table_to_dataset
+from client.records import BankDataset
+from client.tables import read_table
+
+
+@dataclass
+class InputTable:
+    data: BankDataset
+    refs: list[dict[str, Any]]
+    """Where each record came from: file and row (counted from 1), or its index when records are windows."""
+    labelled: bool
+
+
+def expects_text(manifest: Mapping[str, Any]) -> bool:
+    text = (manifest.get("data") or {}).get("text") or {}
+    return bool(text.get("column") or text.get("template")) or not manifest.get("data")
+
+
+def read_inputs(path: str | Path, manifest: Mapping[str, Any]) -> InputTable:
+    """Records of an input file (CSV, Parquet, JSONL; format by its suffix) under the model's data config."""
+    cfg = dict(manifest.get("data") or {})
+    if not cfg:
+        raise ValueError("this published model has no data config: predict through `fingpt-infer serve` records")
+    table = read_table(path, None, cfg.get("encoding") or "utf-8")
+    label = cfg.get("label") or {}
+    column = label.get("column")
+    labelled = column is None or column in table.columns
+    if not labelled:
+        lookup, _ = class_mapping(label["classes"])
+        table[column] = next(iter(lookup))  # a placeholder: the labels of an unlabelled file are never read
+    data = table_to_dataset(table, cfg)
+    if len(data) == len(table):
+        refs = [{"source": str(s), "row": int(r)} for s, r in zip(table["_source"], table["_row"])]
+    else:
+        refs = [{"record": i + 1} for i in range(len(data))]
+    return InputTable(data, refs, labelled)
+
+
+def record_inputs(data: BankDataset, index: int) -> dict[str, Any]:
+    """One record as the model sees it (text, real series steps), for hashing in the audit log."""
+    record: dict[str, Any] = {}
+    if data.texts is not None:
+        record["text"] = data.texts[index]
+    if data.series is not None:
+        record["series"] = data.series[index][data.mask[index]].tolist()
+    return record
+
+
+def check_record(record: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    """A request record fits the model: the inputs it was trained on, the right series width and length."""
+    num_features = int(manifest["num_features"])
+    if expects_text(manifest) and record.get("text") is None:
+        raise ValueError("this model reads text: give 'text'")
+    if not expects_text(manifest) and record.get("text") is not None:
+        raise ValueError("this model was trained without text: leave 'text' out")
+    series = record.get("series")
+    if num_features == 0:
+        if series is not None:
+            raise ValueError("this model has no series encoder: leave 'series' out")
+        return
+    if series is None:
+        raise ValueError(f"this model reads a series: give 'series' as steps of {num_features} numbers")
+    max_steps = int(manifest["model"]["series_encoder"]["max_steps"])
+    if len(series) > max_steps:
+        raise ValueError(f"'series' has {len(series)} steps; the model takes at most {max_steps}")
+    for step, values in enumerate(series):
+        if len(values) != num_features:
+            names = manifest.get("feature_names") or []
+            raise ValueError(f"'series' step {step} has {len(values)} values; the model takes {num_features} "
+                             f"per step ({', '.join(names)})")
+
+
+def records_to_dataset(records: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any]) -> BankDataset:
+    """Checked request records as a BankDataset (series padded at the end, labels unused)."""
+    texts = [str(r["text"]) for r in records] if expects_text(manifest) else None
+    series = mask = None
+    if int(manifest["num_features"]) > 0:
+        steps = max(len(r["series"]) for r in records)
+        series = np.zeros((len(records), steps, int(manifest["num_features"])), dtype=np.float32)
+        mask = np.zeros((len(records), steps), dtype=bool)
+        for i, record in enumerate(records):
+            series[i, : len(record["series"])] = record["series"]
+            mask[i, : len(record["series"])] = True
+    return BankDataset(texts=texts, series=series, mask=mask, labels=np.zeros(len(records), dtype=np.int64),
+                       class_names=list(manifest["class_names"]), feature_names=list(manifest.get("feature_names", [])))

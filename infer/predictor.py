@@ -1,0 +1,90 @@
+"""Predictions of a published model on a BankDataset: probabilities, label, explanation, uncertainty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from client.batching import Batch, make_loader
+from client.records import BankDataset
+from infer.explain import attribute, mc_dropout_spread, normalised_entropy
+from model.published import PublishedModel
+
+TOP_K = 5
+
+
+@dataclass
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+    uncertainty: dict[str, float]
+    explanation: dict[str, Any] | None
+
+    def output(self) -> dict[str, Any]:
+        """What the audit log records as the output (the explanation is recorded apart)."""
+        return {"label": self.label, "probabilities": self.probabilities, "uncertainty": self.uncertainty}
+
+
+class Predictor:
+    def __init__(self, published: PublishedModel, batch_size: int = 32, top_k: int = TOP_K) -> None:
+        self.published = published
+        self.model = published.model
+        self.tokenizer = published.tokenizer
+        self.batch_size = batch_size
+        self.top_k = top_k
+        self._special = set(self.tokenizer.all_special_ids)
+
+    def predict(self, data: BankDataset, *, explain: bool = True, mc_samples: int = 0,
+                progress: bool = False) -> list[Prediction]:
+        loader = make_loader(data, self.tokenizer, self.model.config.max_length, self.batch_size, shuffle=False)
+        results: list[Prediction] = []
+        for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
+            results += self._predict_batch(batch.to(self.published.device), explain, mc_samples)
+        return results
+
+    def _predict_batch(self, batch: Batch, explain: bool, mc_samples: int) -> list[Prediction]:
+        if explain:
+            logits, tokens, steps = attribute(self.model, batch)
+        else:
+            with torch.inference_mode():
+                logits = self.model(**batch.inputs())
+            tokens = steps = None
+        probabilities = logits.float().softmax(-1).cpu()
+        predicted = probabilities.argmax(-1)
+        entropy = normalised_entropy(probabilities)
+        spread = mc_dropout_spread(self.model, batch, predicted.to(logits.device), mc_samples).cpu() \
+            if mc_samples > 0 else None
+        names = self.published.class_names
+        return [
+            Prediction(
+                label=names[int(predicted[i])],
+                probabilities={name: float(p) for name, p in zip(names, probabilities[i])},
+                uncertainty={"entropy": float(entropy[i]), **({"mc_dropout_std": float(spread[i])} if spread is not None else {})},
+                explanation=self._explanation(batch, i, tokens, steps) if explain else None,
+            )
+            for i in range(len(predicted))
+        ]
+
+    def _explanation(self, batch: Batch, row: int, tokens: torch.Tensor | None,
+                     steps: torch.Tensor | None) -> dict[str, Any]:
+        """The top tokens and series steps by |attribution|, each score a signed share of the row's total."""
+        result: dict[str, Any] = {"method": "input_x_gradient"}
+        if tokens is not None:
+            ids = batch.input_ids[row].tolist()
+            keep = [i for i, token in enumerate(ids) if token not in self._special and batch.attention_mask[row, i]]
+            pieces = self.tokenizer.convert_ids_to_tokens([ids[i] for i in keep])
+            result["tokens"] = [{"token": piece, "position": i, "score": s}
+                                for (i, s), piece in self._top(tokens[row], keep, pieces)]
+        if steps is not None:
+            real = batch.series_mask[row].nonzero().flatten().tolist()
+            result["series_steps"] = [{"step": i, "score": s} for (i, s), _ in self._top(steps[row], real, real)]
+        return result
+
+    def _top(self, scores: torch.Tensor, positions: list[int], labels: list[Any]) -> list[tuple[tuple[int, float], Any]]:
+        values = scores.detach().float().cpu()[positions] if positions else torch.zeros(0)
+        total = float(values.abs().sum()) or 1.0
+        order = values.abs().argsort(descending=True)[: self.top_k].tolist()
+        return [((positions[j], float(values[j]) / total), labels[j]) for j in order]

@@ -1,0 +1,65 @@
+"""Request and response bodies of the HTTP service (validated by pydantic; FastAPI turns them into OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_TEXT_CHARS = 20_000
+MAX_BATCH = 256
+MAX_MC_SAMPLES = 32
+
+
+class RecordIn(BaseModel):
+    """One record: the model's text and/or its series (steps, oldest first, each a list of feature values)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    text: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
+    series: list[list[float]] | None = Field(default=None, min_length=1)
+
+    def inputs(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class PredictRequest(RecordIn):
+    """Either one record (`text` and/or `series`) or a batch (`records`), with options."""
+
+    records: list[RecordIn] | None = Field(default=None, min_length=1, max_length=MAX_BATCH)
+    explain: bool = True
+    mc_samples: int = Field(default=0, ge=0, le=MAX_MC_SAMPLES, description="Monte Carlo dropout passes (0: off)")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "PredictRequest":
+        single = self.text is not None or self.series is not None
+        if single == (self.records is not None):
+            raise ValueError("give either 'text'/'series' for one prediction or 'records' for a batch, not both "
+                             "and not neither")
+        return self
+
+    def batch(self) -> list[dict[str, Any]]:
+        if self.records is not None:
+            return [record.inputs() for record in self.records]
+        return [RecordIn(text=self.text, series=self.series).inputs()]
+
+
+class PredictionOut(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    uncertainty: dict[str, float]
+    explanation: dict[str, Any] | None = None
+
+
+class PredictResponse(BaseModel):
+    model_hash: str
+    variant: str
+    predictions: list[PredictionOut]
+
+
+class Health(BaseModel):
+    status: str
+    variant: str
+    model_hash: str
+    cache_hits: int
+    cache_misses: int

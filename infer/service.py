@@ -1,0 +1,87 @@
+"""Predictions as users get them: audited (one redacted JSON line each), cached for repeated inputs.
+
+The audit entry is written before the prediction is returned, and the explanation a caller gets
+is the redacted one the audit log wrote (token pieces of PII in the input are masked there).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from client.records import BankDataset
+from infer.inputs import records_to_dataset
+from infer.predictor import Prediction, Predictor
+from privacy.audit import AuditLog, input_hash
+
+
+class LRUCache:
+    """A thread-safe least-recently-used map of input hashes to predictions."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[str, Prediction] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> Prediction | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: str, value: Prediction) -> None:
+        if self.size <= 0:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+class PredictionService:
+    def __init__(self, predictor: Predictor, card: Mapping[str, Any], audit: AuditLog, cache_size: int = 1024) -> None:
+        self.predictor = predictor
+        self.card = card
+        self.audit = audit
+        self.cache = LRUCache(cache_size)
+        self._model_lock = threading.Lock()  # one forward (and its dropout/hook state) at a time
+
+    @property
+    def model_hash(self) -> str:
+        return str(self.card["model_hash"])
+
+    def predict_data(self, data: BankDataset, inputs: Sequence[Mapping[str, Any]], *, explain: bool = True,
+                     mc_samples: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+        """Predict every record of `data` (`inputs[i]` is record i as audited), uncached."""
+        with self._model_lock:
+            predictions = self.predictor.predict(data, explain=explain, mc_samples=mc_samples, progress=progress)
+        return [self.audited(record, p) for record, p in zip(inputs, predictions)]
+
+    def predict_records(self, records: Sequence[Mapping[str, Any]], *, explain: bool = True,
+                        mc_samples: int = 0) -> list[dict[str, Any]]:
+        """Predict checked request records; repeated inputs (same options) come from the cache."""
+        keys = [input_hash({"record": r, "explain": explain, "mc_samples": mc_samples}) for r in records]
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        if missing:
+            data = records_to_dataset([records[i] for i in missing], self.predictor.published.manifest)
+            with self._model_lock:
+                fresh = self.predictor.predict(data, explain=explain, mc_samples=mc_samples)
+            for i, prediction in zip(missing, fresh):
+                self.cache.put(keys[i], prediction)
+                found[i] = prediction
+        return [self.audited(record, prediction) for record, prediction in zip(records, found)]
+
+    def audited(self, inputs: Mapping[str, Any], prediction: Prediction) -> dict[str, Any]:
+        entry = self.audit.record(self.model_hash, dict(inputs), prediction.output(), prediction.explanation)
+        result = prediction.output()
+        if prediction.explanation is not None:
+            result["explanation"] = entry["explanation"]
+        return result
