@@ -17,23 +17,29 @@ node config). A bank whose next round would exceed its budget declines: it repli
 `status` record instead of a state, the server logs it and goes on with the others. Under DP the
 train loss stays at the bank (it is computed from the records without noise) and the reply
 reports epsilon, delta and the noise multiplier instead.
+
+Encryption: when the round config names a CKKS ceremony (`he-fingerprint`), the bank decrypts
+the global state it receives onto the initial state it rebuilt, and its train reply carries the
+encrypted drift instead of arrays (client/encryption.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from logging import INFO, WARNING
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import log
 from transformers import PreTrainedTokenizerBase
 
-from client import protocol
+from client import encryption, protocol
 from client.bank_data import BankData, load_bank
 from client.federation_spec import BankSite, FederationSpec
 from client.protocol import Receipt, RoundTask
@@ -54,11 +60,13 @@ class SimulatedBankFailure(RuntimeError):
 
 @dataclass
 class _Worker:
-    """A built model and its tokenizer, for one (model config, task shape)."""
+    """A built model, its tokenizer and its initial federated state, for one (model config, task shape)."""
 
     key: str
     model: HybridFinGPT
     tokenizer: PreTrainedTokenizerBase
+    initial: OrderedDict[str, torch.Tensor]
+    initial_hash: str
 
 
 _worker: _Worker | None = None
@@ -106,12 +114,30 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
     content = RecordDict(
         {
-            protocol.ARRAYS: protocol.state_to_record(federated_state(worker.model)),
+            **_update(task, site, context, worker, result.examples),
             protocol.METRICS: metrics,
             protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _update(task: RoundTask, site: BankSite, context: Context, worker: _Worker, examples: int) -> dict:
+    """The reply's state: the local state as arrays, or in an encrypted round only its encrypted drift."""
+    local = federated_state(worker.model)
+    if not task.encrypted:
+        return {protocol.ARRAYS: protocol.state_to_record(local)}
+    secrets = encryption.bank_secrets(site, context)
+    return {protocol.HE_UPDATE: encryption.encrypted_update(task, secrets, site.name, local, worker.initial, examples)}
+
+
+def _global_state(task: RoundTask, site: BankSite, context: Context, worker: _Worker, arrays: ArrayRecord) -> dict:
+    """The received global state in plaintext (decrypted onto the rebuilt initial state when encrypted)."""
+    if not task.encrypted:
+        return protocol.record_to_state(arrays)
+    encryption.check_initial(task, worker.initial_hash, site.name)
+    secrets = encryption.bank_secrets(site, context)
+    return encryption.decrypt_received(task, secrets, site.name, worker.initial, arrays)
 
 
 def _declined(msg: Message, site: BankSite, task: RoundTask, reason: str) -> Message:
@@ -221,7 +247,7 @@ def _prepare(msg: Message, context: Context) -> tuple[RoundTask, BankSite, BankD
     if list(bank.train.class_names) != task.class_names:
         raise ValueError(f"bank {site.name} has classes {bank.train.class_names}, the federation trains {task.class_names}")
     worker = _model_for(task)
-    load_federated_state(worker.model, protocol.record_to_state(arrays))
+    load_federated_state(worker.model, _global_state(task, site, context, worker, arrays))
     if bank.train.series is not None:
         worker.model.fit_normalizer(bank.train.series, bank.train.mask)
     return task, site, bank, worker
@@ -235,7 +261,8 @@ def _model_for(task: RoundTask) -> _Worker:
     if _worker is None or _worker.key != key:
         _worker = None
         model, tokenizer = build_model(task.model_config, task.num_classes, task.num_features)
-        _worker = _Worker(key, model, tokenizer)
+        initial = federated_state(model)
+        _worker = _Worker(key, model, tokenizer, initial, protocol.record_hash(protocol.state_to_record(initial)))
     return _worker
 
 

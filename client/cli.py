@@ -1,5 +1,10 @@
 """`fingpt-client`: what a bank runs. `keygen` once, then `start` to join the consortium.
 
+Encrypted federations (privacy=he): one bank runs `he-keygen` (the CKKS key ceremony) and gives
+the secret context to every bank confidentially and the public one to the operator; every bank
+starts with `--he-context` and `--binding-key`; after the run a bank turns the final encrypted
+global into a plaintext state for publishing with `he-decrypt`.
+
 Exit codes: 0 done, 1 other failure, 2 invalid data or arguments, 3 server unreachable,
 4 key refused (not registered), 5 TLS verification failed.
 """
@@ -11,6 +16,7 @@ import sys
 from pathlib import Path
 
 from client.keys import fingerprint, generate_bank_keys, load_bank_private_key, load_public_key
+from privacy.update_binding import write_mac_key
 from client.supernode import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_MAX_WAIT_S,
@@ -30,14 +36,70 @@ def fail(message: str, code: int) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    binding = args.key.with_name(args.key.name + ".binding")
     try:
+        if binding.exists() and not args.force:
+            raise FileExistsError(f"{binding} exists; refusing to overwrite a key (pass --force to replace it)")
         private, public = generate_bank_keys(args.key, overwrite=args.force)
+        write_mac_key(binding, overwrite=args.force)
     except FileExistsError as exc:
         return fail(str(exc), EXIT_INVALID)
     print(f"private key: {private} (owner-only; never leaves this bank)")
     print(f"public key:  {public} (send it to the operator)")
+    print(f"binding key: {binding} (owner-only; for encrypted runs, give it to the operator confidentially)")
     print(f"fingerprint: {fingerprint(load_public_key(public))} (read it to the operator over a second channel)")
     return 0
+
+
+def cmd_he_keygen(args: argparse.Namespace) -> int:
+    """The federation's CKKS key ceremony, with the parameters of conf/privacy/he.yaml."""
+    from omegaconf import OmegaConf
+
+    from conf import CONFIG_DIR
+    from privacy.he_context import HEParams, key_ceremony
+
+    he_block = OmegaConf.to_container(OmegaConf.load(args.config or CONFIG_DIR / "privacy" / "he.yaml").he, resolve=True)
+    try:
+        files = key_ceremony(HEParams.from_config(he_block), args.out, overwrite=args.force)
+    except (FileExistsError, ValueError) as exc:
+        return fail(str(exc), EXIT_INVALID)
+    print(f"secret context: {files.secret} (owner-only; copy it to every bank confidentially, never to the operator)")
+    print(f"public context: {files.public} (give this one to the operator: fingpt-server run --he-public-context)")
+    print(f"fingerprint:    {files.fingerprint} (compare it with the operator and the banks over a second channel)")
+    return 0
+
+
+def cmd_he_decrypt(args: argparse.Namespace) -> int:
+    """Decrypt the final encrypted global into a bf16-rounded plaintext state for publishing."""
+    from client.handover import decrypt_final_state, run_dir_files
+    from privacy.he_context import ContextMismatchError
+
+    try:
+        if args.run_dir is not None:
+            global_file, initial_file = run_dir_files(args.run_dir)
+        elif args.global_file is not None and args.initial is not None:
+            global_file, initial_file = args.global_file, args.initial
+        else:
+            return fail("give --run-dir, or --global and --initial", EXIT_INVALID)
+        out = decrypt_final_state(global_file, initial_file, args.context, args.out)
+    except (ContextMismatchError, ValueError, OSError) as exc:
+        return fail(str(exc), EXIT_INVALID)
+    print(f"plaintext global state (values rounded to bfloat16): {out}")
+    return 0
+
+
+def node_options(args: argparse.Namespace) -> tuple[tuple[str, str | float], ...]:
+    """The optional node config a bank sets on `start`, as (key, value) in Flower's node-config names."""
+    from client import protocol
+
+    given = {
+        protocol.NODE_STATE_DIR: None if args.state_dir is None else str(args.state_dir),
+        "dp-target-epsilon": args.dp_target_epsilon,
+        "dp-delta": args.dp_delta,
+        protocol.NODE_HE_CONTEXT: None if args.he_context is None else str(args.he_context),
+        protocol.NODE_BINDING_KEY: None if args.binding_key is None else str(args.binding_key),
+    }
+    return tuple((key, value) for key, value in given.items() if value is not None)
 
 
 def validate_data(path: Path) -> str:
@@ -78,6 +140,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port,
         max_retries=args.max_retries,
         max_wait_s=args.max_wait,
+        node_options=node_options(args),
     )
     try:
         probe_server(settings)
@@ -109,7 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES, help="connection retries before giving up")
     start.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT_S, help="seconds of retrying before giving up")
     start.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (development only)")
+    start.add_argument("--state-dir", type=Path, help="where the bank keeps its privacy ledger (default: state/ beside its data)")
+    start.add_argument("--dp-target-epsilon", type=float, help="this bank's own DP budget for the run")
+    start.add_argument("--dp-delta", type=float, help="this bank's own DP delta")
+    start.add_argument("--he-context", type=Path, help="the federation's SECRET CKKS context (encrypted runs)")
+    start.add_argument("--binding-key", type=Path, help="this bank's update-binding key, KEY.binding (encrypted runs)")
     start.set_defaults(handler=cmd_start)
+
+    he_keygen = commands.add_parser("he-keygen", help="create the federation's CKKS contexts (one bank, once)")
+    he_keygen.add_argument("--out", type=Path, required=True, help="folder for he_secret.ctx, he_public.ctx, fingerprint")
+    he_keygen.add_argument("--config", type=Path, help="a privacy config with an `he:` block (default conf/privacy/he.yaml)")
+    he_keygen.add_argument("--force", action="store_true", help="replace an existing secret context")
+    he_keygen.set_defaults(handler=cmd_he_keygen)
+
+    he_decrypt = commands.add_parser("he-decrypt", help="decrypt the final encrypted global for publishing")
+    he_decrypt.add_argument("--run-dir", type=Path, help="the run folder (global_state.he, initial_state.safetensors)")
+    he_decrypt.add_argument("--global", dest="global_file", type=Path, help="the final encrypted global (global_state.he)")
+    he_decrypt.add_argument("--initial", type=Path, help="the run's initial_state.safetensors (with --global)")
+    he_decrypt.add_argument("--context", type=Path, required=True, help="the federation's secret context")
+    he_decrypt.add_argument("--out", type=Path, required=True, help="the plaintext federated state (.safetensors)")
+    he_decrypt.set_defaults(handler=cmd_he_decrypt)
     return parser
 
 

@@ -17,12 +17,18 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class BankSite:
-    """One simulated bank. `fail` makes its ClientApp raise (failure injection in simulations)."""
+    """One simulated bank. `fail` makes its ClientApp raise (failure injection in simulations).
+
+    In an encrypted simulation `he_context` and `binding_key` are the bank's SECRET context and
+    update-binding key (a deployed bank has them in its node config). Only the ClientApp reads them.
+    """
 
     path: str
     name: str
     work: float = 1.0
     fail: bool = False
+    he_context: str = ""
+    binding_key: str = ""
 
     def __post_init__(self) -> None:
         if not 0 < self.work <= 1:

@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -42,6 +43,19 @@ DP_CONFIG = "dp-config"
 DP_RUN = "dp-run"
 """Names the run in each bank's privacy ledger: a restarted or resumed run continues the same budget."""
 
+HE_FINGERPRINT = "he-fingerprint"
+"""Present when the round is encrypted: the fingerprint of the federation's CKKS key ceremony."""
+HE_INITIAL_HASH = "he-initial-hash"
+"""record_hash of the initial state every bank rebuilds; the global is that state + the decrypted mean drift."""
+HE_RUN = "he-run"
+"""The run label every encrypted update is bound to (stable across a resumed run)."""
+HE_AGGREGATE = "he-aggregate"
+"""Name of the one uint8 array of an encrypted global ArrayRecord (empty record: no aggregate yet)."""
+HE_UPDATE = "he-update"
+"""ConfigRecord of an encrypted train reply: the ciphertext blob (bytes), its binding and tag."""
+HE_CIPHERTEXT = "ciphertext"
+HE_TAG = "tag"
+
 STATUS = "status"
 """ConfigRecord of a train reply from a bank that did not train: {"status": DECLINED, "reason": ...}."""
 DECLINED = "declined"
@@ -61,6 +75,10 @@ NODE_BANK_NAME = "bank-name"
 NODE_PARTITION_ID = "partition-id"
 NODE_STATE_DIR = "state-dir"
 """Where a bank keeps what must survive restarts (its privacy ledger); default: `state` beside its data."""
+NODE_HE_CONTEXT = "he-context"
+"""The bank's copy of the federation's SECRET CKKS context (he_secret.ctx)."""
+NODE_BINDING_KEY = "he-binding-key"
+"""The bank's update-binding MAC key file (registered with the operator)."""
 
 TRAIN_METRICS = ("train_loss", "local_steps", "planned_steps", "straggler", "seconds")
 """Metric names of every train reply besides num-examples (FedAvg needs identical keys)."""
@@ -85,6 +103,28 @@ def record_hash(record: ArrayRecord) -> str:
     return digest.hexdigest()
 
 
+def blob_to_record(blob: bytes) -> ArrayRecord:
+    """An encrypted aggregate as the global "arrays" Flower's strategies pass around: one uint8 array."""
+    return ArrayRecord({HE_AGGREGATE: Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+def record_to_blob(record: ArrayRecord) -> bytes | None:
+    """The encrypted aggregate in an encrypted global record; None for the empty one (round 1)."""
+    if len(record) == 0:
+        return None
+    if list(record) != [HE_AGGREGATE]:
+        raise ValueError(f"an encrypted global holds exactly one array {HE_AGGREGATE!r}, got {sorted(record)}")
+    return record[HE_AGGREGATE].numpy().tobytes()
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of model state in a message: every array's data and every bytes value of its configs."""
+    arrays = sum(len(array.data) for record in content.array_records.values() for array in record.values())
+    blobs = sum(len(value) for record in content.config_records.values() for value in record.values()
+                if isinstance(value, bytes))
+    return arrays + blobs
+
+
 def task_config(
     model_config: Mapping[str, Any],
     class_names: list[str],
@@ -93,6 +133,7 @@ def task_config(
     local_steps: int | None = None,
     dp: Mapping[str, Any] | None = None,
     dp_run: str = "",
+    he: Mapping[str, str] | None = None,
 ) -> ConfigRecord:
     """The part of a round's config that stays the same every round.
 
@@ -112,6 +153,8 @@ def task_config(
     if dp is not None:
         config[DP_CONFIG] = json.dumps(dict(dp), sort_keys=True)
         config[DP_RUN] = dp_run
+    for key, value in (he or {}).items():
+        config[key] = value
     return config
 
 
@@ -129,6 +172,9 @@ class RoundTask:
     proximal_mu: float = 0.0
     dp: dict[str, Any] | None = None
     dp_run: str = ""
+    he_fingerprint: str = ""
+    he_initial_hash: str = ""
+    he_run: str = ""
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> "RoundTask":
@@ -148,11 +194,18 @@ class RoundTask:
             proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
             dp=json.loads(str(config[DP_CONFIG])) if DP_CONFIG in config else None,
             dp_run=str(config.get(DP_RUN, "")),
+            he_fingerprint=str(config.get(HE_FINGERPRINT, "")),
+            he_initial_hash=str(config.get(HE_INITIAL_HASH, "")),
+            he_run=str(config.get(HE_RUN, "")),
         )
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def encrypted(self) -> bool:
+        return bool(self.he_fingerprint)
 
 
 @dataclass(frozen=True)

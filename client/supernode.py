@@ -70,6 +70,9 @@ class NodeSettings:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     max_retries: int = DEFAULT_MAX_RETRIES
     max_wait_s: float = DEFAULT_MAX_WAIT_S
+    node_options: tuple[tuple[str, str | float], ...] = ()
+    """More node config for the ClientApp (state-dir, dp-target-epsilon, he-context, ...): a
+    string value is a path (made absolute), a number stays a number."""
 
     @property
     def insecure(self) -> bool:
@@ -139,12 +142,22 @@ def toml_literal(value: str) -> str:
     return f"'{value}'"
 
 
+def node_config(settings: NodeSettings) -> str:
+    """The `--node-config` value: data path and bank name, then the node options, as TOML values."""
+    items = [f"data-path={toml_literal(str(settings.data_path.resolve()))}", f"bank-name={toml_literal(settings.bank_name)}"]
+    for key, value in settings.node_options:
+        if isinstance(value, str):
+            items.append(f"{key}={toml_literal(str(Path(value).expanduser().resolve()))}")
+        else:
+            items.append(f"{key}={float(value)!r}")
+    return " ".join(items)
+
+
 def supernode_command(settings: NodeSettings) -> list[str]:
     command = [
         str(Path(sys.executable).parent / "flower-supernode"),
         "--superlink", settings.server,
-        "--node-config",
-        f"data-path={toml_literal(str(settings.data_path.resolve()))} bank-name={toml_literal(settings.bank_name)}",
+        "--node-config", node_config(settings),
         "--port", str(settings.runtime_port),
         "--max-retries", str(settings.max_retries),
         "--max-wait-time", str(settings.max_wait_s),

@@ -11,6 +11,10 @@ Every round ends in `RoundEnd` (Flower calls it as the strategy's `evaluate_fn`,
 that sees each round's new global state): it evaluates on the test set when there is one,
 records the round time and writes a checkpoint. A restarted ServerApp with the same `run-dir`
 resumes after the last checkpointed round.
+
+With `privacy.he.enabled` the banks' updates are CKKS ciphertexts (server/encrypted_run.py,
+server/he_rounds.py): the global state is an encrypted aggregate the operator cannot read, so
+there is no central evaluation and the final state is `global_state.he`.
 """
 
 from __future__ import annotations
@@ -38,9 +42,13 @@ from model.state import federated_state, load_federated_state, state_schema_hash
 from privacy.atomic_file import atomic_write_bytes
 from privacy.dp_settings import DPSettings
 from server.checkpoint import Checkpointer, save_state
+from server.encrypted_run import EncryptedRun
 from server.fedavg import FedAvgBanks
+from server.fedavg_he import FedAvgHEBanks
 from server.fedprox import FedProxBanks
+from server.fedprox_he import FedProxHEBanks
 from server.history import CENTRAL, History
+from server.publish import publish_after_run
 from server.strategy import BankRounds
 
 FINAL_STATE = "global_state.safetensors"
@@ -64,8 +72,11 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, cfg, spec, Path(str(run_config[protocol.RUN_DIR])))
 
 
-def build_strategy(cfg: DictConfig, history: History, round_offset: int = 0) -> BankRounds:
-    """The strategy named by `cfg.strategy.name`, sampling and minimums from `cfg.federation`."""
+def build_strategy(
+    cfg: DictConfig, history: History, round_offset: int = 0, encryption: EncryptedRun | None = None
+) -> BankRounds:
+    """The strategy named by `cfg.strategy.name`, sampling and minimums from `cfg.federation`;
+    its encrypted variant (public context, replay guard) when `encryption` is given."""
     fed, strat = cfg.federation, cfg.strategy
     min_banks = int(fed.min_banks)
     fraction_evaluate = float(fed.get("fraction_evaluate", 1.0))
@@ -80,10 +91,12 @@ def build_strategy(cfg: DictConfig, history: History, round_offset: int = 0) -> 
         "min_evaluate_nodes": min_banks if fraction_evaluate > 0 else 0,
         "min_available_nodes": min_banks,
     }
+    if encryption is not None:
+        common.update(encryption.strategy_kwargs())
     if strat.name == "fedavg":
-        return FedAvgBanks(**common)
+        return (FedAvgHEBanks if encryption else FedAvgBanks)(**common)
     if strat.name == "fedprox":
-        return FedProxBanks(proximal_mu=float(strat.mu), **common)
+        return (FedProxHEBanks if encryption else FedProxBanks)(proximal_mu=float(strat.mu), **common)
     raise ValueError(f"strategy.name must be fedavg or fedprox, got {strat.name!r}")
 
 
@@ -92,12 +105,14 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model, tokenizer = build_model(model_cfg, spec.num_classes, spec.num_features)
     initial = federated_state(model)
+    encryption = EncryptedRun.from_config(cfg, run_dir, initial)
     checkpointer = Checkpointer(run_dir / CHECKPOINTS, state_schema_hash(initial))
     resumed = checkpointer.latest()
     rounds = int(cfg.federation.rounds)
     done = resumed.server_round if resumed else 0
     history = resumed.history if resumed else History()
-    arrays = resumed.arrays if resumed else protocol.state_to_record(initial)
+    fresh = encryption.initial_arrays() if encryption else protocol.state_to_record(initial)
+    arrays = resumed.arrays if resumed else fresh
     if resumed:
         log(WARNING, "Resuming from %s: %d of %d rounds done", run_dir / CHECKPOINTS, done, rounds)
     round_end = RoundEnd(
@@ -106,7 +121,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
         checkpointer=checkpointer,
         offset=done,
         arrays=arrays,
-        central=CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
+        central=None if encryption else CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
     )
     if done < rounds:
         # Flower samples banks with the global `random` module: seeded, a run samples the same banks again.
@@ -119,19 +134,26 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
             local_steps=None if steps is None else int(steps),
             dp=dp_round_config(cfg),
             dp_run=run_dir.resolve().name,
+            he=encryption.round_config() if encryption else None,
         )
-        build_strategy(cfg, history, round_offset=done).start(
+        build_strategy(cfg, history, round_offset=done, encryption=encryption).start(
             grid=grid,
             initial_arrays=arrays,
             num_rounds=rounds - done,
             timeout=float(strat.get("round_timeout", DEFAULT_ROUND_TIMEOUT_S)),
             train_config=task,
-            evaluate_config=protocol.task_config(model_cfg, spec.class_names, spec.num_features),
+            evaluate_config=protocol.task_config(model_cfg, spec.class_names, spec.num_features,
+                                                 he=encryption.round_config() if encryption else None),
             evaluate_fn=round_end,
         )
-    save_state(round_end.arrays, run_dir / FINAL_STATE, metadata={"rounds": str(rounds), "schema": checkpointer.schema})
+    if encryption:
+        final = encryption.write_final(round_end.arrays)
+    else:
+        final = save_state(round_end.arrays, run_dir / FINAL_STATE,
+                           metadata={"rounds": str(rounds), "schema": checkpointer.schema})
     write_metrics(history, run_dir)
-    log(INFO, "Global state after %d rounds: %s", rounds, run_dir / FINAL_STATE)
+    log(INFO, "Global state after %d rounds: %s", rounds, final)
+    log(INFO, "%s", publish_after_run(cfg, spec, history, run_dir, final))
     return history
 
 

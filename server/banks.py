@@ -1,6 +1,7 @@
 """The operator's allow-list of bank keys, and keeping the SuperLink's registrations equal to it.
 
-`WORKDIR/banks/NAME.pub` are the keys the operator accepted (after comparing fingerprints with each
+`WORKDIR/banks/NAME.pub` (and, for encrypted runs, `NAME.binding`: the bank's update-binding
+MAC key, received confidentially) are the keys the operator accepted (after comparing fingerprints with each
 bank over a second channel). The SuperLink's database remembers registrations across restarts, so
 removing a file must also remove the registration: `registry.json` records which node id each
 key received, and `sync` registers new keys and unregisters removed or replaced ones.
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.keys import fingerprint, load_public_key
+from privacy.atomic_file import atomic_write_bytes
+from privacy.update_binding import read_mac_key
 from server.control import FlowerControl
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -47,11 +50,19 @@ class BankRegistry:
         shutil.copyfile(public_key, self.folder / f"{name}.pub")
         return name, key_fingerprint
 
+    def add_binding_key(self, name: str, key_file: Path) -> Path:
+        """Keep a bank's update-binding key (encrypted runs) as `NAME.binding`, owner-only."""
+        key = read_mac_key(key_file)
+        target = self.folder / f"{name}.binding"
+        atomic_write_bytes(target, (key.hex() + "\n").encode("ascii"))
+        return target
+
     def remove(self, name: str) -> None:
         path = self.folder / f"{name}.pub"
         if not path.is_file():
             raise FileNotFoundError(f"no bank named {name!r} in {self.folder}")
         path.unlink()
+        (self.folder / f"{name}.binding").unlink(missing_ok=True)
 
     def keys(self) -> dict[str, Path]:
         return {path.name.removesuffix(".pub"): path for path in sorted(self.folder.glob("*.pub"))}

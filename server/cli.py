@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from omegaconf import DictConfig
+
 from server.banks import BankRegistry
 from server.certificates import TlsFiles, certificate_names, create_ca, create_server_certificate
 from server.control import FlowerControl, connection_port
@@ -66,9 +68,12 @@ def cmd_register_bank(args: argparse.Namespace) -> int:
     registry = BankRegistry(args.workdir)
     try:
         name, key_fingerprint = registry.add(args.public_key, args.name)
+        binding = None if args.binding_key is None else registry.add_binding_key(name, args.binding_key)
     except (ValueError, OSError) as exc:
         return fail(str(exc), EXIT_USAGE)
     print(f"accepted bank {name!r}, key fingerprint {key_fingerprint}")
+    if binding is not None:
+        print(f"update-binding key kept as {binding} (encrypted runs); delete the copy you received")
     print("compare the fingerprint with the bank over a second channel before the run")
     _sync_if_running(args.workdir, registry)
     return 0
@@ -130,8 +135,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the run and the services on `kill` too
     try:
         cfg = load_config(args.overrides, run_dir)
+        encrypted_run_paths(cfg, args.he_public_context, args.workdir)
     except (HydraException, OmegaConfBaseException) as exc:
         return fail(f"config: {exc}", EXIT_USAGE)
+    except (ValueError, OSError) as exc:  # SecretKeyRefused is a ValueError
+        return fail(str(exc), EXIT_USAGE)
     try:
         summary = execute(settings, RunRequest(run_dir, cfg, args.test_data, args.bank_wait))
     except RunFailed as exc:
@@ -144,6 +152,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"final state: {summary['final_state']}")
     print(f"metrics:     {summary['metrics']}")
     return 0
+
+
+def encrypted_run_paths(cfg: DictConfig, public_context: Path | None, workdir: Path) -> None:
+    """With privacy.he on: the public context (flag, else config) is required and checked to hold no
+    secret key before anything starts; the banks' binding keys default to WORKDIR/banks."""
+    he = cfg.get("privacy", {}).get("he")
+    if he is None or not he.get("enabled", False):
+        return
+    from privacy.he_context import load_public_context
+
+    path = public_context or (Path(str(he.public_context)).expanduser() if he.get("public_context") else None)
+    if path is None:
+        raise ValueError("privacy.he is on: pass --he-public-context he_public.ctx (from the banks' he-keygen)")
+    context = load_public_context(path)
+    he.public_context = str(path.resolve())
+    if not he.get("binding_keys"):
+        he.binding_keys = str(BankRegistry(workdir).folder)
+    print(f"encrypted run: public context {path} (fingerprint {context.fingerprint})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     register = command("register-bank", "accept a bank's public key (KEY.pub from fingpt-client keygen)", cmd_register_bank)
     register.add_argument("public_key", type=Path)
-    register.add_argument("--name", help="bank name (default: the key file's name)")
+    register.add_argument("--name", help="bank name (default: the key file's name); an encrypted run's updates are "
+                          "bound to it, so use the bank's own name")
+    register.add_argument("--binding-key", type=Path, help="the bank's KEY.binding (encrypted runs; received confidentially)")
 
     remove = command("remove-bank", "revoke a bank's key", cmd_remove_bank)
     remove.add_argument("name")
@@ -182,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--test-data", type=Path, help="the operator's held-out test set (data config or prepared folder)")
     run.add_argument("--bank-wait", type=float, default=600.0, help="seconds to wait for enough banks online")
     run.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (development only)")
+    run.add_argument("--he-public-context", type=Path,
+                     help="the ceremony's he_public.ctx (privacy=he); a context holding the secret key is refused")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny_encoder federation.rounds=2")
     return parser
 

@@ -38,6 +38,8 @@ class RoundRow:
     banks_ok: int
     banks_failed: int
     seconds: float
+    upload_bytes: float = math.nan
+    download_bytes: float = math.nan
 
 
 def round_rows(history: History) -> list[RoundRow]:
@@ -60,9 +62,28 @@ def round_rows(history: History) -> list[RoundRow]:
                 banks_ok=sum(r.status == "ok" for r in trained),
                 banks_failed=sum(r.status == "failed" for r in trained),
                 seconds=central.get("round_seconds", math.nan),
+                upload_bytes=train.get("upload_bytes", math.nan),
+                download_bytes=train.get("download_bytes", math.nan) + valid.get("download_bytes", 0.0),
             )
         )
     return rows
+
+
+def wire_bytes_per_parameter(history: History, num_params: int) -> tuple[float, float]:
+    """Model-state bytes per parameter per bank in the last trained round: (upload, train download).
+
+    fp32 arrays are 4 (plus a few header bytes); CKKS ciphertexts are what he.yaml's parameters
+    make them. The first round of an encrypted run downloads nothing (no aggregate yet), hence the
+    last round.
+    """
+    rows = [r for r in history.select("train", FEDERATION) if "upload_bytes" in r.metrics]
+    if not rows or num_params <= 0:
+        return math.nan, math.nan
+    last = rows[-1]
+    banks = [r for r in history.rows if r.round == last.round and r.phase == "train" and r.bank != FEDERATION]
+    trained = sum(r.status in ("ok", "dropped") for r in banks)
+    up = last.metrics["upload_bytes"] / max(trained, 1) / num_params
+    return up, last.metrics.get("download_bytes", math.nan) / max(len(banks), 1) / num_params
 
 
 def bank_series(history: History, metric: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -124,9 +145,10 @@ def markdown(
         "## Global model per round",
         _table(
             ["round", "test accuracy", "test loss", "mean valid accuracy", "mean valid loss", "train loss",
-             "banks ok", "banks failed", "seconds"],
+             "banks ok", "banks failed", "seconds", "upload MB", "download MB"],
             [[r.round, _f(r.test_accuracy), _f(r.test_loss), _f(r.valid_accuracy), _f(r.valid_loss),
-              _f(r.train_loss), r.banks_ok, r.banks_failed, _f(r.seconds, 1)] for r in round_rows(history)],
+              _f(r.train_loss), r.banks_ok, r.banks_failed, _f(r.seconds, 1), _f(r.upload_bytes / 1e6, 3),
+              _f(r.download_bytes / 1e6, 3)] for r in round_rows(history)],
         ),
         f"![global]({GLOBAL_PLOT})",
         "## Banks (the global model on each bank's validation split, last round it was asked)",

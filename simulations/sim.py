@@ -15,6 +15,10 @@ Simulation-only settings, read with these defaults when the config lacks them:
 `simulation.stragglers` (share of banks that do only part of each round's work, 0),
 `simulation.straggler_work` (the part they do, 0.5), `simulation.fail_banks` (indices of banks
 whose ClientApp raises, []); `baseline` (false).
+
+`privacy=he` (or dp_he): the run folder gets a key ceremony for the simulated banks (`he/`,
+simulations/encryption.py); the operator's config points at its public context only, and after
+the run the final encrypted global is decrypted as a bank would for publishing.
 """
 
 from __future__ import annotations
@@ -31,15 +35,27 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
+from safetensors.numpy import load_file
 
 from client.federation_spec import BankSite, FederationSpec
 from conf import CONFIG_DIR, save_resolved_config
-from server.app import METRICS_JSON
+from server.app import FINAL_STATE, METRICS_JSON, write_metrics
 from server.history import History, jsonable
+from simulations import encryption
 from simulations.baselines import CENTRALIZED, BaselineResult, mean_local, run_baselines
 from simulations.federation import FederationLayout, prepare_federation
 from simulations.flower_run import SimulationResources, run_flower_simulation
-from simulations.report import BANKS_PLOT, GLOBAL_PLOT, REPORT, RoundRow, markdown, plot_banks, plot_global, round_rows
+from simulations.report import (
+    BANKS_PLOT,
+    GLOBAL_PLOT,
+    REPORT,
+    RoundRow,
+    markdown,
+    plot_banks,
+    plot_global,
+    round_rows,
+    wire_bytes_per_parameter,
+)
 
 SPEC_FILE = "federation_spec.json"
 BASELINES_FILE = "baselines.json"
@@ -115,14 +131,20 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     """Prepare the banks, run the federation on Flower's simulation engine, then baselines and report."""
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = encryption.operator_paths(cfg, run_dir) if encryption.encrypted(cfg) else cfg
     config_path = save_resolved_config(cfg, run_dir)
     layout = prepare_federation(cfg, run_dir / "federation")
     spec = federation_spec(cfg, layout)
+    if encryption.encrypted(cfg):
+        spec = encryption.bank_secrets(cfg, run_dir, spec)
     spec_path = spec.save(run_dir / SPEC_FILE)
     sim = simulation_settings(cfg)
     resources = SimulationResources(int(sim["client_cpus"]), float(sim["client_gpus"]), sim["total_cpus"])
     run_flower_simulation(run_dir, config_path, spec_path, len(spec.banks), resources, echo=echo)
     history = History.from_json((run_dir / METRICS_JSON).read_text(encoding="utf-8"))
+    if encryption.encrypted(cfg):
+        encryption.publish_and_test(cfg, spec, run_dir, history)
+        write_metrics(history, run_dir)
     baselines = run_baselines(cfg, spec, resources.client_cpus) if cfg.get("baseline", False) else []
     if baselines:
         rows = jsonable([b.to_dict() for b in baselines])
@@ -146,12 +168,22 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
         "fraction of banks trained per round": cfg.federation.fraction_train,
         "stragglers": ", ".join(f"{b.name} ({b.work:.0%} of the work)" for b in spec.banks if b.work < 1) or "none",
         "wall time (s)": f"{summary.seconds:.1f}",
+        "encryption": "CKKS (TenSEAL): the operator adds ciphertexts; the last round's test metrics are of the "
+                      "final global decrypted by a bank (bf16-rounded)" if encryption.encrypted(cfg) else "none",
     }
+    up, down = wire_bytes_per_parameter(history, _num_params(run_dir / FINAL_STATE))
+    settings["model state on the wire, bytes per parameter per bank (up / down; fp32: 4)"] = f"{up:.2f} / {down:.2f}"
     text = markdown(f"Federated simulation: {cfg.data.name}, {cfg.strategy.name}", settings, history, summary.baselines)
     (run_dir / SUMMARY_FILE).write_text(json.dumps(jsonable(summary.to_dict()), indent=2), encoding="utf-8")
     path = run_dir / REPORT
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _num_params(state_file: Path) -> int:
+    if not state_file.is_file():
+        return 0
+    return sum(int(np.prod(value.shape)) for value in load_file(str(state_file)).values())
 
 
 def print_summary(summary: SimulationSummary, console: Console | None = None) -> None:
