@@ -49,11 +49,9 @@ from server.fedprox import FedProxBanks
 from server.fedprox_he import FedProxHEBanks
 from server.history import CENTRAL, History
 from server.publish import publish_after_run
+from server.run_folder import FINAL_STATE, METRICS_CSV, METRICS_JSON
 from server.strategy import BankRounds
 
-FINAL_STATE = "global_state.safetensors"
-METRICS_JSON = "metrics.json"
-METRICS_CSV = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 DEFAULT_ROUND_TIMEOUT_S = 3600.0
 

@@ -24,15 +24,13 @@ from client.bank_data import load_bank
 from client.columns import class_mapping
 from client.federation_spec import FederationSpec
 from conf import CONFIG_DIR, save_resolved_config
-from server.app import FINAL_STATE, METRICS_JSON
 from server.banks import BankRegistry
 from server.control import ControlError, FlowerControl, write_connection
 from server.flower_app import COMPLETED, FINISHED, wait_finished, write_app, write_run_config
+from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON, RESOLVED_CONFIG
 from server.superlink import OperatorServices, OperatorSettings
 
 APP_NAME = "fingpt-federated"
-CONFIG_FILE = "resolved_config.yaml"
-SPEC_FILE = "federation_spec.json"
 SUMMARY_FILE = "deployment.json"
 BANK_POLL_S = 2.0
 
@@ -51,7 +49,7 @@ class RunRequest:
 
 def load_config(overrides: list[str], run_dir: Path) -> DictConfig:
     """The run's Hydra config from conf/; a run folder being resumed without new overrides keeps its own."""
-    saved = run_dir / CONFIG_FILE
+    saved = run_dir / RESOLVED_CONFIG
     if saved.is_file() and not overrides:
         print(f"resuming with the config of {saved}", flush=True)
         cfg = OmegaConf.load(saved)
@@ -117,8 +115,8 @@ def stop_orphaned_runs(control: FlowerControl) -> list[int]:
 def prepare_run_dir(request: RunRequest) -> tuple[Path, Path]:
     """Write the config, the spec and the Flower App into the run folder; return (app dir, run-config file)."""
     run_dir = request.run_dir
-    config_path = save_resolved_config(request.cfg, run_dir, CONFIG_FILE)
-    spec_path = federation_spec(request.cfg, request.test_data).save(run_dir / SPEC_FILE)
+    config_path = save_resolved_config(request.cfg, run_dir, RESOLVED_CONFIG)
+    spec_path = federation_spec(request.cfg, request.test_data).save(run_dir / FEDERATION_SPEC)
     app_dir = write_app(run_dir / "flower" / "app", APP_NAME)
     return app_dir, write_run_config(app_dir.parent / "run_config.toml", config_path, spec_path, run_dir)
 

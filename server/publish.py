@@ -36,11 +36,8 @@ from model.quantize import RECIPES, VARIANTS, load_variant, serialized_bytes, st
 from model.state import load_federated_state
 from server.history import History
 from server.model_card import final_metrics, participating_banks, privacy_spent, write_card
+from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON, RESOLVED_CONFIG
 
-CONFIG_FILE = "resolved_config.yaml"
-SPEC_FILE = "federation_spec.json"
-METRICS_FILE = "metrics.json"
-STATE_FILE = "global_state.safetensors"
 MODEL_DIR = "model"
 
 
@@ -92,13 +89,13 @@ def publish_after_run(cfg: DictConfig, spec: FederationSpec, history: History, r
 def publish_run(run_dir: Path, *, state: Path | None = None, out: Path | None = None,
                 variants: Sequence[str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Publish from a run folder (its resolved config, spec and metrics); `state` replaces its final state."""
-    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-    spec = FederationSpec.load(run_dir / SPEC_FILE)
-    metrics = run_dir / METRICS_FILE
+    cfg = OmegaConf.load(run_dir / RESOLVED_CONFIG)
+    spec = FederationSpec.load(run_dir / FEDERATION_SPEC)
+    metrics = run_dir / METRICS_JSON
     history = History.from_json(metrics.read_text(encoding="utf-8")) if metrics.is_file() else History()
     settings = PublishSettings.from_config(cfg)
     out = out or (Path(settings.out) if settings.out else run_dir / MODEL_DIR)
-    state_path = state or run_dir / STATE_FILE
+    state_path = state or run_dir / FINAL_STATE
     source = f"a state handed over for publishing ({state_path.name})" if state else \
         f"the ServerApp's final global state ({state_path.name})"
     card = publish(load_state_file(state_path), cfg, spec, history, out, tuple(variants or settings.variants),

@@ -30,10 +30,10 @@ from rich.table import Table
 
 from client.federation_spec import FederationSpec
 from conf import CONFIG_DIR, shared_data_root
-from server.app import METRICS_JSON
 from server.history import CENTRAL, History, jsonable
+from server.run_folder import FEDERATION_SPEC, METRICS_JSON
 from simulations.baselines import CENTRALIZED, mean_local, run_baselines
-from simulations.sim import SPEC_FILE, SimulationSummary, simulate
+from simulations.sim import SimulationSummary, simulate
 
 BENCHES = ("rounds", "scale", "tfns")
 
@@ -88,7 +88,7 @@ def bench_tfns(out: Path, rounds: int, local_steps: int, model: str, save: Calla
         save(results)
     results["fedprox_mu"] = float(config(*common, "strategy=fedprox").strategy.mu)
     cfg = config(*common)
-    spec = FederationSpec.load(out / "tfns_fedavg" / SPEC_FILE)
+    spec = FederationSpec.load(out / "tfns_fedavg" / FEDERATION_SPEC)
     baselines = run_baselines(cfg, spec, threads=1)
     results["centralized_accuracy"] = next(b.test["accuracy"] for b in baselines if b.kind == CENTRALIZED)
     results["centralized_macro_f1"] = next(b.test["macro_f1"] for b in baselines if b.kind == CENTRALIZED)

@@ -39,8 +39,9 @@ from safetensors.numpy import load_file
 
 from client.federation_spec import BankSite, FederationSpec
 from conf import CONFIG_DIR, save_resolved_config
-from server.app import FINAL_STATE, METRICS_JSON, write_metrics
+from server.app import write_metrics
 from server.history import History, jsonable
+from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON
 from simulations import encryption
 from simulations.baselines import CENTRALIZED, BaselineResult, mean_local, run_baselines
 from simulations.federation import FederationLayout, prepare_federation
@@ -57,7 +58,6 @@ from simulations.report import (
     wire_bytes_per_parameter,
 )
 
-SPEC_FILE = "federation_spec.json"
 BASELINES_FILE = "baselines.json"
 SUMMARY_FILE = "summary.json"
 
@@ -137,7 +137,7 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     spec = federation_spec(cfg, layout)
     if encryption.encrypted(cfg):
         spec = encryption.bank_secrets(cfg, run_dir, spec)
-    spec_path = spec.save(run_dir / SPEC_FILE)
+    spec_path = spec.save(run_dir / FEDERATION_SPEC)
     sim = simulation_settings(cfg)
     resources = SimulationResources(int(sim["client_cpus"]), float(sim["client_gpus"]), sim["total_cpus"])
     run_flower_simulation(run_dir, config_path, spec_path, len(spec.banks), resources, echo=echo)
