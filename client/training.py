@@ -17,8 +17,9 @@ of Menon et al. (2021), CE(logits + tau * log prior, y), with the prior of this 
 training labels (add-one smoothed). A bank that holds mostly one class then learns what tells
 the classes apart instead of its own prior, which is what the FedLC line of work (Zhang et al.
 2022) does against label-distribution skew: plain FedAvg over such banks collapses to the
-majority class. Evaluation and inference use the raw logits. The prior is read from the records
-themselves, which DP-SGD does not account for, so the two cannot be combined.
+majority class. Evaluation and inference use the raw logits. Under DP the prior is not read from
+the records but from their label counts released once under the Gaussian mechanism and charged
+to the bank's budget (privacy/dp_label_prior.py).
 
 Differential privacy: with `privacy=` (a privacy.dp_training.DPTask) the round is Opacus DP-SGD
 (privacy/dp_training.py): Poisson batches of `dp.logical_batch_size` records in physical pieces,
@@ -54,6 +55,7 @@ from client.records import BankDataset
 from model.hybrid import HybridFinGPT
 from model.state import federated_state, load_federated_state, trainable_parameters
 from privacy.dp_settings import DPSettings
+from privacy.dp_label_prior import private_label_counts
 from privacy.dp_training import DPTask, PrivateRound, assert_state_changed, make_private
 
 log = logging.getLogger(__name__)
@@ -180,9 +182,6 @@ def train_local(
     cfg = TrainConfig.from_mapping(cfg)
     if privacy is not None:
         cfg = private_config(cfg, privacy.settings)
-        if cfg.logit_adjustment > 0:
-            raise ValueError("train.logit_adjustment reads the bank's label counts, which DP-SGD does not "
-                             "account for: set it to 0 with differential privacy")
     _check_compatible(model, train)
     device = resolve_device(cfg.device)
     model.to(device)
@@ -194,6 +193,7 @@ def train_local(
     stepped = reached_parameters(model, train) if privacy is not None else None
     optimizer = build_optimizer(model, cfg, stepped)
     before = federated_state(model)
+    offsets = label_prior_offsets(train, model.num_classes, cfg.logit_adjustment, device, privacy)
     private = None
     if privacy is not None:
         private = make_private(
@@ -206,7 +206,6 @@ def train_local(
         stepping = optimizer if private is None else private.optimizer  # the hook goes after the noise
         proximal = add_proximal_correction(stepping, model, anchor, proximal_mu)
 
-    offsets = label_prior_offsets(train, model.num_classes, cfg.logit_adjustment, device)
     stopper = _EarlyStopping(cfg.monitor, cfg.patience)
     history: list[dict[str, float]] = []
     losses: list[float] = []
@@ -222,7 +221,7 @@ def train_local(
                 if private is None:
                     steps = _plain_steps(model, optimizer, loader, device, offsets)
                 else:
-                    steps = _private_steps(model, private, device)
+                    steps = _private_steps(model, private, device, offsets)
                 for loss in steps:
                     losses.append(loss)
                     bar.update()
@@ -256,10 +255,22 @@ def train_local(
     )
 
 
-def label_prior_offsets(data: BankDataset, num_classes: int, tau: float, device: torch.device) -> torch.Tensor:
-    """tau * log of the add-one smoothed label prior of `data`, one value per class."""
-    counts = np.bincount(np.asarray(data.labels, dtype=np.int64), minlength=num_classes) + 1.0
-    return torch.as_tensor(tau * np.log(counts / counts.sum()), dtype=torch.float32, device=device)
+def label_prior_offsets(
+    data: BankDataset, num_classes: int, tau: float, device: torch.device, privacy: DPTask | None = None
+) -> torch.Tensor:
+    """tau * log of the add-one smoothed label prior of `data`, one value per class (zeros for tau 0).
+
+    Under `privacy` the counts are the bank's DP release (charged once to its ledger).
+    """
+    if tau == 0:
+        return torch.zeros(num_classes, device=device)
+    if privacy is None:
+        counts = np.bincount(np.asarray(data.labels, dtype=np.int64), minlength=num_classes)
+    else:
+        counts = private_label_counts(data.labels, num_classes, privacy.ledger,
+                                      privacy.settings.label_prior_noise, seed=privacy.seed)
+    smoothed = counts + 1.0
+    return torch.as_tensor(tau * np.log(smoothed / smoothed.sum()), dtype=torch.float32, device=device)
 
 
 def _plain_steps(
@@ -279,7 +290,9 @@ def _plain_steps(
         yield loss.item()
 
 
-def _private_steps(model: HybridFinGPT, private: PrivateRound, device: torch.device) -> Iterator[float]:
+def _private_steps(
+    model: HybridFinGPT, private: PrivateRound, device: torch.device, offsets: torch.Tensor
+) -> Iterator[float]:
     """One noisy step per Poisson batch, which runs as physical pieces; yields each step's mean loss.
 
     Opacus clears per-sample gradients after every piece (zero_grad after step) and steps the
@@ -293,7 +306,7 @@ def _private_steps(model: HybridFinGPT, private: PrivateRound, device: torch.dev
                 private.empty_step()
             else:
                 batch = batch.to(device)
-                loss = F.cross_entropy(model(**batch.inputs()), batch.labels)
+                loss = F.cross_entropy(model(**batch.inputs()) + offsets, batch.labels)
                 loss.backward()
                 private.optimizer.step()
                 losses.append(loss.item())

@@ -14,11 +14,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 CALIBRATION_TOLERANCE = 0.01
 """Calibrated noise spends between target - this and target epsilon after the planned steps."""
+_MAX_NOISE = 1e6
+"""Opacus's own bound on the noise a calibration may return."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ def epsilon(history: Sequence[Spend], delta: float, mechanism: str) -> float:
 
 @lru_cache(maxsize=1024)
 def _epsilon(history: tuple[Spend, ...], delta: float, mechanism: str) -> float:
-    return float(accountant_with(mechanism, history).get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf for a release of all records (q = 1)
+        return float(accountant_with(mechanism, history).get_epsilon(delta=delta))
 
 
 def sample_rate_for(num_examples: int, logical_batch_size: int) -> float:
@@ -98,15 +102,26 @@ def sample_rate_for(num_examples: int, logical_batch_size: int) -> float:
 
 
 def calibrate_noise(
-    *, target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    mechanism: str,
+    spent: Sequence[Spend] = (),
 ) -> float:
-    """The smallest noise multiplier (to CALIBRATION_TOLERANCE) whose `steps` spend <= target_epsilon.
+    """The smallest noise multiplier (to CALIBRATION_TOLERANCE) whose `steps` after `spent` spend <= target_epsilon.
 
-    Raises ValueError when no noise level reaches the target (Opacus's limit, sigma 1e6).
+    `spent` is what the budget already paid for (e.g. a released label histogram): the steps
+    are calibrated for what it leaves. Raises ValueError when no noise level reaches the target
+    (Opacus's limit, sigma 1e6).
     """
     if steps < 1:
         raise ValueError(f"calibrating needs at least one planned step, got {steps}")
-    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), mechanism)
+    spent = tuple(spend for spend in spent if spend.steps > 0)
+    if not spent:
+        return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), mechanism)
+    return _calibrate_after(spent, float(target_epsilon), float(delta), float(sample_rate), int(steps), mechanism)
 
 
 @lru_cache(maxsize=256)
@@ -122,6 +137,34 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
             epsilon_tolerance=CALIBRATION_TOLERANCE,
         )
     )
+
+
+@lru_cache(maxsize=256)
+def _calibrate_after(
+    spent: tuple[Spend, ...], target_epsilon: float, delta: float, sample_rate: float, steps: int, mechanism: str
+) -> float:
+    """Opacus's search (get_noise_multiplier: double, then bisect) over the composition `spent` + steps."""
+
+    def cost(sigma: float) -> float:
+        return epsilon(compose(spent, Spend(sigma, sample_rate, steps)), delta, mechanism)
+
+    if epsilon(spent, delta, mechanism) >= target_epsilon:
+        raise ValueError(f"epsilon {epsilon(spent, delta, mechanism):.4f} is spent already, target {target_epsilon}")
+    low, high = 0.0, 10.0
+    cost_high = cost(high)
+    while cost_high > target_epsilon:
+        low, high = high, 2 * high
+        if high > _MAX_NOISE:
+            raise ValueError(f"no noise multiplier up to {_MAX_NOISE:g} reaches epsilon {target_epsilon}")
+        cost_high = cost(high)
+    while target_epsilon - cost_high > CALIBRATION_TOLERANCE:
+        sigma = (low + high) / 2
+        spend = cost(sigma)
+        if spend < target_epsilon:
+            high, cost_high = sigma, spend
+        else:
+            low = sigma
+    return high
 
 
 def extension(old: Sequence[Spend], new: Sequence[Spend]) -> tuple[Spend, ...]:

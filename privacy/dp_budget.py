@@ -7,6 +7,10 @@ last one stopped. The run, accountant, delta and budget are fixed when the ledge
 opening it with others, or opening a damaged or foreign file, is a `LedgerError` and never a
 silent reset: a reset would hand out the budget a second time.
 
+Besides DP-SGD rounds a ledger records one-off releases (`record_release`): a statistic of the
+bank's records published once under the Gaussian mechanism, charged to the same history, and
+kept with the ledger so that a restart reuses it instead of paying for it again.
+
 A round is charged *before* it trains: `begin_round` checks the budget and persists the planned
 spend as pending; `end_round` replaces it by what was actually taken. A process that dies in
 between leaves the pending spend, which the next `open` charges in full (the steps may have run;
@@ -61,7 +65,8 @@ class BudgetExceeded(RuntimeError):
 
 @dataclass(frozen=True)
 class Plan:
-    """How the noise was calibrated: `steps` in total at `sample_rate` spend `epsilon` <= target."""
+    """How the noise was calibrated: `steps` in total at `sample_rate`, after what the ledger held
+    then, spend `epsilon` <= target."""
 
     noise_multiplier: float
     sample_rate: float
@@ -99,6 +104,7 @@ class PrivacyLedger:
         pending: dict[str, Any] | None = None,
         rounds: list[dict[str, Any]] | None = None,
         plan: Plan | None = None,
+        released: dict[str, list[float]] | None = None,
         created: str | None = None,
     ) -> None:
         if accountant not in ACCOUNTANTS:
@@ -112,6 +118,7 @@ class PrivacyLedger:
         self.pending = pending
         self.rounds = rounds if rounds is not None else []
         self.plan = plan
+        self.released = released if released is not None else {}
         self.created = created or _now()
 
     @classmethod
@@ -173,6 +180,7 @@ class PrivacyLedger:
                 pending=document["pending"],
                 rounds=list(document["rounds"]),
                 plan=None if plan is None else Plan(**plan),
+                released={str(name): list(values) for name, values in document.get("released", {}).items()},
                 created=document["created"],
             )
         except (KeyError, TypeError, ValueError) as error:
@@ -191,6 +199,7 @@ class PrivacyLedger:
             "history": [list(spend.as_tuple()) for spend in self.history],
             "pending": self.pending,
             "rounds": self.rounds,
+            "released": self.released,
         }
         document = {**body, "sha256": _digest(body)}
         atomic_write_bytes(self.path, (json.dumps(document, indent=1) + "\n").encode("utf-8"))
@@ -233,6 +242,25 @@ class PrivacyLedger:
             raise LedgerError(f"{self.path}: the noise was calibrated already ({self.plan})")
         self.plan = plan
         self.save()
+
+    def record_release(self, name: str, spend: Spend, values: Sequence[float]) -> float:
+        """Charge a one-off release of `values` (already noised) and keep them; returns epsilon spent.
+
+        Raises BudgetExceeded, recording nothing, when the release would exceed the budget, and
+        LedgerError when `name` was released already (use `released[name]`: paying twice for
+        the same statistic would spend budget for nothing).
+        """
+        if self.pending is not None:
+            raise RuntimeError(f"{self.path}: round {self.pending['round']!r} has not ended")
+        if name in self.released:
+            raise LedgerError(f"{self.path}: {name!r} was released already")
+        self.check(spend)
+        self.history = compose(self.history, spend)
+        self.released[name] = [float(value) for value in values]
+        pending = {"round": f"release {name}", **asdict(spend), "started": _now()}
+        spent = self.epsilon_spent()
+        self._log_round(pending, spend.steps, spent, "released")
+        return spent
 
     def begin_round(self, label: str, spend: Spend) -> float:
         """Check the budget and charge `spend` ahead (persisted as pending); returns the projected epsilon."""
@@ -304,8 +332,8 @@ def noise_multiplier_for(
 
     `configured` when given (the bank's choice; the ledger still accounts for it exactly). Else
     the ledger's calibration, made once ahead of the first round so that `planned_steps` steps
-    in the whole run (planned rounds x local steps) at `sample_rate` spend at most the bank's
-    budget, and reused after restarts: recalibrating mid-run to the remaining budget would let
+    in the whole run (planned rounds x local steps) at `sample_rate`, after whatever the ledger
+    holds already (a released label histogram), spend at most the bank's budget, and reused after restarts: recalibrating mid-run to the remaining budget would let
     the noise drift with every restart. Raises BudgetExceeded when no noise level fits the budget.
     """
     if configured is not None:
@@ -321,6 +349,7 @@ def noise_multiplier_for(
             sample_rate=sample_rate,
             steps=planned_steps,
             mechanism=ledger.accountant,
+            spent=ledger.history,
         )
     except ValueError:
         raise BudgetExceeded(
@@ -329,7 +358,7 @@ def noise_multiplier_for(
             f"within the bank's budget of {ledger.target_epsilon:g} (delta {ledger.delta:g}) under the "
             f"{ledger.accountant} accountant; raise the budget or plan fewer steps (prv certifies smaller epsilons)",
         ) from None
-    spent = epsilon((Spend(sigma, sample_rate, planned_steps),), ledger.delta, ledger.accountant)
+    spent = ledger.epsilon_after(Spend(sigma, sample_rate, planned_steps))
     ledger.set_plan(Plan(sigma, sample_rate, planned_steps, ledger.target_epsilon, spent))
     log.info("%s: noise multiplier %.4f calibrated for %d steps at sample rate %.5f: epsilon %.3f of %g",
              ledger.path, sigma, planned_steps, sample_rate, spent, ledger.target_epsilon)

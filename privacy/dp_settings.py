@@ -45,6 +45,9 @@ class DPSettings:
     """Learning rate under DP (noisy, large-batch steps want a larger one); None keeps train.lr."""
     secure_mode: bool = False
     """Opacus secure mode: cryptographically safe noise and sampling (slower; for production)."""
+    label_prior_noise: float = 20.0
+    """Noise std of the one-off Gaussian release of the bank's label counts, which the logit-adjusted
+    loss (train.logit_adjustment > 0) needs; charged to the bank's budget before calibration."""
 
     def __post_init__(self) -> None:
         if not 0 < self.delta < 1:
@@ -66,6 +69,8 @@ class DPSettings:
             )
         if self.planned_rounds is not None and self.planned_rounds < 1:
             raise ValueError(f"dp.planned_rounds must be >= 1 or null, got {self.planned_rounds}")
+        if self.label_prior_noise <= 0:
+            raise ValueError(f"dp.label_prior_noise must be > 0, got {self.label_prior_noise}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"dp.lr must be > 0 or null, got {self.lr}")
 

@@ -200,3 +200,28 @@ def test_a_budget_no_noise_level_can_meet_is_refused_like_an_exceeded_one(tmp_pa
     with pytest.raises(BudgetExceeded, match="no noise multiplier keeps 3 planned"):
         noise_multiplier_for(ledger, configured=None, sample_rate=1.0, planned_steps=3)
     assert ledger.plan is None
+
+
+def test_a_release_is_charged_kept_across_restarts_and_calibrated_around(tmp_path):
+    path = ledger_path(tmp_path, "run-a")
+    ledger = _open(path, target_epsilon=3.0)
+    spent = ledger.record_release("label_counts", Spend(20.0, 1.0, 1), [10.5, 0.0, 3.25])
+    independent = RDPAccountant()
+    independent.history = [(20.0, 1.0, 1)]
+    assert spent == pytest.approx(independent.get_epsilon(delta=DELTA), abs=1e-9) and spent > 0
+    reopened = _open(path, target_epsilon=3.0)
+    assert reopened.released == {"label_counts": [10.5, 0.0, 3.25]} and reopened.history == (Spend(20.0, 1.0, 1),)
+    with pytest.raises(LedgerError, match="released already"):
+        reopened.record_release("label_counts", Spend(20.0, 1.0, 1), [1.0, 1.0, 1.0])
+    sigma = noise_multiplier_for(reopened, configured=None, sample_rate=0.05, planned_steps=200)
+    assert reopened.plan.epsilon <= 3.0
+    _train_round(reopened, "1", Spend(sigma, 0.05, 200))
+    assert 3.0 - 0.03 <= reopened.epsilon_spent() <= 3.0  # the release and the steps together
+
+
+def test_a_release_over_the_budget_records_nothing(tmp_path):
+    ledger = _open(ledger_path(tmp_path, "r"), target_epsilon=0.5)
+    with pytest.raises(BudgetExceeded):
+        ledger.record_release("label_counts", Spend(1.0, 1.0, 1), [1.0, 2.0])
+    reopened = _open(ledger_path(tmp_path, "r"), target_epsilon=0.5)
+    assert reopened.released == {} and reopened.history == ()

@@ -13,6 +13,7 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from client.records import BankDataset
+from client import training
 from client.training import TrainConfig, evaluate, reached_parameters, train_local
 from model.build import build_model
 from model.state import federated_state
@@ -107,3 +108,25 @@ def test_fedprox_under_dp_changes_the_update(tmp_path):
                     privacy=dp_task(tmp_path / str(mu), noise_multiplier=1.0))
         states[mu] = federated_state(model)
     assert all(not torch.equal(states[0.0][n], states[1.0][n]) for n in states[0.0])
+
+
+def test_logit_adjustment_under_dp_uses_label_counts_released_once_and_charged(tmp_path):
+    data = news(640, seed=4)
+    true_counts = np.bincount(data.labels, minlength=3)
+    histories = []
+    for label in ("1", "2"):
+        model, tokenizer = built()
+        task = dp_task(tmp_path, label, planned_rounds=2, label_prior_noise=5.0)
+        result = train_local(model, tokenizer, data, replace(CFG, logit_adjustment=1.0), max_steps=4, privacy=task)
+        histories.append(task.ledger.history)
+    released = np.asarray(task.ledger.released["label_counts"])
+    assert np.all(np.abs(released - true_counts) < 5 * 5.0) and not np.array_equal(released, true_counts)
+    # One release at sample rate 1, before the steps of both rounds; the second round did not pay again.
+    assert histories[0][0] == histories[1][0] == (release := histories[1][0])
+    assert (release.noise_multiplier, release.sample_rate, release.steps) == (5.0, 1.0, 1)
+    assert [spend.sample_rate for spend in histories[1]] == [1.0, 1 / 10] and histories[1][1].steps == 8
+    independent = RDPAccountant()
+    independent.history = [(5.0, 1.0, 1), (result.noise_multiplier, 1 / 10, 8)]
+    assert abs(result.epsilon - independent.get_epsilon(delta=1e-5)) < 1e-6 and result.epsilon <= 8.0
+    offsets = training.label_prior_offsets(data, 3, 1.0, torch.device("cpu"), task)
+    assert np.allclose(offsets.numpy(), np.log((released + 1) / (released + 1).sum()))

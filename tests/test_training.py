@@ -20,9 +20,6 @@ from client.records import BankDataset
 from client.training import TrainConfig, evaluate, train_local
 from model.build import build_model
 from model.state import federated_state
-from privacy.dp_budget import PrivacyLedger
-from privacy.dp_settings import DPSettings
-from privacy.dp_training import DPTask
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 
@@ -242,14 +239,3 @@ def test_logit_adjustment_keeps_a_skewed_bank_from_learning_its_prior():
     plain, adjusted = majority_share(0.0), majority_share(1.0)
     assert plain > 0.6
     assert adjusted < plain - 0.25
-
-
-def test_logit_adjustment_is_refused_with_differential_privacy(tmp_path):
-    settings = DPSettings.from_mapping({"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
-                                        "logical_batch_size": 8, "physical_batch_size": 8})
-    ledger = PrivacyLedger.open(tmp_path / "ledger.json", run="r", accountant=settings.accountant,
-                                delta=settings.delta, target_epsilon=None)
-    model, tokenizer = built()
-    with pytest.raises(ValueError, match="logit_adjustment"):
-        train_local(model, tokenizer, quadrant_task(16, seed=13), replace(FAST, logit_adjustment=1.0),
-                    privacy=DPTask(settings, ledger, round_label="1"))
