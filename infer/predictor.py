@@ -46,12 +46,12 @@ class Predictor:
         return results
 
     def _predict_batch(self, batch: Batch, explain: bool, mc_samples: int) -> list[Prediction]:
+        logits = tokens = steps = None
         if explain:
-            logits, tokens, steps = attribute(self.model, batch)
-        else:
+            logits, tokens, steps = attribute(self.published.gradient_model, batch)
+        if logits is None or self.published.gradient_model is not self.model:
             with torch.inference_mode():
                 logits = self.model(**batch.inputs())
-            tokens = steps = None
         probabilities = logits.float().softmax(-1).cpu()
         predicted = probabilities.argmax(-1)
         entropy = normalised_entropy(probabilities)

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from model.config import ModelConfig
 from model.hybrid import HybridFinGPT
-from model.quantize import RECIPES, check_variants, load_variant, save_variant, stored_folder
+from model.quantize import NO_BACKWARD, RECIPES, check_variants, load_variant, save_variant, stored_folder
 
 FORMAT = "fingpt-published/1"
 MANIFEST = "manifest.json"
@@ -42,6 +42,13 @@ class PublishedModel:
     manifest: dict[str, Any]
     variant: str
     folder: Path
+    explainer: HybridFinGPT | None = None
+    """For a variant without a backward: the same model on the fp32 backbone, for gradients."""
+
+    @property
+    def gradient_model(self) -> HybridFinGPT:
+        """The model to differentiate: `model`, or its fp32 twin when the variant has no backward."""
+        return self.explainer if self.explainer is not None else self.model
 
     @property
     def class_names(self) -> list[str]:
@@ -103,16 +110,27 @@ def load_published(folder: str | Path, variant: str = "fp32", device: torch.devi
     if variant not in manifest["variants"]:
         raise ValueError(f"{folder} has no variant {variant!r}; it has {manifest['variants']}")
     backbone = load_variant(folder / BACKBONE_DIR / stored_folder(variant), variant, device)
-    with torch.random.fork_rng(devices=[]):  # the hybrid parts' random init is overwritten below
-        model = HybridFinGPT(backbone, manifest["family"], ModelConfig.from_mapping(manifest["model"]),
-                             manifest["num_classes"], manifest["num_features"], manifest["term_ids"])
+    model = _hybrid(backbone, manifest)
     _load_hybrid(model, folder / HYBRID_WEIGHTS)
     target = device or next(backbone.parameters()).device
     for name, child in model.named_children():
         if name != "backbone":
             child.to(target)
+    explainer = None
+    if variant in NO_BACKWARD:
+        explainer = _hybrid(load_variant(folder / BACKBONE_DIR / "fp32", "fp32", target), manifest)
+        for name, child in model.named_children():
+            if name != "backbone":
+                setattr(explainer, name, child)  # shared: only the backbone differs
+        explainer.eval()
     tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
-    return PublishedModel(model.eval(), tokenizer, manifest, variant, folder)
+    return PublishedModel(model.eval(), tokenizer, manifest, variant, folder, explainer)
+
+
+def _hybrid(backbone: torch.nn.Module, manifest: Mapping[str, Any]) -> HybridFinGPT:
+    with torch.random.fork_rng(devices=[]):  # the hybrid parts' random init is overwritten by the caller
+        return HybridFinGPT(backbone, manifest["family"], ModelConfig.from_mapping(manifest["model"]),
+                            manifest["num_classes"], manifest["num_features"], manifest["term_ids"])
 
 
 def _load_hybrid(model: HybridFinGPT, path: Path) -> None:

@@ -27,6 +27,9 @@ from transformers import AutoModel, BitsAndBytesConfig
 VARIANTS = ("fp32", "bf16", "int8_dynamic", "bnb_int8", "bnb_nf4")
 RECIPES = {"int8_dynamic": "fp32"}
 """Variants built at load time, and the stored variant they are built from."""
+NO_BACKWARD = ("int8_dynamic",)
+"""Variants whose layers have no backward (torch's quantized::linear_dynamic): a gradient through
+them is silently wrong, so gradients (explanations) are taken through the fp32 weights instead."""
 BNB_VARIANTS = ("bnb_int8", "bnb_nf4")
 NF4_BLOCK = 32
 

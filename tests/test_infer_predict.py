@@ -9,7 +9,9 @@ import pytest
 
 from federation_helpers import CLASSES
 from infer.cli import main
-from infer_fixtures import train_and_publish, write_table
+from infer.loading import open_model
+from infer.predictor import Predictor
+from infer_fixtures import load_table, train_and_publish, write_table
 from privacy.audit import read_audit_log
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
@@ -24,7 +26,7 @@ RAW_PII = ["jane.doe", "examplebank", "GB82", "WEST", "5698", "4111"]
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, tiny_setting):
-    return train_and_publish(tmp_path_factory.mktemp("published"), ["fp32", "bf16"])
+    return train_and_publish(tmp_path_factory.mktemp("published"), ["fp32", "bf16", "int8_dynamic"])
 
 
 def predict(*args: str) -> int:
@@ -89,3 +91,16 @@ def test_the_audit_log_holds_no_raw_pii(published, tmp_path):
     for entry in read_audit_log(audit):
         assert len(entry["input_hash"]) == 64 and entry["output"]["label"] in CLASSES
     assert all(raw.lower() not in out.read_text().lower() for raw in ("jane.doe", "examplebank"))
+
+
+def test_int8_dynamic_is_explained_through_fp32_weights_and_predicts_with_its_own(published, tmp_path):
+    """torch's dynamic int8 Linear has no backward: a gradient through it is silently wrong."""
+    data = load_table(write_table(tmp_path / "in.csv", 24, seed=6))
+    runs = {}
+    for variant in ("fp32", "int8_dynamic"):
+        model, _ = open_model(published, variant)
+        runs[variant] = Predictor(model).predict(data)
+    for fp32, int8 in zip(runs["fp32"], runs["int8_dynamic"]):
+        assert int8.explanation == fp32.explanation
+        assert int8.probabilities != fp32.probabilities  # predicted by the quantized layers
+        assert int8.probabilities == pytest.approx(fp32.probabilities, abs=0.05)
