@@ -13,8 +13,8 @@ per example is reported too.
 
 `utility`: the privacy-utility table, TFNS over 10 banks split Dirichlet(0.3), FedAvg with the
 logit-adjusted loss (under DP on label counts released once with noise), 8 rounds: final
-global test accuracy (and its ratio to the run without DP, which trains with DP's batch size and
-learning rate), macro-F1 and ROC AUC (binary tasks) without DP and at each target epsilon, with
+global test accuracy (and its ratio to the run without DP, which trains with DP's batch size),
+macro-F1 and ROC AUC (binary tasks) without DP and at each target epsilon, with
 the most epsilon any bank spent and how many bank-rounds were declined. `credit`: the same
 for Taiwan credit default (one bank per education segment), where ROC AUC is the figure to read.
 Both run the full simulation (simulations.sim, Flower's simulation engine) once per row, so they
@@ -147,26 +147,27 @@ TFNS_DIRICHLET = ("data=tfns", "federation=dirichlet", "federation.num_banks=10"
 CREDIT_SEGMENTS = ("data=credit_taiwan", "federation=natural", "federation.key=EDUCATION", "federation.rounds=5",
                    "strategy=fedavg", "strategy.local_steps=5", "model.train.lr=2e-3", "model.train.progress=false",
                    "publish.enabled=false")
-DP_BATCH = ("privacy.dp.logical_batch_size=128",)
-"""Expected Poisson batch of the DP rows (and the batch of the row without DP): 128 keeps a round's
-compute near FedAvg's 10 steps of 32 while the noise per step shrinks with the batch."""
+DP_ROWS = ("privacy.dp.logical_batch_size=128", "privacy.dp.lr=1e-2")
+"""The DP rows' expected Poisson batch (also the batch of the row without DP: 128 keeps a round's
+compute near FedAvg's 10 steps of 32 while the noise per step shrinks with the batch) and their
+learning rate: under AdamW noisy gradients shrink the signal's share of every step, and at 2e-3
+(the non-private rate) epsilon 8 crept from 0.43 to 0.65 test accuracy in 6 rounds, no DP to 0.71 in 3."""
 
 
 def utility(base: tuple[str, ...], epsilons: list[float], out: Path, overrides: list[str]) -> list[dict[str, float]]:
     """One simulated federation without DP and one per target epsilon; final central test metrics.
 
-    The row without DP trains with DP's batches and learning rate (dp.logical_batch_size,
-    dp.lr), so that it differs from the DP rows only by clipping and noise. A run folder in
+    The row without DP trains with DP's batch size (dp.logical_batch_size) and its own learning
+    rate (train.lr), each regime at the rate that suits it. A run folder in
     `out` that holds a finished run of the same row is read instead of run again.
     """
-    dp = _config(*base, "privacy=dp", *DP_BATCH, *overrides).privacy.dp
+    dp = _config(*base, "privacy=dp", *DP_ROWS, *overrides).privacy.dp
     rows = []
     for epsilon in [None, *epsilons]:
         if epsilon is None:
             privacy = ["privacy=none", f"model.train.batch_size={dp.logical_batch_size}"]
-            privacy += [f"model.train.lr={dp.lr}"] if dp.lr is not None else []
         else:
-            privacy = ["privacy=dp", *DP_BATCH, f"privacy.dp.target_epsilon={epsilon}"]
+            privacy = ["privacy=dp", *DP_ROWS, f"privacy.dp.target_epsilon={epsilon}"]
         label = "no-dp" if epsilon is None else f"eps-{epsilon:g}"
         rows.append(_utility_row(_config(*base, *privacy, *overrides), out / label, epsilon))
         rows[-1]["ratio"] = rows[-1]["accuracy"] / rows[0]["accuracy"]
