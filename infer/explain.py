@@ -5,7 +5,8 @@ Attribution is input x gradient of the predicted class's logit, taken on the tok
 the series normaliser): both are captured by forward hooks that turn the module's output into a
 leaf tensor, so nothing in the model changes and the bf16 and bitsandbytes variants are explained
 as they run. torch's dynamic int8 layers have no backward (a gradient through them is silently
-wrong), so that variant is explained on its fp32 twin (PublishedModel.gradient_model). Per token / step, the attribution is summed over the embedding or feature axis.
+wrong), so that variant is explained on its fp32 twin (PublishedModel.gradient_model). Per token /
+step, the attribution is summed over the embedding or feature axis.
 
 Uncertainty is the entropy of the class probabilities divided by log(classes) (0 = certain,
 1 = uniform) and, on request, the spread (standard deviation) of the predicted class's

@@ -110,11 +110,11 @@ def calibrate_noise(
     mechanism: str,
     spent: Sequence[Spend] = (),
 ) -> float:
-    """The smallest noise multiplier (to CALIBRATION_TOLERANCE) whose `steps` after `spent` spend <= target_epsilon.
+    """The smallest noise multiplier (to CALIBRATION_TOLERANCE) whose `steps` fit target_epsilon.
 
-    `spent` is what the budget already paid for (e.g. a released label histogram): the steps
-    are calibrated for what it leaves. Raises ValueError when no noise level reaches the target
-    (Opacus's limit, sigma 1e6).
+    The steps come after `spent`, what the budget already paid for (e.g. a released label
+    histogram), and are calibrated for what it leaves. Raises ValueError when no noise level
+    reaches the target (Opacus's limit, sigma 1e6).
     """
     if steps < 1:
         raise ValueError(f"calibrating needs at least one planned step, got {steps}")

@@ -333,8 +333,9 @@ def noise_multiplier_for(
     `configured` when given (the bank's choice; the ledger still accounts for it exactly). Else
     the ledger's calibration, made once ahead of the first round so that `planned_steps` steps
     in the whole run (planned rounds x local steps) at `sample_rate`, after whatever the ledger
-    holds already (a released label histogram), spend at most the bank's budget, and reused after restarts: recalibrating mid-run to the remaining budget would let
-    the noise drift with every restart. Raises BudgetExceeded when no noise level fits the budget.
+    holds already (a released label histogram), spend at most the bank's budget, and reused after
+    restarts: recalibrating mid-run to the remaining budget would let the noise drift with every
+    restart. Raises BudgetExceeded when no noise level fits the budget.
     """
     if configured is not None:
         return float(configured)
