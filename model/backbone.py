@@ -78,7 +78,7 @@ def load_backbone(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerBase,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    backbone = AutoModel.from_pretrained(path, **_quantization_kwargs(cfg))
+    backbone = AutoModel.from_pretrained(path, **(_quantization_kwargs(cfg) or {"dtype": torch.float32}))
     backbone.requires_grad_(False)
     return backbone, tokenizer, family
 
@@ -88,7 +88,11 @@ def is_quantized(backbone: nn.Module) -> bool:
 
 
 def _quantization_kwargs(cfg: ModelConfig) -> dict:
-    """4-bit NF4 (QLoRA) on CUDA; on CPU refuse or fall back to full precision, as configured."""
+    """4-bit NF4 (QLoRA) on CUDA; on CPU refuse or fall back to full precision, as configured.
+
+    Empty for full precision, which the caller loads as float32 whatever the checkpoint's dtype
+    (transformers would otherwise keep a bf16 or fp16 checkpoint in half precision).
+    """
     if cfg.quantization == "none":
         return {}
     if not torch.cuda.is_available():

@@ -106,6 +106,16 @@ def test_finance_terms_are_whole_tokens_initialised_from_their_pieces():
     assert "ebitda" in words and "$jpm" in words and "##das" in words  # whole words only
 
 
+def test_a_half_precision_checkpoint_is_loaded_in_float32(tmp_path):
+    """Training and the fp32 published variant need fp32 weights whatever dtype the checkpoint has."""
+    model, tokenizer = built("tiny-encoder", num_features=0)
+    checkpoint = tmp_path / "bf16_backbone"
+    model.backbone.get_base_model().to(torch.bfloat16).save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(checkpoint)
+    reloaded, _ = build_model({**TINY, "backbone": str(checkpoint)}, 3, 0)
+    assert {p.dtype for p in reloaded.parameters()} == {torch.float32}
+
+
 def test_trainable_term_delta_is_an_embedding_in_the_federated_state():
     model, _ = build_model({**TINY, "backbone": "tiny-encoder", "vocabulary": {"trainable_delta": True}}, 3, 0)
     delta = federated_state(model)["term_delta.delta.weight"]
