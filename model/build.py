@@ -22,7 +22,8 @@ def build_model(
 
     Deterministic in `model_cfg.seed` (the caller's RNG is left untouched), so every bank that
     builds from the same config starts from the same weights. `num_features=0` gives a text-only
-    model. The model is on the CPU unless the backbone was loaded 4-bit onto a GPU.
+    model. The model is on the CPU unless the backbone was loaded 4-bit onto a GPU: then all of it
+    is on that GPU (a 4-bit backbone cannot move, so the hybrid parts join it).
     """
     cfg = ModelConfig.from_mapping(model_cfg)
     with torch.random.fork_rng(devices=[]):
@@ -35,4 +36,6 @@ def build_model(
             backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
         backbone = apply_lora(backbone, cfg.lora, cfg.seed)
         model = HybridFinGPT(backbone, family, cfg, num_classes, num_features, term_ids)
+    if is_quantized(backbone):
+        model.to(next(backbone.parameters()).device)
     return model, tokenizer
