@@ -84,7 +84,7 @@ def test_training_moves_the_federated_state_and_nothing_else():
     model.fit_normalizer(train.series, train.mask)
     before = {name: t.clone() for name, t in model.state_dict().items()}
     result = train_local(model, tokenizer, train, replace(FAST, epochs=2), max_steps=3)
-    after = model.state_dict()
+    after = {name: t.cpu() for name, t in model.state_dict().items()}  # train_local may have moved it to a GPU
 
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     series_only_path = {"series_proj.weight", "series_proj.bias"}  # unused when text is present
@@ -201,8 +201,8 @@ def test_normaliser_is_fitted_on_training_data_only():
     train_local(model, tokenizer, train, FAST, valid=valid, max_steps=2)
     reference, _ = built()
     reference.fit_normalizer(train.series, train.mask)
-    assert torch.equal(model.series_encoder.normalizer.mean, reference.series_encoder.normalizer.mean)
-    assert torch.equal(model.series_encoder.normalizer.std, reference.series_encoder.normalizer.std)
+    assert torch.equal(model.series_encoder.normalizer.mean.cpu(), reference.series_encoder.normalizer.mean)
+    assert torch.equal(model.series_encoder.normalizer.std.cpu(), reference.series_encoder.normalizer.std)
 
 
 def test_train_config_maps_the_yaml_block_and_rejects_unknown_keys():
@@ -233,7 +233,7 @@ def test_logit_adjustment_keeps_a_skewed_bank_from_learning_its_prior():
         model.eval()
         with torch.no_grad():
             batch = next(iter(make_loader(balanced, tokenizer, 16, len(balanced), shuffle=False)))
-            predicted = model(**batch.inputs()).argmax(dim=1)
+            predicted = model(**batch.to(next(model.parameters()).device).inputs()).argmax(dim=1)
         return float((predicted == 0).float().mean())
 
     plain, adjusted = majority_share(0.0), majority_share(1.0)
