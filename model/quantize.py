@@ -31,6 +31,7 @@ NO_BACKWARD = ("int8_dynamic",)
 """Variants whose layers have no backward (torch's quantized::linear_dynamic): a gradient through
 them is silently wrong, so gradients (explanations) are taken through the fp32 weights instead."""
 BNB_VARIANTS = ("bnb_int8", "bnb_nf4")
+NO_CUDA = ("int8_dynamic",)
 NF4_BLOCK = 32
 PER_CHANNEL = torch.ao.quantization.per_channel_dynamic_qconfig
 """int8_dynamic scales each output row of a weight on its own: one scale per tensor cost 1.7 points
@@ -51,8 +52,8 @@ def stored_folder(variant: str) -> str:
 
 
 def default_device(variant: str) -> torch.device:
-    """CUDA for the bitsandbytes variants when a GPU is present; the CPU for everything else."""
-    if variant in BNB_VARIANTS and torch.cuda.is_available():
+    """CUDA when a GPU is present, except for int8_dynamic (torch's dynamic int8 has CPU kernels only)."""
+    if variant not in NO_CUDA and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -16,7 +16,7 @@ from infer.predictor import Predictor
 from infer_fixtures import EPSILONS, load_table, train_and_publish, write_table
 from model.build import build_model
 from model.merge import merge_lora
-from model.quantize import VARIANTS
+from model.quantize import VARIANTS, default_device
 from server.history import History
 from server.model_card import CARD_JSON, CARD_MD, file_hashes, model_hash
 from server.publish import publish_after_run
@@ -129,3 +129,12 @@ def test_a_simulated_run_publishes_and_a_handed_over_state_republishes(tmp_path)
     assert set(again["variants"]) == {"fp32", "bf16"} and "handed over" in again["state_source"]
     same_weights = "backbone/fp32/model.safetensors"
     assert again["files"][same_weights] == card["files"][same_weights]
+
+
+def test_every_variant_but_dynamic_int8_goes_to_the_gpu_when_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {default_device(variant).type for variant in VARIANTS} == {"cpu"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    devices = {variant: default_device(variant).type for variant in VARIANTS}
+    assert devices == {"fp32": "cuda", "bf16": "cuda", "int8_dynamic": "cpu", "bnb_int8": "cuda", "bnb_nf4": "cuda"}
