@@ -127,8 +127,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def private_config(cfg: TrainConfig, dp: DPSettings) -> TrainConfig:
-    """The train config under DP: batches are the logical batches, and `dp.lr` when set."""
-    return replace(cfg, batch_size=dp.logical_batch_size, lr=dp.lr if dp.lr is not None else cfg.lr)
+    """The train config under DP: batches are the logical batches; `dp.lr` and `dp.optimizer` when set."""
+    return replace(cfg, batch_size=dp.logical_batch_size, lr=dp.lr if dp.lr is not None else cfg.lr,
+                   optimizer=dp.optimizer or cfg.optimizer)
 
 
 def reached_parameters(model: HybridFinGPT, data: BankDataset) -> list[str]:

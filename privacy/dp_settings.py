@@ -43,6 +43,10 @@ class DPSettings:
     """Rounds this bank expects to train, for calibrating the noise; None: the run's rounds."""
     lr: float | None = None
     """Learning rate under DP (noisy, large-batch steps want a larger one); None keeps train.lr."""
+    optimizer: str | None = None
+    """Optimizer under DP (adamw | sgd); None keeps train.optimizer. SGD with momentum sums the
+    noisy gradients, so noise averages out over steps; Adam restarted every round takes its first
+    steps at full size in every coordinate, the noisy ones too (bench_dp measured both)."""
     secure_mode: bool = False
     """Opacus secure mode: cryptographically safe noise and sampling (slower; for production)."""
     label_prior_noise: float = 20.0
@@ -73,6 +77,8 @@ class DPSettings:
             raise ValueError(f"dp.label_prior_noise must be > 0, got {self.label_prior_noise}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"dp.lr must be > 0 or null, got {self.lr}")
+        if self.optimizer not in (None, "adamw", "sgd"):
+            raise ValueError(f"dp.optimizer must be adamw, sgd or null, got {self.optimizer!r}")
 
     @classmethod
     def from_mapping(

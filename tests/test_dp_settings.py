@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from client.training import TrainConfig, build_optimizer, private_config
 from conf import CONFIG_DIR
 from privacy.dp_settings import DPSettings, budget_from_flat
 
@@ -28,6 +30,15 @@ def test_dp_he_yaml_turns_on_both_layers_with_he_yaml_parameters():
     privacy = _privacy("dp_he")
     assert DPSettings.from_mapping(privacy["dp"]) == DPSettings.from_mapping(_privacy("dp")["dp"])
     assert privacy["he"] == {**_privacy("he")["he"], "enabled": True}
+
+
+def test_dp_optimizer_and_lr_replace_the_train_config_only_when_set():
+    train = TrainConfig(optimizer="adamw", lr=5e-4, batch_size=32)
+    kept = private_config(train, DPSettings(enabled=True, logical_batch_size=128))
+    assert (kept.optimizer, kept.lr, kept.batch_size) == ("adamw", 5e-4, 128)
+    private = private_config(train, DPSettings(enabled=True, optimizer="sgd", lr=0.5, logical_batch_size=128))
+    assert (private.optimizer, private.lr, private.momentum) == ("sgd", 0.5, train.momentum)
+    assert isinstance(build_optimizer(torch.nn.Linear(2, 2), private), torch.optim.SGD)
 
 
 def test_none_yaml_disables_dp():
@@ -62,6 +73,7 @@ def test_a_bank_cannot_override_more_than_its_budget():
         {"physical_batch_size": 512},
         {"target_epsilon": None, "noise_multiplier": None},
         {"max_grad_norm": 0.0},
+        {"optimizer": "adam"},
         {"unknown_key": 1},
     ],
 )
