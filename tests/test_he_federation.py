@@ -50,9 +50,10 @@ class RecordingGrid(InProcessGrid):
         return replies
 
 
-def federation(tmp_path: Path, *overrides: str, he: bool = True, app: ClientApp = client_app, grid=RecordingGrid):
+def federation(tmp_path: Path, *overrides: str, he: bool = True, app: ClientApp = client_app, grid=RecordingGrid,
+               privacy: str = "he"):
     spec = write_federation(tmp_path / "data")
-    cfg = config("strategy=fedavg", "strategy.local_steps=3", *overrides, *(["privacy=he"] if he else []))
+    cfg = config("strategy=fedavg", "strategy.local_steps=3", *overrides, *([f"privacy={privacy}"] if he else []))
     if he:
         cfg = operator_paths(cfg, tmp_path / "run")
         if not (tmp_path / "run" / HE_DIR).exists():
@@ -216,3 +217,37 @@ def test_a_bank_with_another_ceremonys_context_fails_with_a_clear_error(tmp_path
     loaded.save(spec_path)
     with pytest.raises(FederationRoundError, match="bank_1.*another key ceremony"):
         run_federation(grid, cfg, spec, tmp_path / "run")
+
+
+def test_dp_under_he_sends_ciphertexts_of_noisy_updates_and_a_bank_over_budget_is_left_out(tmp_path):
+    """privacy=dp_he: every bank that trains spends epsilon within its budget and sends only a
+    ciphertext; a bank whose own budget is too small declines (no ciphertext) and the encrypted
+    global is the mean drift of the banks that trained."""
+    cfg, spec, grid = federation(
+        tmp_path, "federation.rounds=2", "federation.min_banks=2", "privacy.dp.logical_batch_size=16",
+        "privacy.dp.physical_batch_size=8", "privacy.dp.accountant=rdp", "privacy.dp.noise_multiplier=1.0",
+        "+privacy.dp.banks.bank_1.target_epsilon=2.0", privacy="dp_he")
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+
+    declined = {(r.round, r.bank) for r in history.rows if r.status == "declined"}
+    assert declined == {(1, "bank_1"), (2, "bank_1")}
+    trained = [r for r in history.select("train") if r.bank != FEDERATION and r.status == "ok"]
+    assert {(r.round, r.bank) for r in trained} == {(n, b) for n in (1, 2) for b in ("bank_0", "bank_2")}
+    for bank in ("bank_0", "bank_2"):
+        first, second = (next(r.metrics["epsilon"] for r in trained if r.round == n and r.bank == bank) for n in (1, 2))
+        assert 0 < first < second <= cfg.privacy.dp.target_epsilon
+
+    round_two = [r for r in train_replies(grid)
+                 if r.content[protocol.RECEIPT][protocol.SERVER_ROUND] == 2 and protocol.HE_UPDATE in r.content]
+    assert sorted(r.content[protocol.RECEIPT]["name"] for r in round_two) == ["bank_0", "bank_2"]
+    assert all(not r.content.array_records for r in train_replies(grid))
+    initial = dict(sorted(load_file(str(tmp_path / "run" / "initial_state.safetensors")).items()))
+    weights, drifts = [], []
+    for reply in round_two:
+        blob = reply.content[protocol.HE_UPDATE][protocol.HE_CIPHERTEXT]
+        weights.append(EncryptedUpdate.from_bytes(blob).weight)
+        drifts.append(decrypt_mean(blob, secret(tmp_path), schema_of(initial), dtype=np.float64))
+    expected = {n: initial[n] + sum(w * d[n] for w, d in zip(weights, drifts)) / sum(weights) for n in initial}
+    final = decrypted_global(tmp_path, (tmp_path / "run" / "global_state.he").read_bytes())
+    assert max_error(final, expected) < 1e-4
+    assert max_error(final, initial) > 1e-3  # the noisy updates moved the global state
