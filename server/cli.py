@@ -16,14 +16,20 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from types import FrameType
 
 from omegaconf import DictConfig
 
 from server.banks import BankRegistry
 from server.certificates import TlsFiles, certificate_names, create_ca, create_server_certificate
 from server.control import FlowerControl, connection_port
-from server.superlink import DEFAULT_CONTROL_PORT, DEFAULT_FLEET_PORT, LOOPBACK, OperatorSettings, port_open
+from server.superlink import (
+    DEFAULT_CONTROL_PORT,
+    DEFAULT_FLEET_PORT,
+    LOOPBACK,
+    OperatorSettings,
+    port_open,
+    raise_keyboard_interrupt,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -107,10 +113,6 @@ def cmd_banks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _raise_interrupt(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_BANNER, file=sys.stderr)
@@ -132,7 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         workdir=args.workdir, tls=tls, fleet_host=args.fleet_host,
         fleet_port=args.fleet_port, control_port=args.control_port,
     )
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the run and the services on `kill` too
+    signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # stop the run and the services on `kill` too
     try:
         cfg = load_config(args.overrides, run_dir)
         encrypted_run_paths(cfg, args.he_public_context, args.workdir)

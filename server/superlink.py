@@ -15,12 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 import psutil
 
@@ -32,6 +33,29 @@ DEFAULT_FLEET_PORT = 9092
 DEFAULT_CONTROL_PORT = 9093
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
+
+
+def raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
+    """A SIGTERM handler that unwinds like Ctrl-C, so `finally` clauses that stop processes run."""
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, `kill` (SIGTERM) stops the program the way Ctrl-C does.
+
+    Python's default SIGTERM action ends the process without unwinding, and the process trees
+    started in their own sessions (a SuperLink, its SuperExec, Ray) would run on. Signal handlers
+    can only be set from the main thread; elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:

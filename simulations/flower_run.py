@@ -24,7 +24,7 @@ from pathlib import Path
 
 from server.control import FlowerControl, write_connection
 from server.flower_app import COMPLETED, wait_finished, write_app, write_run_config
-from server.superlink import LOOPBACK, ManagedProcess, bin_path, flower_env
+from server.superlink import LOOPBACK, ManagedProcess, bin_path, flower_env, sigterm_as_interrupt
 
 APP_NAME = "fingpt-federated-simulation"
 
@@ -103,19 +103,20 @@ def run_flower_simulation(
         env,
     )
     control = SimulationControl(flwr_home)
-    superlink.start()
-    try:
-        superlink.wait_listening(LOOPBACK, port)
-        run_id = control.submit_simulation(app_dir, run_config, resources.federation_config(num_banks))
-        with open(flower_dir / "run.log", "w", encoding="utf-8", buffering=1) as log_file:
-            for line in control.stream_logs(run_id):
-                log_file.write(line)
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-        info = wait_finished(control, run_id)
-    finally:
-        superlink.stop()
+    with sigterm_as_interrupt():  # a killed fingpt-sim must not leave the SuperLink and Ray running
+        superlink.start()
+        try:
+            superlink.wait_listening(LOOPBACK, port)
+            run_id = control.submit_simulation(app_dir, run_config, resources.federation_config(num_banks))
+            with open(flower_dir / "run.log", "w", encoding="utf-8", buffering=1) as log_file:
+                for line in control.stream_logs(run_id):
+                    log_file.write(line)
+                    if echo:
+                        sys.stdout.write(line)
+                        sys.stdout.flush()
+            info = wait_finished(control, run_id)
+        finally:
+            superlink.stop()
     if info.get("status") != COMPLETED:
         raise SimulationFailed(
             f"simulated run {run_id} ended {info.get('status')}: {info.get('status-details')} "
