@@ -16,7 +16,8 @@ DP-SGD against its own privacy ledger in its state folder (node config `state-di
 node config). A bank whose next round would exceed its budget declines: it replies with a
 `status` record instead of a state, the server logs it and goes on with the others. Under DP the
 train loss stays at the bank (it is computed from the records without noise) and the reply
-reports epsilon, delta and the noise multiplier instead.
+reports epsilon, delta and the noise multiplier instead; for the same reason an evaluate reply
+carries metrics of the validation split only where `dp.report_validation` allows it.
 
 Encryption: when the round config names a CKKS ceremony (`he-fingerprint`), the bank decrypts
 the global state it receives onto the initial state it rebuilt, and its train reply carries the
@@ -169,6 +170,14 @@ def bank_privacy(task: RoundTask, site: BankSite, context: Context) -> DPTask | 
     return DPTask(settings, ledger, round_label=str(task.server_round))
 
 
+def reports_validation(task: RoundTask, site: BankSite, context: Context) -> bool:
+    """Whether this bank's evaluate reply may carry metrics: always without DP, under DP if it allows."""
+    if not task.dp or not task.dp.get("enabled", False):
+        return True
+    settings = DPSettings.from_mapping(task.dp, bank=site.name, overrides=budget_from_flat(context.node_config))
+    return settings.report_validation
+
+
 def state_dir(site: BankSite, context: Context) -> Path:
     """Node config `state-dir`, else `state` inside a prepared bank folder or beside a data config."""
     configured = context.node_config.get(protocol.NODE_STATE_DIR)
@@ -180,12 +189,17 @@ def state_dir(site: BankSite, context: Context) -> Path:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Metrics of the global model on this bank's validation split (never used for training)."""
+    """Metrics of the global model on this bank's validation split (never used for training).
+
+    Under DP only with `dp.report_validation` (the bank's own setting wins): otherwise the reply
+    holds just the row count, since the metrics would release its validation customers un-noised.
+    """
     task, site, bank, worker = _prepare(msg, context)
     if bank.valid is None or len(bank.valid) == 0:
         raise ValueError(f"bank {site.name} has no validation rows to evaluate on")
-    cfg = local_train_config(task)
-    metrics = evaluate(worker.model, worker.tokenizer, bank.valid, cfg.eval_batch_size)
+    metrics = {}
+    if reports_validation(task, site, context):
+        metrics = evaluate(worker.model, worker.tokenizer, bank.valid, local_train_config(task).eval_batch_size)
     content = RecordDict(
         {
             protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(bank.valid), **metrics}),

@@ -2,8 +2,8 @@
 
 The federation's config sets the defaults every bank trains with (clipping norm, batch sizes,
 learning rate). The privacy budget, however, is each bank's decision about its own customers:
-a bank may set its own `target_epsilon`, `delta`, `noise_multiplier`, `accountant` and
-`planned_rounds`, either in the config's `banks:` table (keyed by bank name) or in its own node
+a bank may set its own `target_epsilon`, `delta`, `noise_multiplier`, `accountant`,
+`planned_rounds` and whether it reports validation metrics (`report_validation`), either in the config's `banks:` table (keyed by bank name) or in its own node
 configuration (`overrides`). It may not switch DP off or change how updates are computed.
 """
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 ACCOUNTANTS = ("prv", "rdp")
-BUDGET_KEYS = frozenset({"target_epsilon", "delta", "noise_multiplier", "accountant", "planned_rounds"})
+BUDGET_KEYS = frozenset({"target_epsilon", "delta", "noise_multiplier", "accountant", "planned_rounds",
+                         "report_validation"})
 """What a bank may set for itself."""
 TABLE_KEYS = frozenset({"banks"})
 """Keys of the `dp:` block that are not settings: the per-bank table."""
@@ -52,6 +53,10 @@ class DPSettings:
     label_prior_noise: float = 20.0
     """Noise std of the one-off Gaussian release of the bank's label counts, which the logit-adjusted
     loss (train.logit_adjustment > 0) needs; charged to the bank's budget before calibration."""
+    report_validation: bool = False
+    """Whether the bank answers federated evaluation with the global model's metrics on its
+    validation split. Those metrics are computed from customer records without noise, outside
+    the DP guarantee, so by default the bank reports only its validation row count."""
 
     def __post_init__(self) -> None:
         if not 0 < self.delta < 1:
@@ -77,6 +82,8 @@ class DPSettings:
             raise ValueError(f"dp.label_prior_noise must be > 0, got {self.label_prior_noise}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"dp.lr must be > 0 or null, got {self.lr}")
+        if not isinstance(self.report_validation, bool):
+            raise ValueError(f"dp.report_validation must be true or false, got {self.report_validation!r}")
         if self.optimizer not in (None, "adamw", "sgd"):
             raise ValueError(f"dp.optimizer must be adamw, sgd or null, got {self.optimizer!r}")
 

@@ -141,6 +141,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
             timeout=float(strat.get("round_timeout", DEFAULT_ROUND_TIMEOUT_S)),
             train_config=task,
             evaluate_config=protocol.task_config(model_cfg, spec.class_names, spec.num_features,
+                                                 dp=dp_round_config(cfg),  # whether banks may report metrics
                                                  he=encryption.round_config() if encryption else None),
             evaluate_fn=round_end,
         )

@@ -9,7 +9,8 @@ not re-implement aggregation):
 - aggregate_*: checks every reply (error, stale receipt, straggler to drop), logs each failed
   bank with its reason at WARNING, raises `FederationRoundError` listing all reasons when fewer
   banks than the minimum succeeded, records every bank's metrics in the run's History, and only
-  then hands the accepted replies to the aggregation (`combine_train`: Flower's, unless a subclass
+  then hands the accepted replies to the aggregation (evaluate: those that carry metrics; under
+  DP a bank may answer with its row count alone) (`combine_train`: Flower's, unless a subclass
   such as server/he_rounds.py replaces it; `check_update` is its per-update gate, run before any
   aggregation and counted as a failure of that bank). A bank that declined to train (its
   privacy budget is spent) is logged and recorded as "declined", not as a failure: the minimum
@@ -105,8 +106,12 @@ class BankRounds:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         round_number = server_round + self.round_offset
         accepted = self._accept("evaluate", round_number, list(replies))
-        metrics = super().aggregate_evaluate(round_number, accepted)  # type: ignore[misc]
-        if metrics is not None:
+        # Under DP a bank may withhold its validation metrics (dp.report_validation) and reply with its
+        # row count alone; Flower averages only replies with the same keys, so those of the others.
+        reporting = [reply for reply in accepted if set(_metrics(reply)) - {protocol.NUM_EXAMPLES}]
+        metrics = super().aggregate_evaluate(round_number, reporting) if reporting else None  # type: ignore[misc]
+        if accepted:
+            metrics = metrics if metrics is not None else MetricRecord()
             metrics["download_bytes"] = self._download_bytes.pop("evaluate", 0)
         self._record_aggregate("evaluate", round_number, metrics)
         return metrics

@@ -23,6 +23,7 @@ def test_dp_yaml_gives_the_documented_defaults():
     assert settings.enabled and settings.target_epsilon == 8.0 and settings.delta == 1e-5
     assert settings.noise_multiplier is None and settings.accountant == "prv"
     assert (settings.logical_batch_size, settings.physical_batch_size) == (256, 32)
+    assert not settings.report_validation  # un-noised validation metrics stay at the bank unless it allows them
     assert privacy["he"] == {"enabled": False}
 
 
@@ -53,6 +54,9 @@ def test_a_bank_sets_its_own_budget_in_the_table_and_in_its_node_config():
     node = {"data-path": "/x", "dp-target-epsilon": 1.0, "dp-noise-multiplier": 2.5}
     mine = DPSettings.from_mapping(block, bank="bank_03", overrides=budget_from_flat(node))
     assert (mine.target_epsilon, mine.noise_multiplier, mine.accountant) == (1.0, 2.5, "rdp")
+    withholding = {**block, "report_validation": True}
+    assert not DPSettings.from_mapping(withholding, overrides=budget_from_flat({"dp-report-validation": False})
+                                       ).report_validation  # the bank's own choice wins
 
 
 def test_a_bank_cannot_override_more_than_its_budget():
@@ -74,6 +78,7 @@ def test_a_bank_cannot_override_more_than_its_budget():
         {"target_epsilon": None, "noise_multiplier": None},
         {"max_grad_norm": 0.0},
         {"optimizer": "adam"},
+        {"report_validation": "yes"},
         {"unknown_key": 1},
     ],
 )
