@@ -3,7 +3,8 @@
 Plots (PNG, matplotlib's Agg backend, no display needed):
 - `global.png`: accuracy and loss of the global model per round, on the global test set and
   averaged over the banks' validation splits, with the baselines as horizontal lines;
-- `banks.png`: each bank's validation accuracy and loss of the global model per round.
+- `banks.png`: each bank's validation accuracy and loss of the global model per round;
+- under DP, `epsilon.png` (simulations/privacy_report.py): each bank's epsilon spent per round.
 """
 
 from __future__ import annotations
@@ -120,11 +121,16 @@ def plot_global(history: History, baselines: Sequence[BaselineResult], path: Pat
 def plot_banks(history: History, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric in zip(axes, ("accuracy", "loss")):
-        for bank, (rounds, values) in sorted(bank_series(history, metric).items()):
+        series = bank_series(history, metric)
+        for bank, (rounds, values) in sorted(series.items()):
             ax.plot(rounds, values, marker=".", label=bank)
+        if not series:
+            ax.text(0.5, 0.5, "no bank reported validation metrics\n(under DP: privacy.dp.report_validation)",
+                    ha="center", va="center", transform=ax.transAxes, color="grey")
         _round_axis(ax)
         ax.set_ylabel(f"validation {metric}")
-    axes[0].legend(fontsize=7, ncol=2)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle("Global model on each bank's validation split")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -137,8 +143,11 @@ def markdown(
     settings: dict[str, object],
     history: History,
     baselines: Sequence[BaselineResult],
+    *,
+    privacy: Sequence[str] = (),
 ) -> str:
-    """The report: settings, the global model per round, each bank, baselines, failures."""
+    """The report: settings, the global model per round, each bank, `privacy` (sections on the
+    privacy spent, see simulations/privacy_report.py), baselines, failures."""
     sections = [
         f"# {title}",
         _table(["setting", "value"], [[key, value] for key, value in settings.items()]),
@@ -154,7 +163,9 @@ def markdown(
         "## Banks (the global model on each bank's validation split, last round it was asked)",
         _table(["bank", "round", "valid accuracy", "valid loss", "rounds trained", "failures"],
                [_bank_row(history, bank) for bank in sorted(history.banks())]),
+        *_withheld_note(history),
         f"![banks]({BANKS_PLOT})",
+        *privacy,
     ]
     if baselines:
         sections += ["## Baselines (global test set, same step budget)", _baseline_table(history, baselines)]
@@ -166,6 +177,16 @@ def markdown(
                    [[r.round, r.phase, r.bank, r.status, _cell(r.reason)] for r in failures]),
         ]
     return "\n\n".join(sections) + "\n"
+
+
+def _withheld_note(history: History) -> list[str]:
+    """A line naming the banks that answered evaluation with their row count only, if any did."""
+    withheld = sorted({r.bank for r in history.select("evaluate") if r.bank != FEDERATION and r.status == "ok"
+                       and "accuracy" not in r.metrics and "loss" not in r.metrics})
+    if not withheld:
+        return []
+    return [f"Validation metrics withheld by {', '.join(withheld)}: under DP a bank reports them only with "
+            "`privacy.dp.report_validation` (they are computed from its records without noise)."]
 
 
 def _bank_row(history: History, bank: str) -> list[object]:

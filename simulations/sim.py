@@ -39,13 +39,15 @@ from safetensors.numpy import load_file
 
 from client.federation_spec import BankSite, FederationSpec
 from conf import CONFIG_DIR, save_resolved_config
-from server.app import write_metrics
+from privacy.dp_settings import DPSettings
+from server.app import dp_round_config, write_metrics
 from server.history import History, jsonable
 from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON
 from simulations import encryption
 from simulations.baselines import CENTRALIZED, BaselineResult, mean_local, run_baselines
 from simulations.federation import FederationLayout, prepare_federation
 from simulations.flower_run import SimulationResources, run_flower_simulation
+from simulations.privacy_report import EPSILON_PLOT, epsilon_section, plot_epsilon
 from simulations.report import (
     BANKS_PLOT,
     GLOBAL_PLOT,
@@ -173,11 +175,22 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
     }
     up, down = wire_bytes_per_parameter(history, _num_params(run_dir / FINAL_STATE))
     settings["model state on the wire, bytes per parameter per bank (up / down; fp32: 4)"] = f"{up:.2f} / {down:.2f}"
-    text = markdown(f"Federated simulation: {cfg.data.name}, {cfg.strategy.name}", settings, history, summary.baselines)
+    text = markdown(f"Federated simulation: {cfg.data.name}, {cfg.strategy.name}", settings, history, summary.baselines,
+                    privacy=_privacy_section(cfg, spec, history, run_dir))
     (run_dir / SUMMARY_FILE).write_text(json.dumps(jsonable(summary.to_dict()), indent=2), encoding="utf-8")
     path = run_dir / REPORT
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _privacy_section(cfg: DictConfig, spec: FederationSpec, history: History, run_dir: Path) -> list[str]:
+    """Under DP: the epsilon plot and the report's section on it (each bank's budget from the config)."""
+    dp = dp_round_config(cfg)
+    if dp is None:
+        return []
+    budgets = {bank.name: DPSettings.from_mapping(dp, bank=bank.name).target_epsilon for bank in spec.banks}
+    plot_epsilon(history, budgets, run_dir / EPSILON_PLOT)
+    return epsilon_section(history, budgets)
 
 
 def _num_params(state_file: Path) -> int:

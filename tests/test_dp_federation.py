@@ -144,8 +144,25 @@ def test_a_dp_federation_on_the_simulation_engine_learns_beyond_the_majority_cla
     history = History.from_json((tmp_path / "run" / "metrics.json").read_text())
     spent = [r.metrics["epsilon"] for r in trained_rows(history)]
     assert len(spent) == 9 and all(0 < e <= 8.0 for e in spent)
+    report_lines = (tmp_path / "run" / "report.md").read_text().splitlines()
+    assert "| bank | budget (epsilon) | delta | round 1 | round 2 | round 3 |" in report_lines
     for bank in range(3):
         ledger = PrivacyLedger.load(ledger_path(tmp_path / "run" / "federation" / "banks" / f"bank_{bank:02d}" / "state",
                                                 "run"))
         assert ledger.accountant == "prv" and ledger.epsilon_spent() <= 8.0
         assert ledger.steps == 3 * 11  # one local epoch a round: ceil(1360 / 128) Poisson batches
+        row = next(line for line in report_lines if line.startswith(f"| bank_{bank:02d} | 8 | 1e-05 |"))
+        assert row.rstrip(" |").endswith(f"{ledger.epsilon_spent():.3f}")  # epsilon after the last round
+    assert (tmp_path / "run" / "epsilon.png").is_file()
+
+
+def test_under_dp_a_bank_reports_validation_metrics_only_where_it_allows_it(tmp_path):
+    """Validation metrics are computed from customer records without noise: by default a DP bank
+    answers federated evaluation with its row count only; bank_2 opts in."""
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=1", "+privacy.dp.banks.bank_2.report_validation=true")
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+
+    reported = {r.bank: set(r.metrics) for r in history.select("evaluate") if r.round == 1 and r.bank != FEDERATION}
+    assert reported["bank_0"] == reported["bank_1"] == {protocol.NUM_EXAMPLES}
+    assert {"accuracy", "loss"} <= reported["bank_2"]
+    assert history.select(CENTRAL)[-1].metrics["accuracy"] >= 0  # the operator's own test set is still evaluated
