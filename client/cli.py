@@ -88,7 +88,7 @@ def cmd_he_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
-def node_options(args: argparse.Namespace) -> tuple[tuple[str, str | float], ...]:
+def node_options(args: argparse.Namespace) -> tuple[tuple[str, str | float | bool], ...]:
     """The optional node config a bank sets on `start`, as (key, value) in Flower's node-config names."""
     from client import protocol
 
@@ -96,6 +96,7 @@ def node_options(args: argparse.Namespace) -> tuple[tuple[str, str | float], ...
         protocol.NODE_STATE_DIR: None if args.state_dir is None else str(args.state_dir),
         "dp-target-epsilon": args.dp_target_epsilon,
         "dp-delta": args.dp_delta,
+        "dp-report-validation": args.dp_report_validation,
         protocol.NODE_HE_CONTEXT: None if args.he_context is None else str(args.he_context),
         protocol.NODE_BINDING_KEY: None if args.binding_key is None else str(args.binding_key),
     }
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--state-dir", type=Path, help="where the bank keeps its privacy ledger (default: state/ beside its data)")
     start.add_argument("--dp-target-epsilon", type=float, help="this bank's own DP budget for the run")
     start.add_argument("--dp-delta", type=float, help="this bank's own DP delta")
+    start.add_argument("--dp-report-validation", action=argparse.BooleanOptionalAction, default=None,
+                       help="under DP, whether this bank reports the global model's (un-noised) metrics on its "
+                            "validation split (default: the federation's privacy.dp.report_validation, off)")
     start.add_argument("--he-context", type=Path, help="the federation's SECRET CKKS context (encrypted runs)")
     start.add_argument("--binding-key", type=Path, help="this bank's update-binding key, KEY.binding (encrypted runs)")
     start.set_defaults(handler=cmd_start)

@@ -70,9 +70,9 @@ class NodeSettings:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     max_retries: int = DEFAULT_MAX_RETRIES
     max_wait_s: float = DEFAULT_MAX_WAIT_S
-    node_options: tuple[tuple[str, str | float], ...] = ()
+    node_options: tuple[tuple[str, str | float | bool], ...] = ()
     """More node config for the ClientApp (state-dir, dp-target-epsilon, he-context, ...): a
-    string value is a path (made absolute), a number stays a number."""
+    string value is a path (made absolute), a number stays a number, a bool a TOML bool."""
 
     @property
     def insecure(self) -> bool:
@@ -148,6 +148,8 @@ def node_config(settings: NodeSettings) -> str:
     for key, value in settings.node_options:
         if isinstance(value, str):
             items.append(f"{key}={toml_literal(str(Path(value).expanduser().resolve()))}")
+        elif isinstance(value, bool):
+            items.append(f"{key}={str(value).lower()}")
         else:
             items.append(f"{key}={float(value)!r}")
     return " ".join(items)

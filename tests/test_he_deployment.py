@@ -6,6 +6,7 @@ import stat
 
 import numpy as np
 import pytest
+from flwr.common.config import parse_config_args
 from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file, save_file
 
@@ -29,16 +30,18 @@ def test_start_passes_the_banks_own_state_dir_budget_and_he_keys_as_node_config(
     args = build_parser().parse_args([
         "start", "--server", "h:1", "--data", str(tmp_path / "bank.yaml"), "--insecure",
         "--state-dir", str(tmp_path / "state"), "--dp-target-epsilon", "3", "--dp-delta", "1e-6",
-        "--he-context", str(tmp_path / "he_secret.ctx"), "--binding-key", str(tmp_path / "bank.binding"),
+        "--dp-report-validation", "--he-context", str(tmp_path / "he_secret.ctx"), "--binding-key", str(tmp_path / "bank.binding"),
     ])
     settings = NodeSettings("h:1", None, None, tmp_path / "bank.yaml", "bank_a", node_options=node_options(args))
     assert node_config(settings) == (
         f"data-path='{tmp_path / 'bank.yaml'}' bank-name='bank_a' state-dir='{tmp_path / 'state'}' "
-        f"dp-target-epsilon=3.0 dp-delta=1e-06 he-context='{tmp_path / 'he_secret.ctx'}' "
+        f"dp-target-epsilon=3.0 dp-delta=1e-06 dp-report-validation=true he-context='{tmp_path / 'he_secret.ctx'}' "
         f"he-binding-key='{tmp_path / 'bank.binding'}'"
     )
     command = supernode_command(settings)
     assert command[command.index("--node-config") + 1] == node_config(settings)
+    parsed = parse_config_args([node_config(settings)])  # as the SuperNode reads it
+    assert parsed["dp-report-validation"] is True and parsed["dp-delta"] == 1e-6
     bare = build_parser().parse_args(["start", "--server", "h:1", "--data", "d.yaml", "--insecure"])
     assert node_options(bare) == ()
 
