@@ -197,7 +197,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     task, site, bank, worker = _prepare(msg, context)
     if bank.valid is None or len(bank.valid) == 0:
         raise ValueError(f"bank {site.name} has no validation rows to evaluate on")
-    metrics = {}
+    metrics: dict[str, float] = {}
     if reports_validation(task, site, context):
         metrics = evaluate(worker.model, worker.tokenizer, bank.valid, local_train_config(task).eval_batch_size)
     content = RecordDict(

@@ -9,12 +9,13 @@ not re-implement aggregation):
 - aggregate_*: checks every reply (error, stale receipt, straggler to drop), logs each failed
   bank with its reason at WARNING, raises `FederationRoundError` listing all reasons when fewer
   banks than the minimum succeeded, records every bank's metrics in the run's History, and only
-  then hands the accepted replies to the aggregation (evaluate: those that carry metrics; under
-  DP a bank may answer with its row count alone) (`combine_train`: Flower's, unless a subclass
+  then hands the accepted replies to the aggregation (`combine_train`: Flower's, unless a subclass
   such as server/he_rounds.py replaces it; `check_update` is its per-update gate, run before any
   aggregation and counted as a failure of that bank). A bank that declined to train (its
   privacy budget is spent) is logged and recorded as "declined", not as a failure: the minimum
   counts the banks that could train, and a round where none could leaves the global state as is.
+  Evaluation averages the replies that carry metrics: under DP a bank may answer with its row
+  count alone (dp.report_validation).
 
 Each round's aggregated metrics also count model-state bytes on the wire, for the report:
 `upload_bytes` (accepted train replies) and `download_bytes` (the train, resp. evaluate,
