@@ -1,7 +1,7 @@
 """What differential privacy costs: step time, and accuracy at a given epsilon.
 
     python -m simulations.bench_dp step-time [--model minilm] [--steps 30] [--warmup 3] [--device cpu]
-    python -m simulations.bench_dp utility [OVERRIDE ...] [--epsilons 1 3 8] [--out DIR]
+    python -m simulations.bench_dp utility [OVERRIDE ...] [--epsilons 1 3 8] [--seeds 0 1] [--out DIR]
     python -m simulations.bench_dp credit [OVERRIDE ...] [--epsilons 8] [--out DIR]
 
 `step-time`: one DP-SGD step (Opacus hooks: per-sample gradients of the LoRA adapters and head,
@@ -184,25 +184,46 @@ SGD 0.05-0.1, clip 0.5-1) stayed below 0.5 in the exploration loop."""
 
 
 def utility(base: tuple[str, ...], recipe: tuple[str, ...], epsilons: list[float], out: Path,
-            overrides: list[str]) -> list[dict[str, float]]:
-    """One simulated federation without DP and one per target epsilon; final central test metrics.
+            overrides: list[str], seeds: tuple[int, ...] = (0,)) -> list[dict[str, float]]:
+    """One simulated federation without DP and one per target epsilon, per seed; final central test metrics.
 
     The row without DP trains with DP's batch size (dp.logical_batch_size) and its own learning
-    rate (train.lr), each regime at the rate that suits it. A run folder in
-    `out` that holds a finished run of the same row is read instead of run again.
+    rate (train.lr), each regime at the rate that suits it. A seed sets the model's initialisation
+    and the training order (`model.seed`, `model.train.seed`), not the banks' data; DP noise and
+    sampling draw from the OS whatever the seed. With several seeds a mean row follows each
+    setting's rows, its ratio the mean accuracy over the mean without DP. A run folder in `out`
+    that holds a finished run of the same row is read instead of run again.
     """
     dp = _config(*base, "privacy=dp", *recipe, *overrides).privacy.dp
-    rows = []
+    rows: list[dict[str, float]] = []
+    no_dp: dict[int, float] = {}
     for epsilon in [None, *epsilons]:
         if epsilon is None:
             privacy = ["privacy=none", f"model.train.batch_size={dp.logical_batch_size}"]
         else:
             privacy = ["privacy=dp", *recipe, f"privacy.dp.target_epsilon={epsilon}"]
         label = "no-dp" if epsilon is None else f"eps-{epsilon:g}"
-        rows.append(_utility_row(_config(*base, *privacy, *overrides), out / label, epsilon))
-        rows[-1]["ratio"] = rows[-1]["accuracy"] / rows[0]["accuracy"]
-        print(_row(rows[-1]), flush=True)
+        runs = []
+        for seed in seeds:
+            seeded = [*overrides, f"model.seed={seed}", f"model.train.seed={seed}"]
+            row = _utility_row(_config(*base, *privacy, *seeded), out / (label + (f"-seed{seed}" if seed else "")), epsilon)
+            no_dp.setdefault(seed, row["accuracy"])
+            runs.append({**row, "seed": seed, "ratio": row["accuracy"] / no_dp[seed]})
+            print(_row(runs[-1]), flush=True)
+        if len(seeds) > 1:
+            runs.append(_mean_row(runs, statistics.fmean(no_dp.values())))
+            print(_row(runs[-1]), flush=True)
+        rows += runs
     return rows
+
+
+def _mean_row(runs: list[dict[str, float]], no_dp_accuracy: float) -> dict[str, float]:
+    """The mean over seeds of one setting's rows; `seed` NaN marks it, `accuracy_sd` is the spread."""
+    mean = {key: statistics.fmean(run[key] for run in runs) for key in runs[0] if key != "seed"}
+    mean["max_bank_epsilon"] = max(run["max_bank_epsilon"] for run in runs)
+    mean["declined"] = sum(run["declined"] for run in runs)
+    mean["accuracy_sd"] = statistics.stdev(run["accuracy"] for run in runs)
+    return {**mean, "seed": math.nan, "ratio": mean["accuracy"] / no_dp_accuracy}
 
 
 def _utility_row(cfg, run_dir: Path, epsilon: float | None) -> dict[str, float]:
@@ -236,7 +257,8 @@ def _finished(run_dir: Path, cfg) -> bool:
 
 def _row(row: dict[str, float]) -> str:
     target = "no DP" if math.isinf(row["target_epsilon"]) else f"{row['target_epsilon']:g}"
-    return (f"| {target:>6} | {row['accuracy']:.4f} | {row['ratio']:.3f} | {row['macro_f1']:.4f} | "
+    seed = f"mean (sd {row['accuracy_sd']:.4f})" if math.isnan(row["seed"]) else f"{row['seed']:g}"
+    return (f"| {target:>6} | {seed} | {row['accuracy']:.4f} | {row['ratio']:.3f} | {row['macro_f1']:.4f} | "
             f"{row['roc_auc']:.4f} | {row['max_bank_epsilon']:.3f} | {row['declined']} | {row['seconds']:.0f} |")
 
 
@@ -253,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, defaults in (("utility", [1.0, 3.0, 8.0]), ("credit", [8.0])):
         sub = commands.add_parser(name, help=f"{name} of DP federations against no DP (full simulations)")
         sub.add_argument("--epsilons", type=float, nargs="+", default=defaults)
+        sub.add_argument("--seeds", type=int, nargs="+", default=[0],
+                         help="model seeds (initialisation, training order); several: a mean row per setting")
         sub.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=3")
     args = parser.parse_args(argv)
@@ -261,10 +285,11 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             out = args.out or Path(scratch)
             print(f"{args.command}: {' '.join([*base, *args.overrides])}")
-            print("| target epsilon | test accuracy | vs no DP | macro-F1 | ROC AUC | max bank epsilon | declined "
-                  "| seconds |")
-            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-            utility(base, TFNS_DP if args.command == "utility" else CREDIT_DP, args.epsilons, out, args.overrides)
+            print("| target epsilon | seed | test accuracy | vs no DP | macro-F1 | ROC AUC | max bank epsilon "
+                  "| declined | seconds |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            utility(base, TFNS_DP if args.command == "utility" else CREDIT_DP, args.epsilons, out, args.overrides,
+                    tuple(args.seeds))
         return
     if args.command == "step-time":
         result = step_time(args.model, args.steps, args.warmup, args.batch, args.threads, args.device)
