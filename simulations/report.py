@@ -185,7 +185,8 @@ def _withheld_note(history: History) -> list[str]:
                        and "accuracy" not in r.metrics and "loss" not in r.metrics})
     if not withheld:
         return []
-    return [f"Validation metrics withheld by {', '.join(withheld)}: under DP a bank reports them only with "
+    who = f"every bank ({len(withheld)})" if len(withheld) == len(history.banks()) else ", ".join(withheld)
+    return [f"Validation metrics withheld by {who}: under DP a bank reports them only with "
             "`privacy.dp.report_validation` (they are computed from its records without noise)."]
 
 

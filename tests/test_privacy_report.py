@@ -6,6 +6,7 @@ import matplotlib.image
 
 from server.history import FEDERATION, History
 from simulations.privacy_report import epsilon_by_bank, epsilon_section, plot_epsilon
+from simulations.report import markdown
 
 
 def dp_history() -> History:
@@ -41,3 +42,17 @@ def test_no_section_and_no_rows_without_dp():
 def test_the_plot_is_written(tmp_path):
     path = plot_epsilon(dp_history(), {"bank_a": 8.0, "bank_b": 3.0}, tmp_path / "epsilon.png")
     assert matplotlib.image.imread(path).shape[:2] == (480, 840)
+
+
+def test_the_report_names_the_banks_that_withheld_validation_metrics():
+    history = dp_history()
+    history.add(2, "evaluate", "bank_a", {"num-examples": 30})
+    history.add(2, "evaluate", "bank_b", {"num-examples": 20, "accuracy": 0.5, "loss": 1.0})
+    assert "Validation metrics withheld by bank_a: under DP" in markdown("t", {}, history, [])
+
+    history.add(2, "evaluate", "bank_c", {"num-examples": 10})
+    history.add(2, "evaluate", "bank_d", {"num-examples": 10})
+    everyone = History([r for r in history.rows if r.bank != "bank_b"])
+    assert "Validation metrics withheld by every bank (3)" in markdown("t", {}, everyone, [])
+    reported = History([r for r in history.rows if r.phase != "evaluate"])
+    assert "withheld" not in markdown("t", {}, reported, [])
