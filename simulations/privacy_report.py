@@ -15,9 +15,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from server.history import FEDERATION, History  # noqa: E402
+from simulations.report import markdown_table, round_axis  # noqa: E402
 
 EPSILON_PLOT = "epsilon.png"
 DECLINED = "declined"
@@ -46,13 +46,11 @@ def epsilon_section(history: History, budgets: Mapping[str, float | None]) -> li
     header = ["bank", "budget (epsilon)", "delta", *[f"round {n}" for n in rounds]]
     rows = [[bank, _budget(budgets.get(bank)), f"{deltas[bank]:g}" if bank in deltas else "-",
              *[_cell(cells[bank].get(n)) for n in rounds]] for bank in sorted(cells)]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return [
         "## Privacy: epsilon each bank has spent (whole run so far) after every round",
         "Record-level (epsilon, delta)-DP of each bank's customers; a bank whose next round would exceed its "
         "budget declines it. A blank cell: the bank was not asked that round.",
-        "\n".join(lines),
+        markdown_table(header, rows),
         f"![epsilon]({EPSILON_PLOT})",
     ]
 
@@ -69,15 +67,14 @@ def plot_epsilon(history: History, budgets: Mapping[str, float | None], path: Pa
                 ax.plot([n], [last], marker="x", markersize=9, color=line.get_color())
             else:
                 last = value
-    for budget in sorted({b for b in budgets.values() if b is not None}):
+    limits = sorted({b for b in budgets.values() if b is not None})
+    for budget in limits:
         ax.axhline(budget, linestyle="--", color="grey", linewidth=1)
         ax.annotate(f"budget {budget:g}", (0, budget), xycoords=("axes fraction", "data"), xytext=(2, 2),
                     textcoords="offset points", fontsize=7, color="grey")
-    ax.set_xlabel("round")
+    round_axis(ax)
     ax.set_ylabel("epsilon spent (run so far)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(0, max([ax.get_ylim()[1], *[b for b in budgets.values() if b is not None]]) * 1.1)
-    ax.grid(alpha=0.3)
+    ax.set_ylim(0, max([ax.get_ylim()[1], *limits]) * 1.1)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, ncol=2, loc="best")
     ax.set_title("Privacy spent per bank (x: declined, over budget)")

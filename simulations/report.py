@@ -108,7 +108,7 @@ def plot_global(history: History, baselines: Sequence[BaselineResult], path: Pat
         ax.plot(x, [getattr(r, f"valid_{metric}") for r in rows], marker="s", label="global model, banks' validation")
         for label, value, style in _baseline_lines(baselines, metric):
             ax.axhline(value, linestyle=style, color="grey", label=label)
-        _round_axis(ax)
+        round_axis(ax)
         ax.set_ylabel(metric)
     axes[0].legend(fontsize=8)
     fig.suptitle("Global model per round")
@@ -127,7 +127,7 @@ def plot_banks(history: History, path: Path) -> Path:
         if not series:
             ax.text(0.5, 0.5, "no bank reported validation metrics\n(under DP: privacy.dp.report_validation)",
                     ha="center", va="center", transform=ax.transAxes, color="grey")
-        _round_axis(ax)
+        round_axis(ax)
         ax.set_ylabel(f"validation {metric}")
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7, ncol=2)
@@ -150,9 +150,9 @@ def markdown(
     privacy spent, see simulations/privacy_report.py), baselines, failures."""
     sections = [
         f"# {title}",
-        _table(["setting", "value"], [[key, value] for key, value in settings.items()]),
+        markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()]),
         "## Global model per round",
-        _table(
+        markdown_table(
             ["round", "test accuracy", "test loss", "mean valid accuracy", "mean valid loss", "train loss",
              "banks ok", "banks failed", "seconds", "upload MB", "download MB"],
             [[r.round, _f(r.test_accuracy), _f(r.test_loss), _f(r.valid_accuracy), _f(r.valid_loss),
@@ -161,7 +161,7 @@ def markdown(
         ),
         f"![global]({GLOBAL_PLOT})",
         "## Banks (the global model on each bank's validation split, last round it was asked)",
-        _table(["bank", "round", "valid accuracy", "valid loss", "rounds trained", "failures"],
+        markdown_table(["bank", "round", "valid accuracy", "valid loss", "rounds trained", "failures"],
                [_bank_row(history, bank) for bank in sorted(history.banks())]),
         *_withheld_note(history),
         f"![banks]({BANKS_PLOT})",
@@ -173,7 +173,7 @@ def markdown(
     if failures:
         sections += [
             "## Failed and dropped replies",
-            _table(["round", "phase", "bank", "status", "reason"],
+            markdown_table(["round", "phase", "bank", "status", "reason"],
                    [[r.round, r.phase, r.bank, r.status, _cell(r.reason)] for r in failures]),
         ]
     return "\n\n".join(sections) + "\n"
@@ -212,16 +212,16 @@ def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> st
                      _f(b.test["loss"])])
     rows.append(["mean local-only", "-", "-", _f(mean_local(list(baselines))),
                  _f(mean_local(list(baselines), "macro_f1")), _f(mean_local(list(baselines), "loss"))])
-    return _table(["model", "train rows", "steps", "test accuracy", "test macro-F1", "test loss"], rows)
+    return markdown_table(["model", "train rows", "steps", "test accuracy", "test macro-F1", "test loss"], rows)
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _round_axis(ax: plt.Axes) -> None:
+def round_axis(ax: plt.Axes) -> None:
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
