@@ -154,11 +154,10 @@ def _declined(msg: Message, site: BankSite, task: RoundTask, reason: str) -> Mes
 
 
 def bank_privacy(task: RoundTask, site: BankSite, context: Context) -> DPTask | None:
-    """The round's DP task for this bank: the federation's settings with the bank's own budget
-    (its `banks:` entry, then its node config) and its ledger; None without DP."""
-    if not task.dp or not task.dp.get("enabled", False):
+    """The round's DP task for this bank: its settings (`bank_dp_settings`) and its ledger; None without DP."""
+    settings = bank_dp_settings(task, site, context)
+    if settings is None:
         return None
-    settings = DPSettings.from_mapping(task.dp, bank=site.name, overrides=budget_from_flat(context.node_config))
     run = task.dp_run or "run"
     ledger = PrivacyLedger.open(
         ledger_path(state_dir(site, context), run),
@@ -170,12 +169,18 @@ def bank_privacy(task: RoundTask, site: BankSite, context: Context) -> DPTask | 
     return DPTask(settings, ledger, round_label=str(task.server_round))
 
 
+def bank_dp_settings(task: RoundTask, site: BankSite, context: Context) -> DPSettings | None:
+    """The round's DP settings with the bank's own budget laid over them (its `banks:` entry, then
+    its node config); None without DP."""
+    if not task.dp or not task.dp.get("enabled", False):
+        return None
+    return DPSettings.from_mapping(task.dp, bank=site.name, overrides=budget_from_flat(context.node_config))
+
+
 def reports_validation(task: RoundTask, site: BankSite, context: Context) -> bool:
     """Whether this bank's evaluate reply may carry metrics: always without DP, under DP if it allows."""
-    if not task.dp or not task.dp.get("enabled", False):
-        return True
-    settings = DPSettings.from_mapping(task.dp, bank=site.name, overrides=budget_from_flat(context.node_config))
-    return settings.report_validation
+    settings = bank_dp_settings(task, site, context)
+    return settings is None or settings.report_validation
 
 
 def state_dir(site: BankSite, context: Context) -> Path:
