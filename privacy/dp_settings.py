@@ -3,8 +3,9 @@
 The federation's config sets the defaults every bank trains with (clipping norm, batch sizes,
 learning rate). The privacy budget, however, is each bank's decision about its own customers:
 a bank may set its own `target_epsilon`, `delta`, `noise_multiplier`, `accountant`,
-`planned_rounds` and whether it reports validation metrics (`report_validation`), either in the config's `banks:` table (keyed by bank name) or in its own node
-configuration (`overrides`). It may not switch DP off or change how updates are computed.
+`planned_rounds` and whether it reports validation metrics (`report_validation`), either in the
+config's `banks:` table (keyed by bank name) or in its own node configuration (`overrides`). It
+may not switch DP off or change how updates are computed.
 """
 
 from __future__ import annotations
