@@ -45,6 +45,7 @@ from server.checkpoint import Checkpointer, save_state
 from server.encrypted_run import EncryptedRun
 from server.fedavg import FedAvgBanks
 from server.fedavg_he import FedAvgHEBanks
+from server.fedavgm import FedAvgMBanks
 from server.fedprox import FedProxBanks
 from server.fedprox_he import FedProxHEBanks
 from server.history import CENTRAL, History
@@ -70,6 +71,9 @@ def main(grid: Grid, context: Context) -> None:
     run_federation(grid, cfg, spec, Path(str(run_config[protocol.RUN_DIR])))
 
 
+STRATEGIES = ("fedavg", "fedprox", "fedavgm")
+
+
 def build_strategy(
     cfg: DictConfig, history: History, round_offset: int = 0, encryption: EncryptedRun | None = None
 ) -> BankRounds:
@@ -89,13 +93,25 @@ def build_strategy(
         "min_evaluate_nodes": min_banks if fraction_evaluate > 0 else 0,
         "min_available_nodes": min_banks,
     }
+    check_strategy(str(strat.name), encrypted=encryption is not None)
     if encryption is not None:
         common.update(encryption.strategy_kwargs())
     if strat.name == "fedavg":
         return (FedAvgHEBanks if encryption else FedAvgBanks)(**common)
     if strat.name == "fedprox":
         return (FedProxHEBanks if encryption else FedProxBanks)(proximal_mu=float(strat.mu), **common)
-    raise ValueError(f"strategy.name must be fedavg or fedprox, got {strat.name!r}")
+    return FedAvgMBanks(server_learning_rate=float(strat.server_lr), server_momentum=float(strat.server_momentum),
+                        **common)
+
+
+def check_strategy(name: str, encrypted: bool) -> None:
+    """Refuse an unknown strategy, or one that needs the plaintext global state under HE, before any
+    bank is prepared (fingpt-sim and fingpt-server call it up front, build_strategy again)."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy.name must be one of {', '.join(STRATEGIES)}, got {name!r}")
+    if encrypted and name == "fedavgm":
+        raise ValueError("strategy=fedavgm needs the plaintext global state, which the server never sees "
+                         "under HE (privacy=he or dp_he): use strategy=fedavg or fedprox")
 
 
 def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: Path) -> History:

@@ -126,7 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from server.app import check_strategy
     from server.deployment import RunFailed, RunRequest, execute, load_config  # torch: only for `run`
+    from server.publish import he_enabled
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = (args.run_dir or args.workdir / "runs" / stamp).resolve()
@@ -138,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.overrides, run_dir)
         encrypted_run_paths(cfg, args.he_public_context, args.workdir)
+        check_strategy(str(cfg.strategy.name), he_enabled(cfg))
     except (HydraException, OmegaConfBaseException) as exc:
         return fail(f"config: {exc}", EXIT_USAGE)
     except (ValueError, OSError) as exc:  # SecretKeyRefused is a ValueError

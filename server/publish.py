@@ -188,6 +188,7 @@ def card_content(cfg: DictConfig, spec: FederationSpec, names: list[str], histor
         "rounds": max((row.round for row in history.rows), default=0),
         "planned_rounds": int(cfg.federation.rounds),
         "strategy": {"name": str(strategy.name), "mu": strategy.get("mu"),
+                     "server_lr": strategy.get("server_lr"), "server_momentum": strategy.get("server_momentum"),
                      "local_epochs": strategy.get("local_epochs"), "local_steps": strategy.get("local_steps")},
         "banks": participating_banks(history),
         "privacy": {"dp": bool(OmegaConf.select(cfg, "privacy.dp.enabled", default=False)),

@@ -40,7 +40,7 @@ from safetensors.numpy import load_file
 from client.federation_spec import BankSite, FederationSpec
 from conf import CONFIG_DIR, save_resolved_config
 from privacy.dp_settings import DPSettings
-from server.app import dp_round_config, write_metrics
+from server.app import check_strategy, dp_round_config, write_metrics
 from server.history import History, jsonable
 from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON
 from simulations import encryption
@@ -132,6 +132,7 @@ def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec
 def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> SimulationSummary:
     """Prepare the banks, run the federation on Flower's simulation engine, then baselines and report."""
     started = time.perf_counter()
+    check_strategy(str(cfg.strategy.name), encryption.encrypted(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = encryption.operator_paths(cfg, run_dir) if encryption.encrypted(cfg) else cfg
     config_path = save_resolved_config(cfg, run_dir)
@@ -157,6 +158,15 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     return summary
 
 
+def strategy_label(strategy: DictConfig) -> str:
+    """The strategy's name with the settings that define it, e.g. "fedavgm (server_lr=1.0, momentum=0.9)"."""
+    if strategy.name == "fedprox":
+        return f"fedprox (mu={strategy.mu})"
+    if strategy.name == "fedavgm":
+        return f"fedavgm (server_lr={strategy.server_lr}, momentum={strategy.server_momentum})"
+    return str(strategy.name)
+
+
 def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summary: SimulationSummary) -> Path:
     run_dir = summary.run_dir
     plot_global(history, summary.baselines, run_dir / GLOBAL_PLOT)
@@ -164,7 +174,7 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
     settings = {
         "data": cfg.data.name,
         "model backbone": cfg.model.backbone,
-        "strategy": cfg.strategy.name + (f" (mu={cfg.strategy.mu})" if cfg.strategy.name == "fedprox" else ""),
+        "strategy": strategy_label(cfg.strategy),
         "banks": f"{len(spec.banks)} ({cfg.federation.partitioner} split)",
         "rounds": cfg.federation.rounds,
         "fraction of banks trained per round": cfg.federation.fraction_train,

@@ -203,3 +203,19 @@ def test_the_operator_workdir_is_created_owner_only(tmp_path, capsys):
 
     assert main(["banks", "--workdir", str(tmp_path / "consortium")]) == 0
     assert mode(tmp_path / "consortium") == 0o700
+
+
+def test_fingpt_server_refuses_server_momentum_under_he_before_starting_anything(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from conf import CONFIG_DIR
+    from privacy.he_context import HEParams, key_ceremony
+    from server.cli import main
+
+    params = HEParams.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he))
+    public = key_ceremony(params, tmp_path / "he").public
+    code = main(["run", "--insecure", "--workdir", str(tmp_path / "op"), "--run-dir", str(tmp_path / "run"),
+                 "--he-public-context", str(public), "privacy=he", "strategy=fedavgm"])
+    assert code == 2
+    assert "strategy=fedavgm needs the plaintext global state" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

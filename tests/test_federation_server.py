@@ -22,6 +22,7 @@ from federation_helpers import InProcessGrid, config, one_torch_thread, simulate
 from server.app import CHECKPOINTS, FINAL_STATE, METRICS_CSV, build_strategy, run_federation
 from server.checkpoint import Checkpointer, CheckpointMismatch
 from server.fedavg import FedAvgBanks
+from server.fedavgm import FedAvgMBanks
 from server.fedprox import FedProxBanks
 from server.history import CENTRAL, FEDERATION, History
 from server.strategy import FederationRoundError, short_reason
@@ -44,6 +45,8 @@ def test_strategy_comes_from_the_config_group():
     assert isinstance(fedprox, FedProxBanks) and fedprox.proximal_mu == 0.3
     assert fedprox.min_banks == fedprox.min_train_nodes == fedprox.min_available_nodes == 3
     assert isinstance(build_strategy(config("strategy=fedavg"), history), FedAvgBanks)
+    fedavgm = build_strategy(config("strategy=fedavgm", "strategy.server_momentum=0.5"), history)
+    assert isinstance(fedavgm, FedAvgMBanks) and (fedavgm.server_momentum, fedavgm.server_learning_rate) == (0.5, 1.0)
 
 
 def test_rounds_write_metrics_and_checkpoints_and_a_restart_resumes(tmp_path):
@@ -115,6 +118,32 @@ def test_fedavg_can_drop_stragglers_as_in_the_fedprox_paper(tmp_path):
     history = run_federation(grid, cfg, spec, tmp_path / "run")
     dropped = [r for r in history.rows if r.status == "dropped"]
     assert [(r.bank, r.metrics["local_steps"], r.metrics["planned_steps"]) for r in dropped] == [("bank_0", 1.0, 3.0)]
+
+
+def _weighted_mean(replies: list) -> dict[str, np.ndarray]:
+    states = [protocol.record_to_state(r.content[protocol.ARRAYS]) for r in replies]
+    weights = [float(r.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in replies]
+    return {name: sum(w * s[name].double().numpy() for w, s in zip(weights, states)) / sum(weights)
+            for name in states[0]}
+
+
+def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentum(tmp_path):
+    cfg, spec, grid = federation(tmp_path, "strategy=fedavgm", "strategy.server_lr=0.8",
+                                 "strategy.server_momentum=0.5", "federation.rounds=2")
+    replies: list = []
+    deliver = grid.send_and_receive
+    grid.send_and_receive = lambda messages, timeout=None: replies.extend(got := list(deliver(messages))) or got
+    run_federation(grid, cfg, spec, tmp_path / "run")
+    sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in train_messages(grid)]
+    w0, w1 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3))
+    trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+    mean1, mean2 = _weighted_mean(trained[:3]), _weighted_mean(trained[3:])
+    final = load_file(str(tmp_path / "run" / FINAL_STATE))
+    for name in w0:
+        step1 = w0[name] - mean1[name]
+        np.testing.assert_allclose(w1[name], w0[name] - 0.8 * step1, atol=1e-6)
+        np.testing.assert_allclose(final[name], w1[name] - 0.8 * (0.5 * step1 + w1[name] - mean2[name]), atol=1e-6)
+    assert any(np.abs(final[n] - mean2[n]).max() > 1e-4 for n in final)  # not plain FedAvg
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):

@@ -25,7 +25,7 @@ from federation_helpers import config, news_data_overrides, write_news_csv
 from server.history import History
 from simulations.baselines import mean_local
 from simulations.flower_run import SimulationFailed
-from simulations.sim import simulate
+from simulations.sim import simulate, strategy_label
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +35,12 @@ SKEWED_BANKS = ["federation=dirichlet", "federation.num_banks=3", "federation.al
 @pytest.fixture(scope="module")
 def news_csv(tmp_path_factory):
     return write_news_csv(tmp_path_factory.mktemp("data") / "news.csv", rows=480)
+
+
+def test_the_report_names_the_strategy_with_its_settings():
+    assert strategy_label(config("strategy=fedavgm").strategy) == "fedavgm (server_lr=1.0, momentum=0.9)"
+    assert strategy_label(config("strategy=fedprox", "strategy.mu=0.1").strategy) == "fedprox (mu=0.1)"
+    assert strategy_label(config("strategy=fedavg").strategy) == "fedavg"
 
 
 def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(news_csv, tmp_path):
@@ -119,3 +125,9 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except psutil.Error:
         return []
+
+
+def test_fingpt_sim_refuses_server_momentum_under_he_before_preparing_any_bank(tmp_path):
+    with pytest.raises(ValueError, match="strategy=fedavgm needs the plaintext global state"):
+        simulate(config("privacy=he", "strategy=fedavgm"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -91,6 +91,13 @@ def test_the_server_holds_only_the_public_context_and_refuses_the_secret_one(tmp
         EncryptedRun.from_config(cfg, tmp_path / "run", initial)
 
 
+def test_server_momentum_is_refused_under_he_where_the_server_never_sees_the_state(tmp_path):
+    cfg, _, _ = federation(tmp_path, "strategy=fedavgm")
+    encryption = EncryptedRun.from_config(cfg, tmp_path / "run", {"w": torch.zeros(3)})
+    with pytest.raises(ValueError, match="strategy=fedavgm needs the plaintext global state"):
+        build_strategy(cfg, History(), encryption=encryption)
+
+
 def test_encrypted_fedavg_equals_plaintext_fedavg_and_only_ciphertext_leaves_a_bank(tmp_path):
     plain_cfg, spec, plain_grid = federation(tmp_path / "plain", "federation.rounds=1", he=False)
     run_federation(plain_grid, plain_cfg, spec, tmp_path / "plain" / "run")
