@@ -21,7 +21,8 @@ Each round's aggregated metrics also count model-state bytes on the wire, for th
 `upload_bytes` (accepted train replies) and `download_bytes` (the train, resp. evaluate,
 messages sent).
 
-Concrete strategies (server/fedavg.py, server/fedprox.py) put this mixin in front of Flower's class.
+Concrete strategies (server/fedavg.py, server/fedprox.py, server/fedavgm.py) put this mixin in front
+of Flower's class.
 """
 
 from __future__ import annotations
