@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -129,6 +131,9 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     arrays = resumed.arrays if resumed else fresh
     if resumed:
         log(WARNING, "Resuming from %s: %d of %d rounds done", run_dir / CHECKPOINTS, done, rounds)
+    strategy = build_strategy(cfg, history, round_offset=done, encryption=encryption)
+    if resumed:
+        strategy.restore_server_state(resumed.server_state)
     round_end = RoundEnd(
         run_dir=run_dir,
         history=history,
@@ -136,6 +141,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
         offset=done,
         arrays=arrays,
         central=None if encryption else CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
+        server_state=strategy.server_state,
     )
     if done < rounds:
         # Flower samples banks with the global `random` module: seeded, a run samples the same banks again.
@@ -150,7 +156,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
             dp_run=run_dir.resolve().name,
             he=encryption.round_config() if encryption else None,
         )
-        build_strategy(cfg, history, round_offset=done, encryption=encryption).start(
+        strategy.start(
             grid=grid,
             initial_arrays=arrays,
             num_rounds=rounds - done,
@@ -229,6 +235,7 @@ class RoundEnd:
     offset: int
     arrays: ArrayRecord
     central: CentralEvaluation | None = None
+    server_state: Callable[[], dict[str, np.ndarray]] = dict  # the strategy's own, checkpointed with the state
     started: float = field(default_factory=time.perf_counter)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -244,7 +251,7 @@ class RoundEnd:
         if metrics:
             self.history.add(round_number, CENTRAL, CENTRAL, metrics)
         if server_round > 0:
-            self.checkpointer.save(round_number, arrays, self.history)
+            self.checkpointer.save(round_number, arrays, self.history, self.server_state())
         write_metrics(self.history, self.run_dir)
         self.started = time.perf_counter()
         return MetricRecord(metrics) if metrics else None

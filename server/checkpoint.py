@@ -1,6 +1,7 @@
 """The global state and the metrics after every round, written atomically, and resumed from.
 
-A checkpoint is a folder `round_NNNN/` (state.safetensors, history.json, meta.json). It is
+A checkpoint is a folder `round_NNNN/` (state.safetensors, history.json, meta.json, and
+server_state.safetensors when the strategy keeps state of its own, e.g. FedAvgM's momentum). It is
 written under a temporary name and renamed into place, so a server killed mid-write leaves
 either the previous checkpoint or the new one, never half of one. The last `keep` rounds are
 kept. Resuming refuses a checkpoint whose state schema differs from the model being trained:
@@ -14,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from server.history import History
 STATE_FILE = "state.safetensors"
 HISTORY_FILE = "history.json"
 META_FILE = "meta.json"
+SERVER_STATE_FILE = "server_state.safetensors"
 PREFIX = "round_"
 
 
@@ -40,6 +42,7 @@ class Checkpoint:
     arrays: ArrayRecord
     history: History
     meta: dict
+    server_state: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -64,12 +67,15 @@ class Checkpointer:
         self.schema = schema
         self.keep = keep
 
-    def save(self, server_round: int, arrays: ArrayRecord, history: History) -> Path:
+    def save(self, server_round: int, arrays: ArrayRecord, history: History,
+             server_state: dict[str, np.ndarray] | None = None) -> Path:
         final = self.folder / f"{PREFIX}{server_round:04d}"
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.folder))
         try:
             save_file(arrays_to_numpy(arrays), str(staging / STATE_FILE))
+            if server_state:
+                save_file(server_state, str(staging / SERVER_STATE_FILE))
             (staging / HISTORY_FILE).write_text(history.up_to(server_round).to_json(), encoding="utf-8")
             info = {"round": server_round, "schema": self.schema, "saved_at": time.time()}
             (staging / META_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
@@ -97,7 +103,9 @@ class Checkpointer:
             )
         arrays = numpy_to_arrays(load_file(str(folder / STATE_FILE)))
         history = History.from_json((folder / HISTORY_FILE).read_text(encoding="utf-8"))
-        return Checkpoint(int(meta["round"]), arrays, history, meta)
+        extra = folder / SERVER_STATE_FILE
+        server_state = load_file(str(extra)) if extra.is_file() else {}
+        return Checkpoint(int(meta["round"]), arrays, history, meta, server_state)
 
     def _rounds(self) -> list[int]:
         if not self.folder.is_dir():

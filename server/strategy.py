@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
@@ -104,6 +105,13 @@ class BankRounds:
     def check_update(self, reply: Message, server_round: int, state_hash: str) -> str:
         """Why an accepted train reply's update must not be aggregated ("" if it may); none here."""
         return ""
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """What the strategy itself must carry across a restart, checkpointed every round; none here."""
+        return {}
+
+    def restore_server_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Take back `server_state()` from the checkpoint a run resumes from; nothing to take here."""
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         round_number = server_round + self.round_offset

@@ -131,9 +131,7 @@ def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentu
     cfg, spec, grid = federation(tmp_path, "strategy=fedavgm", "strategy.server_lr=0.8",
                                  "strategy.server_momentum=0.5", "federation.rounds=2")
     replies: list = []
-    deliver = grid.send_and_receive
-    grid.send_and_receive = lambda messages, timeout=None: replies.extend(got := list(deliver(messages))) or got
-    run_federation(grid, cfg, spec, tmp_path / "run")
+    run_federation(_recording(grid, replies), cfg, spec, tmp_path / "run")
     sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in train_messages(grid)]
     w0, w1 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3))
     trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
@@ -144,6 +142,32 @@ def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentu
         np.testing.assert_allclose(w1[name], w0[name] - 0.8 * step1, atol=1e-6)
         np.testing.assert_allclose(final[name], w1[name] - 0.8 * (0.5 * step1 + w1[name] - mean2[name]), atol=1e-6)
     assert any(np.abs(final[n] - mean2[n]).max() > 1e-4 for n in final)  # not plain FedAvg
+
+
+def _recording(grid: InProcessGrid, replies: list) -> InProcessGrid:
+    deliver = grid.send_and_receive
+    grid.send_and_receive = lambda messages, timeout=None: replies.extend(got := list(deliver(messages))) or got
+    return grid
+
+
+def test_fedavgm_momentum_is_checkpointed_and_a_resumed_run_goes_on_with_it(tmp_path):
+    fedavgm = ("strategy=fedavgm", "strategy.server_momentum=0.5")
+    replies: list = []
+    cfg, spec, grid = federation(tmp_path, *fedavgm, "federation.rounds=2")
+    run_federation(_recording(grid, replies), cfg, spec, tmp_path / "run")
+    first = train_messages(grid)
+    cfg, spec, grid = federation(tmp_path, *fedavgm, "federation.rounds=3")
+    run_federation(_recording(grid, replies), cfg, spec, tmp_path / "run")
+    sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in [*first, *train_messages(grid)]]
+    w0, w1, w2 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3, 6))
+    trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+    mean1, mean2, mean3 = (_weighted_mean(trained[i:i + 3]) for i in (0, 3, 6))
+    momentum = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0002" / "server_state.safetensors"))
+    final = load_file(str(tmp_path / "run" / FINAL_STATE))
+    for name in w0:
+        v2 = 0.5 * (w0[name] - mean1[name]) + w1[name] - mean2[name]
+        np.testing.assert_allclose(momentum["momentum." + name], v2, atol=1e-6)
+        np.testing.assert_allclose(final[name], w2[name] - (0.5 * v2 + w2[name] - mean3[name]), atol=1e-6)
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
