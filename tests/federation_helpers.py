@@ -155,3 +155,16 @@ class InProcessGrid(Grid):
             except Exception as error:  # noqa: BLE001 - Flower turns any ClientApp exception into an error reply
                 replies.append(Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message))
         return replies
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps every reply, as the operator's side of the wire sees it."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.replies = []
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        self.replies += replies
+        return replies

@@ -18,7 +18,7 @@ from client import protocol
 from client.app import app as client_app
 from client.app import train as client_train
 from client.protocol import Receipt
-from federation_helpers import InProcessGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
+from federation_helpers import InProcessGrid, RecordingGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
 from server.app import CHECKPOINTS, FINAL_STATE, METRICS_CSV, build_strategy, run_federation
 from server.checkpoint import Checkpointer, CheckpointMismatch
 from server.fedavg import FedAvgBanks
@@ -28,11 +28,11 @@ from server.history import CENTRAL, FEDERATION, History
 from server.strategy import FederationRoundError, short_reason
 
 
-def federation(tmp_path: Path, *overrides: str, fail=(), work=None, app: ClientApp = client_app):
+def federation(tmp_path: Path, *overrides: str, fail=(), work=None, app: ClientApp = client_app, grid=InProcessGrid):
     spec = write_federation(tmp_path / "data", fail=fail, work=work)
     nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(spec.banks))
     cfg = config("strategy.local_steps=3", *overrides)
-    return cfg, spec, InProcessGrid(app, nodes, run_config)
+    return cfg, spec, grid(app, nodes, run_config)
 
 
 def train_messages(grid: InProcessGrid) -> list:
@@ -129,12 +129,11 @@ def _weighted_mean(replies: list) -> dict[str, np.ndarray]:
 
 def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentum(tmp_path):
     cfg, spec, grid = federation(tmp_path, "strategy=fedavgm", "strategy.server_lr=0.8",
-                                 "strategy.server_momentum=0.5", "federation.rounds=2")
-    replies: list = []
-    run_federation(_recording(grid, replies), cfg, spec, tmp_path / "run")
+                                 "strategy.server_momentum=0.5", "federation.rounds=2", grid=RecordingGrid)
+    run_federation(grid, cfg, spec, tmp_path / "run")
     sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in train_messages(grid)]
     w0, w1 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3))
-    trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+    trained = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN]
     mean1, mean2 = _weighted_mean(trained[:3]), _weighted_mean(trained[3:])
     final = load_file(str(tmp_path / "run" / FINAL_STATE))
     for name in w0:
@@ -144,23 +143,15 @@ def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentu
     assert any(np.abs(final[n] - mean2[n]).max() > 1e-4 for n in final)  # not plain FedAvg
 
 
-def _recording(grid: InProcessGrid, replies: list) -> InProcessGrid:
-    deliver = grid.send_and_receive
-    grid.send_and_receive = lambda messages, timeout=None: replies.extend(got := list(deliver(messages))) or got
-    return grid
-
-
 def test_fedavgm_momentum_is_checkpointed_and_a_resumed_run_goes_on_with_it(tmp_path):
     fedavgm = ("strategy=fedavgm", "strategy.server_momentum=0.5")
-    replies: list = []
-    cfg, spec, grid = federation(tmp_path, *fedavgm, "federation.rounds=2")
-    run_federation(_recording(grid, replies), cfg, spec, tmp_path / "run")
-    first = train_messages(grid)
-    cfg, spec, grid = federation(tmp_path, *fedavgm, "federation.rounds=3")
-    run_federation(_recording(grid, replies), cfg, spec, tmp_path / "run")
-    sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in [*first, *train_messages(grid)]]
+    cfg, spec, before = federation(tmp_path, *fedavgm, "federation.rounds=2", grid=RecordingGrid)
+    run_federation(before, cfg, spec, tmp_path / "run")
+    cfg, spec, after = federation(tmp_path, *fedavgm, "federation.rounds=3", grid=RecordingGrid)
+    run_federation(after, cfg, spec, tmp_path / "run")
+    sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in [*train_messages(before), *train_messages(after)]]
     w0, w1, w2 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3, 6))
-    trained = [r for r in replies if r.metadata.message_type == MessageType.TRAIN]
+    trained = [r for r in [*before.replies, *after.replies] if r.metadata.message_type == MessageType.TRAIN]
     mean1, mean2, mean3 = (_weighted_mean(trained[i:i + 3]) for i in (0, 3, 6))
     momentum = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0002" / "server_state.safetensors"))
     final = load_file(str(tmp_path / "run" / FINAL_STATE))

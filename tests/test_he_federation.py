@@ -24,7 +24,7 @@ from client.app import evaluate_global
 from client.app import train as client_train
 from client.handover import decrypt_final_state
 from client.protocol import Receipt
-from federation_helpers import InProcessGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
+from federation_helpers import RecordingGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
 from privacy.he_context import SECRET_NAME, HEParams, SecretKeyRefused, key_ceremony, load_secret_context
 from privacy.he_global import decrypt_global
 from privacy.he_packing import EncryptedUpdate, decrypt_mean, schema_of
@@ -35,19 +35,6 @@ from server.strategy import FederationRoundError
 from simulations.encryption import HE_DIR, bank_secrets, operator_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-class RecordingGrid(InProcessGrid):
-    """Keeps every reply, as the operator's side of the wire sees it."""
-
-    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        super().__init__(*args, **kwargs)
-        self.replies = []
-
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.replies += replies
-        return replies
 
 
 def federation(tmp_path: Path, *overrides: str, he: bool = True, app: ClientApp = client_app, grid=RecordingGrid,
