@@ -171,15 +171,20 @@ Why, measured at epsilon 8 (final test accuracy, one run each unless said): Adam
 clip 5 reached 0.49 and 0.63; restarted every round, Adam's first steps are full-size in every
 coordinate, the noise-dominated ones too, while SGD's momentum sums gradients so that the noise
 averages out: SGD at lr 0.5 and clip 2 reached 0.708 and 0.713 (two runs); lr 1 was unstable
-(0.66-0.71, and diverged at epsilon 1 and 3). Clip 1 under AdamW fell to the majority class:
-with the logit-adjusted loss the rare classes' per-record gradient norms start near 5 and
-neutral's near 0.1, and a bound far below the rare classes' undoes the adjustment. Fewer trainable
-parameters (FFA-LoRA r 2 on query/value: 10k instead of 149k; the head alone: 1.2k) did not do
-better (0.65-0.70). Server momentum (strategy=fedavgm) led FedAvg by ~0.02 for three rounds, then
-the global model swung away from the majority class (momentum 0.9: accuracy 0.26-0.34 in rounds
-4 and 6 of seeds 0 and 1; 0.5: 0.28 in round 4). Averaging the last two global states (post-processing)
-did not help either (seeds 0-2: 0.703, 0.717, 0.709 against 0.721, 0.726, 0.706 for the last
-state): the runs are short of progress, not of noise averaging."""
+(0.66-0.71, and diverged at epsilon 1 and 3). Clip 1 under AdamW fell to the majority class: with
+the logit-adjusted loss the rare classes' per-record gradient norms start near 5 and neutral's near
+0.1, and a bound far below the rare classes' undoes the adjustment. Fewer trainable parameters
+(FFA-LoRA r 2 on query/value: 10k instead of 149k; the head alone: 1.2k) did not do better
+(0.65-0.70). Server momentum (strategy=fedavgm) led FedAvg by ~0.02 for three rounds, then the
+global model swung away from the majority class (momentum 0.9: accuracy 0.26-0.34 in rounds 4 and 6
+of seeds 0 and 1; 0.5: 0.28 in round 4). Averaging the last two global states (post-processing) did
+not help either (seeds 0-2: 0.703, 0.717, 0.709 against 0.721, 0.726, 0.706 for the last state): the
+runs are short of progress, not of noise averaging. Nor did, on CPU with seed 0 (accuracy after
+rounds 3 / 4 / 5 against this recipe's 0.672 / 0.672 / 0.706): FFA-LoRA r 8 (0.663 / 0.664 / 0.667),
+every dropout off (0.670 after round 3), logit adjustment 1.5 under DP (0.399 after round 3:
+minority classes over-predicted), a clipping bound of the head's own (Opacus per-layer clipping,
+tried and not kept; head 0.5 of 2: 0.636 / 0.614; head 0.6 of 1.2: 0.651 / 0.649). dp.lr 0.7 ended
+at 0.707 and 0.683 (seeds 0, 1; this recipe: 0.721, 0.726)."""
 CREDIT_DP = ("privacy.dp.logical_batch_size=128", "privacy.dp.lr=1e-2", "privacy.dp.max_grad_norm=5.0")
 """The credit DP rows' recipe: AdamW at dp.lr 1e-2, clip 5. Credit's 7 banks take only 25 steps in
 5 rounds over 490k trainable parameters (the series encoder and fusion too); at epsilon 8 this
