@@ -128,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from server.app import check_strategy
     from server.deployment import RunFailed, RunRequest, execute, load_config  # torch: only for `run`
-    from server.publish import he_enabled
+    from server.encrypted_run import he_enabled
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = (args.run_dir or args.workdir / "runs" / stamp).resolve()
@@ -162,11 +162,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def encrypted_run_paths(cfg: DictConfig, public_context: Path | None, workdir: Path) -> None:
     """With privacy.he on: the public context (flag, else config) is required and checked to hold no
     secret key before anything starts; the banks' binding keys default to WORKDIR/banks."""
-    he = cfg.get("privacy", {}).get("he")
-    if he is None or not he.get("enabled", False):
+    from server.encrypted_run import he_enabled
+
+    if not he_enabled(cfg):
         return
     from privacy.he_context import load_public_context
 
+    he = cfg.privacy.he
     path = public_context or (Path(str(he.public_context)).expanduser() if he.get("public_context") else None)
     if path is None:
         raise ValueError("privacy.he is on: pass --he-public-context he_public.ctx (from the banks' he-keygen)")

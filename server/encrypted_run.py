@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from client import protocol
 from client.handover import FINAL_CIPHERTEXT, INITIAL_STATE
@@ -35,6 +35,11 @@ GUARD_FILE = "he_replay_guard.json"
 BINDING_SUFFIX = ".binding"
 
 
+def he_enabled(cfg: DictConfig) -> bool:
+    """Whether the run encrypts bank updates (`privacy.he.enabled`)."""
+    return bool(OmegaConf.select(cfg, "privacy.he.enabled", default=False))
+
+
 @dataclass(frozen=True)
 class EncryptedRun:
     he: HEContext
@@ -45,10 +50,9 @@ class EncryptedRun:
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: Path, initial: Mapping[str, torch.Tensor]) -> "EncryptedRun | None":
         """None without HE; else the checked public context and keys (and the initial state written)."""
-        privacy = cfg.get("privacy")
-        he_cfg = None if privacy is None else privacy.get("he")
-        if he_cfg is None or not he_cfg.get("enabled", False):
+        if not he_enabled(cfg):
             return None
+        he_cfg = cfg.privacy.he
         context_path, keys_dir = he_cfg.get("public_context"), he_cfg.get("binding_keys")
         if not context_path or not keys_dir:
             raise ValueError("privacy.he.enabled needs privacy.he.public_context (the ceremony's he_public.ctx) "

@@ -34,6 +34,7 @@ from model.merge import merge_lora
 from model.published import BACKBONE_DIR, HYBRID_WEIGHTS, folder_files, folder_sha256, write_published
 from model.quantize import RECIPES, VARIANTS, load_variant, serialized_bytes, stored_folder
 from model.state import load_federated_state
+from server.encrypted_run import he_enabled
 from server.history import History
 from server.model_card import final_metrics, participating_banks, privacy_spent, write_card
 from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON, RESOLVED_CONFIG
@@ -59,10 +60,6 @@ class PublishSettings:
         if "variants" in values:
             values["variants"] = tuple(values["variants"])
         return cls(**values)
-
-
-def he_enabled(cfg: DictConfig) -> bool:
-    return bool(OmegaConf.select(cfg, "privacy.he.enabled", default=False))
 
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:

@@ -32,11 +32,6 @@ HE_DIR = "he"
 BINDINGS = "bindings"
 
 
-def encrypted(cfg: DictConfig) -> bool:
-    he = cfg.get("privacy", {}).get("he")
-    return bool(he is not None and he.get("enabled", False))
-
-
 def operator_paths(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """`cfg` with the operator's public context and binding-key folder inside the run folder."""
     cfg = copy.deepcopy(cfg)

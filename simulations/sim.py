@@ -41,6 +41,7 @@ from client.federation_spec import BankSite, FederationSpec
 from conf import CONFIG_DIR, save_resolved_config
 from privacy.dp_settings import DPSettings
 from server.app import check_strategy, dp_round_config, write_metrics
+from server.encrypted_run import he_enabled
 from server.history import History, jsonable
 from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON
 from simulations import encryption
@@ -132,20 +133,20 @@ def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec
 def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> SimulationSummary:
     """Prepare the banks, run the federation on Flower's simulation engine, then baselines and report."""
     started = time.perf_counter()
-    check_strategy(str(cfg.strategy.name), encryption.encrypted(cfg))
+    check_strategy(str(cfg.strategy.name), he_enabled(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = encryption.operator_paths(cfg, run_dir) if encryption.encrypted(cfg) else cfg
+    cfg = encryption.operator_paths(cfg, run_dir) if he_enabled(cfg) else cfg
     config_path = save_resolved_config(cfg, run_dir)
     layout = prepare_federation(cfg, run_dir / "federation")
     spec = federation_spec(cfg, layout)
-    if encryption.encrypted(cfg):
+    if he_enabled(cfg):
         spec = encryption.bank_secrets(cfg, run_dir, spec)
     spec_path = spec.save(run_dir / FEDERATION_SPEC)
     sim = simulation_settings(cfg)
     resources = SimulationResources(int(sim["client_cpus"]), float(sim["client_gpus"]), sim["total_cpus"])
     run_flower_simulation(run_dir, config_path, spec_path, len(spec.banks), resources, echo=echo)
     history = History.from_json((run_dir / METRICS_JSON).read_text(encoding="utf-8"))
-    if encryption.encrypted(cfg):
+    if he_enabled(cfg):
         encryption.publish_and_test(cfg, spec, run_dir, history)
         write_metrics(history, run_dir)
     baselines = run_baselines(cfg, spec, resources.client_cpus) if cfg.get("baseline", False) else []
@@ -181,7 +182,7 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
         "stragglers": ", ".join(f"{b.name} ({b.work:.0%} of the work)" for b in spec.banks if b.work < 1) or "none",
         "wall time (s)": f"{summary.seconds:.1f}",
         "encryption": "CKKS (TenSEAL): the operator adds ciphertexts; the last round's test metrics are of the "
-                      "final global decrypted by a bank (bf16-rounded)" if encryption.encrypted(cfg) else "none",
+                      "final global decrypted by a bank (bf16-rounded)" if he_enabled(cfg) else "none",
     }
     up, down = wire_bytes_per_parameter(history, _num_params(run_dir / FINAL_STATE))
     settings["model state on the wire, bytes per parameter per bank (up / down; fp32: 4)"] = f"{up:.2f} / {down:.2f}"
