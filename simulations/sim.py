@@ -133,20 +133,21 @@ def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec
 def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> SimulationSummary:
     """Prepare the banks, run the federation on Flower's simulation engine, then baselines and report."""
     started = time.perf_counter()
-    check_strategy(str(cfg.strategy.name), he_enabled(cfg))
+    encrypted = he_enabled(cfg)
+    check_strategy(str(cfg.strategy.name), encrypted)
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = encryption.operator_paths(cfg, run_dir) if he_enabled(cfg) else cfg
+    cfg = encryption.operator_paths(cfg, run_dir) if encrypted else cfg
     config_path = save_resolved_config(cfg, run_dir)
     layout = prepare_federation(cfg, run_dir / "federation")
     spec = federation_spec(cfg, layout)
-    if he_enabled(cfg):
+    if encrypted:
         spec = encryption.bank_secrets(cfg, run_dir, spec)
     spec_path = spec.save(run_dir / FEDERATION_SPEC)
     sim = simulation_settings(cfg)
     resources = SimulationResources(int(sim["client_cpus"]), float(sim["client_gpus"]), sim["total_cpus"])
     run_flower_simulation(run_dir, config_path, spec_path, len(spec.banks), resources, echo=echo)
     history = History.from_json((run_dir / METRICS_JSON).read_text(encoding="utf-8"))
-    if he_enabled(cfg):
+    if encrypted:
         encryption.publish_and_test(cfg, spec, run_dir, history)
         write_metrics(history, run_dir)
     baselines = run_baselines(cfg, spec, resources.client_cpus) if cfg.get("baseline", False) else []
