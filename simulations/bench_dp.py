@@ -186,7 +186,12 @@ minority classes over-predicted), a clipping bound of the head's own (Opacus per
 tried and not kept; head 0.5 of 2: 0.636 / 0.614; head 0.6 of 1.2: 0.651 / 0.649). dp.lr 0.7 ended
 at 0.707 and 0.683 (seeds 0, 1), 0.35 at 0.698 (seed 0; this recipe: 0.721, 0.726). An expected
 batch of 256 (physical 64) was no better than 128 up to round 5 (after it: 0.697 and 0.686 against
-0.706 and 0.706, seeds 0 and 1), when Ray's memory monitor stopped both runs (~4.4 GB a client)."""
+0.706 and 0.706, seeds 0 and 1), when Ray's memory monitor stopped both runs (~4.4 GB a client).
+At the end every class's per-record gradient norm exceeds the bound 2, so DP-SGD weighs records
+alike and under-predicts the rare classes (seed 1 recall 0.45 / 0.25 / 0.93, no DP 0.56 / 0.53 /
+0.89); undoing that did not help: clip 4 at dp.lr 0.25 (same noise) balanced the recall but ended
+at 0.708, 0.697, 0.713 (seeds 0-2), logit adjustment 1.25 under DP was behind after round 5 (0.618,
+0.706, 0.629 against 0.706, 0.706, 0.698)."""
 CREDIT_DP = ("privacy.dp.logical_batch_size=128", "privacy.dp.lr=1e-2", "privacy.dp.max_grad_norm=5.0")
 """The credit DP rows' recipe: AdamW at dp.lr 1e-2, clip 5. Credit's 7 banks take only 25 steps in
 5 rounds over 490k trainable parameters (the series encoder and fusion too); at epsilon 8 this
