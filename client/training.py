@@ -24,9 +24,9 @@ to the bank's budget (privacy/dp_label_prior.py).
 Differential privacy: with `privacy=` (a privacy.dp_training.DPTask) the round is Opacus DP-SGD
 (privacy/dp_training.py): Poisson batches of `dp.logical_batch_size` records in physical pieces,
 per-sample clipping and noise, the bank's ledger charged before the first step (a round over
-budget raises BudgetExceeded before training) and settled after it; `dp.lr` replaces the
-learning rate, a step is one logical batch, and the FedProx hook runs after the noise. Only the
-parameters this kind of data reaches are stepped (DP-SGD needs a per-sample gradient for each),
+budget raises BudgetExceeded before training) and settled after it; `dp.lr`, `dp.optimizer` and
+`dp.weight_decay` replace their train counterparts, a step is one logical batch, and the FedProx
+hook runs after the noise. Only the parameters this kind of data reaches are stepped (DP-SGD needs a per-sample gradient for each),
 and a round whose stepped tensors did not move raises StateUnchangedError (Opacus issue 820).
 Early stopping on `valid` picks a state by un-noised validation metrics, which lies outside the
 DP guarantee of those validation records (the ClientApp passes no `valid`).
@@ -127,9 +127,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def private_config(cfg: TrainConfig, dp: DPSettings) -> TrainConfig:
-    """The train config under DP: batches are the logical batches; `dp.lr` and `dp.optimizer` when set."""
+    """The train config under DP: batches are the logical batches; `dp.lr`, `dp.optimizer` and
+    `dp.weight_decay` when set."""
     return replace(cfg, batch_size=dp.logical_batch_size, lr=dp.lr if dp.lr is not None else cfg.lr,
-                   optimizer=dp.optimizer or cfg.optimizer)
+                   optimizer=dp.optimizer or cfg.optimizer,
+                   weight_decay=dp.weight_decay if dp.weight_decay is not None else cfg.weight_decay)
 
 
 def reached_parameters(model: HybridFinGPT, data: BankDataset) -> list[str]:

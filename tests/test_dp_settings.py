@@ -33,13 +33,15 @@ def test_dp_he_yaml_turns_on_both_layers_with_he_yaml_parameters():
     assert privacy["he"] == {**_privacy("he")["he"], "enabled": True}
 
 
-def test_dp_optimizer_and_lr_replace_the_train_config_only_when_set():
-    train = TrainConfig(optimizer="adamw", lr=5e-4, batch_size=32)
+def test_dp_optimizer_lr_and_weight_decay_replace_the_train_config_only_when_set():
+    train = TrainConfig(optimizer="adamw", lr=5e-4, batch_size=32, weight_decay=0.01)
     kept = private_config(train, DPSettings(enabled=True, logical_batch_size=128))
-    assert (kept.optimizer, kept.lr, kept.batch_size) == ("adamw", 5e-4, 128)
-    private = private_config(train, DPSettings(enabled=True, optimizer="sgd", lr=0.5, logical_batch_size=128))
-    assert (private.optimizer, private.lr, private.momentum) == ("sgd", 0.5, train.momentum)
-    assert isinstance(build_optimizer(torch.nn.Linear(2, 2), private), torch.optim.SGD)
+    assert (kept.optimizer, kept.lr, kept.batch_size, kept.weight_decay) == ("adamw", 5e-4, 128, 0.01)
+    private = private_config(train, DPSettings(enabled=True, optimizer="sgd", lr=0.5, weight_decay=0.0,
+                                               logical_batch_size=128))
+    assert (private.optimizer, private.lr, private.momentum, private.weight_decay) == ("sgd", 0.5, train.momentum, 0.0)
+    optimizer = build_optimizer(torch.nn.Linear(2, 2), private)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_none_yaml_disables_dp():
@@ -78,6 +80,7 @@ def test_a_bank_cannot_override_more_than_its_budget():
         {"target_epsilon": None, "noise_multiplier": None},
         {"max_grad_norm": 0.0},
         {"optimizer": "adam"},
+        {"weight_decay": -0.1},
         {"report_validation": "yes"},
         {"unknown_key": 1},
     ],
