@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = local_train_config(task)
     privacy = bank_privacy(task, site, context)
     if privacy is not None:
-        cfg = private_config(cfg, privacy.settings)
+        cfg = private_config(cfg, privacy.settings, privacy.server_round)
     planned = planned_steps(len(bank.train), cfg, task.local_steps)
     steps = max(1, math.ceil(site.work * planned))
     anchor = federated_state(worker.model)
@@ -166,7 +166,7 @@ def bank_privacy(task: RoundTask, site: BankSite, context: Context) -> DPTask | 
         delta=settings.delta,
         target_epsilon=settings.target_epsilon,
     )
-    return DPTask(settings, ledger, round_label=str(task.server_round))
+    return DPTask(settings, ledger, round_label=str(task.server_round), server_round=task.server_round)
 
 
 def bank_dp_settings(task: RoundTask, site: BankSite, context: Context) -> DPSettings | None:

@@ -126,10 +126,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def private_config(cfg: TrainConfig, dp: DPSettings) -> TrainConfig:
-    """The train config under DP: batches are the logical batches; `dp.lr`, `dp.optimizer` and
-    `dp.weight_decay` when set."""
-    return replace(cfg, batch_size=dp.logical_batch_size, lr=dp.lr if dp.lr is not None else cfg.lr,
+def private_config(cfg: TrainConfig, dp: DPSettings, server_round: int | None = None) -> TrainConfig:
+    """The train config under DP: batches are the logical batches; `dp.lr` (in `server_round`, see
+    `DPSettings.lr_in_round`), `dp.optimizer` and `dp.weight_decay` when set."""
+    lr = dp.lr_in_round(server_round)
+    return replace(cfg, batch_size=dp.logical_batch_size, lr=lr if lr is not None else cfg.lr,
                    optimizer=dp.optimizer or cfg.optimizer,
                    weight_decay=dp.weight_decay if dp.weight_decay is not None else cfg.weight_decay)
 
@@ -184,7 +185,7 @@ def train_local(
     """
     cfg = TrainConfig.from_mapping(cfg)
     if privacy is not None:
-        cfg = private_config(cfg, privacy.settings)
+        cfg = private_config(cfg, privacy.settings, privacy.server_round)
     _check_compatible(model, train)
     device = resolve_device(cfg.device)
     model.to(device)

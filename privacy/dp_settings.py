@@ -10,6 +10,7 @@ may not switch DP off or change how updates are computed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -45,6 +46,9 @@ class DPSettings:
     """Rounds this bank expects to train, for calibrating the noise; None: the run's rounds."""
     lr: float | None = None
     """Learning rate under DP (noisy, large-batch steps want a larger one); None keeps train.lr."""
+    lr_final: float | None = None
+    """With `lr`: the learning rate decays by a cosine across rounds, from `lr` in round 1 to this in
+    round `planned_rounds` (which the server sets to the run's rounds); None keeps `lr` every round."""
     optimizer: str | None = None
     """Optimizer under DP (adamw | sgd); None keeps train.optimizer. SGD with momentum sums the
     noisy gradients, so noise averages out over steps; Adam restarted every round takes its first
@@ -88,12 +92,22 @@ class DPSettings:
             raise ValueError(f"dp.label_prior_noise must be > 0, got {self.label_prior_noise}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"dp.lr must be > 0 or null, got {self.lr}")
+        if self.lr_final is not None and (self.lr is None or self.lr_final <= 0):
+            raise ValueError(f"dp.lr_final must be > 0 and needs dp.lr, got lr_final {self.lr_final}, lr {self.lr}")
         if self.weight_decay is not None and self.weight_decay < 0:
             raise ValueError(f"dp.weight_decay must be >= 0 or null, got {self.weight_decay}")
         if not isinstance(self.report_validation, bool):
             raise ValueError(f"dp.report_validation must be true or false, got {self.report_validation!r}")
         if self.optimizer not in (None, "adamw", "sgd"):
             raise ValueError(f"dp.optimizer must be adamw, sgd or null, got {self.optimizer!r}")
+
+    def lr_in_round(self, server_round: int | None) -> float | None:
+        """`lr` in round `server_round` (from 1): the cosine from `lr` to `lr_final` over `planned_rounds`
+        rounds when both are set, else `lr`."""
+        if self.lr_final is None or server_round is None or not self.planned_rounds or self.planned_rounds < 2:
+            return self.lr
+        progress = min(max(server_round - 1, 0), self.planned_rounds - 1) / (self.planned_rounds - 1)
+        return self.lr_final + (self.lr - self.lr_final) * (1 + math.cos(math.pi * progress)) / 2
 
     @classmethod
     def from_mapping(

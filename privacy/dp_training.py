@@ -48,6 +48,8 @@ class DPTask:
     settings: DPSettings
     ledger: PrivacyLedger
     round_label: str
+    server_round: int | None = None
+    """The federation round (from 1), for a learning rate that changes across rounds (dp.lr_final)."""
     planned_rounds: int | None = None
     """Rounds to calibrate the noise for (default: settings.planned_rounds)."""
     seed: int | None = None

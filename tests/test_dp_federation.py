@@ -12,20 +12,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Context, Message, MessageType, RecordDict
 from safetensors.numpy import load_file
 
 from client import protocol
 from client.app import app as client_app
 from client.bank_data import load_bank
 from federation_helpers import (  # noqa: F401
+    CLASSES,
     InProcessGrid,
     config,
     news_data_overrides,
     one_torch_thread,
+    server_identity,
     simulated_nodes,
+    tiny_model,
+    write_bank,
     write_federation,
     write_news_csv,
 )
+from model.build import build_model
+from model.state import federated_state
 from privacy.dp_budget import PrivacyLedger, ledger_path
 from server.app import CHECKPOINTS, FINAL_STATE, run_federation
 from server.history import CENTRAL, FEDERATION, History
@@ -166,3 +173,31 @@ def test_under_dp_a_bank_reports_validation_metrics_only_where_it_allows_it(tmp_
     assert reported["bank_0"] == reported["bank_1"] == {protocol.NUM_EXAMPLES}
     assert {"accuracy", "loss"} <= reported["bank_2"]
     assert history.select(CENTRAL)[-1].metrics["accuracy"] >= 0  # the operator's own test set is still evaluated
+
+
+def test_a_bank_trains_at_the_dp_learning_rate_of_the_round_it_is_sent(tmp_path):
+    """dp.lr_final 100x below dp.lr: the last planned round's update is far smaller than the first's."""
+    folder = write_bank(tmp_path / "bank_a", "bank_a", [0.6, 0.2, 0.2], seed=1)
+    model, _ = build_model(tiny_model(), len(CLASSES), 0)
+    initial = federated_state(model)
+    dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 0.01, "accountant": "rdp", "max_grad_norm": 1.0,
+          "logical_batch_size": 16, "physical_batch_size": 8, "optimizer": "sgd", "lr": 0.5, "lr_final": 0.005,
+          "planned_rounds": 3}
+
+    def moved(server_round: int) -> float:
+        server_identity()
+        arrays = protocol.state_to_record(initial)
+        config = protocol.task_config(tiny_model(), CLASSES, 0, local_steps=3, dp=dp, dp_run="run")
+        config[protocol.SERVER_ROUND] = server_round
+        config[protocol.STATE_HASH] = protocol.record_hash(arrays)
+        msg = Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), dst_node_id=1,
+                      message_type=MessageType.TRAIN)
+        context = Context(run_id=1, node_id=1, node_config={protocol.NODE_DATA_PATH: str(folder)}, state=RecordDict(),
+                          run_config={})
+        reply = client_app(msg, context)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        state = protocol.record_to_state(reply.content[protocol.ARRAYS])
+        return float(np.sqrt(sum(((state[k] - initial[k]) ** 2).sum() for k in initial)))
+
+    first, last = moved(1), moved(3)
+    assert 0 < last < first / 20

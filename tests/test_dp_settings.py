@@ -44,6 +44,18 @@ def test_dp_optimizer_lr_and_weight_decay_replace_the_train_config_only_when_set
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["weight_decay"] == 0.0
 
 
+def test_lr_final_decays_dp_lr_by_a_cosine_over_the_planned_rounds():
+    settings = DPSettings(enabled=True, lr=0.7, lr_final=0.3, planned_rounds=5)
+    rates = [settings.lr_in_round(r) for r in range(1, 7)]
+    assert rates[0] == pytest.approx(0.7) and rates[2] == pytest.approx(0.5) and rates[4] == pytest.approx(0.3)
+    assert all(a > b for a, b in zip(rates[:4], rates[1:5])) and rates[5] == pytest.approx(0.3)
+    train = TrainConfig(optimizer="adamw", lr=5e-4)
+    assert private_config(train, settings, server_round=3).lr == pytest.approx(0.5)
+    assert private_config(private_config(train, settings, 3), settings, 3).lr == pytest.approx(0.5)  # idempotent
+    assert private_config(train, settings).lr == 0.7  # no round known: the constant dp.lr
+    assert DPSettings(enabled=True, lr=0.7, planned_rounds=5).lr_in_round(4) == 0.7
+
+
 def test_none_yaml_disables_dp():
     assert not DPSettings.from_mapping(_privacy("none")["dp"]).enabled
 
@@ -81,6 +93,8 @@ def test_a_bank_cannot_override_more_than_its_budget():
         {"max_grad_norm": 0.0},
         {"optimizer": "adam"},
         {"weight_decay": -0.1},
+        {"lr_final": 0.1},
+        {"lr": 0.5, "lr_final": 0.0},
         {"report_validation": "yes"},
         {"unknown_key": 1},
     ],
