@@ -194,7 +194,9 @@ at 0.708, 0.697, 0.713 (seeds 0-2), logit adjustment 1.25 under DP was behind af
 0.706, 0.629 against 0.706, 0.706, 0.698). train.weight_decay 0.01 is L2 in SGD's gradient (~6.5% of
 every weight per 5-step round at lr 0.5, momentum 0.9); dp.weight_decay 0 led by ~0.015 after rounds 1-4
 and was level after round 5 (mean of seeds 0-2: 0.703 both); seed 0 run again to the end ended at 0.701
-(this recipe: 0.721): the early lead looks like noise."""
+(this recipe: 0.721): the early lead looks like noise.
+dp.lr decaying by a cosine from 0.7 to dp.lr_final 0.3 over the 8 rounds ended at 0.732, 0.716, 0.690
+(seeds 0-2, mean 0.713; this recipe: 0.718)."""
 CREDIT_DP = ("privacy.dp.logical_batch_size=128", "privacy.dp.lr=1e-2", "privacy.dp.max_grad_norm=5.0")
 """The credit DP rows' recipe: AdamW at dp.lr 1e-2, clip 5. Credit's 7 banks take only 25 steps in
 5 rounds over 490k trainable parameters (the series encoder and fusion too); at epsilon 8 this
