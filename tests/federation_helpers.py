@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -62,6 +62,35 @@ def server_identity() -> None:
     TaskIdentity.run_id = 1
     TaskIdentity.node_id = 0
     TaskIdentity.task_id = 1
+
+
+def client_message(state, message_type: str = MessageType.TRAIN, *, server_round: int = 1, mu: float | None = None,
+                   local_steps: int = 6, dp: dict | None = None, state_hash: str | None = None) -> Message:
+    """A round's message to one ClientApp, as the ServerApp sends it (tiny encoder, 4 local epochs)."""
+    server_identity()
+    arrays = protocol.state_to_record(state)
+    config = protocol.task_config(tiny_model(), CLASSES, 0, local_epochs=4, local_steps=local_steps, dp=dp,
+                                  dp_run="run" if dp is not None else "")
+    config[protocol.SERVER_ROUND] = server_round
+    config[protocol.STATE_HASH] = state_hash or protocol.record_hash(arrays)
+    if mu is not None:
+        config[protocol.PROXIMAL_MU] = mu
+    content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
+    return Message(content, dst_node_id=1, message_type=message_type)
+
+
+def node_context(node_config: dict, run_config: dict | None = None) -> Context:
+    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config or {})
+
+
+def trained(reply: Message):
+    """The state and metrics of a train reply (which must not be an error)."""
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    return protocol.record_to_state(reply.content[protocol.ARRAYS]), reply.content[protocol.METRICS]
+
+
+def state_distance(a, b) -> float:
+    return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
 
 
 def news(n: int, label_share: list[float], seed: int) -> BankDataset:

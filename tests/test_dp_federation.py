@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MessageType, RecordDict
 from safetensors.numpy import load_file
 
 from client import protocol
@@ -21,12 +20,15 @@ from client.bank_data import load_bank
 from federation_helpers import (  # noqa: F401
     CLASSES,
     InProcessGrid,
+    client_message,
     config,
     news_data_overrides,
+    node_context,
     one_torch_thread,
-    server_identity,
     simulated_nodes,
+    state_distance,
     tiny_model,
+    trained,
     write_bank,
     write_federation,
     write_news_csv,
@@ -185,19 +187,9 @@ def test_a_bank_trains_at_the_dp_learning_rate_of_the_round_it_is_sent(tmp_path)
           "planned_rounds": 3}
 
     def moved(server_round: int) -> float:
-        server_identity()
-        arrays = protocol.state_to_record(initial)
-        config = protocol.task_config(tiny_model(), CLASSES, 0, local_steps=3, dp=dp, dp_run="run")
-        config[protocol.SERVER_ROUND] = server_round
-        config[protocol.STATE_HASH] = protocol.record_hash(arrays)
-        msg = Message(RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config}), dst_node_id=1,
-                      message_type=MessageType.TRAIN)
-        context = Context(run_id=1, node_id=1, node_config={protocol.NODE_DATA_PATH: str(folder)}, state=RecordDict(),
-                          run_config={})
-        reply = client_app(msg, context)
-        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-        state = protocol.record_to_state(reply.content[protocol.ARRAYS])
-        return float(np.sqrt(sum(((state[k] - initial[k]) ** 2).sum() for k in initial)))
+        node = node_context({protocol.NODE_DATA_PATH: str(folder)})
+        state, _ = trained(client_app(client_message(initial, server_round=server_round, local_steps=3, dp=dp), node))
+        return state_distance(state, initial)
 
     first, last = moved(1), moved(3)
     assert 0 < last < first / 20

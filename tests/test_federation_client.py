@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import MessageType
 
 from client import protocol
 from client.app import app as client_app
 from client.federation_spec import BankSite, FederationSpec
-from federation_helpers import CLASSES, config, one_torch_thread, server_identity, tiny_model, write_bank  # noqa: F401
+from federation_helpers import (  # noqa: F401
+    CLASSES,
+    client_message,
+    config,
+    node_context,
+    one_torch_thread,
+    state_distance,
+    tiny_model,
+    trained,
+    write_bank,
+)
 from model.build import build_model
 from model.state import federated_state
 from simulations.federation import FederationLayout
@@ -33,37 +42,11 @@ def initial(model_config):
     return federated_state(model)
 
 
-def message(state, message_type: str = MessageType.TRAIN, *, mu: float | None = None, local_steps: int = 6,
-            state_hash: str | None = None) -> Message:
-    server_identity()
-    arrays = protocol.state_to_record(state)
-    config = protocol.task_config(tiny_model(), CLASSES, 0, local_epochs=4, local_steps=local_steps)
-    config[protocol.SERVER_ROUND] = 1
-    config[protocol.STATE_HASH] = state_hash or protocol.record_hash(arrays)
-    if mu is not None:
-        config[protocol.PROXIMAL_MU] = mu
-    content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
-    return Message(content, dst_node_id=1, message_type=message_type)
-
-
-def context(node_config: dict, run_config: dict | None = None) -> Context:
-    return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config or {})
-
-
-def trained(reply: Message):
-    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    return protocol.record_to_state(reply.content[protocol.ARRAYS]), reply.content[protocol.METRICS]
-
-
-def distance(a, b) -> float:
-    return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
-
-
 def test_train_reply_carries_state_metrics_and_receipt(bank, initial):
-    reply = client_app(message(initial), context({protocol.NODE_DATA_PATH: str(bank)}))
+    reply = client_app(client_message(initial), node_context({protocol.NODE_DATA_PATH: str(bank)}))
     state, metrics = trained(reply)
     assert list(state) == list(initial)
-    assert distance(state, initial) > 0
+    assert state_distance(state, initial) > 0
     assert metrics[protocol.NUM_EXAMPLES] == 48
     assert set(metrics) == {protocol.NUM_EXAMPLES, "train_loss", "local_steps", "planned_steps", "straggler", "seconds"}
     assert metrics["local_steps"] == 6 and metrics["straggler"] == 0.0
@@ -72,21 +55,21 @@ def test_train_reply_carries_state_metrics_and_receipt(bank, initial):
 
 
 def test_fedprox_mu_changes_the_update_and_a_huge_mu_pins_it_to_the_global_state(bank, initial):
-    node = context({protocol.NODE_DATA_PATH: str(bank)})
-    free, _ = trained(client_app(message(initial, mu=0.0, local_steps=12), node))
-    proximal, _ = trained(client_app(message(initial, mu=0.5, local_steps=12), node))
-    pinned, _ = trained(client_app(message(initial, mu=1e6, local_steps=12), node))
-    assert distance(proximal, free) > 1e-3
-    assert distance(proximal, initial) < distance(free, initial)
+    node = node_context({protocol.NODE_DATA_PATH: str(bank)})
+    free, _ = trained(client_app(client_message(initial, mu=0.0, local_steps=12), node))
+    proximal, _ = trained(client_app(client_message(initial, mu=0.5, local_steps=12), node))
+    pinned, _ = trained(client_app(client_message(initial, mu=1e6, local_steps=12), node))
+    assert state_distance(proximal, free) > 1e-3
+    assert state_distance(proximal, initial) < state_distance(free, initial)
     # AdamW moves every coordinate by about lr per step whatever the gradient, so even a huge mu
     # leaves a drift of the order of lr; without the proximal term the drift grows with every step
     # (measured: 0.02 against 1.1).
-    assert distance(pinned, initial) < 0.05 * distance(free, initial)
+    assert state_distance(pinned, initial) < 0.05 * state_distance(free, initial)
 
 
 def test_a_straggler_does_its_share_of_the_local_steps(bank, initial):
-    node = context({protocol.NODE_DATA_PATH: str(bank), protocol.NODE_LOCAL_WORK: 0.5})
-    reply = client_app(message(initial, local_steps=6), node)
+    node = node_context({protocol.NODE_DATA_PATH: str(bank), protocol.NODE_LOCAL_WORK: 0.5})
+    reply = client_app(client_message(initial, local_steps=6), node)
     _, metrics = trained(reply)
     assert metrics["local_steps"] == 3 and metrics["planned_steps"] == 6 and metrics["straggler"] == 1.0
 
@@ -95,14 +78,15 @@ def test_simulated_bank_found_by_partition_id_and_failure_injection(bank, initia
     banks = [BankSite(str(bank), "ok bank"), BankSite(str(bank), "broken bank", fail=True)]
     spec = FederationSpec(list(CLASSES), 0, None, banks)
     run_config = {protocol.RUN_SPEC_PATH: str(spec.save(tmp_path / "spec.json"))}
-    reply = client_app(message(initial), context({protocol.NODE_PARTITION_ID: 0}, run_config))
+    reply = client_app(client_message(initial), node_context({protocol.NODE_PARTITION_ID: 0}, run_config))
     assert protocol.Receipt.from_config(reply.content[protocol.RECEIPT]).bank == "ok bank"
     with pytest.raises(Exception, match="broken bank: simulated failure"):
-        client_app(message(initial), context({protocol.NODE_PARTITION_ID: 1}, run_config))
+        client_app(client_message(initial), node_context({protocol.NODE_PARTITION_ID: 1}, run_config))
 
 
 def test_evaluate_scores_the_global_model_on_the_bank_validation_split(bank, initial):
-    reply = client_app(message(initial, MessageType.EVALUATE), context({protocol.NODE_DATA_PATH: str(bank)}))
+    node = node_context({protocol.NODE_DATA_PATH: str(bank)})
+    reply = client_app(client_message(initial, MessageType.EVALUATE), node)
     metrics = reply.content[protocol.METRICS]
     assert metrics[protocol.NUM_EXAMPLES] == 16
     assert {"loss", "accuracy", "macro_f1"} <= set(metrics)
@@ -110,12 +94,12 @@ def test_evaluate_scores_the_global_model_on_the_bank_validation_split(bank, ini
 
 def test_a_state_that_does_not_match_its_announced_hash_is_refused(bank, initial):
     with pytest.raises(Exception, match="differs from the announced"):
-        client_app(message(initial, state_hash="0" * 64), context({protocol.NODE_DATA_PATH: str(bank)}))
+        client_app(client_message(initial, state_hash="0" * 64), node_context({protocol.NODE_DATA_PATH: str(bank)}))
 
 
 def test_a_node_without_data_path_or_spec_says_how_to_configure_it(initial):
     with pytest.raises(Exception, match="data-path"):
-        client_app(message(initial), context({}))
+        client_app(client_message(initial), node_context({}))
 
 
 def test_the_simulation_spec_marks_a_seeded_share_of_banks_as_stragglers(tmp_path):
