@@ -35,22 +35,36 @@ from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 from flwr.common import log
 from transformers import PreTrainedTokenizerBase
 
-from client import encryption, protocol
-from client.bank_data import BankData, load_bank
-from client.federation_spec import BankSite, FederationSpec
-from client.protocol import Receipt, RoundTask
-from client.training import TrainConfig, evaluate, private_config, train_local
-from model.build import build_model
-from model.hybrid import HybridFinGPT
-from model.state import federated_state, load_federated_state
-from privacy.dp_budget import BudgetExceeded, PrivacyLedger, ledger_path
-from privacy.dp_settings import DPSettings, budget_from_flat
-from privacy.dp_training import DPTask
+from fingpt_federated.client import encryption
+from fingpt_federated.client.training import private_config, train_local
+from fingpt_federated.data.bank_data import BankData, load_bank
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
+from fingpt_federated.federation.protocol import Receipt, RoundTask
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.hybrid import HybridFinGPT
+from fingpt_federated.model.state import federated_state, load_federated_state
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.dp_budget import (
+    BudgetExceeded,
+    PrivacyLedger,
+    ledger_path,
+)
+from fingpt_federated.privacy.dp_settings import DPSettings, budget_from_flat
+from fingpt_federated.privacy.dp_training import DPTask
 
 app = ClientApp()
 

@@ -15,9 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from client.keys import fingerprint, generate_bank_keys, load_bank_private_key, load_public_key
-from privacy.update_binding import write_mac_key
-from client.supernode import (
+from fingpt_federated.client.supernode import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_RUNTIME_PORT,
@@ -26,6 +24,13 @@ from client.supernode import (
     probe_server,
     run_supernode,
 )
+from fingpt_federated.federation.node_keys import (
+    fingerprint,
+    generate_bank_keys,
+    load_bank_private_key,
+    load_public_key,
+)
+from fingpt_federated.privacy.update_binding import write_mac_key
 
 EXIT_INVALID = 2
 
@@ -55,8 +60,8 @@ def cmd_he_keygen(args: argparse.Namespace) -> int:
     """The federation's CKKS key ceremony, with the parameters of conf/privacy/he.yaml."""
     from omegaconf import OmegaConf
 
-    from conf import CONFIG_DIR
-    from privacy.he_context import HEParams, key_ceremony
+    from fingpt_federated.conf import CONFIG_DIR
+    from fingpt_federated.privacy.he_context import HEParams, key_ceremony
 
     he_block = OmegaConf.to_container(OmegaConf.load(args.config or CONFIG_DIR / "privacy" / "he.yaml").he, resolve=True)
     try:
@@ -71,8 +76,8 @@ def cmd_he_keygen(args: argparse.Namespace) -> int:
 
 def cmd_he_decrypt(args: argparse.Namespace) -> int:
     """Decrypt the final encrypted global into a bf16-rounded plaintext state for publishing."""
-    from client.handover import decrypt_final_state, run_dir_files
-    from privacy.he_context import ContextMismatchError
+    from fingpt_federated.client.handover import decrypt_final_state, run_dir_files
+    from fingpt_federated.privacy.he_context import ContextMismatchError
 
     try:
         if args.run_dir is not None:
@@ -90,7 +95,7 @@ def cmd_he_decrypt(args: argparse.Namespace) -> int:
 
 def node_options(args: argparse.Namespace) -> tuple[tuple[str, str | float | bool], ...]:
     """The optional node config a bank sets on `start`, as (key, value) in Flower's node-config names."""
-    from client import protocol
+    from fingpt_federated.federation import protocol
 
     given = {
         protocol.NODE_STATE_DIR: None if args.state_dir is None else str(args.state_dir),
@@ -105,7 +110,9 @@ def node_options(args: argparse.Namespace) -> tuple[tuple[str, str | float | boo
 
 def validate_data(path: Path) -> str:
     """Load and validate the bank's data exactly as its ClientApp will, before any connection; its name."""
-    from client.bank_data import load_bank  # heavy (pandas, pyarrow): only for `start`
+    from fingpt_federated.data.bank_data import (
+        load_bank,  # heavy (pandas, pyarrow): only for `start`
+    )
 
     bank = load_bank(path)
     valid = 0 if bank.valid is None else len(bank.valid)

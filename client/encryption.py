@@ -23,12 +23,20 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from client import protocol
-from client.federation_spec import BankSite
-from client.protocol import RoundTask
-from privacy.he_context import ContextMismatchError, HEContext, load_secret_context
-from privacy.he_global import decrypt_global, encrypt_drift
-from privacy.update_binding import UpdateBinding, read_mac_key, tag_update
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.federation_spec import BankSite
+from fingpt_federated.federation.protocol import RoundTask
+from fingpt_federated.privacy.he_context import (
+    ContextMismatchError,
+    HEContext,
+    load_secret_context,
+)
+from fingpt_federated.privacy.he_global import decrypt_global, encrypt_drift
+from fingpt_federated.privacy.update_binding import (
+    UpdateBinding,
+    read_mac_key,
+    tag_update,
+)
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,10 @@ from pathlib import Path
 
 from safetensors.numpy import load_file, save
 
-from privacy.atomic_file import atomic_write_bytes
-from privacy.he_context import load_secret_context
-from privacy.he_global import decrypt_global, round_to_bfloat16
-
-FINAL_CIPHERTEXT = "global_state.he"
-INITIAL_STATE = "initial_state.safetensors"
+from fingpt_federated.federation.run_files import FINAL_CIPHERTEXT, INITIAL_STATE
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.privacy.he_context import load_secret_context
+from fingpt_federated.privacy.he_global import decrypt_global, round_to_bfloat16
 
 
 def decrypt_final_state(global_file: Path, initial_file: Path, secret_context: Path, out: Path) -> Path:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from model.state import as_tensor, trainable_parameters
+from fingpt_federated.model.state import as_tensor, trainable_parameters
 
 
 def add_proximal_correction(

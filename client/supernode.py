@@ -9,7 +9,6 @@ an error that says what to do.
 from __future__ import annotations
 
 import collections
-import os
 import signal
 import ssl
 import subprocess
@@ -24,6 +23,8 @@ from typing import IO
 
 import httpx
 
+from fingpt_federated.federation.flower_env import node_env
+
 DEFAULT_RUNTIME_PORT = 9094
 DEFAULT_MAX_RETRIES = 30
 DEFAULT_MAX_WAIT_S = 120.0
@@ -31,13 +32,6 @@ TAIL_LINES = 200
 OUTPUT_DRAIN_S = 10.0
 PROBE_BACKOFF_CAP_S = 5.0
 KEY_REFUSED_MARKER = "[code: 2004]"  # Flower's FLEET_NODE_ACTIVATION_FAILED: no node has this public key
-# Offline, no telemetry, and never `uv sync` an app's dependencies at run time (shared with the server).
-FLOWER_QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "HF_HUB_OFFLINE": "1",
-}
 
 
 class NodeStartError(RuntimeError):
@@ -187,15 +181,6 @@ def classify_exit(settings: NodeSettings, returncode: int, tail: list[str]) -> N
             f"{settings.max_retries} retries / {settings.max_wait_s:.0f}s"
         )
     return NodeStartError(f"the SuperNode exited with code {returncode}; its last lines:\n" + "\n".join(tail[-15:]))
-
-
-def node_env() -> dict[str, str]:
-    """The environment of Flower processes: quiet and offline, and this interpreter's bin folder
-    first on PATH, where Flower looks for its helpers (`flower-superexec`, `flwr-clientapp`, ...)."""
-    env = dict(os.environ)
-    env.update(FLOWER_QUIET_ENV)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
 
 
 def _pump(stream: IO[str], tail: collections.deque[str]) -> None:

@@ -38,69 +38,38 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from client.batching import Batch, make_loader
-from client.proximal import add_proximal_correction
-from client.records import BankDataset
-from model.hybrid import HybridFinGPT
-from model.state import federated_state, load_federated_state, trainable_parameters
-from privacy.dp_settings import DPSettings
-from privacy.dp_label_prior import private_label_counts
-from privacy.dp_training import DPTask, PrivateRound, assert_state_changed, make_private
+from fingpt_federated.client.proximal import add_proximal_correction
+from fingpt_federated.data.batching import Batch, make_loader
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.model.evaluation import check_compatible, evaluate, resolve_device
+from fingpt_federated.model.hybrid import HybridFinGPT
+from fingpt_federated.model.state import (
+    federated_state,
+    load_federated_state,
+    trainable_parameters,
+)
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.dp_label_prior import private_label_counts
+from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.privacy.dp_training import (
+    DPTask,
+    PrivateRound,
+    assert_state_changed,
+    make_private,
+)
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS = ("adamw", "sgd")
 LOWER_IS_BETTER = {"loss"}
-
-
-@dataclass
-class TrainConfig:
-    """The `train:` block of a model config, field for field."""
-
-    optimizer: str = "adamw"
-    lr: float = 5e-4
-    batch_size: int = 32
-    epochs: int = 3
-    max_steps: int | None = None
-    weight_decay: float = 0.01
-    momentum: float = 0.9
-    patience: int | None = 2
-    monitor: str = "loss"
-    eval_batch_size: int = 64
-    seed: int = 0
-    progress: bool = True
-    device: str = "auto"
-    logit_adjustment: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.logit_adjustment < 0:
-            raise ValueError(f"train.logit_adjustment must be >= 0, got {self.logit_adjustment}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.monitor not in ("loss", "accuracy", "macro_f1", "roc_auc"):
-            raise ValueError(f"train.monitor must be loss, accuracy, macro_f1 or roc_auc, got {self.monitor!r}")
-
-    @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | "TrainConfig") -> "TrainConfig":
-        """From a `train:` DictConfig or dict; unknown keys are errors."""
-        if isinstance(cfg, TrainConfig):
-            return cfg
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in train; known: {sorted(known)}")
-        return cls(**{key: cfg[key] for key in cfg})
 
 
 @dataclass
@@ -118,12 +87,6 @@ class TrainResult:
     epsilon: float | None = None
     """Under DP: the bank's epsilon spent after this round (its whole run so far); else None."""
     noise_multiplier: float | None = None
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def private_config(cfg: TrainConfig, dp: DPSettings, server_round: int | None = None) -> TrainConfig:
@@ -186,7 +149,7 @@ def train_local(
     cfg = TrainConfig.from_mapping(cfg)
     if privacy is not None:
         cfg = private_config(cfg, privacy.settings, privacy.server_round)
-    _check_compatible(model, train)
+    check_compatible(model, train)
     device = resolve_device(cfg.device)
     model.to(device)
     if train.series is not None and not model.normalizer_fitted:
@@ -346,40 +309,3 @@ def _cuda_indices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
-@torch.no_grad()
-def evaluate(
-    model: HybridFinGPT, tokenizer: PreTrainedTokenizerBase, data: BankDataset, batch_size: int = 64
-) -> dict[str, float]:
-    """loss, accuracy and macro_f1; roc_auc too for binary tasks (NaN if only one class is present)."""
-    _check_compatible(model, data)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logits = []
-    for batch in make_loader(data, tokenizer, model.config.max_length, batch_size, shuffle=False):
-        logits.append(model(**batch.to(device).inputs()).float().cpu())
-    model.train(was_training)
-    all_logits = torch.cat(logits)
-    labels = torch.as_tensor(data.labels, dtype=torch.long)
-    predicted = all_logits.argmax(dim=1).numpy()
-    metrics = {
-        "loss": F.cross_entropy(all_logits, labels).item(),
-        "accuracy": float((predicted == data.labels).mean()),
-        "macro_f1": float(
-            f1_score(data.labels, predicted, labels=list(range(model.num_classes)), average="macro", zero_division=0)
-        ),
-    }
-    if model.num_classes == 2:
-        positive = all_logits.softmax(dim=1)[:, 1].numpy()
-        both = len(np.unique(data.labels)) == 2
-        metrics["roc_auc"] = float(roc_auc_score(data.labels, positive)) if both else math.nan
-    return metrics
-
-
-def _check_compatible(model: HybridFinGPT, data: BankDataset) -> None:
-    if data.num_classes != model.num_classes:
-        raise ValueError(f"data has {data.num_classes} classes, the model {model.num_classes}")
-    if data.series is not None and data.num_features != model.num_features:
-        raise ValueError(f"data has {data.num_features} series features, the model {model.num_features}")

@@ -17,8 +17,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from client.errors import DataError
-from model.quantize import VARIANTS
+from fingpt_federated.data.errors import DataError
+from fingpt_federated.model.quantize import VARIANTS
 
 EXIT_FAILED = 1
 DEFAULT_AUDIT_LOG = "fingpt-audit.jsonl"
@@ -30,7 +30,7 @@ def fail(message: str) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from server.publish import publish_run
+    from fingpt_federated.server.publish import publish_run
 
     out, card = publish_run(args.run_dir, state=args.state, out=args.out, variants=args.variants)
     print(f"published {out} (model hash {card['model_hash']})")
@@ -40,10 +40,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def open_service(args: argparse.Namespace, batch_size: int):  # noqa: ANN201 - a PredictionService, imported late
-    from infer.loading import open_model
-    from infer.predictor import Predictor
-    from infer.service import PredictionService
-    from privacy.audit import AuditLog
+    from fingpt_federated.infer.loading import open_model
+    from fingpt_federated.infer.predictor import Predictor
+    from fingpt_federated.infer.service import PredictionService
+    from fingpt_federated.privacy.audit import AuditLog
 
     published, card = open_model(args.model_dir, args.variant)
     return PredictionService(Predictor(published, batch_size=batch_size), card, AuditLog(args.audit_log),
@@ -51,7 +51,7 @@ def open_service(args: argparse.Namespace, batch_size: int):  # noqa: ANN201 - a
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from infer.inputs import read_inputs, record_inputs
+    from fingpt_federated.infer.inputs import read_inputs, record_inputs
 
     service = open_service(args, args.batch_size)
     table = read_inputs(args.input, service.predictor.published.manifest)
@@ -76,7 +76,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from infer.web import create_app
+    from fingpt_federated.infer.web import create_app
 
     service = open_service(args, args.batch_size)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")

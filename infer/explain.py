@@ -22,8 +22,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from client.batching import Batch
-from model.hybrid import HybridFinGPT
+from fingpt_federated.data.batching import Batch
+from fingpt_federated.model.hybrid import HybridFinGPT
 
 MC_SEED = 0
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from client.columns import class_mapping
-from client.loading import table_to_dataset
-from client.records import BankDataset
-from client.tables import read_table
+from fingpt_federated.data.columns import class_mapping
+from fingpt_federated.data.loading import table_to_dataset
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.data.tables import read_table
 
 
 @dataclass

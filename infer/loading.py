@@ -9,8 +9,13 @@ from typing import Any
 
 import torch
 
-from model.published import PublishedModel, file_sha256, load_published, variant_files
-from server.model_card import CARD_JSON
+from fingpt_federated.model.published import (
+    PublishedModel,
+    file_sha256,
+    load_published,
+    variant_files,
+)
+from fingpt_federated.server.model_card import CARD_JSON
 
 
 class ModelFilesError(ValueError):

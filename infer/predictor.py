@@ -8,10 +8,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from client.batching import Batch, make_loader
-from client.records import BankDataset
-from infer.explain import attribute, mc_dropout_spread, normalised_entropy
-from model.published import PublishedModel
+from fingpt_federated.data.batching import Batch, make_loader
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.infer.explain import (
+    attribute,
+    mc_dropout_spread,
+    normalised_entropy,
+)
+from fingpt_federated.model.published import PublishedModel
 
 TOP_K = 5
 

@@ -11,10 +11,10 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from client.records import BankDataset
-from infer.inputs import records_to_dataset
-from infer.predictor import Prediction, Predictor
-from privacy.audit import AuditLog, input_hash
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.infer.inputs import records_to_dataset
+from fingpt_federated.infer.predictor import Prediction, Predictor
+from fingpt_federated.privacy.audit import AuditLog, input_hash
 
 
 class LRUCache:

@@ -12,10 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from infer.inputs import check_record
-from infer.schemas import Health, PredictRequest, PredictResponse
-from infer.service import PredictionService
-from privacy.redaction import redact
+from fingpt_federated.infer.inputs import check_record
+from fingpt_federated.infer.schemas import Health, PredictRequest, PredictResponse
+from fingpt_federated.infer.service import PredictionService
+from fingpt_federated.privacy.redaction import redact
 
 
 def _problem(loc: list[Any], message: str) -> dict[str, Any]:

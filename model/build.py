@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from model.backbone import is_quantized, load_backbone
-from model.config import ModelConfig
-from model.hybrid import HybridFinGPT
-from model.lora import apply_lora
-from model.vocabulary import add_finance_vocabulary
+from fingpt_federated.model.backbone import is_quantized, load_backbone
+from fingpt_federated.model.config import ModelConfig
+from fingpt_federated.model.hybrid import HybridFinGPT
+from fingpt_federated.model.lora import apply_lora
+from fingpt_federated.model.vocabulary import add_finance_vocabulary
 
 
 def build_model(

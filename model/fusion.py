@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.config import FusionSettings
-from model.layers import MLP, Attention, Gate
+from fingpt_federated.model.config import FusionSettings
+from fingpt_federated.model.layers import MLP, Attention, Gate
 
 
 class GatedCrossAttentionBlock(nn.Module):

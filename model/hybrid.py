@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.config import ModelConfig
-from model.fusion import Fusion
-from model.series import SeriesEncoder
-from model.vocabulary import TermEmbeddingDelta
+from fingpt_federated.model.config import ModelConfig
+from fingpt_federated.model.fusion import Fusion
+from fingpt_federated.model.series import SeriesEncoder
+from fingpt_federated.model.vocabulary import TermEmbeddingDelta
 
 
 class HybridFinGPT(nn.Module):

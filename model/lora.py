@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from model.config import LoraSettings
+from fingpt_federated.model.config import LoraSettings
 
 # Module-name conventions, tried in order; the first found in the backbone is the default:
 # the four attention projections. Measured on TFNS (MiniLM, r=8, 1 epoch, AdamW 5e-4, batch 32):

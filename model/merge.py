@@ -11,7 +11,7 @@ import warnings
 
 from peft import PeftModel
 
-from model.hybrid import HybridFinGPT
+from fingpt_federated.model.hybrid import HybridFinGPT
 
 
 def merge_lora(model: HybridFinGPT) -> HybridFinGPT:

@@ -22,9 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from model.config import ModelConfig
-from model.hybrid import HybridFinGPT
-from model.quantize import NO_BACKWARD, RECIPES, check_variants, load_variant, save_variant, stored_folder
+from fingpt_federated.model.config import ModelConfig
+from fingpt_federated.model.hybrid import HybridFinGPT
+from fingpt_federated.model.quantize import (
+    NO_BACKWARD,
+    RECIPES,
+    check_variants,
+    load_variant,
+    save_variant,
+    stored_folder,
+)
 
 FORMAT = "fingpt-published/1"
 MANIFEST = "manifest.json"

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.config import SeriesEncoderSettings
-from model.layers import MLP, Attention
+from fingpt_federated.model.config import SeriesEncoderSettings
+from fingpt_federated.model.layers import MLP, Attention
 
 CLAMP = 8.0
 

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from model.build import build_model
-from model.hybrid import HybridFinGPT
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.hybrid import HybridFinGPT
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from privacy.redaction import Redactor, map_strings, placeholder
+from fingpt_federated.privacy.redaction import Redactor, map_strings, placeholder
 
 OWNER_ONLY = 0o600
 SUBWORD_MARKERS = ("##", "Ġ", "▁")

@@ -33,9 +33,16 @@ from typing import Any
 
 from opacus.accountants import IAccountant
 
-from privacy.atomic_file import atomic_write_bytes
-from privacy.dp_accounting import Spend, accountant_with, calibrate_noise, compose, epsilon, extension
-from privacy.dp_settings import ACCOUNTANTS
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.privacy.dp_accounting import (
+    Spend,
+    accountant_with,
+    calibrate_noise,
+    compose,
+    epsilon,
+    extension,
+)
+from fingpt_federated.privacy.dp_settings import ACCOUNTANTS
 
 log = logging.getLogger(__name__)
 

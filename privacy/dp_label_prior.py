@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from privacy.dp_accounting import Spend
-from privacy.dp_budget import LedgerError, PrivacyLedger
+from fingpt_federated.privacy.dp_accounting import Spend
+from fingpt_federated.privacy.dp_budget import LedgerError, PrivacyLedger
 
 RELEASE = "label_counts"
 """The name of the release in a ledger."""

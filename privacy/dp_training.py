@@ -36,9 +36,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
-from privacy.dp_accounting import Spend, history_of, sample_rate_for
-from privacy.dp_budget import PrivacyLedger, noise_multiplier_for
-from privacy.dp_settings import DPSettings
+from fingpt_federated.privacy.dp_accounting import Spend, history_of, sample_rate_for
+from fingpt_federated.privacy.dp_budget import PrivacyLedger, noise_multiplier_for
+from fingpt_federated.privacy.dp_settings import DPSettings
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import tenseal as ts
 
-from privacy.he_context import HEContext, SecretKeyRefused
-from privacy.he_packing import EncryptedUpdate
+from fingpt_federated.privacy.he_context import HEContext, SecretKeyRefused
+from fingpt_federated.privacy.he_packing import EncryptedUpdate
 
 
 def aggregate(blobs: Sequence[bytes], he: HEContext) -> bytes:

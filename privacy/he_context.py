@@ -35,7 +35,7 @@ from typing import Any
 import tenseal as ts
 from omegaconf import OmegaConf
 
-from privacy.atomic_file import write_new_owner_only
+from fingpt_federated.privacy.atomic_file import write_new_owner_only
 
 SECRET_NAME = "he_secret.ctx"
 PUBLIC_NAME = "he_public.ctx"

@@ -27,8 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from privacy.he_context import HEContext
-from privacy.he_packing import decrypt_mean, encrypt_update, flatten, schema_of, unflatten
+from fingpt_federated.privacy.he_context import HEContext
+from fingpt_federated.privacy.he_packing import (
+    decrypt_mean,
+    encrypt_update,
+    flatten,
+    schema_of,
+    unflatten,
+)
 
 
 def encrypt_drift(local: Mapping[str, Any], initial: Mapping[str, Any], weight: float, he: HEContext) -> bytes:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
-from privacy.he_context import ContextMismatchError, HEContext
+from fingpt_federated.privacy.he_context import ContextMismatchError, HEContext
 
 Schema = tuple[tuple[str, tuple[int, ...]], ...]
 """Names and shapes of the federated tensors, in the canonical order they are packed in."""

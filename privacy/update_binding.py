@@ -34,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from privacy.atomic_file import write_new_owner_only
+from fingpt_federated.privacy.atomic_file import write_new_owner_only
 
 MAC_KEY_BYTES = 32
 _DOMAIN = b"fingpt-federated/update-binding/v1"

@@ -33,27 +33,32 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
-from client import protocol
-from client.bank_data import load_bank
-from client.federation_spec import FederationSpec
-from client.records import BankDataset
-from client.training import TrainConfig, evaluate
-from model.build import build_model
-from model.hybrid import HybridFinGPT
-from model.state import federated_state, load_federated_state, state_schema_hash
-from privacy.atomic_file import atomic_write_bytes
-from privacy.dp_settings import DPSettings
-from server.checkpoint import Checkpointer, save_state
-from server.encrypted_run import EncryptedRun
-from server.fedavg import FedAvgBanks
-from server.fedavg_he import FedAvgHEBanks
-from server.fedavgm import FedAvgMBanks
-from server.fedprox import FedProxBanks
-from server.fedprox_he import FedProxHEBanks
-from server.history import CENTRAL, History
-from server.publish import publish_after_run
-from server.run_folder import FINAL_STATE, METRICS_CSV, METRICS_JSON
-from server.strategy import BankRounds
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.hybrid import HybridFinGPT
+from fingpt_federated.model.state import (
+    federated_state,
+    load_federated_state,
+    state_schema_hash,
+)
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.server.checkpoint import Checkpointer, save_state
+from fingpt_federated.server.encrypted_run import EncryptedRun
+from fingpt_federated.server.fedavg import FedAvgBanks
+from fingpt_federated.server.fedavg_he import FedAvgHEBanks
+from fingpt_federated.server.fedavgm import FedAvgMBanks
+from fingpt_federated.server.fedprox import FedProxBanks
+from fingpt_federated.server.fedprox_he import FedProxHEBanks
+from fingpt_federated.server.history import CENTRAL, History
+from fingpt_federated.server.publish import publish_after_run
+from fingpt_federated.server.run_folder import FINAL_STATE, METRICS_CSV, METRICS_JSON
+from fingpt_federated.server.strategy import BankRounds
 
 CHECKPOINTS = "checkpoints"
 DEFAULT_ROUND_TIMEOUT_S = 3600.0

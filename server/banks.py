@@ -15,10 +15,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.keys import fingerprint, load_public_key
-from privacy.atomic_file import atomic_write_bytes
-from privacy.update_binding import read_mac_key
-from server.control import FlowerControl
+from fingpt_federated.federation.node_keys import fingerprint, load_public_key
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.privacy.update_binding import read_mac_key
+from fingpt_federated.server.control import FlowerControl
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

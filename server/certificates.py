@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from client.keys import write_secret_file
+from fingpt_federated.federation.node_keys import write_secret_file
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 CA_DAYS = 5 * 365

@@ -22,8 +22,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from safetensors.numpy import load_file, save, save_file
 
-from privacy.atomic_file import atomic_write_bytes
-from server.history import History
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.server.history import History
 
 STATE_FILE = "state.safetensors"
 HISTORY_FILE = "history.json"

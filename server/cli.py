@@ -19,10 +19,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from server.banks import BankRegistry
-from server.certificates import TlsFiles, certificate_names, create_ca, create_server_certificate
-from server.control import FlowerControl, connection_port
-from server.superlink import (
+from fingpt_federated.server.banks import BankRegistry
+from fingpt_federated.server.certificates import (
+    TlsFiles,
+    certificate_names,
+    create_ca,
+    create_server_certificate,
+)
+from fingpt_federated.server.control import FlowerControl, connection_port
+from fingpt_federated.server.superlink import (
     DEFAULT_CONTROL_PORT,
     DEFAULT_FLEET_PORT,
     LOOPBACK,
@@ -126,9 +131,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from server.app import check_strategy
-    from server.deployment import RunFailed, RunRequest, execute, load_config  # torch: only for `run`
-    from server.encrypted_run import he_enabled
+    from fingpt_federated.server.app import check_strategy
+    from fingpt_federated.server.deployment import (  # torch: only for `run`
+        RunFailed,
+        RunRequest,
+        execute,
+        load_config,
+    )
+    from fingpt_federated.server.encrypted_run import he_enabled
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = (args.run_dir or args.workdir / "runs" / stamp).resolve()
@@ -162,11 +172,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def encrypted_run_paths(cfg: DictConfig, public_context: Path | None, workdir: Path) -> None:
     """With privacy.he on: the public context (flag, else config) is required and checked to hold no
     secret key before anything starts; the banks' binding keys default to WORKDIR/banks."""
-    from server.encrypted_run import he_enabled
+    from fingpt_federated.server.encrypted_run import he_enabled
 
     if not he_enabled(cfg):
         return
-    from privacy.he_context import load_public_context
+    from fingpt_federated.privacy.he_context import load_public_context
 
     he = cfg.privacy.he
     path = public_context or (Path(str(he.public_context)).expanduser() if he.get("public_context") else None)

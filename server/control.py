@@ -17,7 +17,7 @@ from typing import Any
 
 import tomli_w
 
-from server.superlink import LOOPBACK, bin_path, flower_env
+from fingpt_federated.server.superlink import LOOPBACK, bin_path, flower_env
 
 CONNECTION = "fingpt"
 CALL_TIMEOUT_S = 120.0

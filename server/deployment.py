@@ -20,15 +20,30 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from client.bank_data import load_bank
-from client.columns import class_mapping
-from client.federation_spec import FederationSpec
-from conf import CONFIG_DIR, save_resolved_config
-from server.banks import BankRegistry
-from server.control import ControlError, FlowerControl, write_connection
-from server.flower_app import COMPLETED, FINISHED, wait_finished, write_app, write_run_config
-from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON, RESOLVED_CONFIG
-from server.superlink import OperatorServices, OperatorSettings
+from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.columns import class_mapping
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.server.banks import BankRegistry
+from fingpt_federated.server.control import (
+    ControlError,
+    FlowerControl,
+    write_connection,
+)
+from fingpt_federated.server.flower_app import (
+    COMPLETED,
+    FINISHED,
+    wait_finished,
+    write_app,
+    write_run_config,
+)
+from fingpt_federated.server.run_folder import (
+    FEDERATION_SPEC,
+    FINAL_STATE,
+    METRICS_JSON,
+    RESOLVED_CONFIG,
+)
+from fingpt_federated.server.superlink import OperatorServices, OperatorSettings
 
 APP_NAME = "fingpt-federated"
 SUMMARY_FILE = "deployment.json"

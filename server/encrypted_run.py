@@ -23,13 +23,13 @@ import torch
 from flwr.app import ArrayRecord
 from omegaconf import DictConfig, OmegaConf
 
-from client import protocol
-from client.handover import FINAL_CIPHERTEXT, INITIAL_STATE
-from privacy.atomic_file import atomic_write_bytes
-from privacy.he_context import HEContext, load_public_context
-from privacy.update_binding import read_mac_key
-from server.checkpoint import save_state
-from server.he_rounds import load_guard
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.run_files import FINAL_CIPHERTEXT, INITIAL_STATE
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.privacy.he_context import HEContext, load_public_context
+from fingpt_federated.privacy.update_binding import read_mac_key
+from fingpt_federated.server.checkpoint import save_state
+from fingpt_federated.server.he_rounds import load_guard
 
 GUARD_FILE = "he_replay_guard.json"
 BINDING_SUFFIX = ".binding"

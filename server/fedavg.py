@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from server.strategy import BankRounds
+from fingpt_federated.server.strategy import BankRounds
 
 
 class FedAvgBanks(BankRounds, FedAvg):

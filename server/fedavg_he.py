@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg
 
-from server.he_rounds import EncryptedRounds
+from fingpt_federated.server.he_rounds import EncryptedRounds
 
 
 class FedAvgHEBanks(EncryptedRounds, FedAvg):

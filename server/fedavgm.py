@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvgM
 
-from server.strategy import BankRounds
+from fingpt_federated.server.strategy import BankRounds
 
 MOMENTUM = "momentum."
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedProx
 
-from server.strategy import BankRounds
+from fingpt_federated.server.strategy import BankRounds
 
 
 class FedProxBanks(BankRounds, FedProx):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedProx
 
-from server.he_rounds import EncryptedRounds
+from fingpt_federated.server.he_rounds import EncryptedRounds
 
 
 class FedProxHEBanks(EncryptedRounds, FedProx):

@@ -16,8 +16,8 @@ from typing import Any
 
 import tomli_w
 
-from client import protocol
-from server.control import FlowerControl
+from fingpt_federated.federation import protocol
+from fingpt_federated.server.control import FlowerControl
 
 COMPLETED = "finished:completed"
 FINISHED = "finished:"
@@ -39,7 +39,7 @@ def write_app(folder: Path, name: str) -> Path:
             "flwr": {
                 "app": {
                     "publisher": "fingpt-federated",
-                    "components": {"serverapp": "server.app:app", "clientapp": "client.app:app"},
+                    "components": {"serverapp": "fingpt_federated.server.app:app", "clientapp": "fingpt_federated.client.app:app"},
                     "config": {protocol.RUN_CONFIG_PATH: "", protocol.RUN_SPEC_PATH: "", protocol.RUN_DIR: ""},
                 }
             }

@@ -31,14 +31,18 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from client import protocol
-from client.protocol import Receipt
-from privacy.atomic_file import atomic_write_bytes
-from privacy.he_aggregate import aggregate
-from privacy.he_context import HEContext, SecretKeyRefused
-from privacy.he_packing import EncryptedUpdate
-from privacy.update_binding import ReplayGuard, UpdateBinding, UpdateRejected
-from server.strategy import BankRounds
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.protocol import Receipt
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.privacy.he_aggregate import aggregate
+from fingpt_federated.privacy.he_context import HEContext, SecretKeyRefused
+from fingpt_federated.privacy.he_packing import EncryptedUpdate
+from fingpt_federated.privacy.update_binding import (
+    ReplayGuard,
+    UpdateBinding,
+    UpdateRejected,
+)
+from fingpt_federated.server.strategy import BankRounds
 
 
 class EncryptedRounds(BankRounds):

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from model.published import file_sha256, folder_files
-from server.history import CENTRAL, FEDERATION, History, jsonable
+from fingpt_federated.model.published import file_sha256, folder_files
+from fingpt_federated.server.history import CENTRAL, FEDERATION, History, jsonable
 
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"

@@ -24,20 +24,42 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from client.bank_data import load_bank
-from client.federation_spec import FederationSpec
-from client.records import BankDataset
-from model.backbone import resolve_backbone
-from model.build import build_model
-from model.hybrid import HybridFinGPT
-from model.merge import merge_lora
-from model.published import BACKBONE_DIR, HYBRID_WEIGHTS, folder_files, folder_sha256, write_published
-from model.quantize import RECIPES, VARIANTS, load_variant, serialized_bytes, stored_folder
-from model.state import load_federated_state
-from server.encrypted_run import he_enabled
-from server.history import History
-from server.model_card import final_metrics, participating_banks, privacy_spent, write_card
-from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON, RESOLVED_CONFIG
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.model.backbone import resolve_backbone
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.hybrid import HybridFinGPT
+from fingpt_federated.model.merge import merge_lora
+from fingpt_federated.model.published import (
+    BACKBONE_DIR,
+    HYBRID_WEIGHTS,
+    folder_files,
+    folder_sha256,
+    write_published,
+)
+from fingpt_federated.model.quantize import (
+    RECIPES,
+    VARIANTS,
+    load_variant,
+    serialized_bytes,
+    stored_folder,
+)
+from fingpt_federated.model.state import load_federated_state
+from fingpt_federated.server.encrypted_run import he_enabled
+from fingpt_federated.server.history import History
+from fingpt_federated.server.model_card import (
+    final_metrics,
+    participating_banks,
+    privacy_spent,
+    write_card,
+)
+from fingpt_federated.server.run_folder import (
+    FEDERATION_SPEC,
+    FINAL_STATE,
+    METRICS_JSON,
+    RESOLVED_CONFIG,
+)
 
 MODEL_DIR = "model"
 

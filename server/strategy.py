@@ -37,9 +37,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from client import protocol
-from client.protocol import Receipt
-from server.history import FEDERATION, History
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.protocol import Receipt
+from fingpt_federated.server.history import FEDERATION, History
 
 
 class FederationRoundError(RuntimeError):

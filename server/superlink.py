@@ -25,8 +25,8 @@ from types import FrameType, TracebackType
 
 import psutil
 
-from client.supernode import node_env
-from server.certificates import TlsFiles
+from fingpt_federated.federation.flower_env import node_env
+from fingpt_federated.server.certificates import TlsFiles
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_FLEET_PORT = 9092
@@ -206,7 +206,7 @@ def superlink_command(settings: OperatorSettings) -> list[str]:
 
 def gateway_command(settings: OperatorSettings) -> list[str]:
     command = [
-        sys.executable, "-m", "server.fleet_gateway",
+        sys.executable, "-m", "fingpt_federated.server.fleet_gateway",
         "--host", settings.fleet_host, "--port", str(settings.fleet_port),
         "--upstream-port", str(settings.control_port),
     ]

@@ -17,13 +17,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from client.app import planned_steps
-from client.bank_data import load_bank
-from client.federation_spec import FederationSpec
-from client.records import BankDataset
-from client.training import TrainConfig, evaluate, train_local
-from model.build import build_model
-from model.state import federated_state, load_federated_state
+from fingpt_federated.client.app import planned_steps
+from fingpt_federated.client.training import train_local
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.state import federated_state, load_federated_state
+from fingpt_federated.model.train_config import TrainConfig
 
 CENTRALIZED = "centralized"
 LOCAL = "local-only"

@@ -18,18 +18,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from client.loading import load_splits
-from client.records import BankDataset
-from client.training import TrainConfig, evaluate, train_local
-from conf import CONFIG_DIR
-from model.build import build_model
-from model.state import federated_state
+from fingpt_federated.client.training import train_local
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.data.loading import load_splits
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.train_config import TrainConfig
 
 VARIANTS = ("fused", "text", "series")
 

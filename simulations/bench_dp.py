@@ -41,20 +41,20 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from client.batching import make_loader
-from client.errors import DataError
-from client.loading import load_dataset
-from client.training import resolve_device
-from client.records import BankDataset
-from conf import CONFIG_DIR
-from model.build import build_model
-from model.state import trainable_parameters
-from privacy.dp_budget import PrivacyLedger, ledger_path
-from privacy.dp_settings import DPSettings
-from privacy.dp_training import make_private
-from server.run_folder import METRICS_JSON, RESOLVED_CONFIG
-from server.history import CENTRAL, FEDERATION, History
-from simulations.federation import materialize_data_config
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.data.batching import make_loader
+from fingpt_federated.data.errors import DataError
+from fingpt_federated.data.loading import load_dataset
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import resolve_device
+from fingpt_federated.model.state import trainable_parameters
+from fingpt_federated.privacy.dp_budget import PrivacyLedger, ledger_path
+from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.privacy.dp_training import make_private
+from fingpt_federated.server.history import CENTRAL, FEDERATION, History
+from fingpt_federated.server.run_folder import METRICS_JSON, RESOLVED_CONFIG
+from fingpt_federated.simulations.federation import materialize_data_config
 
 TARGET_RATIO = 1.15
 
@@ -248,7 +248,10 @@ def _mean_row(runs: list[dict[str, float]], no_dp_accuracy: float) -> dict[str, 
 
 
 def _utility_row(cfg, run_dir: Path, epsilon: float | None) -> dict[str, float]:
-    from simulations.sim import SUMMARY_FILE, simulate  # the simulation engine is only needed here
+    from fingpt_federated.simulations.sim import (  # the simulation engine is only needed here
+        SUMMARY_FILE,
+        simulate,
+    )
 
     if not _finished(run_dir, cfg):
         simulate(cfg, run_dir, echo=False)
@@ -268,7 +271,7 @@ def _utility_row(cfg, run_dir: Path, epsilon: float | None) -> dict[str, float]:
 
 def _finished(run_dir: Path, cfg) -> bool:
     """Whether `run_dir` holds a finished run of exactly `cfg` (its summary and resolved config)."""
-    from simulations.sim import SUMMARY_FILE
+    from fingpt_federated.simulations.sim import SUMMARY_FILE
 
     resolved = run_dir / RESOLVED_CONFIG
     if not (run_dir / SUMMARY_FILE).is_file() or not resolved.is_file():

@@ -28,12 +28,16 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from client.federation_spec import FederationSpec
-from conf import CONFIG_DIR, shared_data_root
-from server.history import CENTRAL, History, jsonable
-from server.run_folder import FEDERATION_SPEC, METRICS_JSON
-from simulations.baselines import CENTRALIZED, mean_local, run_baselines
-from simulations.sim import SimulationSummary, simulate
+from fingpt_federated.conf import CONFIG_DIR, shared_data_root
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.server.history import CENTRAL, History, jsonable
+from fingpt_federated.server.run_folder import FEDERATION_SPEC, METRICS_JSON
+from fingpt_federated.simulations.baselines import (
+    CENTRALIZED,
+    mean_local,
+    run_baselines,
+)
+from fingpt_federated.simulations.sim import SimulationSummary, simulate
 
 BENCHES = ("rounds", "scale", "tfns")
 

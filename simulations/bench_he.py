@@ -23,9 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal as ts
 
-from privacy.he_aggregate import aggregate
-from privacy.he_context import HEContext, HEParams, new_context
-from privacy.he_packing import EncryptedUpdate, decrypt_mean, encrypt_update, flatten, schema_of
+from fingpt_federated.privacy.he_aggregate import aggregate
+from fingpt_federated.privacy.he_context import HEContext, HEParams, new_context
+from fingpt_federated.privacy.he_packing import (
+    EncryptedUpdate,
+    decrypt_mean,
+    encrypt_update,
+    flatten,
+    schema_of,
+)
 
 TARGET_ERROR = 1e-6
 TARGET_BYTES = 32.0

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from safetensors.numpy import load_file
 
-from server.app import FINAL_STATE, METRICS_JSON
-from server.history import History, jsonable
-from simulations.bench_federation import config
-from simulations.report import wire_bytes_per_parameter
-from simulations.sim import simulate
+from fingpt_federated.server.app import FINAL_STATE, METRICS_JSON
+from fingpt_federated.server.history import History, jsonable
+from fingpt_federated.simulations.bench_federation import config
+from fingpt_federated.simulations.report import wire_bytes_per_parameter
+from fingpt_federated.simulations.sim import simulate
 
 DEFAULTS = ("model=minilm", "federation=iid", "federation.num_banks=3", "federation.rounds=3",
             "strategy.local_steps=4", "model.max_length=32")

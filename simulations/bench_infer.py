@@ -41,22 +41,23 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from client.bank_data import BankData, save_bank
-from client.federation_spec import FederationSpec
-from client.records import BankDataset
-from client.training import TrainConfig, train_local
-from conf import CONFIG_DIR
-from infer.loading import open_model
-from infer.predictor import Predictor
-from infer.service import PredictionService
-from infer.web import create_app
-from model.build import build_model
-from model.quantize import VARIANTS
-from model.state import federated_state
-from privacy.audit import AuditLog
-from server.history import History
-from server.publish import publish
-from simulations.synthetic import SENTIMENTS, generate_news
+from fingpt_federated.client.training import train_local
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.infer.loading import open_model
+from fingpt_federated.infer.predictor import Predictor
+from fingpt_federated.infer.service import PredictionService
+from fingpt_federated.infer.web import create_app
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.quantize import VARIANTS
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.audit import AuditLog
+from fingpt_federated.server.history import History
+from fingpt_federated.server.publish import publish
+from fingpt_federated.simulations.synthetic import SENTIMENTS, generate_news
 
 BATCH = 32
 WARMUP = 3

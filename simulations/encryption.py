@@ -18,15 +18,20 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from safetensors.numpy import load_file
 
-from client.federation_spec import FederationSpec
-from client.handover import decrypt_final_state, run_dir_files
-from model.build import build_model
-from privacy.he_context import PUBLIC_NAME, SECRET_NAME, HEParams, key_ceremony
-from privacy.update_binding import write_mac_key
-from server.app import FINAL_STATE, CentralEvaluation
-from server.checkpoint import numpy_to_arrays
-from server.encrypted_run import BINDING_SUFFIX
-from server.history import CENTRAL, History
+from fingpt_federated.client.handover import decrypt_final_state, run_dir_files
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.model.build import build_model
+from fingpt_federated.privacy.he_context import (
+    PUBLIC_NAME,
+    SECRET_NAME,
+    HEParams,
+    key_ceremony,
+)
+from fingpt_federated.privacy.update_binding import write_mac_key
+from fingpt_federated.server.app import FINAL_STATE, CentralEvaluation
+from fingpt_federated.server.checkpoint import numpy_to_arrays
+from fingpt_federated.server.encrypted_run import BINDING_SUFFIX
+from fingpt_federated.server.history import CENTRAL, History
 
 HE_DIR = "he"
 BINDINGS = "bindings"

@@ -1,6 +1,6 @@
 """A simulated federation on disk: one folder per bank (its train and validation rows) and a shared test set.
 
-Every bank's ClientApp then loads its folder through `client.bank_data.load_bank`, exactly as a real
+Every bank's ClientApp then loads its folder through `data.bank_data.load_bank`, exactly as a real
 bank loads its own data, so simulation and deployment share one data path.
 """
 
@@ -14,12 +14,12 @@ from typing import Any, Mapping
 import numpy as np
 from omegaconf import DictConfig
 
-from client.bank_data import BankData, save_bank
-from client.loading import as_dict, hold_out_test
-from client.records import BankDataset
-from client.splits import split_train_valid
-from simulations.partitioning import bank_names, partition_indices
-from simulations.synthetic import write_federation
+from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.loading import as_dict, hold_out_test
+from fingpt_federated.data.partitioning import bank_names, partition_indices
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.data.splits import split_train_valid
+from fingpt_federated.simulations.synthetic import write_federation
 
 
 @dataclass

@@ -22,9 +22,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.control import FlowerControl, write_connection
-from server.flower_app import COMPLETED, wait_finished, write_app, write_run_config
-from server.superlink import LOOPBACK, ManagedProcess, bin_path, flower_env, sigterm_as_interrupt
+from fingpt_federated.server.control import FlowerControl, write_connection
+from fingpt_federated.server.flower_app import (
+    COMPLETED,
+    wait_finished,
+    write_app,
+    write_run_config,
+)
+from fingpt_federated.server.superlink import (
+    LOOPBACK,
+    ManagedProcess,
+    bin_path,
+    flower_env,
+    sigterm_as_interrupt,
+)
 
 APP_NAME = "fingpt-federated-simulation"
 

@@ -13,9 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from rich.console import Console
 
-from conf import CONFIG_DIR, save_resolved_config
-from simulations.federation import FederationLayout, prepare_federation
-from simulations.partition_report import render_table, save_heatmap, write_csv
+from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
+from fingpt_federated.simulations.federation import FederationLayout, prepare_federation
+from fingpt_federated.simulations.partition_report import (
+    render_table,
+    save_heatmap,
+    write_csv,
+)
 
 
 def report(layout: FederationLayout, out_dir: Path, title: str, console: Console) -> dict[str, Path]:

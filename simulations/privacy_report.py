@@ -16,8 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from server.history import FEDERATION, History  # noqa: E402
-from simulations.report import markdown_table, round_axis  # noqa: E402
+from fingpt_federated.server.history import FEDERATION, History  # noqa: E402
+from fingpt_federated.simulations.report import markdown_table, round_axis  # noqa: E402
 
 EPSILON_PLOT = "epsilon.png"
 DECLINED = "declined"

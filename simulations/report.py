@@ -20,8 +20,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from simulations.baselines import CENTRALIZED, LOCAL, BaselineResult, mean_local  # noqa: E402
-from server.history import CENTRAL, FEDERATION, History  # noqa: E402
+from fingpt_federated.server.history import CENTRAL, FEDERATION, History  # noqa: E402
+from fingpt_federated.simulations.baselines import (  # noqa: E402
+    CENTRALIZED,
+    LOCAL,
+    BaselineResult,
+    mean_local,
+)
 
 GLOBAL_PLOT = "global.png"
 BANKS_PLOT = "banks.png"

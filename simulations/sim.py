@@ -37,19 +37,35 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import load_file
 
-from client.federation_spec import BankSite, FederationSpec
-from conf import CONFIG_DIR, save_resolved_config
-from privacy.dp_settings import DPSettings
-from server.app import check_strategy, dp_round_config, write_metrics
-from server.encrypted_run import he_enabled
-from server.history import History, jsonable
-from server.run_folder import FEDERATION_SPEC, FINAL_STATE, METRICS_JSON
-from simulations import encryption
-from simulations.baselines import CENTRALIZED, BaselineResult, mean_local, run_baselines
-from simulations.federation import FederationLayout, prepare_federation
-from simulations.flower_run import SimulationResources, run_flower_simulation
-from simulations.privacy_report import EPSILON_PLOT, epsilon_section, plot_epsilon
-from simulations.report import (
+from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
+from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
+from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.server.app import check_strategy, dp_round_config, write_metrics
+from fingpt_federated.server.encrypted_run import he_enabled
+from fingpt_federated.server.history import History, jsonable
+from fingpt_federated.server.run_folder import (
+    FEDERATION_SPEC,
+    FINAL_STATE,
+    METRICS_JSON,
+)
+from fingpt_federated.simulations import encryption
+from fingpt_federated.simulations.baselines import (
+    CENTRALIZED,
+    BaselineResult,
+    mean_local,
+    run_baselines,
+)
+from fingpt_federated.simulations.federation import FederationLayout, prepare_federation
+from fingpt_federated.simulations.flower_run import (
+    SimulationResources,
+    run_flower_simulation,
+)
+from fingpt_federated.simulations.privacy_report import (
+    EPSILON_PLOT,
+    epsilon_section,
+    plot_epsilon,
+)
+from fingpt_federated.simulations.report import (
     BANKS_PLOT,
     GLOBAL_PLOT,
     REPORT,

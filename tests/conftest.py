@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from conf import CONFIG_DIR, shared_data_root
+from fingpt_federated.conf import CONFIG_DIR, shared_data_root
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from conf import CONFIG_DIR
-from simulations.federation import FederationLayout, prepare_federation
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.simulations.federation import FederationLayout, prepare_federation
 
 
 def free_port() -> int:

@@ -22,11 +22,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from client import protocol
-from client.bank_data import BankData, save_bank
-from client.federation_spec import BankSite, FederationSpec
-from client.records import BankDataset
-from conf import CONFIG_DIR
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 
 CLASSES = ["bearish", "bullish", "neutral"]
 SKEWED = ([0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8])

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from federation_helpers import CLASSES, config, news
 from omegaconf import OmegaConf
 
-from client.bank_data import BankData, save_bank
-from client.federation_spec import FederationSpec
-from client.loading import load_dataset
-from client.records import BankDataset
-from client.training import TrainConfig, train_local
-from federation_helpers import CLASSES, config, news
-from model.build import build_model
-from model.state import federated_state
-from server.history import CENTRAL, FEDERATION, History
-from server.publish import publish
+from fingpt_federated.client.training import train_local
+from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.loading import load_dataset
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.server.history import CENTRAL, FEDERATION, History
+from fingpt_federated.server.publish import publish
 
 FEATURES = {"price": ["p1", "p2", "p3"], "volume": ["v1", "v2", "v3"]}
 DATA = {

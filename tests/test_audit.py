@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from privacy import audit
-from privacy.audit import AuditLog, input_hash, read_audit_log
+from fingpt_federated.privacy import audit
+from fingpt_federated.privacy.audit import AuditLog, input_hash, read_audit_log
 
 MODEL_HASH = "sha256:5f1c0a9e7b3d2c4f"
 PII = {

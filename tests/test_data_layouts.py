@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from client.bank_data import BankData, load_bank, save_bank
-from client.loading import load_dataset, load_splits
+from fingpt_federated.data.bank_data import BankData, load_bank, save_bank
+from fingpt_federated.data.loading import load_dataset, load_splits
 from tests.conftest import require_shared_data
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from client.bank_data import load_bank
-from client.errors import DataError
-from client.loading import load_dataset
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.errors import DataError
+from fingpt_federated.data.loading import load_dataset
 
 CREDIT = {
     "name": "toy_credit",

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.app import CHECKPOINTS, FINAL_STATE, METRICS_JSON
+from fingpt_federated.server.app import CHECKPOINTS, FINAL_STATE, METRICS_JSON
 from tests.deployment_support import bank_env, free_port, synthetic_layout
 
 pytestmark = pytest.mark.slow
@@ -47,19 +47,19 @@ def federation(tmp_path_factory):
     """An operator workdir with CA and two accepted banks, whose nodes are started (and retry) first."""
     root = tmp_path_factory.mktemp("deployment")
     workdir = root / "operator"
-    assert cli("server.cli", "init-ca", "--workdir", str(workdir), "--host", "localhost").returncode == 0
+    assert cli("fingpt_federated.server.cli", "init-ca", "--workdir", str(workdir), "--host", "localhost").returncode == 0
     layout = synthetic_layout(root / "data", 2)
     fleet_port, control_port = free_port(), free_port()
     banks = []
     for number, data in enumerate(layout.bank_dirs):
         key = root / f"bank{number}" / "bank.key"
-        assert cli("client.cli", "keygen", "--key", str(key)).returncode == 0
-        registered = cli("server.cli", "register-bank", str(key) + ".pub", "--name", f"bank{number}",
+        assert cli("fingpt_federated.client.cli", "keygen", "--key", str(key)).returncode == 0
+        registered = cli("fingpt_federated.server.cli", "register-bank", str(key) + ".pub", "--name", f"bank{number}",
                          "--workdir", str(workdir))
         assert registered.returncode == 0, registered.stderr
         log = open(root / f"bank{number}.log", "w")
         banks.append(subprocess.Popen(
-            [sys.executable, "-m", "client.cli", "start", "--server", f"localhost:{fleet_port}",
+            [sys.executable, "-m", "fingpt_federated.client.cli", "start", "--server", f"localhost:{fleet_port}",
              "--ca", str(workdir / "tls" / "ca.crt"), "--key", str(key), "--data", str(data),
              "--runtime-port", str(free_port()), "--max-retries", "200", "--max-wait", "900"],
             stdout=log, stderr=subprocess.STDOUT, env=bank_env(root / f"bank{number}" / "flwr-home"),
@@ -78,7 +78,7 @@ def federation(tmp_path_factory):
 
 
 def server_command(federation, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", *federation["server_args"], "--run-dir", str(run_dir), *overrides]
+    return [sys.executable, "-m", "fingpt_federated.server.cli", *federation["server_args"], "--run-dir", str(run_dir), *overrides]
 
 
 def rounds_in(metrics_path: Path, phase: str) -> dict[int, set[str]]:
@@ -91,7 +91,7 @@ def rounds_in(metrics_path: Path, phase: str) -> dict[int, set[str]]:
 
 
 def test_the_task_shape_comes_from_the_data_config_or_the_operators_test_set(tmp_path):
-    from server.deployment import federation_spec, load_config
+    from fingpt_federated.server.deployment import federation_spec, load_config
 
     news = federation_spec(load_config(["data=synthetic_news"], tmp_path), None)
     assert (news.class_names, news.num_features, news.test_dir) == (["bearish", "bullish", "neutral"], 0, None)

@@ -14,11 +14,19 @@ import httpx
 import psutil
 import pytest
 
-from client.keys import generate_bank_keys
-from server.banks import BankRegistry
-from server.certificates import create_ca, create_server_certificate
-from server.control import ControlError, FlowerControl, write_connection
-from server.superlink import LOOPBACK, OperatorServices, OperatorSettings
+from fingpt_federated.federation.node_keys import generate_bank_keys
+from fingpt_federated.server.banks import BankRegistry
+from fingpt_federated.server.certificates import create_ca, create_server_certificate
+from fingpt_federated.server.control import (
+    ControlError,
+    FlowerControl,
+    write_connection,
+)
+from fingpt_federated.server.superlink import (
+    LOOPBACK,
+    OperatorServices,
+    OperatorSettings,
+)
 from tests.deployment_support import bank_env, free_port, prepared_banks
 
 pytestmark = pytest.mark.slow
@@ -55,7 +63,7 @@ def fingpt_client(consortium, key: str, *extra: str, server: str | None = None, 
                   timeout: float = 120) -> subprocess.CompletedProcess:
     settings = consortium["settings"]
     command = [
-        sys.executable, "-m", "client.cli", "start",
+        sys.executable, "-m", "fingpt_federated.client.cli", "start",
         "--server", server or f"localhost:{settings.fleet_port}",
         "--ca", str(ca or settings.tls.ca_cert),
         "--key", str(consortium["keys"][key]),
@@ -94,7 +102,7 @@ def test_the_flwr_cli_cannot_reach_the_control_api_through_the_bank_port(consort
 
 
 def test_accepting_and_revoking_a_bank_applies_at_once_to_a_running_superlink(consortium, capsys):
-    from server.cli import main
+    from fingpt_federated.server.cli import main
 
     workdir = str(consortium["settings"].workdir)
     public = generate_bank_keys(consortium["root"] / "keys" / "bank-c")[1]
@@ -129,8 +137,8 @@ def test_an_unreachable_server_is_named_after_the_bounded_retries(consortium):
 
 
 def test_tls_is_required_unless_insecure_is_asked_for(consortium, tmp_path, capsys):
-    from client.cli import main as client_main
-    from server.cli import main as server_main
+    from fingpt_federated.client.cli import main as client_main
+    from fingpt_federated.server.cli import main as server_main
 
     assert server_main(["run", "--workdir", str(tmp_path)]) == 2
     assert "fingpt-server init-ca" in capsys.readouterr().err

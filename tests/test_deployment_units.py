@@ -14,18 +14,33 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from client.keys import (
+from fingpt_federated.client.supernode import (
+    NodeSettings,
+    ServerUnreachable,
+    probe_server,
+    split_address,
+    supernode_command,
+)
+from fingpt_federated.federation.node_keys import (
     check_owner_only,
     fingerprint,
     generate_bank_keys,
     load_bank_private_key,
     load_public_key,
 )
-from client.supernode import NodeSettings, ServerUnreachable, probe_server, split_address, supernode_command
-from server.banks import BankRegistry
-from server.certificates import TlsFiles, certificate_names, create_ca, create_server_certificate
-from server.fleet_gateway import is_forwarded
-from server.superlink import OperatorSettings, gateway_command, superlink_command
+from fingpt_federated.server.banks import BankRegistry
+from fingpt_federated.server.certificates import (
+    TlsFiles,
+    certificate_names,
+    create_ca,
+    create_server_certificate,
+)
+from fingpt_federated.server.fleet_gateway import is_forwarded
+from fingpt_federated.server.superlink import (
+    OperatorSettings,
+    gateway_command,
+    superlink_command,
+)
 
 
 def mode(path: Path) -> int:
@@ -185,7 +200,7 @@ def test_unreachable_server_gives_up_after_the_bounded_retries_naming_the_addres
 
 
 def test_invalid_bank_data_fails_before_any_connection(tmp_path, capsys):
-    from client.cli import main
+    from fingpt_federated.client.cli import main
 
     bad = tmp_path / "bank.yaml"
     bad.write_text("name: broken\nfiles: {train: " + str(tmp_path / "missing.csv") + "}\n"
@@ -199,7 +214,7 @@ def test_invalid_bank_data_fails_before_any_connection(tmp_path, capsys):
 
 
 def test_the_operator_workdir_is_created_owner_only(tmp_path, capsys):
-    from server.cli import main
+    from fingpt_federated.server.cli import main
 
     assert main(["banks", "--workdir", str(tmp_path / "consortium")]) == 0
     assert mode(tmp_path / "consortium") == 0o700
@@ -208,9 +223,9 @@ def test_the_operator_workdir_is_created_owner_only(tmp_path, capsys):
 def test_fingpt_server_refuses_server_momentum_under_he_before_starting_anything(tmp_path, capsys):
     from omegaconf import OmegaConf
 
-    from conf import CONFIG_DIR
-    from privacy.he_context import HEParams, key_ceremony
-    from server.cli import main
+    from fingpt_federated.conf import CONFIG_DIR
+    from fingpt_federated.privacy.he_context import HEParams, key_ceremony
+    from fingpt_federated.server.cli import main
 
     params = HEParams.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he))
     public = key_ceremony(params, tmp_path / "he").public

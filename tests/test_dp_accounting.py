@@ -7,7 +7,7 @@ import math
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.dp_accounting import (
+from fingpt_federated.privacy.dp_accounting import (
     CALIBRATION_TOLERANCE,
     Spend,
     accountant_with,

@@ -12,9 +12,9 @@ import textwrap
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privacy.atomic_file import atomic_write_bytes
-from privacy.dp_accounting import Spend, compose
-from privacy.dp_budget import (
+from fingpt_federated.privacy.atomic_file import atomic_write_bytes
+from fingpt_federated.privacy.dp_accounting import Spend, compose
+from fingpt_federated.privacy.dp_budget import (
     BudgetExceeded,
     LedgerError,
     PrivacyLedger,
@@ -149,7 +149,7 @@ def test_a_crash_in_the_middle_of_a_write_leaves_the_old_ledger_intact(tmp_path)
     crash = textwrap.dedent(
         f"""
         import os, signal
-        import privacy.atomic_file as atomic
+        import fingpt_federated.privacy.atomic_file as atomic
         atomic.os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
         atomic.atomic_write_bytes({str(path)!r}, {ahead.path.read_bytes()!r})
         """
@@ -171,7 +171,7 @@ def test_atomic_write_cleans_up_after_a_failure(tmp_path, monkeypatch):
     def fail(*_args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("privacy.atomic_file.os.replace", fail)
+    monkeypatch.setattr("fingpt_federated.privacy.atomic_file.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"

@@ -12,11 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
-from client import protocol
-from client.app import app as client_app
-from client.bank_data import load_bank
 from federation_helpers import (  # noqa: F401
     CLASSES,
     InProcessGrid,
@@ -33,12 +28,17 @@ from federation_helpers import (  # noqa: F401
     write_federation,
     write_news_csv,
 )
-from model.build import build_model
-from model.state import federated_state
-from privacy.dp_budget import PrivacyLedger, ledger_path
-from server.app import CHECKPOINTS, FINAL_STATE, run_federation
-from server.history import CENTRAL, FEDERATION, History
-from simulations.sim import simulate
+from safetensors.numpy import load_file
+
+from fingpt_federated.client.app import app as client_app
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.federation import protocol
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.privacy.dp_budget import PrivacyLedger, ledger_path
+from fingpt_federated.server.app import CHECKPOINTS, FINAL_STATE, run_federation
+from fingpt_federated.server.history import CENTRAL, FEDERATION, History
+from fingpt_federated.simulations.sim import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -12,14 +12,20 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from client.records import BankDataset
-from client import training
-from client.training import TrainConfig, evaluate, reached_parameters, train_local
-from model.build import build_model
-from model.state import federated_state
-from privacy.dp_budget import BudgetExceeded, PrivacyLedger, ledger_path
-from privacy.dp_settings import DPSettings
-from privacy.dp_training import DPTask
+from fingpt_federated.client import training
+from fingpt_federated.client.training import reached_parameters, train_local
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.dp_budget import (
+    BudgetExceeded,
+    PrivacyLedger,
+    ledger_path,
+)
+from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.privacy.dp_training import DPTask
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("tiny_setting")]
 

@@ -7,9 +7,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from client.training import TrainConfig, build_optimizer, private_config
-from conf import CONFIG_DIR
-from privacy.dp_settings import DPSettings, budget_from_flat
+from fingpt_federated.client.training import build_optimizer, private_config
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.dp_settings import DPSettings, budget_from_flat
 
 
 def _privacy(name: str) -> dict:

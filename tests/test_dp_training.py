@@ -11,9 +11,13 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from privacy.dp_budget import BudgetExceeded, PrivacyLedger, ledger_path
-from privacy.dp_settings import DPSettings
-from privacy.dp_training import (
+from fingpt_federated.privacy.dp_budget import (
+    BudgetExceeded,
+    PrivacyLedger,
+    ledger_path,
+)
+from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.privacy.dp_training import (
     PrivateRound,
     StateUnchangedError,
     assert_state_changed,

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import MessageType
-
-from client import protocol
-from client.app import app as client_app
-from client.federation_spec import BankSite, FederationSpec
 from federation_helpers import (  # noqa: F401
     CLASSES,
     client_message,
@@ -20,10 +15,15 @@ from federation_helpers import (  # noqa: F401
     trained,
     write_bank,
 )
-from model.build import build_model
-from model.state import federated_state
-from simulations.federation import FederationLayout
-from simulations.sim import federation_spec
+from flwr.app import MessageType
+
+from fingpt_federated.client.app import app as client_app
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.simulations.federation import FederationLayout
+from fingpt_federated.simulations.sim import federation_spec
 
 
 @pytest.fixture(scope="module")

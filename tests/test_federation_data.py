@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from client.bank_data import load_bank
-from conf import CONFIG_DIR
-from simulations.federation import prepare_federation
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.simulations.federation import prepare_federation
 from tests.conftest import require_shared_data
 
 

@@ -10,22 +10,35 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from federation_helpers import (  # noqa: F401
+    InProcessGrid,
+    RecordingGrid,
+    config,
+    one_torch_thread,
+    simulated_nodes,
+    write_federation,
+)
 from flwr.app import Array, ArrayRecord, MessageType
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
-from client import protocol
-from client.app import app as client_app
-from client.app import train as client_train
-from client.protocol import Receipt
-from federation_helpers import InProcessGrid, RecordingGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
-from server.app import CHECKPOINTS, FINAL_STATE, METRICS_CSV, build_strategy, run_federation
-from server.checkpoint import Checkpointer, CheckpointMismatch
-from server.fedavg import FedAvgBanks
-from server.fedavgm import FedAvgMBanks
-from server.fedprox import FedProxBanks
-from server.history import CENTRAL, FEDERATION, History
-from server.strategy import FederationRoundError, short_reason
+from fingpt_federated.client.app import app as client_app
+from fingpt_federated.client.app import train as client_train
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.protocol import Receipt
+from fingpt_federated.server.app import (
+    CHECKPOINTS,
+    FINAL_STATE,
+    METRICS_CSV,
+    build_strategy,
+    run_federation,
+)
+from fingpt_federated.server.checkpoint import Checkpointer, CheckpointMismatch
+from fingpt_federated.server.fedavg import FedAvgBanks
+from fingpt_federated.server.fedavgm import FedAvgMBanks
+from fingpt_federated.server.fedprox import FedProxBanks
+from fingpt_federated.server.history import CENTRAL, FEDERATION, History
+from fingpt_federated.server.strategy import FederationRoundError, short_reason
 
 
 def federation(tmp_path: Path, *overrides: str, fail=(), work=None, app: ClientApp = client_app, grid=InProcessGrid):
@@ -185,6 +198,6 @@ def test_a_bank_error_is_reported_by_its_message_not_by_flowers_wrapping():
     ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
            "  File ...\nTraceback ...\nException ClientAppException occurred. Message: bank b: disk full'>")
     assert short_reason(ray) == "bank b: disk full"
-    data_error = "<class 'client.errors.DataError'>:<'bank.csv, row 3: bad label'>"
+    data_error = "<class 'fingpt_federated.data.errors.DataError'>:<'bank.csv, row 3: bad label'>"
     assert short_reason(data_error) == "DataError: bank.csv, row 3: bad label"
     assert short_reason("no reply") == "no reply"

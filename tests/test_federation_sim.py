@@ -20,12 +20,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from federation_helpers import config, news_data_overrides, write_news_csv
-from server.history import History
-from simulations.baselines import mean_local
-from simulations.flower_run import SimulationFailed
-from simulations.sim import simulate, strategy_label
+
+from fingpt_federated.server.history import History
+from fingpt_federated.simulations.baselines import mean_local
+from fingpt_federated.simulations.flower_run import SimulationFailed
+from fingpt_federated.simulations.sim import simulate, strategy_label
 
 pytestmark = pytest.mark.slow
 

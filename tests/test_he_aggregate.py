@@ -7,9 +7,9 @@ import pytest
 import tenseal as ts
 from omegaconf import OmegaConf
 
-from conf import CONFIG_DIR
-from privacy.he_aggregate import aggregate
-from privacy.he_context import (
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.privacy.he_aggregate import aggregate
+from fingpt_federated.privacy.he_context import (
     ContextMismatchError,
     HEParams,
     SecretKeyRefused,
@@ -18,7 +18,13 @@ from privacy.he_context import (
     load_secret_context,
     new_context,
 )
-from privacy.he_packing import EncryptedUpdate, decrypt_mean, encrypt_update, flatten, schema_of
+from fingpt_federated.privacy.he_packing import (
+    EncryptedUpdate,
+    decrypt_mean,
+    encrypt_update,
+    flatten,
+    schema_of,
+)
 
 PARAMS = HEParams.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he))
 WEIGHTS = [1.0, 3.0, 10.0, 50.0, 200.0, 1000.0, 2500.0, 5000.0, 8000.0, 10000.0]

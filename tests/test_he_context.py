@@ -9,8 +9,8 @@ import stat
 import pytest
 from omegaconf import OmegaConf
 
-from conf import CONFIG_DIR
-from privacy.he_context import (
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.privacy.he_context import (
     ContextMismatchError,
     HEParams,
     SecretKeyRefused,

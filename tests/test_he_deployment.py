@@ -10,16 +10,20 @@ from flwr.common.config import parse_config_args
 from hydra import compose, initialize_config_dir
 from safetensors.numpy import load_file, save_file
 
-from client.cli import build_parser, node_options
-from client.cli import main as client_main
-from client.supernode import NodeSettings, node_config, supernode_command
-from conf import CONFIG_DIR
-from privacy.he_aggregate import aggregate
-from privacy.he_context import SECRET_NAME, load_secret_context
-from privacy.he_global import encrypt_drift
-from server.banks import BankRegistry
-from server.cli import encrypted_run_paths
-from server.cli import main as server_main
+from fingpt_federated.client.cli import build_parser, node_options
+from fingpt_federated.client.cli import main as client_main
+from fingpt_federated.client.supernode import (
+    NodeSettings,
+    node_config,
+    supernode_command,
+)
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.privacy.he_aggregate import aggregate
+from fingpt_federated.privacy.he_context import SECRET_NAME, load_secret_context
+from fingpt_federated.privacy.he_global import encrypt_drift
+from fingpt_federated.server.banks import BankRegistry
+from fingpt_federated.server.cli import encrypted_run_paths
+from fingpt_federated.server.cli import main as server_main
 
 
 def mode(path) -> int:

@@ -14,25 +14,37 @@ import numpy as np
 import pytest
 import tenseal as ts
 import torch
+from federation_helpers import (  # noqa: F401
+    RecordingGrid,
+    config,
+    one_torch_thread,
+    simulated_nodes,
+    write_federation,
+)
 from flwr.app import MessageType
 from flwr.clientapp import ClientApp
 from safetensors.numpy import load_file
 
-from client import protocol
-from client.app import app as client_app
-from client.app import evaluate_global
-from client.app import train as client_train
-from client.handover import decrypt_final_state
-from client.protocol import Receipt
-from federation_helpers import RecordingGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
-from privacy.he_context import SECRET_NAME, HEParams, SecretKeyRefused, key_ceremony, load_secret_context
-from privacy.he_global import decrypt_global
-from privacy.he_packing import EncryptedUpdate, decrypt_mean, schema_of
-from server.app import CHECKPOINTS, build_strategy, run_federation
-from server.encrypted_run import EncryptedRun
-from server.history import FEDERATION, History
-from server.strategy import FederationRoundError
-from simulations.encryption import HE_DIR, bank_secrets, operator_paths
+from fingpt_federated.client.app import app as client_app
+from fingpt_federated.client.app import evaluate_global
+from fingpt_federated.client.app import train as client_train
+from fingpt_federated.client.handover import decrypt_final_state
+from fingpt_federated.federation import protocol
+from fingpt_federated.federation.protocol import Receipt
+from fingpt_federated.privacy.he_context import (
+    SECRET_NAME,
+    HEParams,
+    SecretKeyRefused,
+    key_ceremony,
+    load_secret_context,
+)
+from fingpt_federated.privacy.he_global import decrypt_global
+from fingpt_federated.privacy.he_packing import EncryptedUpdate, decrypt_mean, schema_of
+from fingpt_federated.server.app import CHECKPOINTS, build_strategy, run_federation
+from fingpt_federated.server.encrypted_run import EncryptedRun
+from fingpt_federated.server.history import FEDERATION, History
+from fingpt_federated.server.strategy import FederationRoundError
+from fingpt_federated.simulations.encryption import HE_DIR, bank_secrets, operator_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

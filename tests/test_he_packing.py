@@ -10,9 +10,13 @@ import tenseal as ts
 import torch
 from omegaconf import OmegaConf
 
-from conf import CONFIG_DIR
-from privacy.he_context import ContextMismatchError, HEParams, new_context
-from privacy.he_packing import (
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.privacy.he_context import (
+    ContextMismatchError,
+    HEParams,
+    new_context,
+)
+from fingpt_federated.privacy.he_packing import (
     EncryptedUpdate,
     decrypt_mean,
     encrypt_update,

@@ -8,11 +8,11 @@ agree. The report shows the bytes each round put on the wire.
 from __future__ import annotations
 
 import pytest
-
 from federation_helpers import config, news_data_overrides, write_news_csv
-from server.history import FEDERATION, History
-from simulations.encryption import HE_DIR
-from simulations.sim import simulate
+
+from fingpt_federated.server.history import FEDERATION, History
+from fingpt_federated.simulations.encryption import HE_DIR
+from fingpt_federated.simulations.sim import simulate
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from privacy.update_binding import (
+from fingpt_federated.privacy.update_binding import (
     MismatchedUpdate,
     ReplayedUpdate,
     ReplayGuard,

@@ -6,13 +6,13 @@ import json
 
 import pandas as pd
 import pytest
-
 from federation_helpers import CLASSES
-from infer.cli import main
-from infer.loading import open_model
-from infer.predictor import Predictor
 from infer_fixtures import load_table, train_and_publish, write_table
-from privacy.audit import read_audit_log
+
+from fingpt_federated.infer.cli import main
+from fingpt_federated.infer.loading import open_model
+from fingpt_federated.infer.predictor import Predictor
+from fingpt_federated.privacy.audit import read_audit_log
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 

@@ -10,14 +10,14 @@ import httpx
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-
 from federation_helpers import CLASSES
-from infer.loading import open_model
-from infer.predictor import Predictor
-from infer.service import PredictionService
-from infer.web import create_app
 from infer_fixtures import train_and_publish
-from privacy.audit import AuditLog, read_audit_log
+
+from fingpt_federated.infer.loading import open_model
+from fingpt_federated.infer.predictor import Predictor
+from fingpt_federated.infer.service import PredictionService
+from fingpt_federated.infer.web import create_app
+from fingpt_federated.privacy.audit import AuditLog, read_audit_log
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 

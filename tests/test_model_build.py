@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-
-from client.training import TrainConfig
-from conf import CONFIG_DIR
-from model.backbone import minilm_path
-from model.build import build_model
-from model.config import ModelConfig
-from model.state import federated_state
 from transformers import AutoModel, AutoTokenizer
+
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.model.backbone import minilm_path
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.config import ModelConfig
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 

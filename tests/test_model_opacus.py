@@ -7,8 +7,8 @@ import torch
 from opacus import GradSampleModule
 from torch.nn import functional as F
 
-from model.build import build_model
-from model.state import federated_state
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.state import federated_state
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.build import build_model
-from model.state import (
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.state import (
     StateSchemaError,
     federated_state,
     load_federated_state,

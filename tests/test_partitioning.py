@@ -9,8 +9,13 @@ import struct
 import numpy as np
 import pytest
 
-from simulations.partition_report import label_counts, render_table, save_heatmap, write_csv
-from simulations.partitioning import bank_names, partition_indices
+from fingpt_federated.data.partitioning import bank_names, partition_indices
+from fingpt_federated.simulations.partition_report import (
+    label_counts,
+    render_table,
+    save_heatmap,
+    write_csv,
+)
 
 NUM_ROWS = 2000
 NUM_CLASSES = 5

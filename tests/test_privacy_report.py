@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import matplotlib.image
 
-from server.history import FEDERATION, History
-from simulations.privacy_report import epsilon_by_bank, epsilon_section, plot_epsilon
-from simulations.report import markdown
+from fingpt_federated.server.history import FEDERATION, History
+from fingpt_federated.simulations.privacy_report import (
+    epsilon_by_bank,
+    epsilon_section,
+    plot_epsilon,
+)
+from fingpt_federated.simulations.report import markdown
 
 
 def dp_history() -> History:

@@ -7,20 +7,31 @@ import shutil
 
 import pytest
 import torch
+from federation_helpers import (
+    CLASSES,
+    config,
+    news_data_overrides,
+    tiny_model,
+    write_news_csv,
+)
+from infer_fixtures import EPSILONS, load_table, train_and_publish, write_table
 from omegaconf import OmegaConf
 
-from federation_helpers import CLASSES, config, news_data_overrides, tiny_model, write_news_csv
-from infer.cli import main as infer_main
-from infer.loading import ModelFilesError, open_model
-from infer.predictor import Predictor
-from infer_fixtures import EPSILONS, load_table, train_and_publish, write_table
-from model.build import build_model
-from model.merge import merge_lora
-from model.quantize import VARIANTS, default_device
-from server.history import History
-from server.model_card import CARD_JSON, CARD_MD, file_hashes, model_hash
-from server.publish import publish_after_run
-from simulations.sim import simulate
+from fingpt_federated.infer.cli import main as infer_main
+from fingpt_federated.infer.loading import ModelFilesError, open_model
+from fingpt_federated.infer.predictor import Predictor
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.merge import merge_lora
+from fingpt_federated.model.quantize import VARIANTS, default_device
+from fingpt_federated.server.history import History
+from fingpt_federated.server.model_card import (
+    CARD_JSON,
+    CARD_MD,
+    file_hashes,
+    model_hash,
+)
+from fingpt_federated.server.publish import publish_after_run
+from fingpt_federated.simulations.sim import simulate
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 

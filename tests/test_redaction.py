@@ -7,8 +7,16 @@ import re
 
 import pytest
 
-from conf import shared_data_root
-from privacy.redaction import KINDS, Match, Redactor, find_pii, is_valid_iban, redact, redact_record
+from fingpt_federated.conf import shared_data_root
+from fingpt_federated.privacy.redaction import (
+    KINDS,
+    Match,
+    Redactor,
+    find_pii,
+    is_valid_iban,
+    redact,
+    redact_record,
+)
 from tests.conftest import require_shared_data
 
 # (kind, the PII as written, a sentence it appears in)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from client.splits import split_train_valid, time_split_indices
+from fingpt_federated.data.splits import split_train_valid, time_split_indices
 
 NUM_CLASSES = 5
 

@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from simulations.synthetic import (
+from fingpt_federated.simulations.synthetic import (
     CASH_DESK_BASE,
     FOREIGN_BASE,
     HORIZON_STEPS,

@@ -13,13 +13,15 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client import training
-from client.batching import make_loader
-from client.proximal import add_proximal_correction
-from client.records import BankDataset
-from client.training import TrainConfig, evaluate, train_local
-from model.build import build_model
-from model.state import federated_state
+from fingpt_federated.client import training
+from fingpt_federated.client.proximal import add_proximal_correction
+from fingpt_federated.client.training import train_local
+from fingpt_federated.data.batching import make_loader
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.train_config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 

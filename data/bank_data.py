@@ -11,10 +11,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-import conf  # noqa: F401  (registers the ${shared_data:...} resolver a bank config may use)
-from client.loading import as_dict, load_dataset, split_validation
-from client.records import BankDataset
-from client.storage import load_records, save_records
+import fingpt_federated.conf  # noqa: F401  (registers the ${shared_data:...} resolver a bank config may use)
+from fingpt_federated.data.loading import as_dict, load_dataset, split_validation
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.data.storage import load_records, save_records
 
 
 @dataclass

@@ -12,11 +12,16 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from client.columns import canonical, labels_from, require_columns, texts_from
-from client.records import BankDataset
-from client.series import Series, long_series, wide_series, window_series
-from client.splits import split_train_valid, time_split_indices
-from client.tables import read_table
+from fingpt_federated.data.columns import (
+    canonical,
+    labels_from,
+    require_columns,
+    texts_from,
+)
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.data.series import Series, long_series, wide_series, window_series
+from fingpt_federated.data.splits import split_train_valid, time_split_indices
+from fingpt_federated.data.tables import read_table
 
 LAYOUTS = ("wide", "long", "windows")
 DEFAULT_VALID_FRACTION = 0.15

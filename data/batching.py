@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from client.records import BankDataset
+from fingpt_federated.data.records import BankDataset
 
 Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

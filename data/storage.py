@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.records import BankDataset
+from fingpt_federated.data.records import BankDataset
 
 ARRAYS = "arrays.npz"
 META = "meta.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from client.errors import DataError
+from fingpt_federated.data.errors import DataError
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from client.errors import DataError
+from fingpt_federated.data.errors import DataError
 
 
 def where(table: pd.DataFrame, position: int) -> tuple[str, int]:

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 
-from client.columns import canonical, numeric, require_columns, where
-from client.errors import DataError
-from client.tables import read_table
+from fingpt_federated.data.columns import canonical, numeric, require_columns
+from fingpt_federated.data.errors import DataError
+from fingpt_federated.data.tables import read_table
 
 
 @dataclass

@@ -64,7 +64,7 @@ DECLINED = "declined"
 RUN_CONFIG_PATH = "config-path"
 """The resolved Hydra config of the run (server side: model, strategy, federation)."""
 RUN_SPEC_PATH = "spec-path"
-"""A client.federation_spec.FederationSpec JSON."""
+"""A federation.federation_spec.FederationSpec JSON."""
 RUN_DIR = "run-dir"
 """Where the ServerApp writes checkpoints, metrics and the final state."""
 

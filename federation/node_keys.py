@@ -16,7 +16,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from privacy.atomic_file import write_new_owner_only
+from fingpt_federated.privacy.atomic_file import write_new_owner_only
 
 
 def write_secret_file(path: Path, data: bytes, *, overwrite: bool = False) -> Path:
