@@ -44,6 +44,7 @@ from torch.nn import functional as F
 from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.data.batching import make_loader
 from fingpt_federated.data.errors import DataError
+from fingpt_federated.data.federation_layout import materialize_data_config
 from fingpt_federated.data.loading import load_dataset
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.build import build_model
@@ -54,7 +55,6 @@ from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.privacy.dp_training import make_private
 from fingpt_federated.server.history import CENTRAL, FEDERATION, History
 from fingpt_federated.server.run_folder import METRICS_JSON, RESOLVED_CONFIG
-from fingpt_federated.simulations.federation import materialize_data_config
 
 TARGET_RATIO = 1.15
 

@@ -3,8 +3,8 @@
     python -m simulations.bench_infer [--model minilm] [--steps 40] [--seconds 15] [--threads 1]
                                       [--workdir DIR] [--out bench.json]
 
-A model is trained for `--steps` steps on the synthetic news of simulations/synthetic.py (text
-only: `simulations.synthetic.generate_news`), published with every variant through
+A model is trained for `--steps` steps on the synthetic news of data/synthetic.py (text
+only: `data.synthetic.generate_news`), published with every variant through
 server.publish.publish, then each variant is measured:
 - single request, in process: one record through `Predictor.predict` (tokenisation included,
   no explanation), p50 / p99 of wall time;
@@ -45,6 +45,7 @@ from fingpt_federated.client.training import train_local
 from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.data.bank_data import BankData, save_bank
 from fingpt_federated.data.records import BankDataset
+from fingpt_federated.data.synthetic import SENTIMENTS, generate_news
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.infer.loading import open_model
 from fingpt_federated.infer.predictor import Predictor
@@ -57,7 +58,6 @@ from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.privacy.audit import AuditLog
 from fingpt_federated.server.history import History
 from fingpt_federated.server.publish import publish
-from fingpt_federated.simulations.synthetic import SENTIMENTS, generate_news
 
 BATCH = 32
 WARMUP = 3

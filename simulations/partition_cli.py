@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
-from fingpt_federated.simulations.federation import FederationLayout, prepare_federation
+from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.simulations.partition_report import (
     render_table,
     save_heatmap,

@@ -38,6 +38,7 @@ from rich.table import Table
 from safetensors.numpy import load_file
 
 from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
+from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.app import check_strategy, dp_round_config, write_metrics
@@ -55,7 +56,6 @@ from fingpt_federated.simulations.baselines import (
     mean_local,
     run_baselines,
 )
-from fingpt_federated.simulations.federation import FederationLayout, prepare_federation
 from fingpt_federated.simulations.flower_run import (
     SimulationResources,
     run_flower_simulation,

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from fingpt_federated.conf import CONFIG_DIR
-from fingpt_federated.simulations.federation import FederationLayout, prepare_federation
+from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 
 
 def free_port() -> int:

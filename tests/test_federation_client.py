@@ -18,11 +18,11 @@ from federation_helpers import (  # noqa: F401
 from flwr.app import MessageType
 
 from fingpt_federated.client.app import app as client_app
+from fingpt_federated.data.federation_layout import FederationLayout
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.state import federated_state
-from fingpt_federated.simulations.federation import FederationLayout
 from fingpt_federated.simulations.sim import federation_spec
 
 

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.data.bank_data import load_bank
-from fingpt_federated.simulations.federation import prepare_federation
+from fingpt_federated.data.federation_layout import prepare_federation
 from tests.conftest import require_shared_data
 
 

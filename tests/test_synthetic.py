@@ -1,4 +1,4 @@
-"""Tests of the synthetic bank federation generator (simulations/synthetic.py)."""
+"""Tests of the synthetic bank federation generator (data/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from fingpt_federated.simulations.synthetic import (
+from fingpt_federated.data.synthetic import (
     CASH_DESK_BASE,
     FOREIGN_BASE,
     HORIZON_STEPS,

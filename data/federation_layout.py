@@ -19,7 +19,7 @@ from fingpt_federated.data.loading import as_dict, hold_out_test
 from fingpt_federated.data.partitioning import bank_names, partition_indices
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.splits import split_train_valid
-from fingpt_federated.simulations.synthetic import write_federation
+from fingpt_federated.data.synthetic import write_federation
 
 
 @dataclass
