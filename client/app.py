@@ -50,7 +50,7 @@ from transformers import PreTrainedTokenizerBase
 from fingpt_federated.client import encryption
 from fingpt_federated.client.training import private_config, train_local
 from fingpt_federated.data.bank_data import BankData, load_bank
-from fingpt_federated.federation import protocol
+from fingpt_federated.federation import protocol, run_inputs
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.federation.protocol import Receipt, RoundTask
 from fingpt_federated.model.build import build_model
@@ -251,13 +251,14 @@ def bank_site(context: Context) -> BankSite:
         name = str(node.get(protocol.NODE_BANK_NAME, ""))
         return BankSite(path=path, name=name, work=float(node.get(protocol.NODE_LOCAL_WORK, 1.0)))
     spec_path = context.run_config.get(protocol.RUN_SPEC_PATH)
-    if protocol.NODE_PARTITION_ID not in node or not spec_path:
+    values = run_inputs.uses_values(context.run_config)
+    if protocol.NODE_PARTITION_ID not in node or not (spec_path or values):
         raise ValueError(
             f"this node has no `{protocol.NODE_DATA_PATH}` in its node config and the run has no "
             f"`{protocol.RUN_SPEC_PATH}` for simulated banks: start the SuperNode with "
             f"--node-config '{protocol.NODE_DATA_PATH}=\"/path/to/bank.yaml\"'"
         )
-    banks = _spec(str(spec_path)).banks
+    banks = _values_spec(context).banks if values else _spec(str(spec_path)).banks
     partition = int(node[protocol.NODE_PARTITION_ID])
     if not 0 <= partition < len(banks):
         raise ValueError(f"partition-id {partition} but the federation spec lists {len(banks)} banks")
@@ -307,3 +308,17 @@ def _bank(path: str) -> BankData:
 @lru_cache(maxsize=8)
 def _spec(path: str) -> FederationSpec:
     return FederationSpec.load(path)
+
+
+def _values_spec(context: Context) -> FederationSpec:
+    """`flwr run .`: the banks prepared from the run config's values, one per simulated SuperNode."""
+    num_banks = int(context.node_config[protocol.NODE_NUM_PARTITIONS])
+    key = json.dumps({**context.run_config, "num-banks": num_banks}, sort_keys=True, default=str)
+    return _prepared_spec(key)
+
+
+@lru_cache(maxsize=8)
+def _prepared_spec(run_config_json: str) -> FederationSpec:
+    run_config = json.loads(run_config_json)
+    num_banks = int(run_config.pop("num-banks"))
+    return run_inputs.prepared_spec(run_inputs.config_from_run(run_config, num_banks), num_banks)

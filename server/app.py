@@ -33,9 +33,10 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig, OmegaConf
 
+from fingpt_federated.conf import save_resolved_config
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.records import BankDataset
-from fingpt_federated.federation import protocol
+from fingpt_federated.federation import protocol, run_inputs
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
@@ -49,7 +50,7 @@ from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.privacy.atomic_file import atomic_write_bytes
 from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.checkpoint import Checkpointer, save_state
-from fingpt_federated.server.encrypted_run import EncryptedRun
+from fingpt_federated.server.encrypted_run import EncryptedRun, he_enabled
 from fingpt_federated.server.fedavg import FedAvgBanks
 from fingpt_federated.server.fedavg_he import FedAvgHEBanks
 from fingpt_federated.server.fedavgm import FedAvgMBanks
@@ -69,13 +70,41 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
-    required = (protocol.RUN_CONFIG_PATH, protocol.RUN_SPEC_PATH, protocol.RUN_DIR)
-    missing = [key for key in required if not run_config.get(key)]
-    if missing:
-        raise ValueError(f"the run config lacks {missing}: pass them with `flwr run --run-config`")
-    cfg = OmegaConf.load(str(run_config[protocol.RUN_CONFIG_PATH]))
-    spec = FederationSpec.load(str(run_config[protocol.RUN_SPEC_PATH]))
-    run_federation(grid, cfg, spec, Path(str(run_config[protocol.RUN_DIR])))
+    if run_inputs.uses_values(run_config):
+        cfg, spec, run_dir = _from_values(grid, context)
+    else:
+        missing = [key for key in (protocol.RUN_SPEC_PATH, protocol.RUN_DIR) if not run_config.get(key)]
+        if missing:
+            raise ValueError(f"the run config lacks {missing}: pass them with `flwr run --run-config`")
+        cfg = run_inputs.config_from_run(run_config)
+        spec = FederationSpec.load(str(run_config[protocol.RUN_SPEC_PATH]))
+        run_dir = Path(str(run_config[protocol.RUN_DIR]))
+    run_federation(grid, cfg, spec, run_dir)
+
+
+def _from_values(grid: Grid, context: Context) -> tuple[DictConfig, FederationSpec, Path]:
+    """`flwr run .`: compose the config from the run config's values and prepare one bank per SuperNode."""
+    num_banks = len(_wait_for_nodes(grid))
+    cfg = run_inputs.config_from_run(context.run_config, num_banks)
+    check_strategy(str(cfg.strategy.name), encrypted=he_enabled(cfg))
+    spec = run_inputs.prepared_spec(cfg, num_banks)
+    given = str(context.run_config.get(protocol.RUN_DIR) or "")
+    run_dir = Path(given) if given else Path.cwd() / "outputs" / "flwr-run" / f"run-{context.run_id}"
+    save_resolved_config(cfg, run_dir)
+    log(INFO, "flwr run: %d banks (%s), outputs in %s", num_banks, cfg.federation.partitioner, run_dir.resolve())
+    return cfg, spec, run_dir
+
+
+def _wait_for_nodes(grid: Grid, timeout_s: float = 60.0) -> list[int]:
+    """The SuperNodes of the federation, once they have connected (a simulation starts them with the run)."""
+    deadline = time.monotonic() + timeout_s
+    nodes = list(grid.get_node_ids())
+    while not nodes and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = list(grid.get_node_ids())
+    if not nodes:
+        raise RuntimeError(f"no SuperNode connected within {timeout_s:.0f} s")
+    return nodes
 
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm")
