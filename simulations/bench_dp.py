@@ -1,8 +1,10 @@
 """What differential privacy costs: step time, and accuracy at a given epsilon.
 
-    python -m simulations.bench_dp step-time [--model minilm] [--steps 30] [--warmup 3] [--device cpu]
-    python -m simulations.bench_dp utility [OVERRIDE ...] [--epsilons 1 3 8] [--seeds 0 1] [--out DIR]
-    python -m simulations.bench_dp credit [OVERRIDE ...] [--epsilons 8] [--out DIR]
+    python -m fingpt_federated.simulations.bench_dp step-time [--model minilm] [--steps 30] [--warmup 3]
+                                                        [--device cpu]
+    python -m fingpt_federated.simulations.bench_dp utility [OVERRIDE ...] [--epsilons 1 3 8] [--seeds 0 1]
+                                                        [--out DIR]
+    python -m fingpt_federated.simulations.bench_dp credit [OVERRIDE ...] [--epsilons 8] [--out DIR]
 
 `step-time`: one DP-SGD step (Opacus hooks: per-sample gradients of the LoRA adapters and head,
 clipping, noise, accounting) against one ordinary step, same model, same physical batch (32
@@ -18,10 +20,11 @@ global test accuracy (and its ratio to the run without DP, which trains with DP'
 macro-F1 and ROC AUC (binary tasks) without DP and at each target epsilon, with
 the most epsilon any bank spent and how many bank-rounds were declined. `credit`: the same
 for Taiwan credit default (one bank per education segment), where ROC AUC is the figure to read.
-Each has its own DP recipe (TFNS_DP, CREDIT_DP below: DP hyperparameters depend on the data).
-Both run the full simulation (simulations.sim, Flower's simulation engine) once per row, so they
-take as long as real federated runs; Hydra overrides before the options change the setting
-(e.g. `model=tiny_encoder federation.rounds=2 strategy.local_steps=5` for a quick look).
+Each has its own DP recipe (TFNS_DP, CREDIT_DP below: DP hyperparameters depend on the data);
+the measured results are in docs/privacy-utility.md. Both run the full simulation
+(fingpt_federated.simulations.sim, Flower's simulation engine) once per row, so they take as long
+as real federated runs; Hydra overrides before the options change the setting (e.g.
+`model=tiny_encoder federation.rounds=2 strategy.local_steps=5` for a quick look).
 """
 
 from __future__ import annotations
@@ -166,42 +169,9 @@ TFNS_DP = ("privacy.dp.logical_batch_size=128", "privacy.dp.optimizer=sgd", "pri
            "privacy.dp.max_grad_norm=2.0")
 """The TFNS DP rows' recipe: expected Poisson batch 128 (also the batch of the row without DP: 128 keeps
 a round's compute near FedAvg's 10 steps of 32), SGD with momentum at lr 0.5, clipping bound 2.
-
-Why, measured at epsilon 8 (final test accuracy, one run each unless said): AdamW at dp.lr 1e-2 and
-clip 5 reached 0.49 and 0.63; restarted every round, Adam's first steps are full-size in every
-coordinate, the noise-dominated ones too, while SGD's momentum sums gradients so that the noise
-averages out: SGD at lr 0.5 and clip 2 reached 0.708 and 0.713 (two runs); lr 1 was unstable
-(0.66-0.71, and diverged at epsilon 1 and 3). Clip 1 under AdamW fell to the majority class: with
-the logit-adjusted loss the rare classes' per-record gradient norms start near 5 and neutral's near
-0.1, and a bound far below the rare classes' undoes the adjustment. Fewer trainable parameters
-(FFA-LoRA r 2 on query/value: 10k instead of 149k; the head alone: 1.2k) did not do better
-(0.65-0.70). Server momentum (strategy=fedavgm) led FedAvg by ~0.02 for three rounds, then the
-global model swung away from the majority class (momentum 0.9: accuracy 0.26-0.34 in rounds 4 and 6
-of seeds 0 and 1; 0.5: 0.28 in round 4). Averaging the last two global states (post-processing) did
-not help either (seeds 0-2: 0.703, 0.717, 0.709 against 0.721, 0.726, 0.706 for the last state): the
-runs are short of progress, not of noise averaging. Nor did, on CPU with seed 0 (accuracy after
-rounds 3 / 4 / 5 against this recipe's 0.672 / 0.672 / 0.706): FFA-LoRA r 8 (0.663 / 0.664 / 0.667),
-every dropout off (0.670 after round 3), logit adjustment 1.5 under DP (0.399 after round 3:
-minority classes over-predicted), a clipping bound of the head's own (Opacus per-layer clipping,
-tried and not kept; head 0.5 of 2: 0.636 / 0.614; head 0.6 of 1.2: 0.651 / 0.649). dp.lr 0.7 ended
-at 0.707 and 0.683 (seeds 0, 1), 0.35 at 0.698 (seed 0; this recipe: 0.721, 0.726). An expected
-batch of 256 (physical 64) was no better than 128 up to round 5 (after it: 0.697 and 0.686 against
-0.706 and 0.706, seeds 0 and 1), when Ray's memory monitor stopped both runs (~4.4 GB a client).
-At the end every class's per-record gradient norm exceeds the bound 2, so DP-SGD weighs records
-alike and under-predicts the rare classes (seed 1 recall 0.45 / 0.25 / 0.93, no DP 0.56 / 0.53 /
-0.89); undoing that did not help: clip 4 at dp.lr 0.25 (same noise) balanced the recall but ended
-at 0.708, 0.697, 0.713 (seeds 0-2), logit adjustment 1.25 under DP was behind after round 5 (0.618,
-0.706, 0.629 against 0.706, 0.706, 0.698). train.weight_decay 0.01 is L2 in SGD's gradient (~6.5% of
-every weight per 5-step round at lr 0.5, momentum 0.9); dp.weight_decay 0 led by ~0.015 after rounds 1-4
-and was level after round 5 (mean of seeds 0-2: 0.703 both); seed 0 run again to the end ended at 0.701
-(this recipe: 0.721): the early lead looks like noise.
-dp.lr decaying by a cosine from 0.7 to dp.lr_final 0.3 over the 8 rounds ended at 0.732, 0.716, 0.690
-(seeds 0-2, mean 0.713; this recipe: 0.718)."""
+Why, and every alternative measured: docs/privacy-utility.md."""
 CREDIT_DP = ("privacy.dp.logical_batch_size=128", "privacy.dp.lr=1e-2", "privacy.dp.max_grad_norm=5.0")
-"""The credit DP rows' recipe: AdamW at dp.lr 1e-2, clip 5. Credit's 7 banks take only 25 steps in
-5 rounds over 490k trainable parameters (the series encoder and fusion too); at epsilon 8 this
-reached ROC AUC 0.599 where TFNS's SGD recipe reached 0.506, and slower rates (AdamW 1e-3 to 3e-3,
-SGD 0.05-0.1, clip 0.5-1) stayed below 0.5 in the exploration loop."""
+"""The credit DP rows' recipe: AdamW at dp.lr 1e-2, clip 5. Why: docs/privacy-utility.md."""
 
 
 def utility(base: tuple[str, ...], recipe: tuple[str, ...], epsilons: list[float], out: Path,
@@ -227,7 +197,8 @@ def utility(base: tuple[str, ...], recipe: tuple[str, ...], epsilons: list[float
         runs = []
         for seed in seeds:
             seeded = [*overrides, f"model.seed={seed}", f"model.train.seed={seed}"]
-            row = _utility_row(_config(*base, *privacy, *seeded), out / (label + (f"-seed{seed}" if seed else "")), epsilon)
+            run_dir = out / (label + (f"-seed{seed}" if seed else ""))
+            row = _utility_row(_config(*base, *privacy, *seeded), run_dir, epsilon)
             no_dp.setdefault(seed, row["accuracy"])
             runs.append({**row, "seed": seed, "ratio": row["accuracy"] / no_dp[seed]})
             print(_row(runs[-1]), flush=True)
