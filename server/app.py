@@ -1,4 +1,4 @@
-"""The operator's ServerApp: rounds of FedAvg/FedProx over the banks, checkpointed and resumable.
+"""The operator's ServerApp: rounds of the configured Flower strategy over the banks, checkpointed and resumable.
 
 Inputs come from the run config (pyproject `[tool.flwr.app.config]`, overridden by
 `flwr run --run-config`):
@@ -13,7 +13,7 @@ records the round time and writes a checkpoint. A restarted ServerApp with the s
 resumes after the last checkpointed round.
 
 With `privacy.he.enabled` the banks' updates are CKKS ciphertexts (server/encrypted_run.py,
-server/he_rounds.py): the global state is an encrypted aggregate the operator cannot read, so
+server/encrypted_aggregation.py): the global state is an encrypted aggregate the operator cannot read, so
 there is no central evaluation and the final state is `global_state.he`.
 """
 
@@ -51,15 +51,10 @@ from fingpt_federated.privacy.atomic_file import atomic_write_bytes
 from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.checkpoint import Checkpointer, save_state
 from fingpt_federated.server.encrypted_run import EncryptedRun, he_enabled
-from fingpt_federated.server.fedavg import FedAvgBanks
-from fingpt_federated.server.fedavg_he import FedAvgHEBanks
-from fingpt_federated.server.fedavgm import FedAvgMBanks
-from fingpt_federated.server.fedprox import FedProxBanks
-from fingpt_federated.server.fedprox_he import FedProxHEBanks
 from fingpt_federated.server.history import CENTRAL, History
 from fingpt_federated.server.publish import publish_after_run
 from fingpt_federated.server.run_folder import FINAL_STATE, METRICS_CSV, METRICS_JSON
-from fingpt_federated.server.strategy import BankRounds
+from fingpt_federated.server.strategy_config import build_strategy, check_strategy
 
 CHECKPOINTS = "checkpoints"
 DEFAULT_ROUND_TIMEOUT_S = 3600.0
@@ -86,7 +81,7 @@ def _from_values(grid: Grid, context: Context) -> tuple[DictConfig, FederationSp
     """`flwr run .`: compose the config from the run config's values and prepare one bank per SuperNode."""
     num_banks = len(_wait_for_nodes(grid))
     cfg = run_inputs.config_from_run(context.run_config, num_banks)
-    check_strategy(str(cfg.strategy.name), encrypted=he_enabled(cfg))
+    check_strategy(cfg, encrypted=he_enabled(cfg))
     spec = run_inputs.prepared_spec(cfg, num_banks)
     given = str(context.run_config.get(protocol.RUN_DIR) or "")
     run_dir = Path(given) if given else Path.cwd() / "outputs" / "flwr-run" / f"run-{context.run_id}"
@@ -105,49 +100,6 @@ def _wait_for_nodes(grid: Grid, timeout_s: float = 60.0) -> list[int]:
     if not nodes:
         raise RuntimeError(f"no SuperNode connected within {timeout_s:.0f} s")
     return nodes
-
-
-STRATEGIES = ("fedavg", "fedprox", "fedavgm")
-
-
-def build_strategy(
-    cfg: DictConfig, history: History, round_offset: int = 0, encryption: EncryptedRun | None = None
-) -> BankRounds:
-    """The strategy named by `cfg.strategy.name`, sampling and minimums from `cfg.federation`;
-    its encrypted variant (public context, replay guard) when `encryption` is given."""
-    fed, strat = cfg.federation, cfg.strategy
-    min_banks = int(fed.min_banks)
-    fraction_evaluate = float(fed.get("fraction_evaluate", 1.0))
-    common: dict[str, Any] = {
-        "min_banks": min_banks,
-        "history": history,
-        "round_offset": round_offset,
-        "drop_stragglers": bool(strat.get("drop_stragglers", False)),
-        "fraction_train": float(fed.fraction_train),
-        "fraction_evaluate": fraction_evaluate,
-        "min_train_nodes": min_banks,
-        "min_evaluate_nodes": min_banks if fraction_evaluate > 0 else 0,
-        "min_available_nodes": min_banks,
-    }
-    check_strategy(str(strat.name), encrypted=encryption is not None)
-    if encryption is not None:
-        common.update(encryption.strategy_kwargs())
-    if strat.name == "fedavg":
-        return (FedAvgHEBanks if encryption else FedAvgBanks)(**common)
-    if strat.name == "fedprox":
-        return (FedProxHEBanks if encryption else FedProxBanks)(proximal_mu=float(strat.mu), **common)
-    return FedAvgMBanks(server_learning_rate=float(strat.server_lr), server_momentum=float(strat.server_momentum),
-                        **common)
-
-
-def check_strategy(name: str, encrypted: bool) -> None:
-    """Refuse an unknown strategy, or one that needs the plaintext global state under HE, before any
-    bank is prepared (fingpt-sim and fingpt-server call it up front, build_strategy again)."""
-    if name not in STRATEGIES:
-        raise ValueError(f"strategy.name must be one of {', '.join(STRATEGIES)}, got {name!r}")
-    if encrypted and name == "fedavgm":
-        raise ValueError("strategy=fedavgm needs the plaintext global state, which the server never sees "
-                         "under HE (privacy=he or dp_he): use strategy=fedavg or fedprox")
 
 
 def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: Path) -> History:

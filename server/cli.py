@@ -131,7 +131,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from fingpt_federated.server.app import check_strategy
     from fingpt_federated.server.deployment import (  # torch: only for `run`
         RunFailed,
         RunRequest,
@@ -139,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         load_config,
     )
     from fingpt_federated.server.encrypted_run import he_enabled
+    from fingpt_federated.server.strategy_config import check_strategy
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = (args.run_dir or args.workdir / "runs" / stamp).resolve()
@@ -150,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.overrides, run_dir)
         encrypted_run_paths(cfg, args.he_public_context, args.workdir)
-        check_strategy(str(cfg.strategy.name), he_enabled(cfg))
+        check_strategy(cfg, he_enabled(cfg))
     except (HydraException, OmegaConfBaseException) as exc:
         return fail(f"config: {exc}", EXIT_USAGE)
     except (ValueError, OSError) as exc:  # SecretKeyRefused is a ValueError

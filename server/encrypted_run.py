@@ -29,7 +29,7 @@ from fingpt_federated.privacy.atomic_file import atomic_write_bytes
 from fingpt_federated.privacy.he_context import HEContext, load_public_context
 from fingpt_federated.privacy.update_binding import read_mac_key
 from fingpt_federated.server.checkpoint import save_state
-from fingpt_federated.server.he_rounds import load_guard
+from fingpt_federated.server.encrypted_aggregation import load_guard
 
 GUARD_FILE = "he_replay_guard.json"
 BINDING_SUFFIX = ".binding"

@@ -99,7 +99,9 @@ def markdown(card: Mapping[str, Any]) -> str:
 
 
 def _strategy(strategy: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in strategy.items() if v is not None)
+    """name=..., flower=..., then the Flower class's options as if they were settings of their own."""
+    settings = {**{k: v for k, v in strategy.items() if k != "options"}, **(strategy.get("options") or {})}
+    return ", ".join(f"{k}={v}" for k, v in settings.items() if v is not None)
 
 
 def _privacy(privacy: Mapping[str, Any]) -> str:

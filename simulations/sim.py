@@ -41,7 +41,7 @@ from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
 from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.privacy.dp_settings import DPSettings
-from fingpt_federated.server.app import check_strategy, dp_round_config, write_metrics
+from fingpt_federated.server.app import dp_round_config, write_metrics
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History, jsonable
 from fingpt_federated.server.run_folder import (
@@ -49,6 +49,7 @@ from fingpt_federated.server.run_folder import (
     FINAL_STATE,
     METRICS_JSON,
 )
+from fingpt_federated.server.strategy_config import check_strategy
 from fingpt_federated.simulations import encryption
 from fingpt_federated.simulations.baselines import (
     CENTRALIZED,
@@ -150,7 +151,7 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     """Prepare the banks, run the federation on Flower's simulation engine, then baselines and report."""
     started = time.perf_counter()
     encrypted = he_enabled(cfg)
-    check_strategy(str(cfg.strategy.name), encrypted)
+    check_strategy(cfg, encrypted)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = encryption.operator_paths(cfg, run_dir) if encrypted else cfg
     config_path = save_resolved_config(cfg, run_dir)
@@ -177,12 +178,11 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
 
 
 def strategy_label(strategy: DictConfig) -> str:
-    """The strategy's name with the settings that define it, e.g. "fedavgm (server_lr=1.0, momentum=0.9)"."""
-    if strategy.name == "fedprox":
-        return f"fedprox (mu={strategy.mu})"
-    if strategy.name == "fedavgm":
-        return f"fedavgm (server_lr={strategy.server_lr}, momentum={strategy.server_momentum})"
-    return str(strategy.name)
+    """The strategy's name with the settings that define it: its proximal mu when there is one and the
+    Flower class's options, e.g. "fedavgm (server_learning_rate=1.0, server_momentum=0.9)"."""
+    settings = {**({"mu": strategy.mu} if strategy.get("mu") else {}), **(strategy.get("options") or {})}
+    listed = ", ".join(f"{key}={value}" for key, value in settings.items())
+    return f"{strategy.name} ({listed})" if listed else str(strategy.name)
 
 
 def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summary: SimulationSummary) -> Path:

@@ -20,25 +20,25 @@ from federation_helpers import (  # noqa: F401
 )
 from flwr.app import Array, ArrayRecord, MessageType
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Krum
 from safetensors.numpy import load_file
 
 from fingpt_federated.client.app import app as client_app
 from fingpt_federated.client.app import train as client_train
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.protocol import Receipt
+from fingpt_federated.server import strategy_state
 from fingpt_federated.server.app import (
     CHECKPOINTS,
     FINAL_STATE,
     METRICS_CSV,
-    build_strategy,
     run_federation,
 )
+from fingpt_federated.server.bank_rounds import BankRounds, FederationRoundError
 from fingpt_federated.server.checkpoint import Checkpointer, CheckpointMismatch
-from fingpt_federated.server.fedavg import FedAvgBanks
-from fingpt_federated.server.fedavgm import FedAvgMBanks
-from fingpt_federated.server.fedprox import FedProxBanks
 from fingpt_federated.server.history import CENTRAL, FEDERATION, History
-from fingpt_federated.server.strategy import FederationRoundError, short_reason
+from fingpt_federated.server.replies import short_reason
+from fingpt_federated.server.strategy_config import build_strategy, check_strategy
 
 
 def federation(tmp_path: Path, *overrides: str, fail=(), work=None, app: ClientApp = client_app, grid=InProcessGrid):
@@ -52,14 +52,32 @@ def train_messages(grid: InProcessGrid) -> list:
     return [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
 
 
-def test_strategy_comes_from_the_config_group():
+def test_the_flower_strategy_and_its_options_come_from_the_config_group():
     history = History()
     fedprox = build_strategy(config("strategy=fedprox", "strategy.mu=0.3", "federation.min_banks=3"), history)
-    assert isinstance(fedprox, FedProxBanks) and fedprox.proximal_mu == 0.3
-    assert fedprox.min_banks == fedprox.min_train_nodes == fedprox.min_available_nodes == 3
-    assert isinstance(build_strategy(config("strategy=fedavg"), history), FedAvgBanks)
-    fedavgm = build_strategy(config("strategy=fedavgm", "strategy.server_momentum=0.5"), history)
-    assert isinstance(fedavgm, FedAvgMBanks) and (fedavgm.server_momentum, fedavgm.server_learning_rate) == (0.5, 1.0)
+    assert isinstance(fedprox, BankRounds) and type(fedprox.strategy) is FedAvg and fedprox.mu == 0.3
+    assert fedprox.min_banks == fedprox.strategy.min_train_nodes == fedprox.strategy.min_available_nodes == 3
+    fedavgm = build_strategy(config("strategy=fedavgm", "strategy.options.server_momentum=0.5"), history).strategy
+    assert isinstance(fedavgm, FedAvgM) and (fedavgm.server_momentum, fedavgm.server_learning_rate) == (0.5, 1.0)
+    fedadam = build_strategy(config("strategy=fedadam", "strategy.options.eta=0.05"), history).strategy
+    assert isinstance(fedadam, FedAdam) and (fedadam.eta, fedadam.beta_1) == (0.05, 0.9)
+    # Any other Flower class is a config away; one that takes proximal_mu gets strategy.mu.
+    flower_fedprox = build_strategy(config("strategy.flower=FedProx", "strategy.mu=0.2"), history).strategy
+    assert isinstance(flower_fedprox, FedProx) and flower_fedprox.proximal_mu == 0.2
+    krum = build_strategy(config("strategy.flower=Krum", "++strategy.options.num_malicious_nodes=1"), history).strategy
+    assert isinstance(krum, Krum) and krum.num_malicious_nodes == 1
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("++strategy.options.bogus=1", r"strategy.options.bogus is not an argument of Flower's FedAdam \(it takes .*eta"),
+    ("++strategy.options.min_train_nodes=1", "strategy.options.min_train_nodes: set by the federation group"),
+    ("++strategy.options.proximal_mu=0.1", "strategy.options.proximal_mu: set strategy.mu"),
+    ("strategy.flower=FedMagic", r"strategy.flower must name a strategy .*FedAdam.*got 'FedMagic'"),
+    ("strategy.flower=Strategy", "got 'Strategy'"),
+])
+def test_a_bad_strategy_config_is_refused_naming_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        check_strategy(config("strategy=fedadam", override), encrypted=False)
 
 
 def test_rounds_write_metrics_and_checkpoints_and_a_restart_resumes(tmp_path):
@@ -94,8 +112,10 @@ def test_a_failing_bank_is_logged_and_the_round_goes_on_while_enough_banks_remai
     assert {r.bank for r in history.select("train") if r.bank != FEDERATION} == {"bank_0", "bank_2"}
 
 
-def test_fewer_banks_than_the_minimum_fail_the_run_with_every_reason(tmp_path):
-    cfg, spec, grid = federation(tmp_path, "federation.rounds=2", "federation.min_banks=2", fail=[0, 2])
+@pytest.mark.parametrize("strategy", ["fedprox", "fedtrimmedavg"])
+def test_fewer_banks_than_the_minimum_fail_the_run_with_every_reason(tmp_path, strategy):
+    cfg, spec, grid = federation(tmp_path, f"strategy={strategy}", "federation.rounds=2", "federation.min_banks=2",
+                                 fail=[0, 2])
     with pytest.raises(FederationRoundError) as error:
         run_federation(grid, cfg, spec, tmp_path / "run")
     message = str(error.value)
@@ -136,13 +156,19 @@ def test_fedavg_can_drop_stragglers_as_in_the_fedprox_paper(tmp_path):
 def _weighted_mean(replies: list) -> dict[str, np.ndarray]:
     states = [protocol.record_to_state(r.content[protocol.ARRAYS]) for r in replies]
     weights = [float(r.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in replies]
-    return {name: sum(w * s[name].double().numpy() for w, s in zip(weights, states)) / sum(weights)
+    return {name: sum(w * s[name].double().numpy() for w, s in zip(weights, states, strict=True)) / sum(weights)
             for name in states[0]}
 
 
+def _sent_state(before: InProcessGrid, after: InProcessGrid, index: int) -> dict[str, np.ndarray]:
+    """The global state of the index-th train message sent, over a run and its resumption."""
+    message = [*train_messages(before), *train_messages(after)][index]
+    return {name: t.double().numpy() for name, t in protocol.record_to_state(message.content[protocol.ARRAYS]).items()}
+
+
 def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentum(tmp_path):
-    cfg, spec, grid = federation(tmp_path, "strategy=fedavgm", "strategy.server_lr=0.8",
-                                 "strategy.server_momentum=0.5", "federation.rounds=2", grid=RecordingGrid)
+    cfg, spec, grid = federation(tmp_path, "strategy=fedavgm", "strategy.options.server_learning_rate=0.8",
+                                 "strategy.options.server_momentum=0.5", "federation.rounds=2", grid=RecordingGrid)
     run_federation(grid, cfg, spec, tmp_path / "run")
     sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in train_messages(grid)]
     w0, w1 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3))
@@ -157,21 +183,55 @@ def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentu
 
 
 def test_fedavgm_momentum_is_checkpointed_and_a_resumed_run_goes_on_with_it(tmp_path):
-    fedavgm = ("strategy=fedavgm", "strategy.server_momentum=0.5")
+    fedavgm = ("strategy=fedavgm", "strategy.options.server_momentum=0.5")
     cfg, spec, before = federation(tmp_path, *fedavgm, "federation.rounds=2", grid=RecordingGrid)
     run_federation(before, cfg, spec, tmp_path / "run")
     cfg, spec, after = federation(tmp_path, *fedavgm, "federation.rounds=3", grid=RecordingGrid)
     run_federation(after, cfg, spec, tmp_path / "run")
-    sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in [*train_messages(before), *train_messages(after)]]
-    w0, w1, w2 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3, 6))
+    w0, w1, w2 = (_sent_state(before, after, i) for i in (0, 3, 6))
     trained = [r for r in [*before.replies, *after.replies] if r.metadata.message_type == MessageType.TRAIN]
     mean1, mean2, mean3 = (_weighted_mean(trained[i:i + 3]) for i in (0, 3, 6))
     momentum = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0002" / "server_state.safetensors"))
     final = load_file(str(tmp_path / "run" / FINAL_STATE))
-    for name in w0:
+    for i, name in enumerate(w0):  # Flower keeps the momentum as a list in the order of the state's arrays
         v2 = 0.5 * (w0[name] - mean1[name]) + w1[name] - mean2[name]
-        np.testing.assert_allclose(momentum["momentum." + name], v2, atol=1e-6)
+        np.testing.assert_allclose(momentum[f"momentum_vector:list:{i}"], v2, atol=1e-6)
         np.testing.assert_allclose(final[name], w2[name] - (0.5 * v2 + w2[name] - mean3[name]), atol=1e-6)
+
+
+def test_fedadam_moments_are_checkpointed_and_a_resumed_run_goes_on_with_them(tmp_path):
+    fedadam = ("strategy=fedadam", "strategy.options.eta=0.01")
+    cfg, spec, before = federation(tmp_path, *fedadam, "federation.rounds=2", grid=RecordingGrid)
+    run_federation(before, cfg, spec, tmp_path / "run")
+    cfg, spec, after = federation(tmp_path, *fedadam, "federation.rounds=3", grid=RecordingGrid)
+    run_federation(after, cfg, spec, tmp_path / "run")
+    eta, beta_1, beta_2, tau = (float(cfg.strategy.options[key]) for key in ("eta", "beta_1", "beta_2", "tau"))
+    w0, w1, w2 = (_sent_state(before, after, i) for i in (0, 3, 6))
+    trained = [r for r in [*before.replies, *after.replies] if r.metadata.message_type == MessageType.TRAIN]
+    mean1, mean2, mean3 = (_weighted_mean(trained[i:i + 3]) for i in (0, 3, 6))
+    saved = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0002" / "server_state.safetensors"))
+    final = load_file(str(tmp_path / "run" / FINAL_STATE))
+    for name in w0:
+        d1, d2, d3 = mean1[name] - w0[name], mean2[name] - w1[name], mean3[name] - w2[name]
+        m2 = beta_1 * (1 - beta_1) * d1 + (1 - beta_1) * d2
+        v2 = beta_2 * (1 - beta_2) * d1 ** 2 + (1 - beta_2) * d2 ** 2
+        np.testing.assert_allclose(saved[f"m_t:dict:{name}"], m2, rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(saved[f"v_t:dict:{name}"], v2, rtol=1e-4, atol=1e-12)
+        m3, v3 = beta_1 * m2 + (1 - beta_1) * d3, beta_2 * v2 + (1 - beta_2) * d3 ** 2
+        step = eta * np.sqrt(1 - beta_2 ** 4) / (1 - beta_1 ** 4)  # Flower's bias correction at (global) round 3
+        np.testing.assert_allclose(final[name], w2[name] + step * m3 / (np.sqrt(v3) + tau), rtol=1e-4, atol=1e-6)
+    assert "current_arrays" not in " ".join(saved)  # the checkpoint's state already is the global state
+
+
+def test_server_state_of_one_strategy_is_refused_by_another():
+    adam = FedAdam()
+    adam.m_t, adam.v_t = {"w": np.ones(2, dtype=np.float32)}, {"w": np.full(2, 4.0, dtype=np.float32)}
+    state = strategy_state.capture(BankRounds(adam, min_banks=1, history=History()).strategy)
+    restored = FedAdam()
+    strategy_state.restore(restored, state)
+    assert (restored.m_t["w"] == 1).all() and (restored.v_t["w"] == 4).all()
+    with pytest.raises(ValueError, match="server state 'm_t', which FedAvgM does not keep"):
+        strategy_state.restore(FedAvgM(), state)
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):

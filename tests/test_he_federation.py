@@ -23,6 +23,7 @@ from federation_helpers import (  # noqa: F401
 )
 from flwr.app import MessageType
 from flwr.clientapp import ClientApp
+from flwr.serverapp.strategy import FedAvgM
 from safetensors.numpy import load_file
 
 from fingpt_federated.client.app import app as client_app
@@ -40,10 +41,12 @@ from fingpt_federated.privacy.he_context import (
 )
 from fingpt_federated.privacy.he_global import decrypt_global
 from fingpt_federated.privacy.he_packing import EncryptedUpdate, decrypt_mean, schema_of
-from fingpt_federated.server.app import CHECKPOINTS, build_strategy, run_federation
+from fingpt_federated.server.app import CHECKPOINTS, run_federation
+from fingpt_federated.server.bank_rounds import FederationRoundError
+from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation
 from fingpt_federated.server.encrypted_run import EncryptedRun
 from fingpt_federated.server.history import FEDERATION, History
-from fingpt_federated.server.strategy import FederationRoundError
+from fingpt_federated.server.strategy_config import build_strategy
 from fingpt_federated.simulations.encryption import HE_DIR, bank_secrets, operator_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -83,18 +86,23 @@ def test_the_server_holds_only_the_public_context_and_refuses_the_secret_one(tmp
     cfg, spec, _ = federation(tmp_path)
     initial = {"w": torch.zeros(3)}
     strategy = build_strategy(cfg, History(), encryption=EncryptedRun.from_config(cfg, tmp_path / "run", initial))
-    assert not strategy.he.holds_secret_key and not strategy.he.context.is_private()
-    assert not strategy.he.context.has_secret_key()
+    encrypted = strategy.strategy
+    assert isinstance(encrypted, EncryptedAggregation) and strategy.check_update == encrypted.check_update
+    assert not encrypted.he.holds_secret_key and not encrypted.he.context.is_private()
+    assert not encrypted.he.context.has_secret_key()
     cfg.privacy.he.public_context = str(tmp_path / "run" / HE_DIR / SECRET_NAME)
     with pytest.raises(SecretKeyRefused, match="SECRET key"):
         EncryptedRun.from_config(cfg, tmp_path / "run", initial)
 
 
-def test_server_momentum_is_refused_under_he_where_the_server_never_sees_the_state(tmp_path):
-    cfg, _, _ = federation(tmp_path, "strategy=fedavgm")
+@pytest.mark.parametrize("strategy", ["fedavgm", "fedadam", "fedtrimmedavg"])
+def test_a_strategy_that_aggregates_plaintext_is_refused_under_he_where_the_server_never_sees_it(tmp_path, strategy):
+    cfg, _, _ = federation(tmp_path, f"strategy={strategy}")
     encryption = EncryptedRun.from_config(cfg, tmp_path / "run", {"w": torch.zeros(3)})
-    with pytest.raises(ValueError, match="strategy=fedavgm needs the plaintext global state"):
+    with pytest.raises(ValueError, match=f"strategy={strategy} needs the plaintext global state"):
         build_strategy(cfg, History(), encryption=encryption)
+    with pytest.raises(ValueError, match="FedAvgM aggregates plaintext states"):
+        EncryptedAggregation(FedAvgM(), **encryption.strategy_kwargs())
 
 
 def test_encrypted_fedavg_equals_plaintext_fedavg_and_only_ciphertext_leaves_a_bank(tmp_path):
@@ -253,7 +261,8 @@ def test_dp_under_he_sends_ciphertexts_of_noisy_updates_and_a_bank_over_budget_i
         blob = reply.content[protocol.HE_UPDATE][protocol.HE_CIPHERTEXT]
         weights.append(EncryptedUpdate.from_bytes(blob).weight)
         drifts.append(decrypt_mean(blob, secret(tmp_path), schema_of(initial), dtype=np.float64))
-    expected = {n: initial[n] + sum(w * d[n] for w, d in zip(weights, drifts)) / sum(weights) for n in initial}
+    expected = {n: initial[n] + sum(w * d[n] for w, d in zip(weights, drifts, strict=True)) / sum(weights)
+                for n in initial}
     final = decrypted_global(tmp_path, (tmp_path / "run" / "global_state.he").read_bytes())
     assert max_error(final, expected) < 1e-4
     assert max_error(final, initial) > 1e-3  # the noisy updates moved the global state

@@ -1,0 +1,250 @@
+"""What this federation adds to any Flower strategy: loud rounds, per-bank metrics, resume.
+
+Flower's strategies aggregate whatever replies arrive and log failures at INFO; a round where
+every bank crashed still "completes". `BankRounds` wraps a strategy object, as Flower's own DP
+wrappers do (flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping), and leaves
+sampling, message construction and aggregation to it:
+
+- configure_*: stamps the hash of the global state being sent into the round config (and the
+  FedProx `proximal-mu` the banks apply, whatever the strategy), numbers rounds globally (a
+  resumed run continues at round k+1, not at 1; the wrapped strategy sees global numbers too);
+- aggregate_*: checks every reply (error, stale receipt, straggler to drop), logs each failed
+  bank with its reason at WARNING, raises `FederationRoundError` listing all reasons when fewer
+  banks than the minimum succeeded, records every bank's metrics in the run's History, and only
+  then hands the accepted replies to the wrapped strategy. `check_update` is an optional per-update
+  gate (the encrypted aggregation's, server/encrypted_aggregation.py), run before any aggregation
+  and counted as a failure of that bank. A bank that declined to train (its privacy budget is
+  spent) is logged and recorded as "declined", not as a failure: the minimum counts the banks that
+  could train, and a round where none could leaves the global state as is. Evaluation averages the
+  replies that carry metrics: under DP a bank may answer with its row count alone
+  (dp.report_validation).
+- the new global state keeps the dtypes of the state sent: FedOpt's step (FedAdam...) computes in
+  float64, which would double the state on the wire and in checkpoints for no precision the banks use;
+- server_state / restore_server_state: what the wrapped strategy learns across rounds (FedAvgM's
+  momentum, FedAdam's moments...), checkpointed every round (server/strategy_state.py).
+
+Each round's aggregated metrics also count model-state bytes on the wire, for the report:
+`upload_bytes` (accepted train replies, counted before the wrapped strategy may consume them) and
+`download_bytes` (the train, resp. evaluate, messages sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fingpt_federated.federation import protocol
+from fingpt_federated.server import strategy_state
+from fingpt_federated.server.history import FEDERATION, History
+from fingpt_federated.server.replies import check_reply, declined_reason, reply_metrics
+
+UpdateCheck = Callable[[Message, int, str], str]
+"""(train reply, global round, hash of the state sent) -> why its update must not be aggregated, "" if it may."""
+
+
+class FederationRoundError(RuntimeError):
+    """Fewer banks than the configured minimum completed a round: the run must stop."""
+
+
+class BankRounds(Strategy):
+    """Wraps any Flower strategy with the bank-round behaviour; see the module docstring."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        min_banks: int,
+        history: History,
+        round_offset: int = 0,
+        drop_stragglers: bool = False,
+        mu: float = 0.0,
+        check_update: UpdateCheck | None = None,
+    ) -> None:
+        if min_banks < 1:
+            raise ValueError(f"min_banks must be at least 1, got {min_banks}")
+        if mu < 0:
+            raise ValueError(f"the proximal term mu must be >= 0, got {mu}")
+        self.strategy = strategy
+        self.min_banks = min_banks
+        self.history = history
+        self.round_offset = round_offset
+        self.drop_stragglers = drop_stragglers
+        self.mu = mu
+        self.check_update = check_update
+        self.bank_of_node: dict[int, str] = {}
+        self._sent: dict[str, tuple[set[int], str]] = {}
+        self._download_bytes: dict[str, int] = {}
+        self._sent_dtypes: dict[str, str] = {}
+
+    def summary(self) -> None:
+        log(
+            INFO,
+            "\t├──> Bank rounds: at least %d successful banks per round, drop stragglers: %s, "
+            "proximal mu: %s, rounds numbered from %d",
+            self.min_banks,
+            self.drop_stragglers,
+            self.mu,
+            self.round_offset + 1,
+        )
+        log(INFO, "\t├──> Wrapping %s:", type(self.strategy).__name__)
+        self.strategy.summary()
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """What the wrapped strategy must carry across a restart, checkpointed every round."""
+        return strategy_state.capture(self.strategy)
+
+    def restore_server_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Take back `server_state()` from the checkpoint a run resumes from."""
+        strategy_state.restore(self.strategy, state)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config[protocol.PROXIMAL_MU] = self.mu
+        self._sent_dtypes = {name: array.dtype for name, array in arrays.items()}
+        return self._configure("train", server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self._configure("evaluate", server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        round_number = server_round + self.round_offset
+        accepted = self._accept("train", round_number, list(replies))
+        # Before aggregating: some strategies (FedTrimmedAvg) pop the arrays out of the replies.
+        upload_bytes = sum(protocol.payload_bytes(reply.content) for reply in accepted)
+        arrays, metrics = self.strategy.aggregate_train(round_number, accepted)
+        arrays = None if arrays is None else _in_dtypes(arrays, self._sent_dtypes)
+        if metrics is not None:
+            metrics["upload_bytes"] = upload_bytes
+            metrics["download_bytes"] = self._download_bytes.pop("train", 0)
+        self._record_aggregate("train", round_number, metrics)
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        round_number = server_round + self.round_offset
+        accepted = self._accept("evaluate", round_number, list(replies))
+        # Under DP a bank may withhold its validation metrics (dp.report_validation) and reply with its
+        # row count alone; Flower averages only replies with the same keys, so those of the others.
+        reporting = [reply for reply in accepted if set(reply_metrics(reply)) - {protocol.NUM_EXAMPLES}]
+        metrics = self.strategy.aggregate_evaluate(round_number, reporting) if reporting else None
+        if accepted:
+            metrics = metrics if metrics is not None else MetricRecord()
+            metrics["download_bytes"] = self._download_bytes.pop("evaluate", 0)
+        self._record_aggregate("evaluate", round_number, metrics)
+        return metrics
+
+    def _configure(
+        self, phase: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        state_hash = protocol.record_hash(arrays)
+        config[protocol.STATE_HASH] = state_hash
+        inner = self.strategy.configure_train if phase == "train" else self.strategy.configure_evaluate
+        messages = list(inner(server_round + self.round_offset, arrays, config, grid))
+        self._sent[phase] = ({m.metadata.dst_node_id for m in messages}, state_hash)
+        self._download_bytes[phase] = sum(protocol.payload_bytes(m.content) for m in messages)
+        return messages
+
+    def _accept(self, phase: str, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies to aggregate; raise FederationRoundError if too few banks succeeded."""
+        sent_to, state_hash = self._sent.pop(phase, (set(), ""))
+        if not sent_to:
+            return replies
+        accepted: list[Message] = []
+        failures: list[str] = []
+        declined = 0
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            problem, receipt = check_reply(reply, server_round, state_hash)
+            if receipt is not None:
+                self.bank_of_node[node] = receipt.bank
+            bank = self.bank_of_node.get(node, f"node {node}")
+            reason = "" if problem else declined_reason(reply)
+            if phase == "train" and not problem and not reason and self.check_update is not None:
+                problem = self.check_update(reply, server_round, state_hash)
+            metrics = {} if problem else reply_metrics(reply)
+            if problem:
+                failures.append(f"{self._who(node)}: {problem}")
+                log(WARNING, "round %d %s: %s failed: %s", server_round, phase, self._who(node), problem)
+                self.history.add(server_round, phase, bank, status="failed", node_id=node, reason=problem)
+            elif reason:
+                log(WARNING, "round %d %s: %s declined: %s", server_round, phase, self._who(node), reason)
+                self.history.add(server_round, phase, bank, status="declined", node_id=node, reason=reason)
+                declined += 1
+            elif phase == "train" and self.drop_stragglers and metrics.get("straggler", 0.0) > 0:
+                log(
+                    INFO,
+                    "round %d: dropping straggler %s (%d of %d local steps)",
+                    server_round,
+                    bank,
+                    int(metrics.get("local_steps", 0)),
+                    int(metrics.get("planned_steps", 0)),
+                )
+                self.history.add(
+                    server_round,
+                    phase,
+                    bank,
+                    metrics,
+                    status="dropped",
+                    node_id=node,
+                    reason="straggler (drop_stragglers)",
+                )
+            else:
+                self.history.add(server_round, phase, bank, metrics, node_id=node)
+                accepted.append(reply)
+        failures += self._missing(phase, server_round, sent_to, replies)
+        required = min(self.min_banks, len(sent_to) - declined)
+        if len(accepted) < required:
+            detail = "\n  ".join(failures) if failures else "(none failed: the others were dropped as stragglers)"
+            raise FederationRoundError(
+                f"round {server_round} {phase}: {len(accepted)} of {len(sent_to)} sampled banks succeeded, "
+                f"the minimum is {required}. Failures:\n  {detail}"
+            )
+        return accepted
+
+    def _missing(self, phase: str, server_round: int, sent_to: set[int], replies: list[Message]) -> list[str]:
+        """Record every sampled bank that did not reply as failed; their failure lines."""
+        failures = []
+        for node in sorted(sent_to - {reply.metadata.src_node_id for reply in replies}):
+            failures.append(f"{self._who(node)}: no reply within the round timeout")
+            log(WARNING, "round %d %s: %s did not reply in time", server_round, phase, self._who(node))
+            self.history.add(
+                server_round,
+                phase,
+                self.bank_of_node.get(node, f"node {node}"),
+                status="failed",
+                node_id=node,
+                reason="no reply within the round timeout",
+            )
+        return failures
+
+    def _who(self, node: int) -> str:
+        """A bank's name and node id once a reply told us its name, else the node id alone."""
+        name = self.bank_of_node.get(node)
+        return f"bank {name} (node {node})" if name else f"node {node}"
+
+    def _record_aggregate(self, phase: str, server_round: int, metrics: MetricRecord | None) -> None:
+        if metrics is not None:
+            self.history.add(server_round, phase, FEDERATION, dict(metrics))
+
+
+def _in_dtypes(arrays: ArrayRecord, dtypes: Mapping[str, str]) -> ArrayRecord:
+    """`arrays`, each in the dtype its array had in the state sent (those not sent as they are)."""
+    changed = {name for name, array in arrays.items() if name in dtypes and array.dtype != dtypes[name]}
+    if not changed:
+        return arrays
+    return ArrayRecord(
+        {
+            name: Array(array.numpy().astype(dtypes[name])) if name in changed else array
+            for name, array in arrays.items()
+        }
+    )

@@ -1,0 +1,146 @@
+"""The strategy a config names: a Flower strategy class, its checked options, and this federation's wrappers.
+
+A `conf/strategy/*.yaml` entry:
+
+    name: fedadam            # label in reports and the model card
+    flower: FedAdam          # a class of flwr.serverapp.strategy
+    options: {eta: 0.01}     # keyword arguments of that class
+    mu: 0.0                  # FedProx proximal term the banks apply, with any class (`proximal-mu`)
+    local_epochs, local_steps, drop_stragglers, round_timeout: the banks' work and the round's wait
+
+The sampling and minimum arguments (fraction_train, fraction_evaluate, min_*_nodes) come from
+`cfg.federation`, so they are refused in `options`; a class that takes `proximal_mu` (FedProx)
+gets `strategy.mu`. `check_strategy` checks all of it against the class's signature, and under HE
+refuses a class that cannot aggregate ciphertexts, before any bank is prepared. Adding one of
+Flower's strategies is one YAML file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import flwr.serverapp.strategy as flower_strategies
+from flwr.serverapp.strategy import Strategy
+from omegaconf import DictConfig, OmegaConf
+
+from fingpt_federated.server.bank_rounds import BankRounds
+from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation, plaintext_aggregation
+from fingpt_federated.server.encrypted_run import EncryptedRun
+from fingpt_federated.server.history import History
+
+FROM_FEDERATION = (
+    "fraction_train",
+    "fraction_evaluate",
+    "min_train_nodes",
+    "min_evaluate_nodes",
+    "min_available_nodes",
+)
+PROXIMAL_MU = "proximal_mu"
+
+
+@dataclass(frozen=True)
+class StrategyChoice:
+    """A checked strategy config: the Flower class and the keyword arguments it is built with."""
+
+    flower: type[Strategy]
+    kwargs: dict[str, Any]
+
+    def build(self) -> Strategy:
+        return self.flower(**self.kwargs)
+
+
+def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
+    """The Flower class and arguments of `cfg.strategy`, or a ValueError naming the bad key (fingpt-sim and
+    fingpt-server call it before any bank is prepared, build_strategy again)."""
+    strat = cfg.strategy
+    flower = flower_class(str(strat.flower))
+    options = OmegaConf.to_container(strat.get("options") or OmegaConf.create({}), resolve=True)
+    if not isinstance(options, dict):
+        raise ValueError(f"strategy.options must map argument names of {flower.__name__} to values, got {options!r}")
+    kwargs = {**federation_kwargs(cfg.federation), **_checked_options(flower, options)}
+    if PROXIMAL_MU in inspect.signature(flower).parameters:
+        kwargs[PROXIMAL_MU] = float(strat.mu)
+    try:
+        inspect.signature(flower).bind(**kwargs)
+    except TypeError as error:
+        raise ValueError(f"strategy.flower={flower.__name__} cannot be built from a strategy config: {error}") from None
+    if encrypted and plaintext_aggregation(flower):
+        raise ValueError(
+            f"strategy={strat.name} needs the plaintext global state or updates (Flower's "
+            f"{flower.__name__} aggregates them), which the server never sees under HE (privacy=he or "
+            "dp_he): use a strategy that aggregates as FedAvg does, e.g. strategy=fedavg or fedprox"
+        )
+    return StrategyChoice(flower, kwargs)
+
+
+def build_strategy(
+    cfg: DictConfig, history: History, round_offset: int = 0, encryption: EncryptedRun | None = None
+) -> BankRounds:
+    """The Flower strategy `cfg.strategy` names inside `BankRounds`; with `encryption`, inside
+    `EncryptedAggregation` first (public context, replay guard)."""
+    inner = check_strategy(cfg, encrypted=encryption is not None).build()
+    check_update = None
+    if encryption is not None:
+        inner = encrypted = EncryptedAggregation(inner, **encryption.strategy_kwargs())
+        check_update = encrypted.check_update
+    strat = cfg.strategy
+    return BankRounds(
+        inner,
+        min_banks=int(cfg.federation.min_banks),
+        history=history,
+        round_offset=round_offset,
+        drop_stragglers=bool(strat.get("drop_stragglers", False)),
+        mu=float(strat.get("mu", 0.0)),
+        check_update=check_update,
+    )
+
+
+def flower_class(name: str) -> type[Strategy]:
+    """The concrete strategy class `name` of flwr.serverapp.strategy."""
+    classes = {
+        candidate: value
+        for candidate in flower_strategies.__all__
+        if isinstance(value := getattr(flower_strategies, candidate), type)
+        and issubclass(value, Strategy)
+        and not inspect.isabstract(value)
+    }
+    if name not in classes:
+        raise ValueError(
+            f"strategy.flower must name a strategy of flwr.serverapp.strategy "
+            f"({', '.join(sorted(classes))}), got {name!r}"
+        )
+    return classes[name]
+
+
+def federation_kwargs(federation: DictConfig) -> dict[str, Any]:
+    """Sampling and minimums of every round, from the federation group: at least `min_banks` banks."""
+    min_banks = int(federation.min_banks)
+    fraction_evaluate = float(federation.get("fraction_evaluate", 1.0))
+    return {
+        "fraction_train": float(federation.fraction_train),
+        "fraction_evaluate": fraction_evaluate,
+        "min_train_nodes": min_banks,
+        "min_evaluate_nodes": min_banks if fraction_evaluate > 0 else 0,
+        "min_available_nodes": min_banks,
+    }
+
+
+def _checked_options(flower: type[Strategy], options: dict[Any, Any]) -> dict[str, Any]:
+    """`strategy.options`, each key a keyword argument of `flower` that the config does not set elsewhere."""
+    parameters = inspect.signature(flower).parameters
+    takes = [name for name in parameters if name not in (*FROM_FEDERATION, PROXIMAL_MU)]
+    for key in options:
+        if key in FROM_FEDERATION:
+            raise ValueError(
+                f"strategy.options.{key}: set by the federation group (federation.fraction_train, "
+                "federation.fraction_evaluate, federation.min_banks), not per strategy"
+            )
+        if key == PROXIMAL_MU:
+            raise ValueError(f"strategy.options.{key}: set strategy.mu, which the banks apply with any strategy")
+        if key not in parameters:
+            raise ValueError(
+                f"strategy.options.{key} is not an argument of Flower's {flower.__name__} (it takes {', '.join(takes)})"
+            )
+    return {str(key): value for key, value in options.items()}
