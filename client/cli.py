@@ -58,13 +58,12 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 def cmd_he_keygen(args: argparse.Namespace) -> int:
     """The federation's CKKS key ceremony, with the parameters of conf/privacy/he.yaml."""
-    from omegaconf import OmegaConf
-
     from fingpt_federated.conf import CONFIG_DIR
+    from fingpt_federated.privacy.he_config import he_block_of_file
     from fingpt_federated.privacy.he_context import HEParams, key_ceremony
 
-    he_block = OmegaConf.to_container(OmegaConf.load(args.config or CONFIG_DIR / "privacy" / "he.yaml").he, resolve=True)
     try:
+        he_block = he_block_of_file(args.config or CONFIG_DIR / "privacy" / "he.yaml")
         files = key_ceremony(HEParams.from_config(he_block), args.out, overwrite=args.force)
     except (FileExistsError, ValueError) as exc:
         return fail(str(exc), EXIT_INVALID)

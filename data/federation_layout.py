@@ -6,7 +6,6 @@ bank loads its own data, so simulation and deployment share one data path.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -14,12 +13,15 @@ from typing import Any, Mapping
 import numpy as np
 from omegaconf import DictConfig
 
+from fingpt_federated.conf.schema import FederationConfig
 from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.config import data_config
 from fingpt_federated.data.loading import as_dict, hold_out_test
 from fingpt_federated.data.partitioning import bank_names, partition_indices
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.splits import split_train_valid
 from fingpt_federated.data.synthetic import write_federation
+from fingpt_federated.structured_config import build
 
 
 @dataclass
@@ -35,33 +37,30 @@ class FederationLayout:
 
 def materialize_data_config(data_cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """The data config with generated files filled in when it asks for synthetic data."""
-    cfg = copy.deepcopy(as_dict(data_cfg))
-    spec = cfg.get("synthetic")
+    cfg = data_config(data_cfg)
+    spec = cfg["synthetic"]
     if not spec:
         return cfg
     paths = write_federation(spec["task"], Path(out_dir) / "synthetic_data", int(spec["num_banks"]),
                              int(spec["rows_per_bank"]), int(spec["seed"]))
-    cfg.setdefault("files", {})["train"] = str(paths["train"])
+    cfg["files"]["train"] = str(paths["train"])
     if "series" in paths:
         cfg["series"]["path"] = str(paths["series"])
     return cfg
 
 
-def partition(pool: BankDataset, fed_cfg: Mapping[str, Any], seed: int) -> tuple[list[np.ndarray], list[str]]:
+def partition(pool: BankDataset, fed: FederationConfig, seed: int) -> tuple[list[np.ndarray], list[str]]:
     """Row indices of each bank in `pool`, and the banks' names."""
-    method = fed_cfg["partitioner"]
     keys = None
-    if method == "natural":
-        key = fed_cfg.get("key")
-        if key not in pool.keys:
-            raise ValueError(f"federation.key={key!r} must be one of data.keep_columns {sorted(pool.keys)}")
-        keys = pool.keys[key]
-        if fed_cfg.get("bins"):
+    if fed.partitioner == "natural":
+        if fed.key not in pool.keys:
+            raise ValueError(f"federation.key={fed.key!r} must be one of data.keep_columns {sorted(pool.keys)}")
+        keys = pool.keys[fed.key]
+        if fed.bins:
             keys = keys.astype(float)
-    num_banks = fed_cfg.get("num_banks")
-    parts = partition_indices(pool.labels, num_banks, method, alpha=float(fed_cfg.get("alpha", 0.5)), keys=keys,
-                              bins=fed_cfg.get("bins"), min_size=int(fed_cfg.get("min_size", 2)), seed=seed)
-    names = bank_names(method, len(parts), keys, fed_cfg.get("bins"), key_name=str(fed_cfg.get("key")))
+    parts = partition_indices(pool.labels, fed.num_banks, fed.partitioner, alpha=fed.alpha, keys=keys,
+                              bins=fed.bins, min_size=fed.min_size, seed=seed)
+    names = bank_names(fed.partitioner, len(parts), keys, fed.bins, key_name=str(fed.key))
     return parts, names
 
 
@@ -72,12 +71,11 @@ def prepare_federation(cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path)
     data_cfg = materialize_data_config(root["data"], out_dir)
     pool, test = hold_out_test(data_cfg)
     seed = int(root.get("seed", 0))
-    fed_cfg = root["federation"]
-    parts, names = partition(pool, fed_cfg, seed)
+    fed = build(FederationConfig, root["federation"], "federation")  # over the defaults, checked
+    parts, names = partition(pool, fed, seed)
     bank_dirs, train_counts, valid_counts = [], [], []
     for number, (rows, name) in enumerate(zip(parts, names)):
-        train_idx, valid_idx = split_train_valid(rows, pool.labels, float(fed_cfg.get("valid_fraction", 0.15)),
-                                                 seed + number)
+        train_idx, valid_idx = split_train_valid(rows, pool.labels, fed.valid_fraction, seed + number)
         bank = BankData(name=name, train=pool.subset(train_idx), valid=pool.subset(valid_idx))
         bank_dirs.append(save_bank(bank, out_dir / "banks" / f"bank_{number:02d}"))
         train_counts.append(bank.train.label_counts())

@@ -5,8 +5,9 @@ Nothing is returned until every row has passed: a run never starts on data that 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,14 +19,13 @@ from fingpt_federated.data.columns import (
     require_columns,
     texts_from,
 )
+from fingpt_federated.data.config import data_config
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.series import Series, long_series, wide_series, window_series
 from fingpt_federated.data.splits import split_train_valid, time_split_indices
 from fingpt_federated.data.tables import read_table
 
 LAYOUTS = ("wide", "long", "windows")
-DEFAULT_VALID_FRACTION = 0.15
-DEFAULT_TEST_FRACTION = 0.2
 
 
 @dataclass
@@ -44,16 +44,16 @@ def as_dict(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
 
 def load_dataset(data_cfg: Mapping[str, Any] | DictConfig, which: str = "train") -> BankDataset:
     """The records of `data_cfg.files[which]` ("train" or "test"), validated."""
-    cfg = as_dict(data_cfg)
-    path = (cfg.get("files") or {}).get(which)
+    cfg = data_config(data_cfg)
+    path = cfg["files"][which]
     if not path:
-        raise ValueError(f"data config {cfg.get('name')!r} has no files.{which}")
-    table = read_table(path, cfg.get("format"), cfg.get("encoding") or "utf-8")
+        raise ValueError(f"data config {cfg['name']!r} has no files.{which}")
+    table = read_table(path, cfg["format"], cfg["encoding"])
     return table_to_dataset(table, cfg)
 
 
 def has_test_file(data_cfg: Mapping[str, Any] | DictConfig) -> bool:
-    return bool((as_dict(data_cfg).get("files") or {}).get("test"))
+    return bool(data_config(data_cfg)["files"]["test"])
 
 
 def load_splits(data_cfg: Mapping[str, Any] | DictConfig) -> Splits:
@@ -62,36 +62,37 @@ def load_splits(data_cfg: Mapping[str, Any] | DictConfig) -> Splits:
     The test set is `files.test` when given, else `split.test_fraction` of the rows (the latest by
     `split.by_time` when set, else a stratified random draw with `split.seed`).
     """
-    cfg = as_dict(data_cfg)
+    cfg = data_config(data_cfg)
     data, test = hold_out_test(cfg)
-    train, valid = split_validation(data, cfg.get("split") or {})
+    train, valid = split_validation(data, cfg)
     return Splits(train=train, valid=valid, test=test)
 
 
-def split_validation(data: BankDataset, split_cfg: Mapping[str, Any]) -> tuple[BankDataset, BankDataset]:
-    """(train, validation) of one bank's rows, by `split.valid_fraction` and `split.seed`."""
-    fraction = float(split_cfg.get("valid_fraction", DEFAULT_VALID_FRACTION))
-    train_idx, valid_idx = split_train_valid(np.arange(len(data)), data.labels, fraction, int(split_cfg.get("seed", 0)))
+def split_validation(data: BankDataset, data_cfg: Mapping[str, Any] | DictConfig) -> tuple[BankDataset, BankDataset]:
+    """(train, validation) of one bank's rows, by the data config's `split.valid_fraction` and `split.seed`."""
+    split = data_config(data_cfg)["split"]
+    train_idx, valid_idx = split_train_valid(np.arange(len(data)), data.labels, split["valid_fraction"], split["seed"])
     return data.subset(train_idx), data.subset(valid_idx)
 
 
 def hold_out_test(data_cfg: Mapping[str, Any] | DictConfig) -> tuple[BankDataset, BankDataset]:
     """(the rows to train on, the global test set) of one data config."""
-    cfg = as_dict(data_cfg)
+    cfg = data_config(data_cfg)
     data = load_dataset(cfg, "train")
     if has_test_file(cfg):
         return data, load_dataset(cfg, "test")
-    split = cfg.get("split") or {}
-    fraction = float(split.get("test_fraction", DEFAULT_TEST_FRACTION))
-    if split.get("by_time"):
-        kept, held = time_split_indices(data.keys[split["by_time"]], fraction)
+    split = cfg["split"]
+    if split["by_time"]:
+        kept, held = time_split_indices(data.keys[split["by_time"]], split["test_fraction"])
     else:
-        kept, held = split_train_valid(np.arange(len(data)), data.labels, fraction, int(split.get("seed", 0)))
+        kept, held = split_train_valid(np.arange(len(data)), data.labels, split["test_fraction"], split["seed"])
     return data.subset(kept), data.subset(held)
 
 
-def table_to_dataset(table: pd.DataFrame, cfg: Mapping[str, Any]) -> BankDataset:
-    series_cfg = cfg.get("series") or {}
+def table_to_dataset(table: pd.DataFrame, data_cfg: Mapping[str, Any]) -> BankDataset:
+    """The records of `table` under a data config, every row validated."""
+    cfg = data_config(data_cfg)
+    series_cfg = cfg["series"] or {}
     layout = series_cfg.get("layout")
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"data.series.layout must be one of {LAYOUTS} or null, got {layout!r}")
@@ -102,9 +103,9 @@ def table_to_dataset(table: pd.DataFrame, cfg: Mapping[str, Any]) -> BankDataset
     else:
         labels, class_names = labels_from(table, cfg["label"]["column"], cfg["label"]["classes"])
         series, extra = _row_series(table, series_cfg, layout, cfg)
-    texts = texts_from(table, cfg.get("text") or {}, extra)
+    texts = texts_from(table, cfg["text"], extra)
     if texts is None and series is None:
-        raise ValueError(f"data config {cfg.get('name')!r} maps neither text nor series")
+        raise ValueError(f"data config {cfg['name']!r} maps neither text nor series")
     return BankDataset(
         texts=texts,
         series=None if series is None else series.values,
@@ -121,13 +122,13 @@ def _row_series(table: pd.DataFrame, series_cfg: Mapping[str, Any], layout: str 
     if layout == "wide":
         return wide_series(table, series_cfg["features"]), None
     if layout == "long":
-        return long_series(table, series_cfg, cfg.get("format"), cfg.get("encoding") or "utf-8")
+        return long_series(table, series_cfg, cfg["format"], cfg["encoding"])
     return None, None
 
 
 def _columns_to_keep(cfg: Mapping[str, Any]) -> list[str]:
-    by_time = (cfg.get("split") or {}).get("by_time")
-    return list(dict.fromkeys([*(cfg.get("keep_columns") or []), *([by_time] if by_time else [])]))
+    by_time = cfg["split"]["by_time"]
+    return list(dict.fromkeys([*cfg["keep_columns"], *([by_time] if by_time else [])]))
 
 
 def _kept_columns(table: pd.DataFrame, columns: list[str]) -> dict[str, np.ndarray]:

@@ -1,15 +1,20 @@
-"""Typed model settings, read from a Hydra `model:` group (DictConfig) or a plain dict.
+"""Typed model settings: the schema of the Hydra `model:` group and the only copy of its defaults.
 
-Unknown keys are errors: a typo in an override must not silently fall back to a default.
-The `train:` block of the same YAML file belongs to the local trainer
-(`client.training.TrainConfig`) and is ignored here.
+conf/schema.py registers `ModelConfig` (with the `train:` block of `model.train_config`) as the
+group's schema, so conf/model/*.yaml only set what differs from these defaults, and a wrong key
+or type fails when the config is composed. `from_mapping` builds the same settings from a plain
+dict (a published manifest, a round's settings), with the same checks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fingpt_federated.structured_config import build
 
 QUANTIZATIONS = ("none", "4bit")
 QUANTIZATION_FALLBACKS = ("error", "full_precision")
@@ -23,8 +28,9 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] | None = None
-    freeze_lora_a: bool = False
+    target_modules: list[str] | None = None  # None: the 4 attention projections (BERT: query, key, value,
+    #                                          attention.output.dense; decoders: q/k/v/o_proj)
+    freeze_lora_a: bool = False  # FFA-LoRA: A fixed from the seed, only B trained and averaged
 
 
 @dataclass
@@ -43,7 +49,7 @@ class FusionSettings:
     """Gated cross-attention from text tokens to series steps; `d_model` is its inner width."""
 
     heads: int = 4
-    d_model: int = 128
+    d_model: int = 128  # inner width of the cross-attention and of the gated MLP
     layers: int = 1
     dropout: float = 0.1
 
@@ -52,12 +58,20 @@ class FusionSettings:
 class VocabularySettings:
     """Finance terms as whole tokens; `trainable_delta` adds a learned offset per term."""
 
-    enabled: bool = True
-    trainable_delta: bool = False
+    enabled: bool = True  # finance terms and cashtags as whole tokens
+    trainable_delta: bool = False  # a learned (federated) offset for those tokens
 
 
 @dataclass
 class ModelConfig:
+    """The hybrid model: backbone, LoRA, series encoder, fusion, head (conf/model/minilm.yaml is these defaults).
+
+    `backbone`: minilm | tiny-encoder | tiny-decoder | a local checkpoint folder; `family`: encoder |
+    decoder, None = detected from the backbone's config; `max_length`: tokens per text; `seed`: every
+    bank building this config gets the same initial weights; `quantization`: none | 4bit (bitsandbytes
+    NF4, QLoRA style, CUDA only), with `quantization_fallback` (error | full_precision) without a GPU.
+    """
+
     backbone: str = "minilm"
     family: str | None = None
     max_length: int = 64
@@ -82,42 +96,13 @@ class ModelConfig:
             )
 
     @classmethod
-    def from_mapping(cls, cfg: Mapping[str, Any] | "ModelConfig") -> "ModelConfig":
-        """Build from a DictConfig or dict; nested blocks may be partial, missing ones take defaults."""
+    def from_mapping(cls, cfg: Mapping[str, Any] | ModelConfig) -> ModelConfig:
+        """Build from a DictConfig or dict over the defaults; the `train:` block is not read here."""
         if isinstance(cfg, ModelConfig):
             return cfg
-        values = _to_plain(cfg)
-        values.pop("train", None)
-        nested = {
-            "lora": LoraSettings,
-            "series_encoder": SeriesEncoderSettings,
-            "fusion": FusionSettings,
-            "vocabulary": VocabularySettings,
-        }
-        kwargs = _check_keys(cls, values, "model")
-        for name, settings in nested.items():
-            if name in kwargs:
-                kwargs[name] = settings(**_check_keys(settings, kwargs[name] or {}, f"model.{name}"))
-        return cls(**kwargs)
+        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        return build(cls, {key: value for key, value in plain.items() if key != "train"}, "model")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def _to_plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A DictConfig becomes a resolved plain dict; anything else is copied as a dict."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        return dict(cfg)
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return {k: (_to_plain(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
-
-
-def _check_keys(settings: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    known = {f.name for f in fields(settings)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; known: {sorted(known)}")
-    return dict(values)

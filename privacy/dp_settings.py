@@ -6,24 +6,27 @@ a bank may set its own `target_epsilon`, `delta`, `noise_multiplier`, `accountan
 `planned_rounds` and whether it reports validation metrics (`report_validation`), either in the
 config's `banks:` table (keyed by bank name) or in its own node configuration (`overrides`). It
 may not switch DP off or change how updates are computed.
+
+`DPConfig` (these settings plus the `banks:` table) is the schema of `privacy.dp` (conf/schema.py)
+and the only copy of its defaults: conf/privacy/dp.yaml only switches DP on.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from fingpt_federated.structured_config import build
 
 ACCOUNTANTS = ("prv", "rdp")
 BUDGET_KEYS = frozenset({"target_epsilon", "delta", "noise_multiplier", "accountant", "planned_rounds",
                          "report_validation"})
 """What a bank may set for itself."""
-TABLE_KEYS = frozenset({"banks"})
-"""Keys of the `dp:` block that are not settings: the per-bank table."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class DPSettings:
     """Differentially private local training of one bank (Opacus DP-SGD).
 
@@ -34,18 +37,26 @@ class DPSettings:
 
     enabled: bool = False
     target_epsilon: float | None = 8.0
+    """The bank's budget for the whole run (and the calibration target)."""
     delta: float = 1e-5
+    """Keep well below 1/records of the smallest bank."""
     noise_multiplier: float | None = None
+    """Set to skip calibration (the ledger still accounts for it exactly)."""
     max_grad_norm: float = 1.0
+    """Per-sample clipping bound (L2 over all trainable tensors). With model.train.logit_adjustment a bound
+    far below the minority classes' gradient norms (TFNS, MiniLM: ~5) can undo the adjustment (bench_dp:
+    clip 1 under AdamW fell to the majority class; SGD at clip 2 did not)."""
     accountant: str = "prv"
+    """prv (tighter) or rdp; fixed for a run once a ledger exists."""
     logical_batch_size: int = 256
     """Expected Poisson batch: each record is in a step's batch with probability ~ this / n."""
     physical_batch_size: int = 32
     """Largest batch one forward/backward holds in memory (Opacus BatchMemoryManager)."""
     planned_rounds: int | None = None
     """Rounds this bank expects to train, for calibrating the noise; None: the run's rounds."""
-    lr: float | None = None
-    """Learning rate under DP (noisy, large-batch steps want a larger one); None keeps train.lr."""
+    lr: float | None = 2e-3
+    """Learning rate under DP, replacing train.lr (noisy, large-batch steps want a larger one); None keeps
+    train.lr."""
     lr_final: float | None = None
     """With `lr`: the learning rate decays by a cosine across rounds, from `lr` in round 1 to this in
     round `planned_rounds` (which the server sets to the run's rounds); None keeps `lr` every round."""
@@ -116,30 +127,38 @@ class DPSettings:
         *,
         bank: str | None = None,
         overrides: Mapping[str, Any] | None = None,
-    ) -> "DPSettings":
-        """From a `dp:` block; then the `banks[bank]` entry, then `overrides` (the bank's own).
+    ) -> DPSettings:
+        """From a `dp:` block over the defaults; then the `banks[bank]` entry, then `overrides` (the bank's own).
 
-        Unknown keys are errors, and so is a bank overriding anything but its budget.
+        Unknown keys and wrong types are errors, and so is a bank overriding anything but its budget.
         """
-        cfg = dict(cfg or {})
-        table = cfg.pop("banks", None) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in dp; known: {sorted(known | TABLE_KEYS)}")
-        settings = cls(**cfg)
+        block = build(DPConfig, cfg, "privacy.dp")
+        table = block.banks
+        settings = cls(**{f.name: getattr(block, f.name) for f in fields(cls)})
         layers = ((f"dp.banks.{bank}", table.get(bank) if bank else None), ("the bank's overrides", overrides))
         for source, layer in layers:
             if layer:
                 settings = settings.with_budget(layer, source=source)
         return settings
 
-    def with_budget(self, budget: Mapping[str, Any], *, source: str = "budget") -> "DPSettings":
+    def with_budget(self, budget: Mapping[str, Any], *, source: str = "budget") -> DPSettings:
         """These settings with a bank's budget keys replaced (and re-validated)."""
         foreign = sorted(set(budget) - BUDGET_KEYS)
         if foreign:
             raise ValueError(f"{source} may only set {sorted(BUDGET_KEYS)}, not {foreign}")
         return replace(self, **dict(budget))
+
+
+@dataclass
+class DPConfig(DPSettings):
+    """The `privacy.dp` block: the federation's settings and the per-bank budget table.
+
+    A bank's own budget, either here by bank name or in its SuperNode's node config (dp-target-epsilon,
+    dp-delta, dp-noise-multiplier, dp-accountant, dp-planned-rounds, dp-report-validation); only
+    BUDGET_KEYS may be set per bank, e.g. `+privacy.dp.banks.bank_03.target_epsilon=3`.
+    """
+
+    banks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def budget_from_flat(config: Mapping[str, Any], prefix: str = "dp-") -> dict[str, Any]:

@@ -25,7 +25,8 @@ def test_dp_yaml_gives_the_documented_defaults():
     assert settings.noise_multiplier is None and settings.accountant == "prv"
     assert (settings.logical_batch_size, settings.physical_batch_size) == (256, 32)
     assert not settings.report_validation  # un-noised validation metrics stay at the bank unless it allows them
-    assert privacy["he"] == {"enabled": False}
+    assert not privacy["he"]["enabled"]
+    assert settings.lr == 2e-3  # the DP learning rate the apps use, from DPSettings' own default
 
 
 def test_dp_he_yaml_turns_on_both_layers_with_he_yaml_parameters():
@@ -36,7 +37,7 @@ def test_dp_he_yaml_turns_on_both_layers_with_he_yaml_parameters():
 
 def test_dp_optimizer_lr_and_weight_decay_replace_the_train_config_only_when_set():
     train = TrainConfig(optimizer="adamw", lr=5e-4, batch_size=32, weight_decay=0.01)
-    kept = private_config(train, DPSettings(enabled=True, logical_batch_size=128))
+    kept = private_config(train, DPSettings(enabled=True, lr=None, logical_batch_size=128))
     assert (kept.optimizer, kept.lr, kept.batch_size, kept.weight_decay) == ("adamw", 5e-4, 128, 0.01)
     private = private_config(train, DPSettings(enabled=True, optimizer="sgd", lr=0.5, weight_decay=0.0,
                                                logical_batch_size=128))
@@ -94,9 +95,10 @@ def test_a_bank_cannot_override_more_than_its_budget():
         {"max_grad_norm": 0.0},
         {"optimizer": "adam"},
         {"weight_decay": -0.1},
-        {"lr_final": 0.1},
+        {"lr": None, "lr_final": 0.1},
         {"lr": 0.5, "lr_final": 0.0},
-        {"report_validation": "yes"},
+        {"report_validation": "maybe"},
+        {"target_epsilon": "eight"},
         {"unknown_key": 1},
     ],
 )

@@ -7,9 +7,9 @@ import shutil
 import stat
 
 import pytest
-from omegaconf import OmegaConf
 
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.conf import CONFIG_DIR, compose_config
+from fingpt_federated.privacy.he_config import he_block_of_file
 from fingpt_federated.privacy.he_context import (
     ContextMismatchError,
     HEParams,
@@ -20,7 +20,7 @@ from fingpt_federated.privacy.he_context import (
     main,
 )
 
-PARAMS = HEParams.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he))
+PARAMS = HEParams.from_config(he_block_of_file(CONFIG_DIR / "privacy" / "he.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,15 @@ def test_single_modulus_is_rejected_with_the_reason():
 
 
 def test_he_is_a_full_privacy_group_option_like_none():
-    he = OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml")
-    none = OmegaConf.load(CONFIG_DIR / "privacy" / "none.yaml")
-    assert set(he) == set(none) == {"dp", "he"}
-    assert he.he.enabled and not he.dp.enabled and not none.he.enabled
+    he, none = compose_config(["privacy=he"]).privacy, compose_config(["privacy=none"]).privacy
+    assert he.he.enabled and not he.dp.enabled and not none.he.enabled and not none.dp.enabled
+    assert HEParams.from_config(he.he) == HEParams()  # he.yaml only switches encryption on: HEParams' defaults
+
+
+def test_key_ceremony_reads_the_he_block_over_its_defaults(tmp_path):
+    config = tmp_path / "privacy.yaml"
+    config.write_text("he: {max_summands: 16}\n")
+    assert HEParams.from_config(he_block_of_file(config)).max_summands == 16
+    config.write_text("he: {max_summand: 16}\n")
+    with pytest.raises(ValueError, match=r"privacy\.he\.max_summand: Key 'max_summand' not in 'HEConfig'"):
+        he_block_of_file(config)

@@ -1,0 +1,130 @@
+"""The schema of every command's config, registered in Hydra's ConfigStore as `base_config`.
+
+conf/config.yaml lists `base_config` first in its defaults, so every group option (data, model,
+privacy, strategy, federation) and every override is merged into these typed dataclasses: an
+unknown key or a value of the wrong type fails when the config is composed, before any bank
+starts, naming the key. The dataclasses hold the only copy of each default; the YAML files set
+what an option changes. Groups read beside their code (data, model, privacy) are the dataclasses
+of that code; the rest are here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from hydra.core.config_store import ConfigStore
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from fingpt_federated.data.config import DataConfig
+from fingpt_federated.model.config import ModelConfig
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.dp_settings import DPConfig
+from fingpt_federated.privacy.he_config import HEConfig
+from fingpt_federated.structured_config import build
+
+SCHEMA_NAME = "base_config"
+
+
+@dataclass
+class ModelGroup(ModelConfig):
+    """`model:`: the model (`ModelConfig`) and how it is trained locally (`train:`)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class PrivacyConfig:
+    """`privacy:`: record-level DP inside every bank, and encryption of the updates."""
+
+    dp: DPConfig = field(default_factory=DPConfig)
+    he: HEConfig = field(default_factory=HEConfig)
+
+
+@dataclass
+class StrategyConfig:
+    """`strategy:`: a Flower strategy and the banks' work per round (checked against the class by the server)."""
+
+    name: str = "fedavg"  # label in reports
+    flower: str = "FedAvg"  # class in flwr.serverapp.strategy
+    options: dict[str, Any] = field(default_factory=dict)  # keyword args of that class
+    mu: float = 0.0  # FedProx proximal term the banks apply
+    local_epochs: int = 1
+    local_steps: int | None = None
+    drop_stragglers: bool = False
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class FederationConfig:
+    """`federation:`: how the data is dealt out to (simulated) banks, and how the rounds run."""
+
+    partitioner: str = "natural"  # iid | dirichlet | quantity | natural
+    key: str | None = "bank"  # natural: the column whose value decides the bank (must be in data.keep_columns)
+    bins: list[float] | None = None  # natural: cut a numeric key into bands, e.g. [0, 30, 40, 50, 200] for age
+    num_banks: int | None = None  # natural: None = one bank per key value; other partitioners need a number
+    alpha: float = 0.5  # dirichlet (label skew) / quantity (size skew): smaller = more skewed
+    min_size: int = 10  # no bank gets fewer rows
+    valid_fraction: float = 0.15  # each bank's own validation split
+    rounds: int = 3
+    fraction_train: float = 1.0  # share of banks sampled for training each round
+    fraction_evaluate: float = 1.0
+    min_banks: int = 2  # a round with fewer successful banks fails the run
+
+
+@dataclass
+class PublishConfig:
+    """`publish:`: the global model after a plaintext run (a state decrypted under HE: fingpt-infer publish)."""
+
+    enabled: bool = True
+    variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8_dynamic", "bnb_int8", "bnb_nf4"])
+    out: str | None = None  # None = RUN_DIR/model
+
+
+@dataclass
+class SimulationConfig:
+    """`simulation:`: fingpt-sim only (Flower's simulation engine)."""
+
+    client_cpus: int = 1  # CPUs Ray reserves per simulated bank
+    client_gpus: float = 0.0
+    total_cpus: int | None = None  # None = all of this machine's
+    stragglers: float = 0.0  # share of banks that do only part of each round's work (systems heterogeneity)
+    straggler_work: float = 0.5  # the part of the local steps a straggler does
+    fail_banks: list[int] = field(default_factory=list)  # fault injection: indices of banks whose ClientApp raises
+
+
+@dataclass
+class Config:
+    """The root: one option of each group, and the settings of the commands."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelGroup = field(default_factory=ModelGroup)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    seed: int = 0
+    baseline: bool = False  # fingpt-sim: also train centralized and local-only on the same data, for the report
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+def check_config(cfg: DictConfig) -> Config:
+    """The composed `cfg` checked against the schema as a whole, with every dataclass's own checks.
+
+    Composition already refuses an unknown key or a wrong type, except where Hydra's `+key=value`
+    forces a key in (`+data.sep=@`): that is refused here. Raises ValueError naming the key.
+    """
+    values = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=False))
+    values.pop("hydra", None)
+    return build(Config, values, "")
+
+
+class SchemaCheck(Callback):
+    """conf/config.yaml's `hydra.callbacks`: every @hydra.main command checks its config before it starts."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_config(config)
+
+
+ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
