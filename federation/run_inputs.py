@@ -23,10 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.conf import compose_config
 from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
@@ -59,8 +58,7 @@ def config_from_run(run_config: Mapping[str, Any], num_banks: int | None = None)
     if not uses_values(run_config):
         return OmegaConf.load(str(run_config[protocol.RUN_CONFIG_PATH]))  # type: ignore[return-value]
     overrides = run_overrides(run_config)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="fingpt-flwr-run"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides, job_name="fingpt-flwr-run")
     if num_banks is not None and cfg.federation.partitioner != "natural":
         cfg.federation.num_banks = num_banks
     return cfg

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
+from fingpt_federated.conf import compose_config, save_resolved_config
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.columns import class_mapping
 from fingpt_federated.federation.federation_spec import FederationSpec
@@ -70,8 +69,7 @@ def load_config(overrides: list[str], run_dir: Path) -> DictConfig:
         cfg = OmegaConf.load(saved)
         assert isinstance(cfg, DictConfig)
         return cfg
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None, job_name="fingpt-server"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_config(overrides, job_name="fingpt-server")
 
 
 def federation_spec(cfg: DictConfig, test_data: Path | None) -> FederationSpec:

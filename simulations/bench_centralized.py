@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from fingpt_federated.client.training import train_local
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.conf import compose_config
 from fingpt_federated.data.loading import load_splits
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.build import build_model
@@ -93,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", help=f"comma-separated subset of {VARIANTS}; default: all the data maps")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_intermixed_args(argv)
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        cfg = compose("config", overrides=[f"data={args.data}", *args.overrides])
+    cfg = compose_config([f"data={args.data}", *args.overrides])
     splits = load_splits(cfg.data)
     variants = args.variants.split(",") if args.variants else [available_variant(splits.train)]
     if not set(variants) <= set(VARIANTS):

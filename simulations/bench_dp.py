@@ -40,11 +40,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.conf import compose_config
 from fingpt_federated.data.batching import make_loader
 from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.federation_layout import materialize_data_config
@@ -63,8 +62,7 @@ TARGET_RATIO = 1.15
 
 
 def _config(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def _texts(work: Path, rows: int) -> BankDataset:

@@ -23,12 +23,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from fingpt_federated.conf import CONFIG_DIR, shared_data_root
+from fingpt_federated.conf import compose_config, shared_data_root
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.server.history import CENTRAL, History, jsonable
 from fingpt_federated.server.run_folder import FEDERATION_SPEC, METRICS_JSON
@@ -43,8 +42,7 @@ BENCHES = ("rounds", "scale", "tfns")
 
 
 def config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose_config(overrides)
 
 
 def timed(cfg: DictConfig, run_dir: Path) -> tuple[SimulationSummary, float]:

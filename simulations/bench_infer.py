@@ -36,13 +36,12 @@ from typing import Any
 import httpx
 import torch
 import uvicorn
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from fingpt_federated.client.training import train_local
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.conf import compose_config
 from fingpt_federated.data.bank_data import BankData, save_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.synthetic import SENTIMENTS, generate_news
@@ -75,8 +74,7 @@ def train_and_publish(model_name: str, steps: int, root: Path) -> tuple[Path, Ba
     """The published model under `root` (trained and published unless already there), and the test set."""
     if (root / "model" / "model_card.json").is_file():
         return root / "model", news_sets()[1]
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={model_name}", "federation.rounds=1"])
+    cfg = compose_config([f"model={model_name}", "federation.rounds=1"])
     train, test = news_sets()
     model, tokenizer = build_model(OmegaConf.to_container(cfg.model, resolve=True), len(SENTIMENTS), 0)
     train_cfg = TrainConfig.from_mapping({**OmegaConf.to_container(cfg.model.train), "progress": False, "epochs": 5})

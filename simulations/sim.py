@@ -32,12 +32,13 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import load_file
 
 from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
+from fingpt_federated.conf.schema import SimulationConfig
 from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.privacy.dp_settings import DPSettings
@@ -77,6 +78,7 @@ from fingpt_federated.simulations.report import (
     round_rows,
     wire_bytes_per_parameter,
 )
+from fingpt_federated.structured_config import checked_dict
 
 BASELINES_FILE = "baselines.json"
 SUMMARY_FILE = "summary.json"
@@ -115,15 +117,8 @@ class SimulationSummary:
 
 
 def simulation_settings(cfg: DictConfig) -> dict:
-    """The `simulation:` block over its defaults; an unknown key is an error, not a silent default."""
-    defaults = {"client_cpus": 1, "client_gpus": 0.0, "total_cpus": None, "stragglers": 0.0,
-                "straggler_work": 0.5, "fail_banks": []}
-    node = cfg.get("simulation")
-    given = {} if node is None else OmegaConf.to_container(node, resolve=True)
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown simulation setting(s) {unknown}; known: {sorted(defaults)}")
-    return {**defaults, **given}
+    """The `simulation:` block over its defaults (conf/schema.py: SimulationConfig); an unknown key is an error."""
+    return checked_dict(SimulationConfig, cfg.get("simulation"), "simulation")
 
 
 def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec:

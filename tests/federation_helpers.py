@@ -19,10 +19,9 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.conf import compose_config
 from fingpt_federated.data.bank_data import BankData, save_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation import protocol
@@ -49,8 +48,7 @@ def one_torch_thread():
 
 def config(*overrides: str, model: str = "tiny_encoder") -> DictConfig:
     """The root config composed as `fingpt-sim` composes it (tiny encoder by default), plus overrides."""
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"model={model}", *overrides])
+    return compose_config([f"model={model}", *overrides])
 
 
 def tiny_model() -> dict:

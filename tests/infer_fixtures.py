@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from fingpt_federated.client.training import train_local
 from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.config import DataConfig
 from fingpt_federated.data.loading import load_dataset
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation.federation_spec import FederationSpec
@@ -71,7 +72,7 @@ def history() -> History:
 def train_and_publish(root: Path, variants: list[str], steps: int = 60) -> Path:
     """Train the tiny hybrid model on a keyword table, then publish it with `variants` into root/model."""
     cfg = config("federation.rounds=2", "model.train.progress=false")
-    cfg.data = OmegaConf.create(DATA)
+    cfg.data = OmegaConf.merge(OmegaConf.structured(DataConfig), DATA)  # a typed node takes a typed value
     train = load_table(write_table(root / "train.csv", 480, seed=1))
     test = load_table(write_table(root / "test.csv", 200, seed=2))
     model, tokenizer = build_model(OmegaConf.to_container(cfg.model, resolve=True), len(CLASSES), 2)

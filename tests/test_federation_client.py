@@ -110,5 +110,5 @@ def test_the_simulation_spec_marks_a_seeded_share_of_banks_as_stragglers(tmp_pat
     assert sorted(bank.work for bank in spec.banks) == [0.25, 0.25, 1.0, 1.0]
     assert [bank.fail for bank in spec.banks] == [False, False, False, True]
     assert federation_spec(cfg, layout) == spec
-    with pytest.raises(ValueError, match="unknown simulation setting"):
-        federation_spec(config("++simulation.stragglerz=0.5"), layout)
+    with pytest.raises(ValueError, match=r"simulation\.stragglerz: Key 'stragglerz' not in 'SimulationConfig'"):
+        config("++simulation.stragglerz=0.5")  # refused when composed, before any bank is prepared
