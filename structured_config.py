@@ -10,6 +10,7 @@ subpackages so that each of them can use it without importing `conf` (which impo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from omegaconf import DictConfig, OmegaConf
@@ -27,6 +28,14 @@ def build(schema: type[T], values: Mapping[str, Any] | None, where: str) -> T:
         return cast(T, OmegaConf.to_object(merged))
     except OmegaConfBaseException as error:
         raise _named(error, where) from None
+
+
+def load_mapping(path: Path) -> DictConfig:
+    """A YAML file that must hold a mapping (a config block), unresolved."""
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise ValueError(f"{path} holds a list, not a config mapping")
+    return loaded
 
 
 def checked_dict(schema: type, values: Mapping[str, Any] | None, where: str) -> dict[str, Any]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 import fingpt_federated.conf  # noqa: F401  (registers the ${shared_data:...} resolver a bank config may use)
 from fingpt_federated.data.config import data_config
 from fingpt_federated.data.loading import load_dataset, split_validation
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.storage import load_records, save_records
+from fingpt_federated.structured_config import load_mapping
 
 
 @dataclass
@@ -52,6 +51,6 @@ def _load_prepared(folder: Path) -> BankData:
 
 
 def _load_from_config(path: Path) -> BankData:
-    cfg = data_config(OmegaConf.load(path))
+    cfg = data_config(load_mapping(path))
     train, valid = split_validation(load_dataset(cfg), cfg)
     return BankData(name=str(cfg["name"] or path.stem), train=train, valid=valid)

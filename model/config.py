@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -100,7 +100,9 @@ class ModelConfig:
         """Build from a DictConfig or dict over the defaults; the `train:` block is not read here."""
         if isinstance(cfg, ModelConfig):
             return cfg
-        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+        plain = cfg
+        if isinstance(cfg, DictConfig):
+            plain = cast(Mapping[str, Any], OmegaConf.to_container(cfg, resolve=True))
         return build(cls, {key: value for key, value in plain.items() if key != "train"}, "model")
 
     def to_dict(self) -> dict[str, Any]:

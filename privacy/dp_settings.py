@@ -115,7 +115,9 @@ class DPSettings:
     def lr_in_round(self, server_round: int | None) -> float | None:
         """`lr` in round `server_round` (from 1): the cosine from `lr` to `lr_final` over `planned_rounds`
         rounds when both are set, else `lr`."""
-        if self.lr_final is None or server_round is None or not self.planned_rounds or self.planned_rounds < 2:
+        if self.lr is None or self.lr_final is None or server_round is None:
+            return self.lr
+        if not self.planned_rounds or self.planned_rounds < 2:
             return self.lr
         progress = min(max(server_round - 1, 0), self.planned_rounds - 1) / (self.planned_rounds - 1)
         return self.lr_final + (self.lr - self.lr_final) * (1 + math.cos(math.pi * progress)) / 2

@@ -10,10 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from fingpt_federated.privacy.he_context import HEParams
-from fingpt_federated.structured_config import checked_dict
+from fingpt_federated.structured_config import checked_dict, load_mapping
 
 
 @dataclass
@@ -35,4 +33,4 @@ class HEConfig(HEParams):
 def he_block_of_file(path: Path) -> dict[str, Any]:
     """The `he:` block of a privacy config file (e.g. conf/privacy/he.yaml) over the defaults, checked
     and resolved: `HEParams.from_config` reads its parameters, `context_dir` says where keys go."""
-    return checked_dict(HEConfig, OmegaConf.load(path).get("he"), "privacy.he")
+    return checked_dict(HEConfig, load_mapping(path).get("he"), "privacy.he")
