@@ -17,6 +17,7 @@ failed run raises `SimulationFailed` with Flower's status details (the ServerApp
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,17 @@ from fingpt_federated.server.superlink import (
 )
 
 APP_NAME = "fingpt-federated-simulation"
+
+
+BANK_INFO = re.compile(r"\(ClientAppActor pid=\d+\)\S*\s+(?:\x1b\[[0-9;]*m)?INFO\b")
+"""An INFO line of a ClientApp, as Ray relays it from the actor: `(ClientAppActor pid=7) INFO :  bank ...`."""
+
+
+def bank_info(line: str) -> bool:
+    """Whether a line of the run's log is a bank's INFO line, which the console leaves out: each bank's steps
+    and loss are in metrics.json, and Ray relays them with notes on its deduplication. run.log keeps every line;
+    a bank's warnings and errors, and the ServerApp's line per round, are echoed."""
+    return BANK_INFO.search(line) is not None
 
 
 class SimulationFailed(RuntimeError):
@@ -122,7 +134,7 @@ def run_flower_simulation(
             with open(flower_dir / "run.log", "w", encoding="utf-8", buffering=1) as log_file:
                 for line in control.stream_logs(run_id):
                     log_file.write(line)
-                    if echo:
+                    if echo and not bank_info(line):
                         sys.stdout.write(line)
                         sys.stdout.flush()
             info = wait_finished(control, run_id)
