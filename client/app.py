@@ -51,6 +51,7 @@ from fingpt_federated.client import encryption
 from fingpt_federated.client.training import private_config, train_local
 from fingpt_federated.data.bank_data import BankData, load_bank
 from fingpt_federated.federation import protocol, run_inputs
+from fingpt_federated.federation.console import quiet_console
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.federation.protocol import Receipt, RoundTask
 from fingpt_federated.model.build import build_model
@@ -267,6 +268,7 @@ def bank_site(context: Context) -> BankSite:
 
 def _prepare(msg: Message, context: Context) -> tuple[RoundTask, BankSite, BankData, _Worker]:
     """Parse the task, find and check the bank's data, and load the global state into the model."""
+    quiet_console()
     task = RoundTask.from_config(msg.content[protocol.CONFIG])
     site = bank_site(context)
     if site.fail:

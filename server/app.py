@@ -37,6 +37,7 @@ from fingpt_federated.conf import save_resolved_config
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation import protocol, run_inputs
+from fingpt_federated.federation.console import quiet_console, round_line
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
@@ -64,6 +65,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quiet_console()
     run_config = context.run_config
     if run_inputs.uses_values(run_config):
         cfg, spec, run_dir = _from_values(grid, context)
@@ -125,6 +127,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
         history=history,
         checkpointer=checkpointer,
         offset=done,
+        rounds=rounds,
         arrays=arrays,
         central=None if encryption else CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
         server_state=strategy.server_state,
@@ -219,6 +222,7 @@ class RoundEnd:
     history: History
     checkpointer: Checkpointer
     offset: int
+    rounds: int
     arrays: ArrayRecord
     central: CentralEvaluation | None = None
     server_state: Callable[[], dict[str, np.ndarray]] = dict  # the strategy's own, checkpointed with the state
@@ -236,6 +240,7 @@ class RoundEnd:
             metrics["round_seconds"] = seconds
         if metrics:
             self.history.add(round_number, CENTRAL, CENTRAL, metrics)
+            log(INFO, "%s", round_line(round_number, self.rounds, metrics))
         if server_round > 0:
             self.checkpointer.save(round_number, arrays, self.history, self.server_state())
         write_metrics(self.history, self.run_dir)
