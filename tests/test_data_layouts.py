@@ -13,7 +13,8 @@ from tests.conftest import require_shared_data
 
 
 def events_config(tmp_path, max_steps: int = 2) -> dict:
-    pd.DataFrame({"acct": [1, 2, 3], "flag": [0, 1, 0], "kind": ["a", "b", "a"]}).to_csv(tmp_path / "acc.csv", index=False)
+    accounts = pd.DataFrame({"acct": [1, 2, 3], "flag": [0, 1, 0], "kind": ["a", "b", "a"]})
+    accounts.to_csv(tmp_path / "acc.csv", index=False)
     pd.DataFrame({
         "src": [1, 2, 1, 9, 1], "dst": [2, 9, 9, 1, 2],
         "amount": [10.0, 20.0, 30.0, 40.0, 50.0], "t": [1, 2, 3, 4, 5],
@@ -49,7 +50,8 @@ def test_long_layout_pads_ragged_sequences_at_the_end(tmp_path):
 
 def test_windows_label_the_direction_horizon_steps_ahead(tmp_path):
     close = [10, 11, 12, 11, 10, 13, 9, 9]
-    pd.DataFrame({"day": range(8), "close": close, "vol": [100] * 8, "sym": "X"}).to_csv(tmp_path / "p.csv", index=False)
+    prices = pd.DataFrame({"day": range(8), "close": close, "vol": [100] * 8, "sym": "X"})
+    prices.to_csv(tmp_path / "p.csv", index=False)
     cfg = {"files": {"train": str(tmp_path / "p.csv")}, "text": {"template": "{sym}"},
            "label": {"future": {"column": "close", "horizon": 2}, "classes": {0: "down", 1: "up"}},
            "series": {"layout": "windows", "group_column": "sym", "time_column": "day", "features": ["close", "vol"],

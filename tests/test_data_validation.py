@@ -100,7 +100,8 @@ def test_empty_file_and_header_only_file(tmp_path):
 def test_wrong_encoding_names_the_line(tmp_path):
     path = tmp_path / "latin.csv"
     path.write_bytes("text,label\nok,0\ncaf\xe9 gains,1\n".encode("latin-1"))
-    cfg = {"files": {"train": str(path)}, "text": {"column": "text"}, "label": {"column": "label", "classes": ["0", "1"]}}
+    cfg = {"files": {"train": str(path)}, "text": {"column": "text"},
+           "label": {"column": "label", "classes": ["0", "1"]}}
     with pytest.raises(DataError, match=r"latin.csv: line 3 is not valid utf-8 \(byte 0xe9\); set data.encoding"):
         load_dataset(cfg)
     assert load_dataset({**cfg, "encoding": "latin-1"}).texts[1] == "café gains"
@@ -108,7 +109,8 @@ def test_wrong_encoding_names_the_line(tmp_path):
 
 def test_empty_text_is_refused(tmp_path):
     path = write_csv(tmp_path / "news.csv", [{"text": "EPS beat", "label": 0}, {"text": "  ", "label": 1}])
-    cfg = {"files": {"train": str(path)}, "text": {"column": "text"}, "label": {"column": "label", "classes": ["0", "1"]}}
+    cfg = {"files": {"train": str(path)}, "text": {"column": "text"},
+           "label": {"column": "label", "classes": ["0", "1"]}}
     with pytest.raises(DataError, match=r"row 2, column 'text': empty text"):
         load_dataset(cfg)
 
@@ -144,7 +146,8 @@ def test_a_bank_refuses_to_start_on_invalid_data(tmp_path):
 
 def test_bank_config_gives_a_deterministic_stratified_train_valid_split(tmp_path):
     config = tmp_path / "bank.yaml"
-    config.write_text(json.dumps(config_for(write_csv(tmp_path / "bank.csv", credit_rows(40)), split={"valid_fraction": 0.25})))
+    rows = write_csv(tmp_path / "bank.csv", credit_rows(40))
+    config.write_text(json.dumps(config_for(rows, split={"valid_fraction": 0.25})))
     first, second = load_bank(config), load_bank(config)
     assert (len(first.train), len(first.valid)) == (30, 10)
     assert first.valid.texts == second.valid.texts

@@ -47,7 +47,8 @@ def federation(tmp_path_factory):
     """An operator workdir with CA and two accepted banks, whose nodes are started (and retry) first."""
     root = tmp_path_factory.mktemp("deployment")
     workdir = root / "operator"
-    assert cli("fingpt_federated.server.cli", "init-ca", "--workdir", str(workdir), "--host", "localhost").returncode == 0
+    init_ca = cli("fingpt_federated.server.cli", "init-ca", "--workdir", str(workdir), "--host", "localhost")
+    assert init_ca.returncode == 0
     layout = synthetic_layout(root / "data", 2)
     fleet_port, control_port = free_port(), free_port()
     banks = []
@@ -78,7 +79,8 @@ def federation(tmp_path_factory):
 
 
 def server_command(federation, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "fingpt_federated.server.cli", *federation["server_args"], "--run-dir", str(run_dir), *overrides]
+    return [sys.executable, "-m", "fingpt_federated.server.cli", *federation["server_args"], "--run-dir", str(run_dir),
+            *overrides]
 
 
 def rounds_in(metrics_path: Path, phase: str) -> dict[int, set[str]]:

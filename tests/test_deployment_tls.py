@@ -86,7 +86,8 @@ def test_gateway_serves_banks_over_tls_and_hides_the_control_api(consortium):
     verify = ssl.create_default_context(cafile=str(settings.tls.ca_cert))
     base = f"https://localhost:{settings.fleet_port}"
     assert httpx.get(f"{base}/health", verify=verify).status_code == 200
-    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node", "/v1/runtime/acquire-task"):
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node",
+                 "/v1/runtime/acquire-task"):
         assert httpx.post(base + path, content=b"", verify=verify).status_code == 404
     with pytest.raises(httpx.TransportError):  # plaintext is not spoken at all
         httpx.get(f"http://localhost:{settings.fleet_port}/health", timeout=5).raise_for_status()

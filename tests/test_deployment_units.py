@@ -56,7 +56,9 @@ def test_ca_signs_a_server_certificate_for_the_bank_facing_names_and_loopback(tm
     server.verify_directly_issued_by(ca)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    assert certificate_names(files.server_cert) == ["fl.consortium.example", "10.0.0.5", "localhost", "127.0.0.1", "::1"]
+    assert certificate_names(files.server_cert) == [
+        "fl.consortium.example", "10.0.0.5", "localhost", "127.0.0.1", "::1",
+    ]
     assert TlsFiles.in_folder(tmp_path).missing() == []
 
 
@@ -192,7 +194,8 @@ def test_server_address_must_be_host_and_port(bad):
 
 def test_unreachable_server_gives_up_after_the_bounded_retries_naming_the_address(tmp_path):
     sleeps: list[float] = []
-    node = NodeSettings("127.0.0.1:9", tmp_path / "ca.crt", tmp_path / "k", tmp_path / "d", "b", max_retries=3, max_wait_s=60)
+    node = NodeSettings("127.0.0.1:9", tmp_path / "ca.crt", tmp_path / "k", tmp_path / "d", "b", max_retries=3,
+                        max_wait_s=60)
     (tmp_path / "ca.crt").write_bytes(create_ca(tmp_path / "ca")[0].read_bytes())
     with pytest.raises(ServerUnreachable, match=r"SuperLink at 127\.0\.0\.1:9 after 4 attempts"):
         probe_server(node, sleep=sleeps.append)

@@ -156,8 +156,8 @@ def test_a_dp_federation_on_the_simulation_engine_learns_beyond_the_majority_cla
     report_lines = (tmp_path / "run" / "report.md").read_text().splitlines()
     assert "| bank | budget (epsilon) | delta | round 1 | round 2 | round 3 |" in report_lines
     for bank in range(3):
-        ledger = PrivacyLedger.load(ledger_path(tmp_path / "run" / "federation" / "banks" / f"bank_{bank:02d}" / "state",
-                                                "run"))
+        state_dir = tmp_path / "run" / "federation" / "banks" / f"bank_{bank:02d}" / "state"
+        ledger = PrivacyLedger.load(ledger_path(state_dir, "run"))
         assert ledger.accountant == "prv" and ledger.epsilon_spent() <= 8.0
         assert ledger.steps == 3 * 11  # one local epoch a round: ceil(1360 / 128) Poisson batches
         row = next(line for line in report_lines if line.startswith(f"| bank_{bank:02d} | 8 | 1e-05 |"))

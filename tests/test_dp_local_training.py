@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -36,7 +36,7 @@ WORDS = {0: ["plunged", "slumped", "missed", "downgraded"], 1: ["surged", "beat"
          2: ["scheduled", "announced", "held", "reported"]}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _built(num_features: int):
     return build_model({**TINY, "backbone": "tiny-encoder"}, 3, num_features)
 

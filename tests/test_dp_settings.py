@@ -50,7 +50,7 @@ def test_lr_final_decays_dp_lr_by_a_cosine_over_the_planned_rounds():
     settings = DPSettings(enabled=True, lr=0.7, lr_final=0.3, planned_rounds=5)
     rates = [settings.lr_in_round(r) for r in range(1, 7)]
     assert rates[0] == pytest.approx(0.7) and rates[2] == pytest.approx(0.5) and rates[4] == pytest.approx(0.3)
-    assert all(a > b for a, b in zip(rates[:4], rates[1:5])) and rates[5] == pytest.approx(0.3)
+    assert all(a > b for a, b in zip(rates[:4], rates[1:5], strict=True)) and rates[5] == pytest.approx(0.3)
     train = TrainConfig(optimizer="adamw", lr=5e-4)
     assert private_config(train, settings, server_round=3).lr == pytest.approx(0.5)
     assert private_config(private_config(train, settings, 3), settings, 3).lr == pytest.approx(0.5)  # idempotent

@@ -54,11 +54,11 @@ def updates():
 @pytest.fixture(scope="module")
 def blobs(contexts, updates):
     bank, _ = contexts
-    return [encrypt_update(update, weight, bank) for update, weight in zip(updates, WEIGHTS)]
+    return [encrypt_update(update, weight, bank) for update, weight in zip(updates, WEIGHTS, strict=True)]
 
 
 def fedavg(updates, weights) -> np.ndarray:
-    return sum(w * flatten(u) for u, w in zip(updates, weights)) / sum(weights)
+    return sum(w * flatten(u) for u, w in zip(updates, weights, strict=True)) / sum(weights)
 
 
 def max_error(blob, bank, updates, weights) -> float:

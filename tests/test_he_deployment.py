@@ -34,7 +34,8 @@ def test_start_passes_the_banks_own_state_dir_budget_and_he_keys_as_node_config(
     args = build_parser().parse_args([
         "start", "--server", "h:1", "--data", str(tmp_path / "bank.yaml"), "--insecure",
         "--state-dir", str(tmp_path / "state"), "--dp-target-epsilon", "3", "--dp-delta", "1e-6",
-        "--dp-report-validation", "--he-context", str(tmp_path / "he_secret.ctx"), "--binding-key", str(tmp_path / "bank.binding"),
+        "--dp-report-validation", "--he-context", str(tmp_path / "he_secret.ctx"),
+        "--binding-key", str(tmp_path / "bank.binding"),
     ])
     settings = NodeSettings("h:1", None, None, tmp_path / "bank.yaml", "bank_a", node_options=node_options(args))
     assert node_config(settings) == (
@@ -96,8 +97,8 @@ def test_he_decrypt_hands_over_a_bf16_rounded_plaintext_state(tmp_path, capsys):
     initial = {"a.weight": rng.normal(size=(30, 40)).astype(np.float32), "b.bias": np.zeros(7, np.float32)}
     locals_ = [{name: value + rng.normal(scale=0.1, size=value.shape).astype(np.float32)
                 for name, value in initial.items()} for _ in range(2)]
-    blob = aggregate([encrypt_drift(local, initial, weight, he) for local, weight in zip(locals_, (10, 30))],
-                     he.public())
+    blob = aggregate([encrypt_drift(local, initial, weight, he)
+                      for local, weight in zip(locals_, (10, 30), strict=True)], he.public())
     run = tmp_path / "run"
     run.mkdir()
     (run / "global_state.he").write_bytes(blob)

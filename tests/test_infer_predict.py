@@ -100,7 +100,7 @@ def test_int8_dynamic_is_explained_through_fp32_weights_and_predicts_with_its_ow
     for variant in ("fp32", "int8_dynamic"):
         model, _ = open_model(published, variant)
         runs[variant] = Predictor(model).predict(data)
-    for fp32, int8 in zip(runs["fp32"], runs["int8_dynamic"]):
+    for fp32, int8 in zip(runs["fp32"], runs["int8_dynamic"], strict=True):
         assert int8.explanation == fp32.explanation
         assert int8.probabilities != fp32.probabilities  # predicted by the quantized layers
         assert int8.probabilities == pytest.approx(fp32.probabilities, abs=0.05)

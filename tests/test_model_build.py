@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -26,7 +26,7 @@ TINY = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _built(backbone: str, num_features: int = 3, **overrides):
     return build_model({**TINY, "backbone": backbone, **overrides}, 3, num_features)
 

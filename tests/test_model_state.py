@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ TINY = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _built(freeze_lora_a: bool = False):
     return build_model({**TINY, "lora": {"freeze_lora_a": freeze_lora_a}}, 3, 2)
 

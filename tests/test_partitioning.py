@@ -50,7 +50,7 @@ def split(labels: np.ndarray, method: str, segments: np.ndarray, **kwargs) -> li
 
 
 def same_split(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
-    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize("method", ["iid", "dirichlet", "quantity", "natural"])

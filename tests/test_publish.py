@@ -49,7 +49,7 @@ def test_set(published):
 def accuracy(folder, variant, data) -> float:
     model, _ = open_model(folder, variant)
     predictions = Predictor(model, batch_size=64).predict(data, explain=False)
-    return sum(p.label == CLASSES[y] for p, y in zip(predictions, data.labels)) / len(data)
+    return sum(p.label == CLASSES[y] for p, y in zip(predictions, data.labels, strict=True)) / len(data)
 
 
 @pytest.mark.parametrize("kind", ["tiny_encoder", "tiny_decoder"])
@@ -77,7 +77,7 @@ def test_merged_model_gives_the_adapter_model_outputs(kind):
 def test_every_variant_is_within_one_point_of_fp32_accuracy(published, test_set):
     scores = {variant: accuracy(published, variant, test_set) for variant in VARIANTS}
     assert scores["fp32"] > 0.8, scores  # a trained model, so the comparison means something
-    for variant, score in scores.items():
+    for score in scores.values():
         assert abs(score - scores["fp32"]) <= 0.01, scores
 
 

@@ -99,9 +99,9 @@ def _has_cycle(edges: set[tuple[int, int]], max_length: int = 4) -> bool:
 @pytest.mark.parametrize("task", ["news", "credit", "transactions"])
 def test_same_seed_same_frames_other_seed_other_frames(task: str) -> None:
     first, again, other = (_generate(task, 3, 50, seed) for seed in (3, 3, 4))
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         pd.testing.assert_frame_equal(a, b)
-    assert not all(a.equals(c) for a, c in zip(first, other))
+    assert not all(a.equals(c) for a, c in zip(first, other, strict=True))
 
 
 def test_generation_leaves_global_rng_alone() -> None:
@@ -247,7 +247,7 @@ def test_laundering_typologies_are_present(
     deposits = structured.groupby("target").size()
     assert (deposits[deposits.index.isin(launderers)] >= 3).any()
     among = transfers[transfers["source"].isin(launderers) & transfers["target"].isin(launderers)]
-    assert _has_cycle(set(zip(among["source"], among["target"])))
+    assert _has_cycle(set(zip(among["source"], among["target"], strict=True)))
 
 
 def test_transactions_are_learnable_but_not_trivial(
@@ -262,7 +262,7 @@ def test_write_federation_round_trips(task: str, tmp_path) -> None:
     paths = write_federation(task, tmp_path / "out", 2, 30, 9)
     expected = _generate(task, 2, 30, 9)
     assert list(paths) == (["train", "series"] if task == "transactions" else ["train"])
-    for path, frame in zip(paths.values(), expected):
+    for path, frame in zip(paths.values(), expected, strict=True):
         pd.testing.assert_frame_equal(pd.read_csv(path), frame)
 
 

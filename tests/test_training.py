@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ FAST = TrainConfig(lr=3e-3, batch_size=32, epochs=1, patience=None, progress=Fal
 FILLERS = ["the", "analyst", "said", "shares", "of", "bank", "today", "market", "report", "EBITDA", "$JPM"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _built(backbone: str, num_features: int, num_classes: int):
     config = {**TINY, "backbone": backbone, "vocabulary": {"trainable_delta": True}}
     return build_model(config, num_classes, num_features)
@@ -134,7 +134,8 @@ def test_decoder_path_trains():
 
 def test_proximal_correction_pulls_towards_the_global_state():
     train = text_only(quadrant_task(128, seed=5))
-    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=16, epochs=10, progress=False)
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=16, epochs=10,
+                      progress=False)
     model, tokenizer = built(num_features=0)
     start = federated_state(model)
     huge = 1 / cfg.lr  # the largest stable mu for SGD: every step lands at w_global - lr * grad
