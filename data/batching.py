@@ -28,8 +28,12 @@ class Batch:
     series_mask: torch.Tensor | None
     labels: torch.Tensor
 
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in self._tensors()))
+    def to(self, device: torch.device) -> Batch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(move(self.input_ids), move(self.attention_mask), move(self.series), move(self.series_mask),
+                     self.labels.to(device, non_blocking=True))
 
     def inputs(self) -> dict[str, torch.Tensor | None]:
         """Keyword arguments of HybridFinGPT.forward."""
@@ -42,9 +46,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def _tensors(self) -> tuple[torch.Tensor | None, ...]:
-        return self.input_ids, self.attention_mask, self.series, self.series_mask, self.labels
 
 
 class EncodedBank(Dataset):
@@ -82,7 +83,7 @@ class Collator:
         self.has_series = has_series
 
     def __call__(self, items: list[Item]) -> Batch:
-        ids, series, masks, labels = zip(*items)
+        ids, series, masks, labels = zip(*items, strict=True)
         input_ids = attention_mask = batch_series = series_mask = None
         if self.has_text:
             longest = max(len(t) for t in ids)

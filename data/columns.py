@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import string
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,7 +48,8 @@ def class_mapping(classes: Mapping[Any, str] | list[str]) -> tuple[dict[str, int
     return lookup, list(dict.fromkeys(names))
 
 
-def labels_from(table: pd.DataFrame, column: str, classes: Mapping[Any, str] | list[str]) -> tuple[np.ndarray, list[str]]:
+def labels_from(table: pd.DataFrame, column: str,
+                classes: Mapping[Any, str] | list[str]) -> tuple[np.ndarray, list[str]]:
     """Class indices of a label column; an unmapped or missing label is an error at its row."""
     require_columns(table, [column], "label")
     lookup, names = class_mapping(classes)
@@ -94,7 +96,8 @@ def texts_from(table: pd.DataFrame, text_cfg: Mapping[str, Any], extra: pd.DataF
 def _fill_template(table: pd.DataFrame, template: str, value_maps: Mapping[str, Mapping[Any, str]],
                    extra: pd.DataFrame | None) -> list[str]:
     fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-    context = table if extra is None else pd.concat([table.reset_index(drop=True), extra.reset_index(drop=True)], axis=1)
+    context = table if extra is None else pd.concat([table.reset_index(drop=True), extra.reset_index(drop=True)],
+                                                    axis=1)
     require_columns(context, fields, "text.template")
     columns = {name: _template_values(context, name, value_maps.get(name)) for name in dict.fromkeys(fields)}
     return [template.format(**{name: values[i] for name, values in columns.items()}) for i in range(len(context))]

@@ -6,9 +6,10 @@ bank loads its own data, so simulation and deployment share one data path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
@@ -74,12 +75,13 @@ def prepare_federation(cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path)
     fed = build(FederationConfig, root["federation"], "federation")  # over the defaults, checked
     parts, names = partition(pool, fed, seed)
     bank_dirs, train_counts, valid_counts = [], [], []
-    for number, (rows, name) in enumerate(zip(parts, names)):
+    for number, (rows, name) in enumerate(zip(parts, names, strict=True)):
         train_idx, valid_idx = split_train_valid(rows, pool.labels, fed.valid_fraction, seed + number)
-        bank = BankData(name=name, train=pool.subset(train_idx), valid=pool.subset(valid_idx))
+        train, valid = pool.subset(train_idx), pool.subset(valid_idx)
+        bank = BankData(name=name, train=train, valid=valid)
         bank_dirs.append(save_bank(bank, out_dir / "banks" / f"bank_{number:02d}"))
-        train_counts.append(bank.train.label_counts())
-        valid_counts.append(bank.valid.label_counts())
+        train_counts.append(train.label_counts())
+        valid_counts.append(valid.label_counts())
     test_dir = save_bank(BankData(name="global_test", train=test, valid=None), out_dir / "test")
     return FederationLayout(bank_dirs, names, test_dir, pool.class_names, pool.num_features,
                             np.array(train_counts), np.array(valid_counts))

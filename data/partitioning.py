@@ -66,7 +66,7 @@ def partition_indices(
         codes, values = _natural_codes(keys, bins, len(labels))
         _check_natural_count(num_banks, values)
         return _natural(codes, values, min_size)
-    _check_num_banks(num_banks, len(labels), min_size)
+    num_banks = _check_num_banks(num_banks, len(labels), min_size)
     if alpha <= 0 and method in ("dirichlet", "quantity"):
         raise ValueError(f"alpha must be > 0 for method {method!r}, got {alpha}")
     if method == "iid":
@@ -116,7 +116,8 @@ def _check_method(method: str) -> None:
         )
 
 
-def _check_num_banks(num_banks: int | None, num_rows: int, min_size: int) -> None:
+def _check_num_banks(num_banks: int | None, num_rows: int, min_size: int) -> int:
+    """`num_banks`, checked to be a count of banks that `num_rows` rows can fill."""
     if num_banks is None or num_banks < 1:
         raise ValueError(f"num_banks must be at least 1, got {num_banks}")
     if num_banks > num_rows:
@@ -125,6 +126,7 @@ def _check_num_banks(num_banks: int | None, num_rows: int, min_size: int) -> Non
         raise ValueError(
             f"{num_rows} rows cannot give each of {num_banks} banks min_size={min_size} rows"
         )
+    return num_banks
 
 
 def _dataset(column: np.ndarray) -> datasets.Dataset:

@@ -6,8 +6,8 @@ Sequences of different lengths are padded at the end and carry a boolean mask (T
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
@@ -73,7 +73,7 @@ class BankDataset:
     def num_features(self) -> int:
         return 0 if self.series is None else int(self.series.shape[2])
 
-    def subset(self, indices: Sequence[int] | np.ndarray) -> "BankDataset":
+    def subset(self, indices: Sequence[int] | np.ndarray) -> BankDataset:
         """The rows at `indices`, in that order, as a new data set sharing class and feature names."""
         idx = np.asarray(indices, dtype=np.int64)
         return BankDataset(

@@ -9,8 +9,9 @@ Padding is at the end of a sequence; the mask is True on real steps.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,7 +39,8 @@ def wide_series(table: pd.DataFrame, features: Mapping[str, list[str]]) -> Serie
     return Series(values, np.ones(values.shape[:2], dtype=bool), list(features))
 
 
-def long_series(table: pd.DataFrame, cfg: Mapping[str, Any], fmt: str | None, encoding: str) -> tuple[Series, pd.DataFrame]:
+def long_series(table: pd.DataFrame, cfg: Mapping[str, Any], fmt: str | None,
+                encoding: str) -> tuple[Series, pd.DataFrame]:
     """Events of each record's key, oldest first, the last `max_steps` kept; plus per-record statistics.
 
     A record with no event (an inactive account) gets an empty sequence (mask all False) and zero
@@ -111,7 +113,8 @@ def _event_statistics(events: pd.DataFrame, keys: pd.Series, cfg: Mapping[str, A
     return stats.astype({c: int for c in counts})
 
 
-def window_series(table: pd.DataFrame, cfg: Mapping[str, Any], label_cfg: Mapping[str, Any]) -> tuple[Series, np.ndarray, pd.DataFrame]:
+def window_series(table: pd.DataFrame, cfg: Mapping[str, Any],
+                  label_cfg: Mapping[str, Any]) -> tuple[Series, np.ndarray, pd.DataFrame]:
     """Fixed-length windows over each group's history and the up/down label `horizon` steps ahead.
 
     With `scale: first_step` each feature is expressed relative to its value at the window's first

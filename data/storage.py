@@ -17,10 +17,11 @@ def save_records(data: BankDataset, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {"labels": data.labels}
-    if data.series is not None:
+    if data.series is not None and data.mask is not None:  # BankDataset refuses a series without its mask
         arrays.update(series=data.series, mask=data.mask)
     arrays.update({f"key__{name}": values.astype(str) for name, values in data.keys.items()})
-    np.savez_compressed(folder / ARRAYS, **arrays)
+    # allow_pickle spelled out (numpy's default): otherwise mypy matches **arrays against it
+    np.savez_compressed(folder / ARRAYS, allow_pickle=True, **arrays)
     meta = {"class_names": data.class_names, "feature_names": data.feature_names, "texts": data.texts}
     (folder / META).write_text(json.dumps(meta), encoding="utf-8")
     return folder

@@ -580,7 +580,7 @@ class _Ledger:
         self._chunks.append(tuple(np.atleast_1d(a) for a in arrays))
 
     def frame(self) -> pd.DataFrame:
-        columns = [np.concatenate(parts) for parts in zip(*self._chunks)]
+        columns = [np.concatenate(parts) for parts in zip(*self._chunks, strict=True)]
         return pd.DataFrame({
             "source": columns[0].astype(np.int64),
             "target": columns[1].astype(np.int64),
@@ -779,7 +779,7 @@ def _cycle(bank: _Bank, accounts: np.ndarray, ledger: _Ledger) -> None:
     step = int(rng.integers(0, HORIZON_STEPS - 20))
     ledger.add(_external(rng, 1, 10**8), accounts[0], amount, step, 0)
     for _ in range(int(rng.integers(1, 4))):
-        for source, target in zip(accounts, np.roll(accounts, -1)):
+        for source, target in zip(accounts, np.roll(accounts, -1), strict=True):
             amount *= rng.uniform(0.97, 0.995)
             step += int(rng.integers(0, 3))
             ledger.add(source, target, amount, step, 0)

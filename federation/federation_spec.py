@@ -53,7 +53,7 @@ class FederationSpec:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "FederationSpec":
+    def load(cls, path: str | Path) -> FederationSpec:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
         banks = [BankSite(**bank) for bank in raw.pop("banks", [])]
         return cls(**raw, banks=banks)

@@ -87,6 +87,20 @@ DP_METRICS = ("epsilon", "delta", "noise_multiplier")
 """Added to every train reply under DP: the bank's epsilon spent so far in the run, at its delta."""
 
 
+def _single(key: str, value: object) -> int | float | str | bytes:
+    """One value of a ConfigRecord, for int() or float(); a list there is a TypeError naming the key."""
+    if not isinstance(value, int | float | str | bytes):
+        raise TypeError(f"config value {key!r} must be a single value, got a {type(value).__name__}")
+    return value
+
+
+def _list(key: str, value: object) -> list[Any]:
+    """A list value of a ConfigRecord; anything else is a TypeError naming the key."""
+    if not isinstance(value, list):
+        raise TypeError(f"config value {key!r} must be a list, got a {type(value).__name__}")
+    return value
+
+
 def state_to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord.from_torch_state_dict(dict(state))
 
@@ -178,21 +192,21 @@ class RoundTask:
     he_run: str = ""
 
     @classmethod
-    def from_config(cls, config: ConfigRecord) -> "RoundTask":
+    def from_config(cls, config: ConfigRecord) -> RoundTask:
         required = (SERVER_ROUND, MODEL_CONFIG, CLASS_NAMES, NUM_FEATURES, STATE_HASH)
         missing = [key for key in required if key not in config]
         if missing:
             raise ValueError(f"round config lacks {missing}: was it sent by the fingpt-federated ServerApp?")
         steps = config.get(LOCAL_STEPS)
         return cls(
-            server_round=int(config[SERVER_ROUND]),
+            server_round=int(_single(SERVER_ROUND, config[SERVER_ROUND])),
             model_config=json.loads(str(config[MODEL_CONFIG])),
-            class_names=[str(name) for name in config[CLASS_NAMES]],
-            num_features=int(config[NUM_FEATURES]),
+            class_names=[str(name) for name in _list(CLASS_NAMES, config[CLASS_NAMES])],
+            num_features=int(_single(NUM_FEATURES, config[NUM_FEATURES])),
             state_hash=str(config[STATE_HASH]),
-            local_epochs=int(config.get(LOCAL_EPOCHS, 1)),
-            local_steps=None if steps is None else int(steps),
-            proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
+            local_epochs=int(_single(LOCAL_EPOCHS, config.get(LOCAL_EPOCHS, 1))),
+            local_steps=None if steps is None else int(_single(LOCAL_STEPS, steps)),
+            proximal_mu=float(_single(PROXIMAL_MU, config.get(PROXIMAL_MU, 0.0))),
             dp=json.loads(str(config[DP_CONFIG])) if DP_CONFIG in config else None,
             dp_run=str(config.get(DP_RUN, "")),
             he_fingerprint=str(config.get(HE_FINGERPRINT, "")),
@@ -221,5 +235,5 @@ class Receipt:
         return ConfigRecord({"name": self.bank, SERVER_ROUND: self.server_round, STATE_HASH: self.state_hash})
 
     @classmethod
-    def from_config(cls, config: ConfigRecord) -> "Receipt":
-        return cls(str(config["name"]), int(config[SERVER_ROUND]), str(config[STATE_HASH]))
+    def from_config(cls, config: ConfigRecord) -> Receipt:
+        return cls(str(config["name"]), int(_single(SERVER_ROUND, config[SERVER_ROUND])), str(config[STATE_HASH]))

@@ -21,7 +21,7 @@ import os
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ _NOT_ALNUM = re.compile(r"[\W_]+")
 
 
 def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _json_default(value: Any) -> Any:
@@ -151,7 +151,7 @@ class AuditLog:
         now = self._clock()
         if now.tzinfo is None:
             raise ValueError("the audit clock must return timezone-aware datetimes")
-        return now.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        return now.astimezone(UTC).isoformat(timespec="microseconds")
 
     def _append(self, data: bytes) -> None:
         """One write of a whole line to an O_APPEND descriptor, so lines never interleave.

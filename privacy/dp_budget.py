@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,7 @@ def ledger_path(state_dir: str | Path, run: str) -> Path:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _digest(body: Mapping[str, Any]) -> str:
@@ -137,7 +137,7 @@ class PrivacyLedger:
         accountant: str,
         delta: float,
         target_epsilon: float | None,
-    ) -> "PrivacyLedger":
+    ) -> PrivacyLedger:
         """The ledger at `path`, created (and written) if absent; a round left unfinished is charged."""
         path = Path(path)
         if not path.exists():
@@ -161,7 +161,7 @@ class PrivacyLedger:
         return ledger
 
     @classmethod
-    def load(cls, path: str | Path) -> "PrivacyLedger":
+    def load(cls, path: str | Path) -> PrivacyLedger:
         """Read a ledger as it is on disk; anything malformed is a LedgerError naming the file."""
         path = Path(path)
         try:
@@ -309,6 +309,8 @@ class PrivacyLedger:
         return compose(self.history, Spend(pending["noise_multiplier"], pending["sample_rate"], pending["steps"]))
 
     def _charge_unfinished(self) -> None:
+        if self.pending is None:
+            raise RuntimeError(f"{self.path}: no unfinished round to charge")
         pending = self.pending
         self.history, self.pending = self._charged(), None
         spent = self.epsilon_spent()

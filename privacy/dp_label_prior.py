@@ -25,7 +25,7 @@ RELEASE = "label_counts"
 
 
 def private_label_counts(
-    labels: Sequence[int],
+    labels: Sequence[int] | np.ndarray,
     num_classes: int,
     ledger: PrivacyLedger,
     noise: float,

@@ -21,7 +21,7 @@ correction) goes in a step pre-hook of the optimizer that really steps: `steppin
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -113,7 +113,7 @@ class PrivateRound:
             self.epsilon = self.ledger.end_round(history_of(self.engine.accountant))
         return self.epsilon
 
-    def __enter__(self) -> "PrivateRound":
+    def __enter__(self) -> PrivateRound:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -152,7 +152,10 @@ def make_private(
     if (settings.accountant, settings.delta) != (ledger.accountant, ledger.delta):
         raise ValueError(f"settings ({settings.accountant}, delta {settings.delta}) differ from the ledger's "
                          f"({ledger.accountant}, delta {ledger.delta})")
-    sample_rate = sample_rate_for(len(loader.dataset), settings.logical_batch_size)
+    dataset = loader.dataset
+    if not isinstance(dataset, Sized):
+        raise TypeError("DP-SGD samples from a map-style data set: the loader's data set has no length")
+    sample_rate = sample_rate_for(len(dataset), settings.logical_batch_size)
     rounds = planned_rounds if planned_rounds is not None else settings.planned_rounds
     if settings.noise_multiplier is None and ledger.plan is None and rounds is None:
         raise ValueError("calibrating the noise needs the planned rounds (dp.planned_rounds or planned_rounds=)")

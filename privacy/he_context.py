@@ -95,7 +95,7 @@ class HEParams:
             raise ValueError("round_bits must be in 0..52 (float64 has 52 fraction bits)")
 
     @classmethod
-    def from_config(cls, he: Mapping[str, Any]) -> "HEParams":
+    def from_config(cls, he: Mapping[str, Any]) -> HEParams:
         """Build from the `he` block of conf/privacy/he.yaml (extra keys such as `enabled` are ignored)."""
         fields = cls.__dataclass_fields__
         values = {key: he[key] for key in fields if key in he}
@@ -141,7 +141,7 @@ class HEContext:
     def holds_secret_key(self) -> bool:
         return bool(self.context.is_private())
 
-    def public(self) -> "HEContext":
+    def public(self) -> HEContext:
         """The operator's view of this context: same ceremony, no secret key."""
         body = _public_body(self.context, self.params)
         return HEContext(ts.context_from(body), self.params, self.ceremony_id, self.fingerprint)
@@ -282,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m privacy.he_context [OUT_DIR]`: run a key ceremony with the he.yaml parameters."""
     parser = argparse.ArgumentParser(description="Create the federation's CKKS context (key ceremony).")
     parser.add_argument("out_dir", type=Path, nargs="?", help="default: he.context_dir of the config")
-    parser.add_argument("--config", type=Path, help="a privacy config with an `he:` block (default: conf/privacy/he.yaml)")
+    parser.add_argument("--config", type=Path,
+                        help="a privacy config with an `he:` block (default: conf/privacy/he.yaml)")
     parser.add_argument("--force", action="store_true", help="replace an existing secret context")
     args = parser.parse_args(argv)
     from fingpt_federated.privacy.he_config import he_block_of_file  # it builds on HEParams, defined here

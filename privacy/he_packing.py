@@ -73,7 +73,7 @@ class EncryptedUpdate:
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "EncryptedUpdate":
+    def from_bytes(cls, blob: bytes) -> EncryptedUpdate:
         if len(blob) < _HEADER.size:
             raise ValueError("malformed encrypted update: shorter than its header")
         magic, version, fingerprint, digest, num_params, weight, summands, count = _HEADER.unpack_from(blob)
@@ -103,7 +103,8 @@ class EncryptedUpdate:
             )
         expected = math.ceil(self.num_params / he.params.slots)
         if len(self.chunks) != expected:
-            raise ValueError(f"{what} has {len(self.chunks)} ciphertexts where {self.num_params} values need {expected}")
+            raise ValueError(f"{what} has {len(self.chunks)} ciphertexts "
+                             f"where {self.num_params} values need {expected}")
 
 
 def schema_of(state: Mapping[str, Any]) -> Schema:
@@ -130,7 +131,7 @@ def unflatten(vector: np.ndarray, schema: Schema, dtype: np.dtype | type = np.fl
         raise ValueError(f"vector of {vector.size} values does not fit a schema of {sum(sizes)}")
     out: OrderedDict[str, np.ndarray] = OrderedDict()
     offset = 0
-    for (name, shape), size in zip(schema, sizes):
+    for (name, shape), size in zip(schema, sizes, strict=True):
         out[name] = vector[offset : offset + size].reshape(shape).astype(dtype)
         offset += size
     return out

@@ -71,7 +71,8 @@ class UpdateBinding:
     ciphertext_hash: str
 
     @classmethod
-    def for_blob(cls, run_id: str, server_round: int, node_id: str | int, global_hash: str, blob: bytes) -> "UpdateBinding":
+    def for_blob(cls, run_id: str, server_round: int, node_id: str | int, global_hash: str,
+                 blob: bytes) -> UpdateBinding:
         return cls(str(run_id), int(server_round), str(node_id), global_hash, sha256_hex(blob))
 
     def message(self) -> bytes:
@@ -93,7 +94,7 @@ class UpdateBinding:
         }
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, str | int]) -> "UpdateBinding":
+    def from_dict(cls, values: Mapping[str, str | int]) -> UpdateBinding:
         return cls(
             run_id=str(values["run-id"]),
             server_round=int(values["server-round"]),
