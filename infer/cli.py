@@ -58,7 +58,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     inputs = [record_inputs(table.data, i) for i in range(len(table.data))]
     results = service.predict_data(table.data, inputs, explain=not args.no_explain, mc_samples=args.mc_samples,
                                    progress=len(table.data) > args.batch_size)
-    lines = [json.dumps({**ref, **result}, ensure_ascii=False) for ref, result in zip(table.refs, results)]
+    lines = [json.dumps({**ref, **result}, ensure_ascii=False)
+             for ref, result in zip(table.refs, results, strict=True)]
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
     if table.labelled:
         names = table.data.class_names
-        correct = sum(names[label] == r["label"] for label, r in zip(table.data.labels, results))
+        correct = sum(names[label] == r["label"] for label, r in zip(table.data.labels, results, strict=True))
         print(f"accuracy {correct / len(results):.4f} on {len(results)} labelled records", file=sys.stderr)
     return 0
 

@@ -61,12 +61,18 @@ def _captured(module: nn.Module | None) -> Iterator[_Capture | None]:
 def attribute(model: HybridFinGPT, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(logits, token attributions (B, L) or None, series-step attributions (B, T) or None)."""
     embeddings = model.backbone.get_input_embeddings() if batch.input_ids is not None else None
-    normalizer = model.series_encoder.normalizer if batch.series is not None else None
+    encoder = model.series_encoder
+    normalizer = encoder.normalizer if batch.series is not None and encoder is not None else None
     with _captured(embeddings) as tokens, _captured(normalizer) as steps, torch.enable_grad():
         logits = model(**batch.inputs())
         logits.gather(1, logits.argmax(1, keepdim=True)).sum().backward()
-    token_scores = tokens.attribution(batch.attention_mask) if tokens is not None else None
-    step_scores = steps.attribution(batch.series_mask) if steps is not None else None
+    token_scores = step_scores = None
+    if tokens is not None:
+        assert batch.attention_mask is not None  # collated with the token ids
+        token_scores = tokens.attribution(batch.attention_mask)
+    if steps is not None:
+        assert batch.series_mask is not None  # collated with the series
+        step_scores = steps.attribution(batch.series_mask)
     return logits.detach(), token_scores, step_scores
 
 

@@ -48,7 +48,7 @@ def read_inputs(path: str | Path, manifest: Mapping[str, Any]) -> InputTable:
         table[column] = next(iter(lookup))  # a placeholder: the labels of an unlabelled file are never read
     data = table_to_dataset(table, cfg)
     if len(data) == len(table):
-        refs = [{"source": str(s), "row": int(r)} for s, r in zip(table["_source"], table["_row"])]
+        refs = [{"source": str(s), "row": int(r)} for s, r in zip(table["_source"], table["_row"], strict=True)]
     else:
         refs = [{"record": i + 1} for i in range(len(data))]
     return InputTable(data, refs, labelled)
@@ -59,7 +59,7 @@ def record_inputs(data: BankDataset, index: int) -> dict[str, Any]:
     record: dict[str, Any] = {}
     if data.texts is not None:
         record["text"] = data.texts[index]
-    if data.series is not None:
+    if data.series is not None and data.mask is not None:  # BankDataset refuses a series without its mask
         record["series"] = data.series[index][data.mask[index]].tolist()
     return record
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -65,8 +65,9 @@ class Predictor:
         return [
             Prediction(
                 label=names[int(predicted[i])],
-                probabilities={name: float(p) for name, p in zip(names, probabilities[i])},
-                uncertainty={"entropy": float(entropy[i]), **({"mc_dropout_std": float(spread[i])} if spread is not None else {})},
+                probabilities={name: float(p) for name, p in zip(names, probabilities[i], strict=True)},
+                uncertainty={"entropy": float(entropy[i]),
+                             **({"mc_dropout_std": float(spread[i])} if spread is not None else {})},
                 explanation=self._explanation(batch, i, tokens, steps) if explain else None,
             )
             for i in range(len(predicted))
@@ -77,17 +78,21 @@ class Predictor:
         """The top tokens and series steps by |attribution|, each score a signed share of the row's total."""
         result: dict[str, Any] = {"method": "input_x_gradient"}
         if tokens is not None:
+            assert batch.input_ids is not None and batch.attention_mask is not None  # tokens attribute them
             ids = batch.input_ids[row].tolist()
             keep = [i for i, token in enumerate(ids) if token not in self._special and batch.attention_mask[row, i]]
-            pieces = self.tokenizer.convert_ids_to_tokens([ids[i] for i in keep])
+            # a list of ids gives a list of tokens (transformers types the result as str | list[str])
+            pieces = cast(list[str], self.tokenizer.convert_ids_to_tokens([ids[i] for i in keep]))
             result["tokens"] = [{"token": piece, "position": i, "score": s}
                                 for (i, s), piece in self._top(tokens[row], keep, pieces)]
         if steps is not None:
+            assert batch.series_mask is not None  # steps attribute the series it masks
             real = batch.series_mask[row].nonzero().flatten().tolist()
             result["series_steps"] = [{"step": i, "score": s} for (i, s), _ in self._top(steps[row], real, real)]
         return result
 
-    def _top(self, scores: torch.Tensor, positions: list[int], labels: list[Any]) -> list[tuple[tuple[int, float], Any]]:
+    def _top(self, scores: torch.Tensor, positions: list[int],
+             labels: list[Any]) -> list[tuple[tuple[int, float], Any]]:
         values = scores.detach().float().cpu()[positions] if positions else torch.zeros(0)
         total = float(values.abs().sum()) or 1.0
         order = values.abs().argsort(descending=True)[: self.top_k].tolist()

@@ -31,7 +31,7 @@ class PredictRequest(RecordIn):
     mc_samples: int = Field(default=0, ge=0, le=MAX_MC_SAMPLES, description="Monte Carlo dropout passes (0: off)")
 
     @model_validator(mode="after")
-    def _one_form(self) -> "PredictRequest":
+    def _one_form(self) -> PredictRequest:
         single = self.text is not None or self.series is not None
         if single == (self.records is not None):
             raise ValueError("give either 'text'/'series' for one prediction or 'records' for a batch, not both "

@@ -62,7 +62,7 @@ class PredictionService:
         """Predict every record of `data` (`inputs[i]` is record i as audited), uncached."""
         with self._model_lock:
             predictions = self.predictor.predict(data, explain=explain, mc_samples=mc_samples, progress=progress)
-        return [self.audited(record, p) for record, p in zip(inputs, predictions)]
+        return [self.audited(record, p) for record, p in zip(inputs, predictions, strict=True)]
 
     def predict_records(self, records: Sequence[Mapping[str, Any]], *, explain: bool = True,
                         mc_samples: int = 0) -> list[dict[str, Any]]:
@@ -74,10 +74,11 @@ class PredictionService:
             data = records_to_dataset([records[i] for i in missing], self.predictor.published.manifest)
             with self._model_lock:
                 fresh = self.predictor.predict(data, explain=explain, mc_samples=mc_samples)
-            for i, prediction in zip(missing, fresh):
+            for i, prediction in zip(missing, fresh, strict=True):
                 self.cache.put(keys[i], prediction)
                 found[i] = prediction
-        return [self.audited(record, prediction) for record, prediction in zip(records, found)]
+        done = [prediction for prediction in found if prediction is not None]  # every miss was filled above
+        return [self.audited(record, prediction) for record, prediction in zip(records, done, strict=True)]
 
     def audited(self, inputs: Mapping[str, Any], prediction: Prediction) -> dict[str, Any]:
         entry = self.audit.record(self.model_hash, dict(inputs), prediction.output(), prediction.explanation)

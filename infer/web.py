@@ -55,6 +55,9 @@ def create_app(service: PredictionService) -> FastAPI:
         if problems:
             return JSONResponse(status_code=422, content={"detail": problems})
         predictions = service.predict_records(records, explain=request.explain, mc_samples=request.mc_samples)
-        return PredictResponse(model_hash=service.model_hash, variant=variant, predictions=predictions)
+        # validated like the constructor would; model_validate takes the predictions as the dicts they are
+        return PredictResponse.model_validate(
+            {"model_hash": service.model_hash, "variant": variant, "predictions": predictions}
+        )
 
     return app

@@ -27,6 +27,7 @@ from transformers import (
     AutoModel,
     AutoTokenizer,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -75,7 +76,7 @@ def detect_family(config: PretrainedConfig) -> str:
     raise ValueError(f"cannot tell whether {config.model_type!r} is an encoder or a decoder: set model.family")
 
 
-def load_backbone(cfg: ModelConfig) -> tuple[nn.Module, PreTrainedTokenizerBase, str]:
+def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Frozen backbone, its tokenizer (with a pad token) and its family."""
     path = resolve_backbone(cfg.backbone)
     config = AutoConfig.from_pretrained(path)
@@ -127,7 +128,7 @@ def _quantization_kwargs(cfg: ModelConfig) -> dict:
     }
 
 
-def _tiny_encoder(vocab_size: int, pad_id: int) -> nn.Module:
+def _tiny_encoder(vocab_size: int, pad_id: int) -> PreTrainedModel:
     from transformers import BertConfig, BertModel
 
     config = BertConfig(
@@ -142,7 +143,7 @@ def _tiny_encoder(vocab_size: int, pad_id: int) -> nn.Module:
     return BertModel(config)
 
 
-def _tiny_decoder(vocab_size: int, pad_id: int) -> nn.Module:
+def _tiny_decoder(vocab_size: int, pad_id: int) -> PreTrainedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(

@@ -34,8 +34,8 @@ def build_model(
             from peft import prepare_model_for_kbit_training
 
             backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
-        backbone = apply_lora(backbone, cfg.lora, cfg.seed)
-        model = HybridFinGPT(backbone, family, cfg, num_classes, num_features, term_ids)
-    if is_quantized(backbone):
-        model.to(next(backbone.parameters()).device)
+        lora_backbone = apply_lora(backbone, cfg.lora, cfg.seed)
+        model = HybridFinGPT(lora_backbone, family, cfg, num_classes, num_features, term_ids)
+    if is_quantized(lora_backbone):
+        model.to(next(lora_backbone.parameters()).device)
     return model, tokenizer

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from peft import PeftModel
 from torch import nn
+from transformers import PreTrainedModel
 
 from fingpt_federated.model.config import ModelConfig
 from fingpt_federated.model.fusion import Fusion
@@ -31,7 +33,7 @@ from fingpt_federated.model.vocabulary import TermEmbeddingDelta
 class HybridFinGPT(nn.Module):
     def __init__(
         self,
-        backbone: nn.Module,
+        backbone: PreTrainedModel | PeftModel,
         family: str,
         config: ModelConfig,
         num_classes: int,
@@ -47,18 +49,19 @@ class HybridFinGPT(nn.Module):
         self.num_features = num_features
         self.backbone = backbone
         d_text = backbone.config.hidden_size
-        self.term_delta = (
+        self.term_delta: TermEmbeddingDelta | None = (
             TermEmbeddingDelta(term_ids[0], len(term_ids), d_text)
             if config.vocabulary.trainable_delta and term_ids
             else None
         )
+        self.series_encoder: SeriesEncoder | None = None
+        self.fusion: Fusion | None = None
+        self.series_proj: nn.Linear | None = None
         if num_features > 0:
             d_series = config.series_encoder.d_model
             self.series_encoder = SeriesEncoder(num_features, config.series_encoder)
             self.fusion = Fusion(d_text, d_series, config.fusion)
             self.series_proj = nn.Linear(d_series, d_text)
-        else:
-            self.series_encoder = self.fusion = self.series_proj = None
         self.head = nn.Sequential(nn.Dropout(config.head_dropout), nn.Linear(d_text, num_classes))
 
     def forward(
@@ -79,18 +82,21 @@ class HybridFinGPT(nn.Module):
                 series_mask = torch.ones(series.shape[:2], dtype=torch.bool, device=series.device)
             series_states = self.series_encoder(series, series_mask)
         if input_ids is None:
+            # series only: encoded above, by a model that was built with its series parts
+            assert self.series_proj is not None and series_states is not None and series_mask is not None
             pooled = self.series_proj(_masked_mean(series_states, series_mask))
         else:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             text = self._encode_text(input_ids, attention_mask)
             if series_states is not None:
+                assert self.fusion is not None  # built with the series encoder that made series_states
                 text = self.fusion(text, series_states, series_mask)
             pooled = self._pool_text(text, attention_mask.bool())
         return self.head(pooled)
 
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs = {"attention_mask": attention_mask}
+        kwargs: dict[str, torch.Tensor | bool] = {"attention_mask": attention_mask}
         if self.family == "decoder":
             kwargs["use_cache"] = False
         if self.term_delta is None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from fingpt_federated.model.config import ModelConfig
 from fingpt_federated.model.hybrid import HybridFinGPT
@@ -63,7 +63,7 @@ class PublishedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.head[1].weight.device
+        return next(self.model.head.parameters()).device  # the head's Linear (its dropout has none)
 
 
 def write_published(
@@ -80,7 +80,7 @@ def write_published(
     variants = check_variants(variants)
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = folder / BACKBONE_DIR / "fp32"
-    model.backbone.save_pretrained(fp32)
+    model.backbone.save_pretrained(str(fp32))  # PeftModel.save_pretrained is annotated for a str
     tokenizer.save_pretrained(folder / TOKENIZER_DIR)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.own_state().items()}, str(folder / HYBRID_WEIGHTS))
     for variant in variants:
@@ -135,6 +135,8 @@ def load_published(folder: str | Path, variant: str = "fp32", device: torch.devi
 
 
 def _hybrid(backbone: torch.nn.Module, manifest: Mapping[str, Any]) -> HybridFinGPT:
+    if not isinstance(backbone, PreTrainedModel):  # load_variant's AutoModel, int8_dynamic's copy included
+        raise TypeError(f"a published backbone is a Hugging Face model, got a {type(backbone).__name__}")
     with torch.random.fork_rng(devices=[]):  # the hybrid parts' random init is overwritten by the caller
         return HybridFinGPT(backbone, manifest["family"], ModelConfig.from_mapping(manifest["model"]),
                             manifest["num_classes"], manifest["num_features"], manifest["term_ids"])

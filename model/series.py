@@ -26,6 +26,11 @@ CLAMP = 8.0
 class SeriesNormalizer(nn.Module):
     """sign(x)·log1p(|x|), then per-feature standardisation with masked training statistics."""
 
+    # buffers (register_buffer below), declared for the type checker
+    mean: torch.Tensor
+    std: torch.Tensor
+    fitted: torch.Tensor
+
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(num_features))
@@ -73,6 +78,8 @@ class CausalBlock(nn.Module):
 
 
 class SeriesEncoder(nn.Module):
+    positions: torch.Tensor  # a buffer (register_buffer below), declared for the type checker
+
     def __init__(self, num_features: int, settings: SeriesEncoderSettings) -> None:
         super().__init__()
         self.max_steps = settings.max_steps

@@ -39,8 +39,8 @@ class StateSchemaError(ValueError):
 
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside an Opacus GradSampleModule (or any wrapper keeping it as `_module`)."""
-    while hasattr(model, "_module"):
-        model = model._module
+    while isinstance(inner := getattr(model, "_module", None), nn.Module):
+        model = inner
     return model
 
 
@@ -113,17 +113,19 @@ def _some(names: list[str], limit: int = 6) -> str:
 
 def save_model(model: HybridFinGPT, folder: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
     """Write config.json + model.safetensors; `metadata` (e.g. class names) goes into the config."""
-    model = _unwrap(model)
+    hybrid = _unwrap(model)
+    if not isinstance(hybrid, HybridFinGPT):
+        raise TypeError(f"save_model saves a HybridFinGPT, got a {type(hybrid).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.own_state().items()}
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in hybrid.own_state().items()}
     save_file(tensors, str(folder / WEIGHTS_FILE))
     config = {
         "format_version": FORMAT_VERSION,
-        "model": model.config.to_dict(),
-        "num_classes": model.num_classes,
-        "num_features": model.num_features,
-        "federated_schema": state_schema_hash(federated_state(model)),
+        "model": hybrid.config.to_dict(),
+        "num_classes": hybrid.num_classes,
+        "num_features": hybrid.num_features,
+        "federated_schema": state_schema_hash(federated_state(hybrid)),
         "metadata": dict(metadata or {}),
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import AddedToken, PreTrainedTokenizerBase
+from transformers import AddedToken, PreTrainedModel, PreTrainedTokenizerBase
 
 FINANCE_TERMS: tuple[str, ...] = (
     "VaR", "CVaR", "CDS", "EBITDA", "EBIT", "EPS", "P/E", "ROE", "ROA", "ROIC", "YoY", "QoQ",
@@ -38,13 +38,13 @@ def finance_terms() -> list[str]:
 
 
 def add_finance_vocabulary(
-    tokenizer: PreTrainedTokenizerBase, backbone: nn.Module, terms: Sequence[str] | None = None
+    tokenizer: PreTrainedTokenizerBase, backbone: PreTrainedModel, terms: Sequence[str] | None = None
 ) -> list[int]:
     """Add every term the tokenizer splits as one token initialised from its pieces.
 
     Returns the new token ids (consecutive). Terms that already are one token are left alone.
     """
-    embeddings = backbone.get_input_embeddings()
+    embeddings = _input_embeddings(backbone)
     pieces: dict[str, list[int]] = {}
     for term in finance_terms() if terms is None else terms:
         ids = tokenizer(term, add_special_tokens=False)["input_ids"]
@@ -55,7 +55,7 @@ def add_finance_vocabulary(
     tokenizer.add_tokens([AddedToken(term, single_word=True, normalized=True) for term in pieces])
     if len(tokenizer) > embeddings.num_embeddings:
         backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        embeddings = backbone.get_input_embeddings()
+        embeddings = _input_embeddings(backbone)
     new_ids = []
     with torch.no_grad():
         for term, ids in pieces.items():
@@ -65,6 +65,14 @@ def add_finance_vocabulary(
     if new_ids != list(range(new_ids[0], new_ids[0] + len(new_ids))):
         raise RuntimeError("the tokenizer gave the finance terms non-consecutive ids")
     return new_ids
+
+
+def _input_embeddings(backbone: PreTrainedModel) -> nn.Embedding:
+    """The backbone's token embedding table (transformers types it as any module)."""
+    embeddings = backbone.get_input_embeddings()
+    if not isinstance(embeddings, nn.Embedding):
+        raise TypeError(f"the backbone's input embeddings are a {type(embeddings).__name__}, not an nn.Embedding")
+    return embeddings
 
 
 class TermEmbeddingDelta(nn.Module):
