@@ -113,7 +113,8 @@ def train(msg: Message, context: Context) -> Message:
     except BudgetExceeded as refused:
         log(WARNING, "bank %s round %d: declines to train: %s", site.name, task.server_round, refused)
         return _declined(msg, site, task, str(refused))
-    log(INFO, "bank %s round %d: %d/%d local steps, loss %.4f", site.name, task.server_round, result.steps, planned, result.loss)
+    log(INFO, "bank %s round %d: %d/%d local steps, loss %.4f", site.name, task.server_round, result.steps, planned,
+        result.loss)
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: result.examples,
@@ -125,6 +126,7 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if privacy is not None:
+        assert result.epsilon is not None and result.noise_multiplier is not None  # train_local's, under privacy
         log(INFO, "bank %s round %d: epsilon %.4f (delta %g) of its budget %s", site.name, task.server_round,
             result.epsilon, privacy.settings.delta, privacy.settings.target_epsilon)
         metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
@@ -269,22 +271,24 @@ def bank_site(context: Context) -> BankSite:
 def _prepare(msg: Message, context: Context) -> tuple[RoundTask, BankSite, BankData, _Worker]:
     """Parse the task, find and check the bank's data, and load the global state into the model."""
     quiet_console()
-    task = RoundTask.from_config(msg.content[protocol.CONFIG])
+    task = RoundTask.from_config(msg.content.config_records[protocol.CONFIG])
     site = bank_site(context)
     if site.fail:
         raise SimulatedBankFailure(f"bank {site.name}: simulated failure (listed in the federation's fail_banks)")
-    arrays = msg.content[protocol.ARRAYS]
+    arrays = msg.content.array_records[protocol.ARRAYS]
     received = protocol.record_hash(arrays)
     if received != task.state_hash:
-        raise ValueError(f"bank {site.name}: global state hash {received[:12]} differs from the announced {task.state_hash[:12]}")
+        raise ValueError(f"bank {site.name}: global state hash {received[:12]} differs from the announced "
+                         f"{task.state_hash[:12]}")
     bank = _bank(site.path)
     if not site.name:
         site = replace(site, name=bank.name)
     if list(bank.train.class_names) != task.class_names:
-        raise ValueError(f"bank {site.name} has classes {bank.train.class_names}, the federation trains {task.class_names}")
+        raise ValueError(f"bank {site.name} has classes {bank.train.class_names}, "
+                         f"the federation trains {task.class_names}")
     worker = _model_for(task)
     load_federated_state(worker.model, _global_state(task, site, context, worker, arrays))
-    if bank.train.series is not None:
+    if bank.train.series is not None and bank.train.mask is not None:  # BankDataset: a series has its mask
         worker.model.fit_normalizer(bank.train.series, bank.train.mask)
     return task, site, bank, worker
 

@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     keygen = commands.add_parser("keygen", help="create this bank's SuperNode key pair")
-    keygen.add_argument("--key", type=Path, default=Path("bank.key"), help="private key path (KEY.pub is written beside it)")
+    keygen.add_argument("--key", type=Path, default=Path("bank.key"),
+                        help="private key path (KEY.pub is written beside it)")
     keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen.set_defaults(handler=cmd_keygen)
 
@@ -176,10 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--data", type=Path, required=True, help="bank data config (.yaml) or a prepared bank folder")
     start.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT,
                        help="loopback port for this node's ClientApp processes (unique per node on one machine)")
-    start.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES, help="connection retries before giving up")
-    start.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT_S, help="seconds of retrying before giving up")
+    start.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
+                       help="connection retries before giving up")
+    start.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT_S,
+                       help="seconds of retrying before giving up")
     start.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (development only)")
-    start.add_argument("--state-dir", type=Path, help="where the bank keeps its privacy ledger (default: state/ beside its data)")
+    start.add_argument("--state-dir", type=Path,
+                       help="where the bank keeps its privacy ledger (default: state/ beside its data)")
     start.add_argument("--dp-target-epsilon", type=float, help="this bank's own DP budget for the run")
     start.add_argument("--dp-delta", type=float, help="this bank's own DP delta")
     start.add_argument("--dp-report-validation", action=argparse.BooleanOptionalAction, default=None,
@@ -190,14 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
     start.set_defaults(handler=cmd_start)
 
     he_keygen = commands.add_parser("he-keygen", help="create the federation's CKKS contexts (one bank, once)")
-    he_keygen.add_argument("--out", type=Path, required=True, help="folder for he_secret.ctx, he_public.ctx, fingerprint")
-    he_keygen.add_argument("--config", type=Path, help="a privacy config with an `he:` block (default conf/privacy/he.yaml)")
+    he_keygen.add_argument("--out", type=Path, required=True,
+                           help="folder for he_secret.ctx, he_public.ctx, fingerprint")
+    he_keygen.add_argument("--config", type=Path,
+                           help="a privacy config with an `he:` block (default conf/privacy/he.yaml)")
     he_keygen.add_argument("--force", action="store_true", help="replace an existing secret context")
     he_keygen.set_defaults(handler=cmd_he_keygen)
 
     he_decrypt = commands.add_parser("he-decrypt", help="decrypt the final encrypted global for publishing")
     he_decrypt.add_argument("--run-dir", type=Path, help="the run folder (global_state.he, initial_state.safetensors)")
-    he_decrypt.add_argument("--global", dest="global_file", type=Path, help="the final encrypted global (global_state.he)")
+    he_decrypt.add_argument("--global", dest="global_file", type=Path,
+                            help="the final encrypted global (global_state.he)")
     he_decrypt.add_argument("--initial", type=Path, help="the run's initial_state.safetensors (with --global)")
     he_decrypt.add_argument("--context", type=Path, required=True, help="the federation's secret context")
     he_decrypt.add_argument("--out", type=Path, required=True, help="the plaintext federated state (.safetensors)")

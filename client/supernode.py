@@ -138,7 +138,8 @@ def toml_literal(value: str) -> str:
 
 def node_config(settings: NodeSettings) -> str:
     """The `--node-config` value: data path and bank name, then the node options, as TOML values."""
-    items = [f"data-path={toml_literal(str(settings.data_path.resolve()))}", f"bank-name={toml_literal(settings.bank_name)}"]
+    items = [f"data-path={toml_literal(str(settings.data_path.resolve()))}",
+             f"bank-name={toml_literal(settings.bank_name)}"]
     for key, value in settings.node_options:
         if isinstance(value, str):
             items.append(f"{key}={toml_literal(str(Path(value).expanduser().resolve()))}")

@@ -26,8 +26,9 @@ Differential privacy: with `privacy=` (a privacy.dp_training.DPTask) the round i
 per-sample clipping and noise, the bank's ledger charged before the first step (a round over
 budget raises BudgetExceeded before training) and settled after it; `dp.lr`, `dp.optimizer` and
 `dp.weight_decay` replace their train counterparts, a step is one logical batch, and the FedProx
-hook runs after the noise. Only the parameters this kind of data reaches are stepped (DP-SGD needs a per-sample gradient for each),
-and a round whose stepped tensors did not move raises StateUnchangedError (Opacus issue 820).
+hook runs after the noise. Only the parameters this kind of data reaches are stepped (DP-SGD needs
+a per-sample gradient for each), and a round whose stepped tensors did not move raises
+StateUnchangedError (Opacus issue 820).
 Early stopping on `valid` picks a state by un-noised validation metrics, which lies outside the
 DP guarantee of those validation records (the ClientApp passes no `valid`).
 """
@@ -152,7 +153,7 @@ def train_local(
     check_compatible(model, train)
     device = resolve_device(cfg.device)
     model.to(device)
-    if train.series is not None and not model.normalizer_fitted:
+    if train.series is not None and train.mask is not None and not model.normalizer_fitted:  # a series has its mask
         model.fit_normalizer(train.series, train.mask)
     loader = make_loader(train, tokenizer, model.config.max_length, cfg.batch_size, shuffle=True, seed=cfg.seed)
     budget = max_steps if max_steps is not None else cfg.max_steps

@@ -34,7 +34,7 @@ class TlsFiles:
     server_key: Path
 
     @classmethod
-    def in_folder(cls, folder: Path) -> "TlsFiles":
+    def in_folder(cls, folder: Path) -> TlsFiles:
         return cls(folder / "ca.crt", folder / "server.crt", folder / "server.key")
 
     def missing(self) -> list[Path]:
@@ -60,7 +60,7 @@ def _general_name(host: str) -> x509.GeneralName:
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     # Back-date by an hour so a bank whose clock runs slightly behind still accepts the certificate.
-    start = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(hours=1)
     return start, start + datetime.timedelta(days=days)
 
 

@@ -83,7 +83,10 @@ def federation_spec(cfg: DictConfig, test_data: Path | None) -> FederationSpec:
         test = load_bank(test_data).train
         return FederationSpec(list(test.class_names), test.num_features, str(test_data.resolve()))
     data = cfg.data
-    _, class_names = class_mapping(OmegaConf.to_container(data.label.classes, resolve=True))
+    classes = OmegaConf.to_container(data.label.classes, resolve=True)
+    if not isinstance(classes, dict | list):
+        raise ValueError(f"data.label.classes must be a list or a mapping, got {classes!r}")
+    _, class_names = class_mapping(classes)
     series = data.get("series")
     if not series:
         return FederationSpec(class_names, 0)
@@ -101,7 +104,8 @@ def wait_for_banks(control: FlowerControl, registry: BankRegistry, needed: int, 
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        online = sorted(names.get(int(n["node-id"]), str(n["node-id"])) for n in control.nodes() if n.get("status") == "online")
+        online = sorted(names.get(int(n["node-id"]), str(n["node-id"]))
+                        for n in control.nodes() if n.get("status") == "online")
         if online != last:
             print(f"banks online: {len(online)}/{needed} needed {online}", flush=True)
             last = online

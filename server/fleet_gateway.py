@@ -139,9 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.insecure and not (args.ca and args.cert and args.key):
         parser.error("--ca, --cert and --key are required unless --insecure")
     scheme = "http" if args.insecure else "https"
-    gateway = FleetGateway(f"{scheme}://127.0.0.1:{args.upstream_port}", upstream_verify(None if args.insecure else args.ca))
+    gateway = FleetGateway(f"{scheme}://127.0.0.1:{args.upstream_port}",
+                           upstream_verify(None if args.insecure else args.ca))
     uvicorn.run(
-        gateway, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False, date_header=False,
+        gateway, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False,
+        date_header=False,
         ssl_certfile=None if args.insecure else args.cert, ssl_keyfile=None if args.insecure else args.key,
     )
 

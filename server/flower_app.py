@@ -39,7 +39,10 @@ def write_app(folder: Path, name: str) -> Path:
             "flwr": {
                 "app": {
                     "publisher": "fingpt-federated",
-                    "components": {"serverapp": "fingpt_federated.server.app:app", "clientapp": "fingpt_federated.client.app:app"},
+                    "components": {
+                        "serverapp": "fingpt_federated.server.app:app",
+                        "clientapp": "fingpt_federated.client.app:app",
+                    },
                     "config": {protocol.RUN_CONFIG_PATH: "", protocol.RUN_SPEC_PATH: "", protocol.RUN_DIR: ""},
                 }
             }

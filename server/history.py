@@ -52,7 +52,7 @@ class History:
         values = {name: float(value) for name, value in (metrics or {}).items() if isinstance(value, (int, float))}
         self.rows.append(MetricRow(server_round, phase, bank, status, node_id, values, reason))
 
-    def up_to(self, last_round: int) -> "History":
+    def up_to(self, last_round: int) -> History:
         """The rows of rounds 0..last_round: what a checkpoint of `last_round` vouches for."""
         return History([row for row in self.rows if row.round <= last_round])
 
@@ -71,7 +71,7 @@ class History:
         return json.dumps({"rows": [jsonable(asdict(row)) for row in self.rows]}, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "History":
+    def from_json(cls, text: str) -> History:
         rows = []
         for row in json.loads(text)["rows"]:
             metrics = {name: math.nan if value is None else value for name, value in row.pop("metrics").items()}

@@ -213,7 +213,9 @@ def gateway_command(settings: OperatorSettings) -> list[str]:
     if settings.tls is None:
         return command + ["--insecure"]
     return command + [
-        "--ca", str(settings.tls.ca_cert), "--cert", str(settings.tls.server_cert), "--key", str(settings.tls.server_key),
+        "--ca", str(settings.tls.ca_cert),
+        "--cert", str(settings.tls.server_cert),
+        "--key", str(settings.tls.server_key),
     ]
 
 
@@ -228,7 +230,8 @@ class OperatorServices(AbstractContextManager["OperatorServices"]):
         self.settings = settings
         self.before_gateway = before_gateway
         env = flower_env(settings.flwr_home)
-        self.superlink = ManagedProcess("SuperLink", superlink_command(settings), settings.log_dir / "superlink.log", env)
+        self.superlink = ManagedProcess("SuperLink", superlink_command(settings), settings.log_dir / "superlink.log",
+                                        env)
         self.gateway = ManagedProcess("fleet gateway", gateway_command(settings), settings.log_dir / "gateway.log", env)
 
     def start(self) -> None:
@@ -249,7 +252,7 @@ class OperatorServices(AbstractContextManager["OperatorServices"]):
         self.gateway.stop()
         self.superlink.stop()
 
-    def __enter__(self) -> "OperatorServices":
+    def __enter__(self) -> OperatorServices:
         try:
             self.start()
         except BaseException:

@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fingpt_federated.client.app import planned_steps
 from fingpt_federated.client.training import train_local
+from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation.federation_spec import FederationSpec
@@ -49,7 +50,7 @@ def pooled(datasets: list[BankDataset]) -> BankDataset:
     first = datasets[0]
     has_series = first.series is not None
     return BankDataset(
-        texts=None if first.texts is None else [text for data in datasets for text in data.texts],
+        texts=None if first.texts is None else _pooled_texts(datasets),
         series=np.concatenate([data.series for data in datasets]) if has_series else None,
         mask=np.concatenate([data.mask for data in datasets]) if has_series else None,
         labels=np.concatenate([data.labels for data in datasets]),
@@ -75,12 +76,23 @@ def run_baselines(cfg: DictConfig, spec: FederationSpec, threads: int | None = N
         torch.set_num_threads(previous)
 
 
+def _pooled_texts(datasets: list[BankDataset]) -> list[str]:
+    texts: list[str] = []
+    for data in datasets:
+        if data.texts is None:
+            raise ValueError("cannot pool a data set without text with data sets that have text")
+        texts.extend(data.texts)
+    return texts
+
+
 def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult]:
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = config_dict(cfg.model)
     base = TrainConfig.from_mapping(model_cfg.get("train") or {})
     local = replace(base, epochs=int(cfg.strategy.get("local_epochs", 1)), progress=False)
     steps_cap = cfg.strategy.get("local_steps")
     rounds = int(cfg.federation.rounds)
+    if spec.test_dir is None:
+        raise ValueError("the baselines are scored on the federation's global test set: the spec has no test_dir")
     model, tokenizer = build_model(model_cfg, spec.num_classes, spec.num_features)
     initial = federated_state(model)
     test = load_bank(spec.test_dir).train
@@ -92,7 +104,7 @@ def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult
 
     def train_alone(kind: str, name: str, train: BankDataset, steps: int) -> BaselineResult:
         load_federated_state(model, initial)
-        if train.series is not None:
+        if train.series is not None and train.mask is not None:  # BankDataset: a series has its mask
             model.fit_normalizer(train.series, train.mask)
         epochs = math.ceil(steps / math.ceil(len(train) / base.batch_size))
         result = train_local(model, tokenizer, train, replace(base, epochs=epochs, progress=False), max_steps=steps)

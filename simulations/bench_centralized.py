@@ -24,6 +24,7 @@ from rich.table import Table
 
 from fingpt_federated.client.training import train_local
 from fingpt_federated.conf import compose_config
+from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.loading import load_splits
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.build import build_model
@@ -54,7 +55,7 @@ def run_variant(cfg: Any, splits: Any, variant: str) -> dict[str, Any]:
     if (variant != "text" and train.series is None) or (variant != "series" and train.texts is None):
         raise SystemExit(f"variant {variant!r} needs inputs that data={cfg.data.name} does not map")
     model, tokenizer = build_model(cfg.model, train.num_classes, train.num_features)
-    train_cfg = TrainConfig.from_mapping(OmegaConf.to_container(cfg.model.train, resolve=True))
+    train_cfg = TrainConfig.from_mapping(config_dict(cfg.model.train))
     result = train_local(model, tokenizer, train, train_cfg, valid=valid)
     started = time.perf_counter()
     metrics = evaluate(model, tokenizer, test, train_cfg.eval_batch_size)

@@ -38,12 +38,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from fingpt_federated.conf import compose_config
+from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.batching import make_loader
 from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.federation_layout import materialize_data_config
@@ -68,7 +70,7 @@ def _config(*overrides: str):
 def _texts(work: Path, rows: int) -> BankDataset:
     """TFNS when the shared data is there, else the synthetic news of the default config."""
     for data in ("tfns", "synthetic_news"):
-        cfg = OmegaConf.to_container(_config(f"data={data}").data, resolve=True)
+        cfg = config_dict(_config(f"data={data}").data)
         try:
             dataset = load_dataset(materialize_data_config(cfg, work))
         except (FileNotFoundError, DataError):  # the shared data sets are not on every machine
@@ -82,8 +84,17 @@ def _cycle(loader) -> Iterator:
         yield from loader
 
 
+class StepTime(TypedDict):
+    plain_s_per_step: float
+    dp_s_per_step: float
+    ratio_per_step: float
+    ratio_per_example: float
+    steps_timed: int
+    device: str
+
+
 def step_time(model_name: str, steps: int, warmup: int, batch: int, threads: int,
-              device: str = "cpu") -> dict[str, float]:
+              device: str = "cpu") -> StepTime:
     """Median seconds per step and per example, DP and not, and their ratios."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -91,7 +102,7 @@ def step_time(model_name: str, steps: int, warmup: int, batch: int, threads: int
     clock = _cuda_clock if target.type == "cuda" else time.process_time
     with tempfile.TemporaryDirectory() as work:
         data = _texts(Path(work), rows=4096)
-        model_cfg = OmegaConf.to_container(_config(f"model={model_name}").model, resolve=True)
+        model_cfg = config_dict(_config(f"model={model_name}").model)
         plain, tokenizer = build_model(model_cfg, data.num_classes, 0)
         plain.to(target)
         private_model = copy.deepcopy(plain)

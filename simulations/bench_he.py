@@ -50,7 +50,8 @@ class Alternative:
 def alternatives(banks: int) -> list[Alternative]:
     """The measured grid. Smaller data moduli get the largest scale that still holds 10 x 1e4."""
 
-    def alt(n: int, moduli: Sequence[int], scale: int, encryption: str, note: str, summands: int = banks) -> Alternative:
+    def alt(n: int, moduli: Sequence[int], scale: int, encryption: str, note: str,
+            summands: int = banks) -> Alternative:
         params = HEParams(n, tuple(moduli), scale, encryption, max_summands=summands)
         return Alternative(params, note)
 
@@ -86,7 +87,7 @@ def make_updates(num_params: int, banks: int, seed: int) -> list[dict[str, np.nd
 def run_weighting(he: HEContext, updates: list[dict[str, np.ndarray]], weights: np.ndarray) -> dict[str, float]:
     """Encrypt, aggregate with the public context, decrypt; time each step and measure errors."""
     start = time.process_time()
-    blobs = [encrypt_update(update, float(weight), he) for update, weight in zip(updates, weights)]
+    blobs = [encrypt_update(update, float(weight), he) for update, weight in zip(updates, weights, strict=True)]
     encrypt_s = (time.process_time() - start) / len(blobs)
     operator = he.public()
     start = time.process_time()
@@ -96,7 +97,7 @@ def run_weighting(he: HEContext, updates: list[dict[str, np.ndarray]], weights: 
     start = time.process_time()
     published = flatten(decrypt_mean(aggregate_blob, he, schema, dtype=np.float64))
     decrypt_s = time.process_time() - start
-    plain = sum(weight * flatten(update) for update, weight in zip(updates, weights)) / weights.sum()
+    plain = sum(weight * flatten(update) for update, weight in zip(updates, weights, strict=True)) / weights.sum()
     summed = EncryptedUpdate.from_bytes(aggregate_blob)
     raw = np.concatenate([np.asarray(ts.ckks_vector_from(he.context, chunk).decrypt()) for chunk in summed.chunks])
     return {
@@ -110,7 +111,8 @@ def run_weighting(he: HEContext, updates: list[dict[str, np.ndarray]], weights: 
     }
 
 
-def measure(alternative: Alternative, updates: list[dict[str, np.ndarray]], mixed: np.ndarray) -> dict[str, float | str]:
+def measure(alternative: Alternative, updates: list[dict[str, np.ndarray]],
+            mixed: np.ndarray) -> dict[str, float | str]:
     """One table row; a `failure` instead of numbers when the parameters cannot hold the workload."""
     params = alternative.params
     he = new_context(params)
@@ -125,21 +127,22 @@ def measure(alternative: Alternative, updates: list[dict[str, np.ndarray]], mixe
     except ValueError as error:
         row["failure"] = str(error).split(";")[0]
         return row
-    row["up_bpp"] = mixed_result["up"] / num_params
+    up_bpp = mixed_result["up"] / num_params
+    row["up_bpp"] = up_bpp
     row["down_bpp"] = mixed_result["down"] / num_params
-    row["x_fp32"] = row["up_bpp"] / FP32_BYTES
+    row["x_fp32"] = up_bpp / FP32_BYTES
     for key in ("encrypt_s", "aggregate_s", "decrypt_s"):
         row[key] = mixed_result[key] * per_million
     row["err_mixed"] = mixed_result["raw_error"]
-    row["err_ones"] = ones_result["raw_error"]
-    row["published"] = max(mixed_result["published_error"], ones_result["published_error"])
-    row["margin_bits"] = math.log2(math.ldexp(1.0, -params.round_bits) / max(row["err_ones"], 1e-300))
-    row["headroom"] = params.sum_capacity / HEADROOM_WEIGHTED_VALUE
+    row["err_ones"] = err_ones = ones_result["raw_error"]
+    row["published"] = published = max(mixed_result["published_error"], ones_result["published_error"])
+    row["margin_bits"] = margin_bits = math.log2(math.ldexp(1.0, -params.round_bits) / max(err_ones, 1e-300))
+    row["headroom"] = headroom = params.sum_capacity / HEADROOM_WEIGHTED_VALUE
     meets = (
-        row["published"] <= TARGET_ERROR
-        and row["up_bpp"] <= TARGET_BYTES
-        and row["margin_bits"] >= NOISE_MARGIN_BITS
-        and row["headroom"] >= HEADROOM_BANKS
+        published <= TARGET_ERROR
+        and up_bpp <= TARGET_BYTES
+        and margin_bits >= NOISE_MARGIN_BITS
+        and headroom >= HEADROOM_BANKS
     )
     row["meets"] = "yes" if meets else "no"
     return row
@@ -157,10 +160,11 @@ def format_table(rows: list[dict[str, float | str]], banks: int) -> str:
         if "failure" in row:
             cells += ["-", "-", f"{row['raw_bpp']:.0f}"] + ["-"] * 9 + ["no", f"{row['note']}: {row['failure']}"]
         else:
-            cells += [f"{row['up_bpp']:.2f}", f"{row['down_bpp']:.2f}", f"{row['raw_bpp']:.0f}", f"{row['x_fp32']:.1f}x"]
+            cells += [f"{row['up_bpp']:.2f}", f"{row['down_bpp']:.2f}", f"{row['raw_bpp']:.0f}",
+                      f"{row['x_fp32']:.1f}x"]
             cells += [f"{row['encrypt_s']:.2f}", f"{row['aggregate_s']:.2f}", f"{row['decrypt_s']:.2f}"]
             cells += [f"{row['err_mixed']:.1e}", f"{row['err_ones']:.1e}", f"{row['published']:.1e}"]
-            headroom = f"{row['headroom']:.0f}" if row["headroom"] < 1e6 else ">1e6"
+            headroom = f"{row['headroom']:.0f}" if float(row["headroom"]) < 1e6 else ">1e6"
             cells += [f"{row['margin_bits']:.1f} bits", headroom, str(row["meets"]), str(row["note"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

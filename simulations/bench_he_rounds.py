@@ -45,8 +45,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_he_rounds"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
     args = parser.parse_args()
-    results = {privacy: measure(args.overrides, privacy, args.out / privacy) for privacy in ("none", "he")}
-    results["he_over_plain_round_time"] = results["he"]["round_s"] / results["none"]["round_s"]
+    runs = {privacy: measure(args.overrides, privacy, args.out / privacy) for privacy in ("none", "he")}
+    results: dict[str, dict[str, float] | float] = {
+        **runs, "he_over_plain_round_time": runs["he"]["round_s"] / runs["none"]["round_s"],
+    }
     (args.out / "bench_he_rounds.json").write_text(json.dumps(jsonable(results), indent=2), encoding="utf-8")
     print(json.dumps(jsonable(results), indent=2))
 

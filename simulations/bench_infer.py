@@ -36,12 +36,12 @@ from typing import Any
 import httpx
 import torch
 import uvicorn
-from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from fingpt_federated.client.training import train_local
 from fingpt_federated.conf import compose_config
+from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import BankData, save_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.synthetic import SENTIMENTS, generate_news
@@ -76,8 +76,9 @@ def train_and_publish(model_name: str, steps: int, root: Path) -> tuple[Path, Ba
         return root / "model", news_sets()[1]
     cfg = compose_config([f"model={model_name}", "federation.rounds=1"])
     train, test = news_sets()
-    model, tokenizer = build_model(OmegaConf.to_container(cfg.model, resolve=True), len(SENTIMENTS), 0)
-    train_cfg = TrainConfig.from_mapping({**OmegaConf.to_container(cfg.model.train), "progress": False, "epochs": 5})
+    model, tokenizer = build_model(config_dict(cfg.model), len(SENTIMENTS), 0)
+    train_cfg = TrainConfig.from_mapping({**config_dict(cfg.model.train, resolve=False), "progress": False,
+                                          "epochs": 5})
     started = time.perf_counter()
     train_local(model, tokenizer, train, train_cfg, max_steps=steps)
     print(f"trained {steps} steps in {time.perf_counter() - started:.0f} s")
@@ -103,7 +104,7 @@ def timed(call: Callable[[], Any], seconds: float, requests: int) -> list[float]
     return times
 
 
-def percentile(times: list[float], q: float) -> float:
+def percentile(times: list[float], q: int) -> float:
     return statistics.quantiles(times, n=100, method="inclusive")[q - 1] if len(times) > 1 else times[0]
 
 
@@ -134,8 +135,9 @@ def measure(folder: Path, variant: str, test: BankDataset, args: argparse.Namesp
         done += BATCH
     throughput = done / (time.perf_counter() - started)
     predictions = predictor.predict(test, explain=False)
-    accuracy = sum(p.label == test.class_names[y] for p, y in zip(predictions, test.labels)) / len(test)
+    accuracy = sum(p.label == test.class_names[y] for p, y in zip(predictions, test.labels, strict=True)) / len(test)
     service = PredictionService(predictor, card, AuditLog(audit), cache_size=0)
+    assert test.texts is not None  # news_sets: synthetic news, text only
     http = over_http(service, {"text": test.texts[0]}, args.seconds, args.requests)
     info = card["variants"][variant]
     return {

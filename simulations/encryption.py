@@ -15,10 +15,11 @@ import copy
 from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.numpy import load_file
 
 from fingpt_federated.client.handover import decrypt_final_state, run_dir_files
+from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.privacy.he_context import (
@@ -48,7 +49,7 @@ def operator_paths(cfg: DictConfig, run_dir: Path) -> DictConfig:
 def bank_secrets(cfg: DictConfig, run_dir: Path, spec: FederationSpec) -> FederationSpec:
     """Run the ceremony and create every bank's binding key; the spec with each bank's paths."""
     folder = run_dir / HE_DIR
-    params = HEParams.from_config(OmegaConf.to_container(cfg.privacy.he, resolve=True))
+    params = HEParams.from_config(config_dict(cfg.privacy.he))
     files = key_ceremony(params, folder)
     banks = []
     for bank in spec.banks:
@@ -61,7 +62,7 @@ def publish_and_test(cfg: DictConfig, spec: FederationSpec, run_dir: Path, histo
     """Decrypt the final global as a bank would and record its test metrics in the last round's row."""
     global_file, initial_file = run_dir_files(run_dir)
     out = decrypt_final_state(global_file, initial_file, run_dir / HE_DIR / SECRET_NAME, run_dir / FINAL_STATE)
-    model, tokenizer = build_model(OmegaConf.to_container(cfg.model, resolve=True), spec.num_classes, spec.num_features)
+    model, tokenizer = build_model(config_dict(cfg.model), spec.num_classes, spec.num_features)
     central = CentralEvaluation.for_spec(spec, model, tokenizer, cfg)
     if central is not None:
         metrics = central(numpy_to_arrays(load_file(str(out))))

@@ -108,7 +108,7 @@ def plot_global(history: History, baselines: Sequence[BaselineResult], path: Pat
     rows = round_rows(history)
     x = [r.round for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("accuracy", "loss")):
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
         ax.plot(x, [getattr(r, f"test_{metric}") for r in rows], marker="o", label="global model, test set")
         ax.plot(x, [getattr(r, f"valid_{metric}") for r in rows], marker="s", label="global model, banks' validation")
         for label, value, style in _baseline_lines(baselines, metric):
@@ -125,7 +125,7 @@ def plot_global(history: History, baselines: Sequence[BaselineResult], path: Pat
 
 def plot_banks(history: History, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("accuracy", "loss")):
+    for ax, metric in zip(axes, ("accuracy", "loss"), strict=True):
         series = bank_series(history, metric)
         for bank, (rounds, values) in sorted(series.items()):
             ax.plot(rounds, values, marker=".", label=bank)
