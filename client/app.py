@@ -113,8 +113,15 @@ def train(msg: Message, context: Context) -> Message:
     except BudgetExceeded as refused:
         log(WARNING, "bank %s round %d: declines to train: %s", site.name, task.server_round, refused)
         return _declined(msg, site, task, str(refused))
-    log(INFO, "bank %s round %d: %d/%d local steps, loss %.4f", site.name, task.server_round, result.steps, planned,
-        result.loss)
+    log(
+        INFO,
+        "bank %s round %d: %d/%d local steps, loss %.4f",
+        site.name,
+        task.server_round,
+        result.steps,
+        planned,
+        result.loss,
+    )
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: result.examples,
@@ -127,8 +134,15 @@ def train(msg: Message, context: Context) -> Message:
     )
     if privacy is not None:
         assert result.epsilon is not None and result.noise_multiplier is not None  # train_local's, under privacy
-        log(INFO, "bank %s round %d: epsilon %.4f (delta %g) of its budget %s", site.name, task.server_round,
-            result.epsilon, privacy.settings.delta, privacy.settings.target_epsilon)
+        log(
+            INFO,
+            "bank %s round %d: epsilon %.4f (delta %g) of its budget %s",
+            site.name,
+            task.server_round,
+            result.epsilon,
+            privacy.settings.delta,
+            privacy.settings.target_epsilon,
+        )
         metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
     content = RecordDict(
         {
@@ -261,7 +275,7 @@ def bank_site(context: Context) -> BankSite:
             f"`{protocol.RUN_SPEC_PATH}` for simulated banks: start the SuperNode with "
             f"--node-config '{protocol.NODE_DATA_PATH}=\"/path/to/bank.yaml\"'"
         )
-    banks = _values_spec(context).banks if values else _spec(str(spec_path)).banks
+    banks = _spec(str(spec_path)).banks if spec_path else _values_spec(context).banks
     partition = int(node[protocol.NODE_PARTITION_ID])
     if not 0 <= partition < len(banks):
         raise ValueError(f"partition-id {partition} but the federation spec lists {len(banks)} banks")
@@ -278,14 +292,16 @@ def _prepare(msg: Message, context: Context) -> tuple[RoundTask, BankSite, BankD
     arrays = msg.content.array_records[protocol.ARRAYS]
     received = protocol.record_hash(arrays)
     if received != task.state_hash:
-        raise ValueError(f"bank {site.name}: global state hash {received[:12]} differs from the announced "
-                         f"{task.state_hash[:12]}")
+        raise ValueError(
+            f"bank {site.name}: global state hash {received[:12]} differs from the announced {task.state_hash[:12]}"
+        )
     bank = _bank(site.path)
     if not site.name:
         site = replace(site, name=bank.name)
     if list(bank.train.class_names) != task.class_names:
-        raise ValueError(f"bank {site.name} has classes {bank.train.class_names}, "
-                         f"the federation trains {task.class_names}")
+        raise ValueError(
+            f"bank {site.name} has classes {bank.train.class_names}, the federation trains {task.class_names}"
+        )
     worker = _model_for(task)
     load_federated_state(worker.model, _global_state(task, site, context, worker, arrays))
     if bank.train.series is not None and bank.train.mask is not None:  # BankDataset: a series has its mask

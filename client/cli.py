@@ -115,15 +115,20 @@ def validate_data(path: Path) -> str:
 
     bank = load_bank(path)
     valid = 0 if bank.valid is None else len(bank.valid)
-    print(f"data ok: bank {bank.name!r}, {len(bank.train)} training and {valid} validation rows, "
-          f"classes {bank.train.class_names}")
+    print(
+        f"data ok: bank {bank.name!r}, {len(bank.train)} training and {valid} validation rows, "
+        f"classes {bank.train.class_names}"
+    )
     return bank.name
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     if args.insecure:
-        print("WARNING: --insecure: the connection is NOT encrypted and this node is NOT authenticated. "
-              "Use only on a development machine.", file=sys.stderr)
+        print(
+            "WARNING: --insecure: the connection is NOT encrypted and this node is NOT authenticated. "
+            "Use only on a development machine.",
+            file=sys.stderr,
+        )
     elif args.ca is None or args.key is None:
         return fail("--ca and --key are required (or --insecure for local development)", EXIT_INVALID)
     try:
@@ -165,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     keygen = commands.add_parser("keygen", help="create this bank's SuperNode key pair")
-    keygen.add_argument("--key", type=Path, default=Path("bank.key"),
-                        help="private key path (KEY.pub is written beside it)")
+    keygen.add_argument(
+        "--key", type=Path, default=Path("bank.key"), help="private key path (KEY.pub is written beside it)"
+    )
     keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
     keygen.set_defaults(handler=cmd_keygen)
 
@@ -175,36 +181,50 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--ca", type=Path, help="the consortium CA certificate (ca.crt)")
     start.add_argument("--key", type=Path, help="this bank's private key (from keygen)")
     start.add_argument("--data", type=Path, required=True, help="bank data config (.yaml) or a prepared bank folder")
-    start.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT,
-                       help="loopback port for this node's ClientApp processes (unique per node on one machine)")
-    start.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
-                       help="connection retries before giving up")
-    start.add_argument("--max-wait", type=float, default=DEFAULT_MAX_WAIT_S,
-                       help="seconds of retrying before giving up")
+    start.add_argument(
+        "--runtime-port",
+        type=int,
+        default=DEFAULT_RUNTIME_PORT,
+        help="loopback port for this node's ClientApp processes (unique per node on one machine)",
+    )
+    start.add_argument(
+        "--max-retries", type=int, default=DEFAULT_MAX_RETRIES, help="connection retries before giving up"
+    )
+    start.add_argument(
+        "--max-wait", type=float, default=DEFAULT_MAX_WAIT_S, help="seconds of retrying before giving up"
+    )
     start.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (development only)")
-    start.add_argument("--state-dir", type=Path,
-                       help="where the bank keeps its privacy ledger (default: state/ beside its data)")
+    start.add_argument(
+        "--state-dir", type=Path, help="where the bank keeps its privacy ledger (default: state/ beside its data)"
+    )
     start.add_argument("--dp-target-epsilon", type=float, help="this bank's own DP budget for the run")
     start.add_argument("--dp-delta", type=float, help="this bank's own DP delta")
-    start.add_argument("--dp-report-validation", action=argparse.BooleanOptionalAction, default=None,
-                       help="under DP, whether this bank reports the global model's (un-noised) metrics on its "
-                            "validation split (default: the federation's privacy.dp.report_validation, off)")
+    start.add_argument(
+        "--dp-report-validation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="under DP, whether this bank reports the global model's (un-noised) metrics on its "
+        "validation split (default: the federation's privacy.dp.report_validation, off)",
+    )
     start.add_argument("--he-context", type=Path, help="the federation's SECRET CKKS context (encrypted runs)")
     start.add_argument("--binding-key", type=Path, help="this bank's update-binding key, KEY.binding (encrypted runs)")
     start.set_defaults(handler=cmd_start)
 
     he_keygen = commands.add_parser("he-keygen", help="create the federation's CKKS contexts (one bank, once)")
-    he_keygen.add_argument("--out", type=Path, required=True,
-                           help="folder for he_secret.ctx, he_public.ctx, fingerprint")
-    he_keygen.add_argument("--config", type=Path,
-                           help="a privacy config with an `he:` block (default conf/privacy/he.yaml)")
+    he_keygen.add_argument(
+        "--out", type=Path, required=True, help="folder for he_secret.ctx, he_public.ctx, fingerprint"
+    )
+    he_keygen.add_argument(
+        "--config", type=Path, help="a privacy config with an `he:` block (default conf/privacy/he.yaml)"
+    )
     he_keygen.add_argument("--force", action="store_true", help="replace an existing secret context")
     he_keygen.set_defaults(handler=cmd_he_keygen)
 
     he_decrypt = commands.add_parser("he-decrypt", help="decrypt the final encrypted global for publishing")
     he_decrypt.add_argument("--run-dir", type=Path, help="the run folder (global_state.he, initial_state.safetensors)")
-    he_decrypt.add_argument("--global", dest="global_file", type=Path,
-                            help="the final encrypted global (global_state.he)")
+    he_decrypt.add_argument(
+        "--global", dest="global_file", type=Path, help="the final encrypted global (global_state.he)"
+    )
     he_decrypt.add_argument("--initial", type=Path, help="the run's initial_state.safetensors (with --global)")
     he_decrypt.add_argument("--context", type=Path, required=True, help="the federation's secret context")
     he_decrypt.add_argument("--out", type=Path, required=True, help="the plaintext federated state (.safetensors)")

@@ -43,4 +43,3 @@ def run_dir_files(run_dir: Path) -> tuple[Path, Path]:
     if missing:
         raise FileNotFoundError(f"{missing} not found: is {run_dir} the folder of an encrypted run?")
     return files
-

@@ -39,8 +39,7 @@ def add_proximal_correction(
     if missing:
         raise KeyError(f"the global state lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
     anchors = [
-        (p, as_tensor(global_state[name]).to(device=p.device, dtype=p.dtype, copy=True))
-        for name, p in params.items()
+        (p, as_tensor(global_state[name]).to(device=p.device, dtype=p.dtype, copy=True)) for name, p in params.items()
     ]
 
     def correct(_optimizer: Optimizer, _args: tuple, _kwargs: dict) -> None:

@@ -99,8 +99,8 @@ def probe_server(settings: NodeSettings, sleep: Callable[[float], None] = time.s
     host, port = split_address(settings.server)
     url_host = f"[{host}]" if ":" in host else host
     scheme = "http" if settings.insecure else "https"
-    verify: ssl.SSLContext | bool = False if settings.ca_cert is None else ssl.create_default_context(
-        cafile=str(settings.ca_cert)
+    verify: ssl.SSLContext | bool = (
+        False if settings.ca_cert is None else ssl.create_default_context(cafile=str(settings.ca_cert))
     )
     deadline = time.monotonic() + settings.max_wait_s
     delay, attempt, reason = 0.5, 0, ""
@@ -138,8 +138,10 @@ def toml_literal(value: str) -> str:
 
 def node_config(settings: NodeSettings) -> str:
     """The `--node-config` value: data path and bank name, then the node options, as TOML values."""
-    items = [f"data-path={toml_literal(str(settings.data_path.resolve()))}",
-             f"bank-name={toml_literal(settings.bank_name)}"]
+    items = [
+        f"data-path={toml_literal(str(settings.data_path.resolve()))}",
+        f"bank-name={toml_literal(settings.bank_name)}",
+    ]
     for key, value in settings.node_options:
         if isinstance(value, str):
             items.append(f"{key}={toml_literal(str(Path(value).expanduser().resolve()))}")
@@ -153,18 +155,25 @@ def node_config(settings: NodeSettings) -> str:
 def supernode_command(settings: NodeSettings) -> list[str]:
     command = [
         str(Path(sys.executable).parent / "flower-supernode"),
-        "--superlink", settings.server,
-        "--node-config", node_config(settings),
-        "--port", str(settings.runtime_port),
-        "--max-retries", str(settings.max_retries),
-        "--max-wait-time", str(settings.max_wait_s),
+        "--superlink",
+        settings.server,
+        "--node-config",
+        node_config(settings),
+        "--port",
+        str(settings.runtime_port),
+        "--max-retries",
+        str(settings.max_retries),
+        "--max-wait-time",
+        str(settings.max_wait_s),
     ]
     if settings.insecure:
         return command + ["--insecure"]
     assert settings.ca_cert is not None and settings.private_key is not None
     return command + [
-        "--root-certificates", str(settings.ca_cert),
-        "--auth-supernode-private-key", str(settings.private_key),
+        "--root-certificates",
+        str(settings.ca_cert),
+        "--auth-supernode-private-key",
+        str(settings.private_key),
     ]
 
 
@@ -199,8 +208,12 @@ def run_supernode(settings: NodeSettings) -> None:
     pipe and only exits once the SuperNode has been reaped, so waiting for EOF first would never end.
     """
     proc = subprocess.Popen(
-        supernode_command(settings), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env=node_env(), start_new_session=True,
+        supernode_command(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=node_env(),
+        start_new_session=True,
     )
 
     def forward(signum: int, _frame: FrameType | None) -> None:

@@ -94,9 +94,13 @@ def private_config(cfg: TrainConfig, dp: DPSettings, server_round: int | None = 
     """The train config under DP: batches are the logical batches; `dp.lr` (in `server_round`, see
     `DPSettings.lr_in_round`), `dp.optimizer` and `dp.weight_decay` when set."""
     lr = dp.lr_in_round(server_round)
-    return replace(cfg, batch_size=dp.logical_batch_size, lr=lr if lr is not None else cfg.lr,
-                   optimizer=dp.optimizer or cfg.optimizer,
-                   weight_decay=dp.weight_decay if dp.weight_decay is not None else cfg.weight_decay)
+    return replace(
+        cfg,
+        batch_size=dp.logical_batch_size,
+        lr=lr if lr is not None else cfg.lr,
+        optimizer=dp.optimizer or cfg.optimizer,
+        weight_decay=dp.weight_decay if dp.weight_decay is not None else cfg.weight_decay,
+    )
 
 
 def reached_parameters(model: HybridFinGPT, data: BankDataset) -> list[str]:
@@ -165,8 +169,15 @@ def train_local(
     private = None
     if privacy is not None:
         private = make_private(
-            model, optimizer, loader, privacy.settings, privacy.ledger, steps=total,
-            round_label=privacy.round_label, planned_rounds=privacy.planned_rounds, seed=privacy.seed,
+            model,
+            optimizer,
+            loader,
+            privacy.settings,
+            privacy.ledger,
+            steps=total,
+            round_label=privacy.round_label,
+            planned_rounds=privacy.planned_rounds,
+            seed=privacy.seed,
         )
     proximal = None
     if proximal_mu > 0:
@@ -179,9 +190,10 @@ def train_local(
     losses: list[float] = []
     started = time.perf_counter()
     try:
-        with torch.random.fork_rng(devices=_cuda_indices(device)), tqdm(
-            total=total, desc="train", disable=not cfg.progress, leave=False
-        ) as bar:
+        with (
+            torch.random.fork_rng(devices=_cuda_indices(device)),
+            tqdm(total=total, desc="train", disable=not cfg.progress, leave=False) as bar,
+        ):
             torch.manual_seed(cfg.seed)
             epoch = 0
             while len(losses) < total and not stopper.stopped:
@@ -235,8 +247,9 @@ def label_prior_offsets(
     if privacy is None:
         counts = np.bincount(np.asarray(data.labels, dtype=np.int64), minlength=num_classes)
     else:
-        counts = private_label_counts(data.labels, num_classes, privacy.ledger,
-                                      privacy.settings.label_prior_noise, seed=privacy.seed)
+        counts = private_label_counts(
+            data.labels, num_classes, privacy.ledger, privacy.settings.label_prior_noise, seed=privacy.seed
+        )
     smoothed = counts + 1.0
     return torch.as_tensor(tau * np.log(smoothed / smoothed.sum()), dtype=torch.float32, device=device)
 

@@ -32,8 +32,13 @@ class Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return Batch(move(self.input_ids), move(self.attention_mask), move(self.series), move(self.series_mask),
-                     self.labels.to(device, non_blocking=True))
+        return Batch(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.series),
+            move(self.series_mask),
+            self.labels.to(device, non_blocking=True),
+        )
 
     def inputs(self) -> dict[str, torch.Tensor | None]:
         """Keyword arguments of HybridFinGPT.forward."""

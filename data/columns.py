@@ -22,8 +22,7 @@ def require_columns(table: pd.DataFrame, columns: list[str], role: str) -> None:
     present = [c for c in table.columns if not c.startswith("_")]
     for column in columns:
         if column not in table.columns:
-            raise DataError(table["_source"].iat[0], f"missing {role} column; the file has {present}",
-                            column=column)
+            raise DataError(table["_source"].iat[0], f"missing {role} column; the file has {present}", column=column)
 
 
 def canonical(value: Any) -> str:
@@ -48,8 +47,9 @@ def class_mapping(classes: Mapping[Any, str] | list[str]) -> tuple[dict[str, int
     return lookup, list(dict.fromkeys(names))
 
 
-def labels_from(table: pd.DataFrame, column: str,
-                classes: Mapping[Any, str] | list[str]) -> tuple[np.ndarray, list[str]]:
+def labels_from(
+    table: pd.DataFrame, column: str, classes: Mapping[Any, str] | list[str]
+) -> tuple[np.ndarray, list[str]]:
     """Class indices of a label column; an unmapped or missing label is an error at its row."""
     require_columns(table, [column], "label")
     lookup, names = class_mapping(classes)
@@ -93,11 +93,13 @@ def texts_from(table: pd.DataFrame, text_cfg: Mapping[str, Any], extra: pd.DataF
     return None
 
 
-def _fill_template(table: pd.DataFrame, template: str, value_maps: Mapping[str, Mapping[Any, str]],
-                   extra: pd.DataFrame | None) -> list[str]:
+def _fill_template(
+    table: pd.DataFrame, template: str, value_maps: Mapping[str, Mapping[Any, str]], extra: pd.DataFrame | None
+) -> list[str]:
     fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
-    context = table if extra is None else pd.concat([table.reset_index(drop=True), extra.reset_index(drop=True)],
-                                                    axis=1)
+    context = (
+        table if extra is None else pd.concat([table.reset_index(drop=True), extra.reset_index(drop=True)], axis=1)
+    )
     require_columns(context, fields, "text.template")
     columns = {name: _template_values(context, name, value_maps.get(name)) for name in dict.fromkeys(fields)}
     return [template.format(**{name: values[i] for name, values in columns.items()}) for i in range(len(context))]

@@ -42,8 +42,13 @@ def materialize_data_config(data_cfg: Mapping[str, Any] | DictConfig, out_dir: s
     spec = cfg["synthetic"]
     if not spec:
         return cfg
-    paths = write_federation(spec["task"], Path(out_dir) / "synthetic_data", int(spec["num_banks"]),
-                             int(spec["rows_per_bank"]), int(spec["seed"]))
+    paths = write_federation(
+        spec["task"],
+        Path(out_dir) / "synthetic_data",
+        int(spec["num_banks"]),
+        int(spec["rows_per_bank"]),
+        int(spec["seed"]),
+    )
     cfg["files"]["train"] = str(paths["train"])
     if "series" in paths:
         cfg["series"]["path"] = str(paths["series"])
@@ -59,8 +64,16 @@ def partition(pool: BankDataset, fed: FederationConfig, seed: int) -> tuple[list
         keys = pool.keys[fed.key]
         if fed.bins:
             keys = keys.astype(float)
-    parts = partition_indices(pool.labels, fed.num_banks, fed.partitioner, alpha=fed.alpha, keys=keys,
-                              bins=fed.bins, min_size=fed.min_size, seed=seed)
+    parts = partition_indices(
+        pool.labels,
+        fed.num_banks,
+        fed.partitioner,
+        alpha=fed.alpha,
+        keys=keys,
+        bins=fed.bins,
+        min_size=fed.min_size,
+        seed=seed,
+    )
     names = bank_names(fed.partitioner, len(parts), keys, fed.bins, key_name=str(fed.key))
     return parts, names
 
@@ -83,5 +96,6 @@ def prepare_federation(cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path)
         train_counts.append(train.label_counts())
         valid_counts.append(valid.label_counts())
     test_dir = save_bank(BankData(name="global_test", train=test, valid=None), out_dir / "test")
-    return FederationLayout(bank_dirs, names, test_dir, pool.class_names, pool.num_features,
-                            np.array(train_counts), np.array(valid_counts))
+    return FederationLayout(
+        bank_dirs, names, test_dir, pool.class_names, pool.num_features, np.array(train_counts), np.array(valid_counts)
+    )

@@ -97,6 +97,7 @@ def table_to_dataset(table: pd.DataFrame, data_cfg: Mapping[str, Any]) -> BankDa
     if layout not in (None, *LAYOUTS):
         raise ValueError(f"data.series.layout must be one of {LAYOUTS} or null, got {layout!r}")
     extra = None
+    series: Series | None
     if layout == "windows":
         series, labels, table = window_series(table, series_cfg, cfg["label"])
         class_names = list((cfg["label"].get("classes") or {0: "down", 1: "up"}).values())
@@ -117,8 +118,9 @@ def table_to_dataset(table: pd.DataFrame, data_cfg: Mapping[str, Any]) -> BankDa
     )
 
 
-def _row_series(table: pd.DataFrame, series_cfg: Mapping[str, Any], layout: str | None,
-                cfg: Mapping[str, Any]) -> tuple[Series | None, pd.DataFrame | None]:
+def _row_series(
+    table: pd.DataFrame, series_cfg: Mapping[str, Any], layout: str | None, cfg: Mapping[str, Any]
+) -> tuple[Series | None, pd.DataFrame | None]:
     if layout == "wide":
         return wide_series(table, series_cfg["features"]), None
     if layout == "long":

@@ -111,9 +111,7 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
 
 def _check_method(method: str) -> None:
     if method not in METHODS:
-        raise ValueError(
-            f"unknown partition method {method!r}; valid methods: {', '.join(METHODS)}"
-        )
+        raise ValueError(f"unknown partition method {method!r}; valid methods: {', '.join(METHODS)}")
 
 
 def _check_num_banks(num_banks: int | None, num_rows: int, min_size: int) -> int:
@@ -123,9 +121,7 @@ def _check_num_banks(num_banks: int | None, num_rows: int, min_size: int) -> int
     if num_banks > num_rows:
         raise ValueError(f"more banks ({num_banks}) than rows ({num_rows})")
     if num_banks * min_size > num_rows:
-        raise ValueError(
-            f"{num_rows} rows cannot give each of {num_banks} banks min_size={min_size} rows"
-        )
+        raise ValueError(f"{num_rows} rows cannot give each of {num_banks} banks min_size={min_size} rows")
     return num_banks
 
 
@@ -147,9 +143,7 @@ def _iid(num_rows: int, num_banks: int, seed: int) -> list[np.ndarray]:
     return _load_all(IidPartitioner(num_partitions=num_banks), shuffled)
 
 
-def _quantity(
-    num_rows: int, num_banks: int, alpha: float, min_size: int, seed: int
-) -> list[np.ndarray]:
+def _quantity(num_rows: int, num_banks: int, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     shares = rng.dirichlet(np.full(num_banks, float(alpha)))
     sizes = min_size + rng.multinomial(num_rows - num_banks * min_size, shares)
@@ -157,9 +151,7 @@ def _quantity(
     return _load_all(SizePartitioner([int(size) for size in sizes]), shuffled)
 
 
-def _dirichlet(
-    labels: np.ndarray, num_banks: int, alpha: float, min_size: int, seed: int
-) -> list[np.ndarray]:
+def _dirichlet(labels: np.ndarray, num_banks: int, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
     partitioner = DirichletPartitioner(
         num_partitions=num_banks,
         partition_by=_COLUMN,
@@ -212,8 +204,7 @@ def _band_of(keys: np.ndarray, bins: np.ndarray) -> np.ndarray:
     outside = (bands < 0) | (bands >= bins.size - 1)
     if outside.any():
         raise ValueError(
-            f"{int(outside.sum())} key values lie outside [{bins[0]:g}, {bins[-1]:g}), "
-            f"e.g. {keys[outside][0]}"
+            f"{int(outside.sum())} key values lie outside [{bins[0]:g}, {bins[-1]:g}), e.g. {keys[outside][0]}"
         )
     return bands
 

@@ -39,8 +39,9 @@ def wide_series(table: pd.DataFrame, features: Mapping[str, list[str]]) -> Serie
     return Series(values, np.ones(values.shape[:2], dtype=bool), list(features))
 
 
-def long_series(table: pd.DataFrame, cfg: Mapping[str, Any], fmt: str | None,
-                encoding: str) -> tuple[Series, pd.DataFrame]:
+def long_series(
+    table: pd.DataFrame, cfg: Mapping[str, Any], fmt: str | None, encoding: str
+) -> tuple[Series, pd.DataFrame]:
     """Events of each record's key, oldest first, the last `max_steps` kept; plus per-record statistics.
 
     A record with no event (an inactive account) gets an empty sequence (mask all False) and zero
@@ -113,8 +114,9 @@ def _event_statistics(events: pd.DataFrame, keys: pd.Series, cfg: Mapping[str, A
     return stats.astype({c: int for c in counts})
 
 
-def window_series(table: pd.DataFrame, cfg: Mapping[str, Any],
-                  label_cfg: Mapping[str, Any]) -> tuple[Series, np.ndarray, pd.DataFrame]:
+def window_series(
+    table: pd.DataFrame, cfg: Mapping[str, Any], label_cfg: Mapping[str, Any]
+) -> tuple[Series, np.ndarray, pd.DataFrame]:
     """Fixed-length windows over each group's history and the up/down label `horizon` steps ahead.
 
     With `scale: first_step` each feature is expressed relative to its value at the window's first
@@ -132,7 +134,7 @@ def window_series(table: pd.DataFrame, cfg: Mapping[str, Any],
     for _, rows in ordered.groupby(group, sort=True):
         pos = rows["_pos"].to_numpy()
         for end in range(length - 1, len(pos) - horizon, stride):
-            span = pos[end - length + 1: end + 1]
+            span = pos[end - length + 1 : end + 1]
             windows.append(_scaled(numbers[span], cfg.get("scale")))
             labels.append(int(target[pos[end + horizon]] > target[pos[end]]))
             ends.append(pos[end])

@@ -22,9 +22,7 @@ def split_train_valid(
         raise ValueError("cannot split an empty bank: it needs at least one train row")
     num_valid = min(int(np.floor(valid_fraction * indices.size + 0.5)), indices.size - 1)
     rng = np.random.default_rng(seed)
-    _, class_of_row, class_sizes = np.unique(
-        np.asarray(labels)[indices], return_inverse=True, return_counts=True
-    )
+    _, class_of_row, class_sizes = np.unique(np.asarray(labels)[indices], return_inverse=True, return_counts=True)
     if class_sizes.min() >= 2:
         valid_positions = _stratified_positions(class_of_row, class_sizes, num_valid, rng)
     else:
@@ -48,10 +46,7 @@ def _stratified_positions(
         if take[cls] < class_sizes[cls] - 1:
             take[cls] += 1
             missing -= 1
-    picked = [
-        rng.permutation(np.flatnonzero(class_of_row == cls))[:count]
-        for cls, count in enumerate(take)
-    ]
+    picked = [rng.permutation(np.flatnonzero(class_of_row == cls))[:count] for cls, count in enumerate(take)]
     return np.concatenate(picked)
 
 

@@ -40,5 +40,5 @@ def load_records(folder: str | Path) -> BankDataset:
             labels=arrays["labels"],
             class_names=meta["class_names"],
             feature_names=meta["feature_names"],
-            keys={name[len("key__"):]: arrays[name] for name in arrays.files if name.startswith("key__")},
+            keys={name[len("key__") :]: arrays[name] for name in arrays.files if name.startswith("key__")},
         )

@@ -68,64 +68,160 @@ class BankProfile:
 
 PROFILES: tuple[BankProfile, ...] = (
     BankProfile(
-        name="retail", size=1.6, sentiment=(0.30, 0.30, 0.40),
-        topics={"earnings": 0.15, "credit": 0.15, "capital": 0.05, "trading": 0.05,
-                "consumer": 0.35, "deals": 0.05, "rates": 0.15, "bonds": 0.05},
+        name="retail",
+        size=1.6,
+        sentiment=(0.30, 0.30, 0.40),
+        topics={
+            "earnings": 0.15,
+            "credit": 0.15,
+            "capital": 0.05,
+            "trading": 0.05,
+            "consumer": 0.35,
+            "deals": 0.05,
+            "rates": 0.15,
+            "bonds": 0.05,
+        },
         tickers=("BAC", "WFC", "C", "COF", "AXP", "AAPL", "AMZN"),
-        mean_age=38, education=(0.20, 0.40, 0.30, 0.10), median_limit=50_000,
-        default_rate=0.22, business_share=0.10, laundering_rate=0.05,
-        typologies=(0.50, 0.20, 0.10, 0.20), remittance_rate=0.06,
-        wealth=1.0, activity=1.3,
+        mean_age=38,
+        education=(0.20, 0.40, 0.30, 0.10),
+        median_limit=50_000,
+        default_rate=0.22,
+        business_share=0.10,
+        laundering_rate=0.05,
+        typologies=(0.50, 0.20, 0.10, 0.20),
+        remittance_rate=0.06,
+        wealth=1.0,
+        activity=1.3,
     ),
     BankProfile(
-        name="corporate", size=1.2, sentiment=(0.25, 0.45, 0.30),
-        topics={"earnings": 0.25, "credit": 0.15, "capital": 0.10, "trading": 0.05,
-                "consumer": 0.0, "deals": 0.30, "rates": 0.05, "bonds": 0.10},
+        name="corporate",
+        size=1.2,
+        sentiment=(0.25, 0.45, 0.30),
+        topics={
+            "earnings": 0.25,
+            "credit": 0.15,
+            "capital": 0.10,
+            "trading": 0.05,
+            "consumer": 0.0,
+            "deals": 0.30,
+            "rates": 0.05,
+            "bonds": 0.10,
+        },
         tickers=("JPM", "CAT", "GE", "BA", "XOM", "MSFT"),
-        mean_age=45, education=(0.40, 0.40, 0.15, 0.05), median_limit=200_000,
-        default_rate=0.10, business_share=0.60, laundering_rate=0.08,
-        typologies=(0.10, 0.40, 0.35, 0.15), remittance_rate=0.10,
-        wealth=1.2, activity=0.9,
+        mean_age=45,
+        education=(0.40, 0.40, 0.15, 0.05),
+        median_limit=200_000,
+        default_rate=0.10,
+        business_share=0.60,
+        laundering_rate=0.08,
+        typologies=(0.10, 0.40, 0.35, 0.15),
+        remittance_rate=0.10,
+        wealth=1.2,
+        activity=0.9,
     ),
     BankProfile(
-        name="regional", size=0.8, sentiment=(0.40, 0.25, 0.35),
-        topics={"earnings": 0.10, "credit": 0.30, "capital": 0.25, "trading": 0.0,
-                "consumer": 0.15, "deals": 0.05, "rates": 0.10, "bonds": 0.05},
+        name="regional",
+        size=0.8,
+        sentiment=(0.40, 0.25, 0.35),
+        topics={
+            "earnings": 0.10,
+            "credit": 0.30,
+            "capital": 0.25,
+            "trading": 0.0,
+            "consumer": 0.15,
+            "deals": 0.05,
+            "rates": 0.10,
+            "bonds": 0.05,
+        },
         tickers=("USB", "PNC", "TFC", "KEY", "RF"),
-        mean_age=47, education=(0.10, 0.30, 0.45, 0.15), median_limit=40_000,
-        default_rate=0.18, business_share=0.25, laundering_rate=0.04,
-        typologies=(0.40, 0.30, 0.10, 0.20), remittance_rate=0.03,
-        wealth=0.9, activity=1.0,
+        mean_age=47,
+        education=(0.10, 0.30, 0.45, 0.15),
+        median_limit=40_000,
+        default_rate=0.18,
+        business_share=0.25,
+        laundering_rate=0.04,
+        typologies=(0.40, 0.30, 0.10, 0.20),
+        remittance_rate=0.03,
+        wealth=0.9,
+        activity=1.0,
     ),
     BankProfile(
-        name="investment", size=1.0, sentiment=(0.50, 0.25, 0.25),
-        topics={"earnings": 0.20, "credit": 0.10, "capital": 0.10, "trading": 0.35,
-                "consumer": 0.0, "deals": 0.10, "rates": 0.05, "bonds": 0.10},
+        name="investment",
+        size=1.0,
+        sentiment=(0.50, 0.25, 0.25),
+        topics={
+            "earnings": 0.20,
+            "credit": 0.10,
+            "capital": 0.10,
+            "trading": 0.35,
+            "consumer": 0.0,
+            "deals": 0.10,
+            "rates": 0.05,
+            "bonds": 0.10,
+        },
         tickers=("GS", "MS", "JPM", "NVDA"),
-        mean_age=40, education=(0.50, 0.35, 0.10, 0.05), median_limit=150_000,
-        default_rate=0.12, business_share=0.40, laundering_rate=0.09,
-        typologies=(0.05, 0.20, 0.30, 0.45), remittance_rate=0.15,
-        wealth=1.5, activity=0.7,
+        mean_age=40,
+        education=(0.50, 0.35, 0.10, 0.05),
+        median_limit=150_000,
+        default_rate=0.12,
+        business_share=0.40,
+        laundering_rate=0.09,
+        typologies=(0.05, 0.20, 0.30, 0.45),
+        remittance_rate=0.15,
+        wealth=1.5,
+        activity=0.7,
     ),
     BankProfile(
-        name="wealth", size=0.5, sentiment=(0.20, 0.55, 0.25),
-        topics={"earnings": 0.25, "credit": 0.05, "capital": 0.05, "trading": 0.30,
-                "consumer": 0.0, "deals": 0.05, "rates": 0.10, "bonds": 0.20},
+        name="wealth",
+        size=0.5,
+        sentiment=(0.20, 0.55, 0.25),
+        topics={
+            "earnings": 0.25,
+            "credit": 0.05,
+            "capital": 0.05,
+            "trading": 0.30,
+            "consumer": 0.0,
+            "deals": 0.05,
+            "rates": 0.10,
+            "bonds": 0.20,
+        },
         tickers=("SCHW", "BLK", "NTRS", "STT", "AAPL", "MSFT", "NVDA"),
-        mean_age=56, education=(0.55, 0.35, 0.07, 0.03), median_limit=400_000,
-        default_rate=0.05, business_share=0.15, laundering_rate=0.12,
-        typologies=(0.05, 0.10, 0.25, 0.60), remittance_rate=0.25,
-        wealth=4.0, activity=0.6,
+        mean_age=56,
+        education=(0.55, 0.35, 0.07, 0.03),
+        median_limit=400_000,
+        default_rate=0.05,
+        business_share=0.15,
+        laundering_rate=0.12,
+        typologies=(0.05, 0.10, 0.25, 0.60),
+        remittance_rate=0.25,
+        wealth=4.0,
+        activity=0.6,
     ),
     BankProfile(
-        name="credit_union", size=0.9, sentiment=(0.30, 0.20, 0.50),
-        topics={"earnings": 0.05, "credit": 0.25, "capital": 0.05, "trading": 0.0,
-                "consumer": 0.40, "deals": 0.0, "rates": 0.20, "bonds": 0.05},
+        name="credit_union",
+        size=0.9,
+        sentiment=(0.30, 0.20, 0.50),
+        topics={
+            "earnings": 0.05,
+            "credit": 0.25,
+            "capital": 0.05,
+            "trading": 0.0,
+            "consumer": 0.40,
+            "deals": 0.0,
+            "rates": 0.20,
+            "bonds": 0.05,
+        },
         tickers=("ALLY", "SYF", "COF", "WFC"),
-        mean_age=34, education=(0.05, 0.25, 0.50, 0.20), median_limit=20_000,
-        default_rate=0.32, business_share=0.05, laundering_rate=0.03,
-        typologies=(0.60, 0.25, 0.05, 0.10), remittance_rate=0.04,
-        wealth=0.8, activity=1.1,
+        mean_age=34,
+        education=(0.05, 0.25, 0.50, 0.20),
+        median_limit=20_000,
+        default_rate=0.32,
+        business_share=0.05,
+        laundering_rate=0.03,
+        typologies=(0.60, 0.25, 0.05, 0.10),
+        remittance_rate=0.04,
+        wealth=0.8,
+        activity=1.1,
     ),
 )
 
@@ -167,6 +263,7 @@ def _pick(options: Sequence[_T], u: float) -> _T:
 
 # --------------------------------------------------------------------------- news
 
+
 @dataclass(frozen=True)
 class _Event:
     """Something that can go well or badly: (infinitive, past tense) for each direction."""
@@ -189,166 +286,257 @@ def _same(phrase: str) -> tuple[str, str]:
 _TOPICS: dict[str, _Topic] = {
     "earnings": _Topic(
         (
-            _Event(_same("beat EPS estimates by {cents} cents"),
-                   ("miss EPS estimates by {cents} cents",
-                    "missed EPS estimates by {cents} cents")),
-            _Event(("raise full-year guidance", "raised full-year guidance"),
-                   _same("cut full-year guidance")),
-            _Event(("grow net interest income {pct}%", "grew net interest income {pct}%"),
-                   ("report a {pct}% drop in net interest income",
-                    "reported a {pct}% drop in net interest income")),
-            _Event(("deliver record fee revenue", "delivered record fee revenue"),
-                   ("post a surprise quarterly loss", "posted a surprise quarterly loss")),
-            _Event(("lift its dividend by {pct}%", "lifted its dividend by {pct}%"),
-                   ("suspend its dividend", "suspended its dividend")),
+            _Event(
+                _same("beat EPS estimates by {cents} cents"),
+                ("miss EPS estimates by {cents} cents", "missed EPS estimates by {cents} cents"),
+            ),
+            _Event(("raise full-year guidance", "raised full-year guidance"), _same("cut full-year guidance")),
+            _Event(
+                ("grow net interest income {pct}%", "grew net interest income {pct}%"),
+                ("report a {pct}% drop in net interest income", "reported a {pct}% drop in net interest income"),
+            ),
+            _Event(
+                ("deliver record fee revenue", "delivered record fee revenue"),
+                ("post a surprise quarterly loss", "posted a surprise quarterly loss"),
+            ),
+            _Event(
+                ("lift its dividend by {pct}%", "lifted its dividend by {pct}%"),
+                ("suspend its dividend", "suspended its dividend"),
+            ),
         ),
-        ("reported {quarter} EPS in line with consensus", "reaffirmed its full-year guidance",
-         "scheduled its {quarter} earnings call for {weekday}",
-         "kept its dividend unchanged at {cents} cents a share",
-         "filed its quarterly report with the SEC"),
+        (
+            "reported {quarter} EPS in line with consensus",
+            "reaffirmed its full-year guidance",
+            "scheduled its {quarter} earnings call for {weekday}",
+            "kept its dividend unchanged at {cents} cents a share",
+            "filed its quarterly report with the SEC",
+        ),
     ),
     "credit": _Topic(
         (
-            _Event(("see its CDS spreads tighten {bp} basis points",
-                    "saw its CDS spreads tighten {bp} basis points"),
-                   ("see its CDS spreads widen {bp} basis points",
-                    "saw its CDS spreads widen {bp} basis points")),
-            _Event(("win an upgrade to {rating} from {agency}",
-                    "won an upgrade to {rating} from {agency}"),
-                   ("suffer a downgrade to {rating} from {agency}",
-                    "suffered a downgrade to {rating} from {agency}")),
-            _Event(_same("cut its NPL ratio to {npl}%"),
-                   ("report its NPL ratio rising to {npl}%",
-                    "reported its NPL ratio rising to {npl}%")),
-            _Event(("release loan loss reserves", "released loan loss reserves"),
-                   ("build loan loss provisions sharply", "built loan loss provisions sharply")),
+            _Event(
+                ("see its CDS spreads tighten {bp} basis points", "saw its CDS spreads tighten {bp} basis points"),
+                ("see its CDS spreads widen {bp} basis points", "saw its CDS spreads widen {bp} basis points"),
+            ),
+            _Event(
+                ("win an upgrade to {rating} from {agency}", "won an upgrade to {rating} from {agency}"),
+                ("suffer a downgrade to {rating} from {agency}", "suffered a downgrade to {rating} from {agency}"),
+            ),
+            _Event(
+                _same("cut its NPL ratio to {npl}%"),
+                ("report its NPL ratio rising to {npl}%", "reported its NPL ratio rising to {npl}%"),
+            ),
+            _Event(
+                ("release loan loss reserves", "released loan loss reserves"),
+                ("build loan loss provisions sharply", "built loan loss provisions sharply"),
+            ),
         ),
-        ("kept its NPL ratio steady at {npl}%", "had its {rating} rating affirmed by {agency}",
-         "left loan loss provisions broadly unchanged",
-         "saw its CDS spreads little changed near {bp} basis points"),
+        (
+            "kept its NPL ratio steady at {npl}%",
+            "had its {rating} rating affirmed by {agency}",
+            "left loan loss provisions broadly unchanged",
+            "saw its CDS spreads little changed near {bp} basis points",
+        ),
     ),
     "capital": _Topic(
         (
-            _Event(("lift its Tier 1 capital ratio to {tier1}%",
-                    "lifted its Tier 1 capital ratio to {tier1}%"),
-                   ("see its Tier 1 capital ratio drop to {tier1}%",
-                    "saw its Tier 1 capital ratio drop to {tier1}%")),
-            _Event(("pass the stress test comfortably", "passed the stress test comfortably"),
-                   ("fail the regulator's stress test", "failed the regulator's stress test")),
-            _Event(("announce a ${bn}bn share buyback", "announced a ${bn}bn share buyback"),
-                   ("launch a dilutive ${bn}bn equity raise",
-                    "launched a dilutive ${bn}bn equity raise")),
-            _Event(("exit its regulatory consent order", "exited its regulatory consent order"),
-                   ("face a ${bn}bn regulatory fine", "faced a ${bn}bn regulatory fine")),
+            _Event(
+                ("lift its Tier 1 capital ratio to {tier1}%", "lifted its Tier 1 capital ratio to {tier1}%"),
+                ("see its Tier 1 capital ratio drop to {tier1}%", "saw its Tier 1 capital ratio drop to {tier1}%"),
+            ),
+            _Event(
+                ("pass the stress test comfortably", "passed the stress test comfortably"),
+                ("fail the regulator's stress test", "failed the regulator's stress test"),
+            ),
+            _Event(
+                ("announce a ${bn}bn share buyback", "announced a ${bn}bn share buyback"),
+                ("launch a dilutive ${bn}bn equity raise", "launched a dilutive ${bn}bn equity raise"),
+            ),
+            _Event(
+                ("exit its regulatory consent order", "exited its regulatory consent order"),
+                ("face a ${bn}bn regulatory fine", "faced a ${bn}bn regulatory fine"),
+            ),
         ),
-        ("maintained its Tier 1 capital ratio at {tier1}%",
-         "submitted its capital plan to regulators",
-         "said its stress test results are due on {weekday}"),
+        (
+            "maintained its Tier 1 capital ratio at {tier1}%",
+            "submitted its capital plan to regulators",
+            "said its stress test results are due on {weekday}",
+        ),
     ),
     "trading": _Topic(
         (
-            _Event(("rally {pct}% in early trading", "rallied {pct}% in early trading"),
-                   ("slump {pct}% in early trading", "slumped {pct}% in early trading")),
+            _Event(
+                ("rally {pct}% in early trading", "rallied {pct}% in early trading"),
+                ("slump {pct}% in early trading", "slumped {pct}% in early trading"),
+            ),
             _Event(_same("hit a 52-week high"), _same("hit a 52-week low")),
-            _Event(("see its trading VaR fall on calmer markets",
-                    "saw its trading VaR fall on calmer markets"),
-                   ("breach its VaR limit twice this quarter",
-                    "breached its VaR limit twice this quarter")),
-            _Event(("attract ${bn}bn of net inflows", "attracted ${bn}bn of net inflows"),
-                   ("suffer ${bn}bn of client outflows", "suffered ${bn}bn of client outflows")),
+            _Event(
+                ("see its trading VaR fall on calmer markets", "saw its trading VaR fall on calmer markets"),
+                ("breach its VaR limit twice this quarter", "breached its VaR limit twice this quarter"),
+            ),
+            _Event(
+                ("attract ${bn}bn of net inflows", "attracted ${bn}bn of net inflows"),
+                ("suffer ${bn}bn of client outflows", "suffered ${bn}bn of client outflows"),
+            ),
         ),
-        ("traded flat ahead of its {quarter} results", "kept its average daily VaR unchanged",
-         "saw volumes in line with the sector", "was added to a sector ETF rebalance"),
+        (
+            "traded flat ahead of its {quarter} results",
+            "kept its average daily VaR unchanged",
+            "saw volumes in line with the sector",
+            "was added to a sector ETF rebalance",
+        ),
     ),
     "consumer": _Topic(
         (
-            _Event(("grow deposits {pct}% quarter on quarter",
-                    "grew deposits {pct}% quarter on quarter"),
-                   ("lose {pct}% of deposits in a quarter",
-                    "lost {pct}% of deposits in a quarter")),
-            _Event(("see card charge-offs decline", "saw card charge-offs decline"),
-                   ("see card charge-offs spike", "saw card charge-offs spike")),
-            _Event(("expand its mortgage book", "expanded its mortgage book"),
-                   ("shrink its mortgage book as demand dried up",
-                    "shrank its mortgage book as demand dried up")),
+            _Event(
+                ("grow deposits {pct}% quarter on quarter", "grew deposits {pct}% quarter on quarter"),
+                ("lose {pct}% of deposits in a quarter", "lost {pct}% of deposits in a quarter"),
+            ),
+            _Event(
+                ("see card charge-offs decline", "saw card charge-offs decline"),
+                ("see card charge-offs spike", "saw card charge-offs spike"),
+            ),
+            _Event(
+                ("expand its mortgage book", "expanded its mortgage book"),
+                ("shrink its mortgage book as demand dried up", "shrank its mortgage book as demand dried up"),
+            ),
         ),
-        ("launched a new cashback card", "kept its savings rate at {npl}%",
-         "opened {cents} new branches", "reported card spending in line with last year"),
+        (
+            "launched a new cashback card",
+            "kept its savings rate at {npl}%",
+            "opened {cents} new branches",
+            "reported card spending in line with last year",
+        ),
     ),
     "deals": _Topic(
         (
-            _Event(("win regulatory approval for its merger",
-                    "won regulatory approval for its merger"),
-                   ("abandon its merger after regulatory pushback",
-                    "abandoned its merger after regulatory pushback")),
-            _Event(("close an accretive ${bn}bn acquisition",
-                    "closed an accretive ${bn}bn acquisition"),
-                   ("take a ${bn}bn writedown on an acquisition",
-                    "took a ${bn}bn writedown on an acquisition")),
-            _Event(("land a record advisory mandate", "landed a record advisory mandate"),
-                   ("lose its lead role on a ${bn}bn bond deal",
-                    "lost its lead role on a ${bn}bn bond deal")),
+            _Event(
+                ("win regulatory approval for its merger", "won regulatory approval for its merger"),
+                ("abandon its merger after regulatory pushback", "abandoned its merger after regulatory pushback"),
+            ),
+            _Event(
+                ("close an accretive ${bn}bn acquisition", "closed an accretive ${bn}bn acquisition"),
+                ("take a ${bn}bn writedown on an acquisition", "took a ${bn}bn writedown on an acquisition"),
+            ),
+            _Event(
+                ("land a record advisory mandate", "landed a record advisory mandate"),
+                ("lose its lead role on a ${bn}bn bond deal", "lost its lead role on a ${bn}bn bond deal"),
+            ),
         ),
-        ("hired advisers to review its options", "confirmed talks about a ${bn}bn deal",
-         "named a new head of M&A"),
+        ("hired advisers to review its options", "confirmed talks about a ${bn}bn deal", "named a new head of M&A"),
     ),
     "rates": _Topic(
         (
-            _Event(_same("cut rates by {bp} basis points"),
-                   ("hike rates by {bp} basis points", "hiked rates by {bp} basis points")),
-            _Event(("signal rate cuts later this year", "signaled rate cuts later this year"),
-                   ("signal higher-for-longer rates", "signaled higher-for-longer rates")),
-            _Event(("ease liquidity rules for lenders", "eased liquidity rules for lenders"),
-                   ("tighten capital rules for lenders", "tightened capital rules for lenders")),
+            _Event(
+                _same("cut rates by {bp} basis points"),
+                ("hike rates by {bp} basis points", "hiked rates by {bp} basis points"),
+            ),
+            _Event(
+                ("signal rate cuts later this year", "signaled rate cuts later this year"),
+                ("signal higher-for-longer rates", "signaled higher-for-longer rates"),
+            ),
+            _Event(
+                ("ease liquidity rules for lenders", "eased liquidity rules for lenders"),
+                ("tighten capital rules for lenders", "tightened capital rules for lenders"),
+            ),
         ),
-        ("held rates steady, as expected", "left its policy guidance unchanged",
-         "published minutes in line with expectations", "kept its balance sheet plan on hold"),
+        (
+            "held rates steady, as expected",
+            "left its policy guidance unchanged",
+            "published minutes in line with expectations",
+            "kept its balance sheet plan on hold",
+        ),
         ("the Fed", "the ECB", "the Bank of England", "the FOMC"),
     ),
     "bonds": _Topic(
         (
-            _Event(("see the yield curve steepen", "saw the yield curve steepen {bp} basis points"),
-                   ("see the yield curve invert further", "saw the yield curve invert further")),
-            _Event(("see credit spreads tighten", "saw credit spreads tighten {bp} basis points"),
-                   ("see credit spreads blow out", "saw credit spreads widen {bp} basis points")),
-            _Event(("price in a soft landing", "priced in a soft landing"),
-                   ("price in a recession", "priced in a recession")),
+            _Event(
+                ("see the yield curve steepen", "saw the yield curve steepen {bp} basis points"),
+                ("see the yield curve invert further", "saw the yield curve invert further"),
+            ),
+            _Event(
+                ("see credit spreads tighten", "saw credit spreads tighten {bp} basis points"),
+                ("see credit spreads blow out", "saw credit spreads widen {bp} basis points"),
+            ),
+            _Event(
+                ("price in a soft landing", "priced in a soft landing"),
+                ("price in a recession", "priced in a recession"),
+            ),
         ),
-        ("traded flat with 10-year yields at {yld}%", "saw the yield curve little changed",
-         "held steady ahead of the payrolls report", "saw thin volumes before the holiday"),
+        (
+            "traded flat with 10-year yields at {yld}%",
+            "saw the yield curve little changed",
+            "held steady ahead of the payrolls report",
+            "saw thin volumes before the holiday",
+        ),
         ("Treasury markets", "the bond market", "credit markets", "the swaps market"),
     ),
 }
 _TOPIC_NAMES = tuple(_TOPICS)
 
 _COMPANIES = {
-    "JPM": "JPMorgan", "GS": "Goldman Sachs", "MS": "Morgan Stanley", "BAC": "Bank of America",
-    "C": "Citigroup", "WFC": "Wells Fargo", "USB": "U.S. Bancorp", "PNC": "PNC Financial",
-    "TFC": "Truist", "KEY": "KeyCorp", "RF": "Regions Financial", "SCHW": "Charles Schwab",
-    "BLK": "BlackRock", "NTRS": "Northern Trust", "STT": "State Street", "COF": "Capital One",
-    "AXP": "American Express", "SYF": "Synchrony", "ALLY": "Ally Financial", "AAPL": "Apple",
-    "MSFT": "Microsoft", "NVDA": "Nvidia", "AMZN": "Amazon", "CAT": "Caterpillar",
-    "GE": "GE Aerospace", "BA": "Boeing", "XOM": "Exxon Mobil",
+    "JPM": "JPMorgan",
+    "GS": "Goldman Sachs",
+    "MS": "Morgan Stanley",
+    "BAC": "Bank of America",
+    "C": "Citigroup",
+    "WFC": "Wells Fargo",
+    "USB": "U.S. Bancorp",
+    "PNC": "PNC Financial",
+    "TFC": "Truist",
+    "KEY": "KeyCorp",
+    "RF": "Regions Financial",
+    "SCHW": "Charles Schwab",
+    "BLK": "BlackRock",
+    "NTRS": "Northern Trust",
+    "STT": "State Street",
+    "COF": "Capital One",
+    "AXP": "American Express",
+    "SYF": "Synchrony",
+    "ALLY": "Ally Financial",
+    "AAPL": "Apple",
+    "MSFT": "Microsoft",
+    "NVDA": "Nvidia",
+    "AMZN": "Amazon",
+    "CAT": "Caterpillar",
+    "GE": "GE Aerospace",
+    "BA": "Boeing",
+    "XOM": "Exxon Mobil",
 }
 _ALL_TICKERS = tuple(_COMPANIES)
 
 _HEDGES = (
-    "analysts are split on whether {s} will {v}", "it is unclear whether {s} can {v}",
-    "traders debate if {s} could {v}", "investors wait to see if {s} will {v}",
+    "analysts are split on whether {s} will {v}",
+    "it is unclear whether {s} can {v}",
+    "traders debate if {s} could {v}",
+    "investors wait to see if {s} will {v}",
     "{s} may {v} next quarter",
 )
 _DENIALS = ("{s} did not {v}", "contrary to fears, {s} did not {v}", "{s} managed not to {v}")
 _FAILURES = ("{s} failed to {v}", "{s} did not {v}", "{s} could not {v}")
 _LEADS = ("", "", "", "Breaking: ", "Update: ", "{quarter} update: ", "Market wrap: ")
-_TAILS = ("", "", "", ", according to Reuters", ", Bloomberg reported", " on {weekday}",
-          " in pre-market trading", ", a filing showed", ", analysts at {broker} said")
+_TAILS = (
+    "",
+    "",
+    "",
+    ", according to Reuters",
+    ", Bloomberg reported",
+    " on {weekday}",
+    " in pre-market trading",
+    ", a filing showed",
+    ", analysts at {broker} said",
+)
 _ASIDES_AGAINST_GOOD = (
-    ", despite fears of a downgrade", ", even as sector CDS spreads widened",
-    ", shrugging off recession worries", ", despite a flattening yield curve",
+    ", despite fears of a downgrade",
+    ", even as sector CDS spreads widened",
+    ", shrugging off recession worries",
+    ", despite a flattening yield curve",
 )
 _ASIDES_AGAINST_BAD = (
-    ", even as peers rallied", ", despite an upbeat sector outlook",
-    ", although analysts had expected an EPS beat", ", even as Treasury yields eased",
+    ", even as peers rallied",
+    ", despite an upbeat sector outlook",
+    ", although analysts had expected an EPS beat",
+    ", even as Treasury yields eased",
 )
 _RATINGS = ("AA-", "A+", "A", "A-", "BBB+", "BBB", "BBB-", "BB+")
 _AGENCIES = ("Moody's", "S&P", "Fitch")
@@ -409,8 +597,7 @@ def _tail(label: int, u: np.ndarray) -> str:
     return _pick(_TAILS, u[1])
 
 
-def _sentence(label: int, topic: _Topic, tickers: tuple[str, ...], u: np.ndarray,
-              values: dict[str, object]) -> str:
+def _sentence(label: int, topic: _Topic, tickers: tuple[str, ...], u: np.ndarray, values: dict[str, object]) -> str:
     subject = _subject(topic, tickers, u[0:4])
     text = _pick(_LEADS, u[4]) + _clause(label, topic, subject, u[5:9]) + _tail(label, u[9:11])
     text = text.format(**values) + "."
@@ -431,8 +618,7 @@ def _bank_news(index: int, n: int, rng: np.random.Generator) -> pd.DataFrame:
     uniforms = rng.random((n, 11))
     values = _slot_values(rng, n)
     texts = [
-        _sentence(labels[i], _TOPICS[_TOPIC_NAMES[topics[i]]], profile.tickers, uniforms[i],
-                  values[i])
+        _sentence(labels[i], _TOPICS[_TOPIC_NAMES[topics[i]]], profile.tickers, uniforms[i], values[i])
         for i in range(n)
     ]
     sentiment = np.array(SENTIMENTS)[_noisy(labels, rng, NEWS_LABEL_NOISE)]
@@ -460,26 +646,27 @@ def _demographics(profile: BankProfile, n: int, rng: np.random.Generator) -> pd.
     education = rng.choice(len(EDUCATION), size=n, p=profile.education)
     married_p = np.clip((age - 22) / 40.0, 0.05, 0.8)
     draw = rng.random(n)
-    marital = np.where(draw < married_p, "married",
-                       np.where(draw < married_p + 0.06, "other", "single"))
-    log_limit = (np.log(profile.median_limit) + _EDU_LIMIT_EFFECT[education]
-                 + 0.01 * (age - 40) + rng.normal(0.0, 0.5, n))
+    marital = np.where(draw < married_p, "married", np.where(draw < married_p + 0.06, "other", "single"))
+    log_limit = (
+        np.log(profile.median_limit) + _EDU_LIMIT_EFFECT[education] + 0.01 * (age - 40) + rng.normal(0.0, 0.5, n)
+    )
     limit = np.maximum(1000, np.rint(np.exp(log_limit) / 1000) * 1000).astype(np.int64)
-    return pd.DataFrame({
-        "age": age,
-        "sex": np.where(rng.random(n) < 0.55, "female", "male"),
-        "education": np.array(EDUCATION)[education],
-        "marital": marital,
-        "credit_limit": limit,
-    })
+    return pd.DataFrame(
+        {
+            "age": age,
+            "sex": np.where(rng.random(n) < 0.55, "female", "male"),
+            "education": np.array(EDUCATION)[education],
+            "marital": marital,
+            "credit_limit": limit,
+        }
+    )
 
 
 def _logit(p: float) -> float:
     return float(np.log(p / (1 - p)))
 
 
-def _latent_risk(profile: BankProfile, people: pd.DataFrame,
-                 rng: np.random.Generator) -> np.ndarray:
+def _latent_risk(profile: BankProfile, people: pd.DataFrame, rng: np.random.Generator) -> np.ndarray:
     """Credit risk (higher is worse): bank prior + demographics + personal noise.
 
     The bank shift makes riskier banks' customers also *look* riskier in their repayment
@@ -489,8 +676,7 @@ def _latent_risk(profile: BankProfile, people: pd.DataFrame,
     education = _EDU_RISK_EFFECT[people["education"].map(EDUCATION.index).to_numpy()]
     young = (people["age"] < 30).to_numpy(dtype=float)
     single = (people["marital"] == "single").to_numpy(dtype=float)
-    return (bank_shift + education + 0.3 * young + 0.1 * single
-            + rng.normal(0.0, 1.0, len(people)))
+    return bank_shift + education + 0.3 * young + 0.1 * single + rng.normal(0.0, 1.0, len(people))
 
 
 def _monthly_trouble(risk: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -514,8 +700,9 @@ def _statuses(trouble: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(idle, -2, status)
 
 
-def _bills_and_payments(limit: np.ndarray, trouble: np.ndarray, status: np.ndarray,
-                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _bills_and_payments(
+    limit: np.ndarray, trouble: np.ndarray, status: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     usage = 1 / (1 + np.exp(-(0.9 * trouble - 0.3 + rng.normal(0.0, 0.6, trouble.shape))))
     bill = np.where(status == -2, 0.0, limit[:, None] * usage)
     share = np.select(
@@ -526,8 +713,7 @@ def _bills_and_payments(limit: np.ndarray, trouble: np.ndarray, status: np.ndarr
     return np.round(bill, 2), np.round(bill * share, 2)
 
 
-def _defaults(profile: BankProfile, risk: np.ndarray, status: np.ndarray,
-              rng: np.random.Generator) -> np.ndarray:
+def _defaults(profile: BankProfile, risk: np.ndarray, status: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Exactly the bank's default rate, given to the highest noisy risk scores."""
     score = risk + 0.15 * status[:, -1] + rng.normal(0.0, _DEFAULT_SCORE_NOISE, len(risk))
     count = int(round(profile.default_rate * len(risk)))
@@ -573,21 +759,24 @@ class _Ledger:
     def __init__(self) -> None:
         self._chunks: list[tuple[np.ndarray, ...]] = []
 
-    def add(self, source: _ArrayLike, target: _ArrayLike, amount: _ArrayLike, step: _ArrayLike,
-            cross_border: _ArrayLike) -> None:
+    def add(
+        self, source: _ArrayLike, target: _ArrayLike, amount: _ArrayLike, step: _ArrayLike, cross_border: _ArrayLike
+    ) -> None:
         """Record transfers; scalars are broadcast against the arrays."""
         arrays = np.broadcast_arrays(source, target, amount, step, cross_border)
         self._chunks.append(tuple(np.atleast_1d(a) for a in arrays))
 
     def frame(self) -> pd.DataFrame:
         columns = [np.concatenate(parts) for parts in zip(*self._chunks, strict=True)]
-        return pd.DataFrame({
-            "source": columns[0].astype(np.int64),
-            "target": columns[1].astype(np.int64),
-            "amount": np.round(columns[2].astype(float), 2),
-            "step": np.clip(columns[3], 0, HORIZON_STEPS - 1).astype(np.int64),
-            "cross_border": columns[4].astype(np.int64),
-        })
+        return pd.DataFrame(
+            {
+                "source": columns[0].astype(np.int64),
+                "target": columns[1].astype(np.int64),
+                "amount": np.round(columns[2].astype(float), 2),
+                "step": np.clip(columns[3], 0, HORIZON_STEPS - 1).astype(np.int64),
+                "cross_border": columns[4].astype(np.int64),
+            }
+        )
 
 
 @dataclass
@@ -607,8 +796,7 @@ class _Bank:
         return CASH_DESK_BASE + self.index
 
 
-def _external(rng: np.random.Generator, n: int, pool: int,
-              foreign: bool | np.ndarray = False) -> np.ndarray:
+def _external(rng: np.random.Generator, n: int, pool: int, foreign: bool | np.ndarray = False) -> np.ndarray:
     """Ids of parties outside the federation drawn from a pool of ``pool`` ids.
 
     ``foreign`` may be a bool or a mask of length ``n``.
@@ -617,8 +805,7 @@ def _external(rng: np.random.Generator, n: int, pool: int,
     return base + rng.integers(0, pool, n)
 
 
-def _plan_schemes(profile: BankProfile, ids: np.ndarray,
-                  rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
+def _plan_schemes(profile: BankProfile, ids: np.ndarray, rng: np.random.Generator) -> list[tuple[str, np.ndarray]]:
     """Laundering schemes: at least one in any bank with two accounts or more."""
     quota = min(len(ids) // 2, max(1, int(round(profile.laundering_rate * len(ids)))))
     members = rng.permutation(ids)[:quota]
@@ -628,7 +815,7 @@ def _plan_schemes(profile: BankProfile, ids: np.ndarray,
         size = int(rng.integers(3, 5)) if kind == "cycle" else 1
         if used + size > quota:
             kind, size = "pass_through", 1
-        schemes.append((kind, members[used:used + size]))
+        schemes.append((kind, members[used : used + size]))
         used += size
     return schemes
 
@@ -647,13 +834,15 @@ def _open_bank(index: int, first_id: int, n: int, rng: np.random.Generator) -> _
 def _accounts_frame(bank: _Bank) -> pd.DataFrame:
     median = np.where(bank.business, 40_000.0, 3_000.0) * bank.profile.wealth
     balance = bank.rng.lognormal(np.log(median), 0.9)
-    return pd.DataFrame({
-        "account_id": bank.ids,
-        "bank": bank_name(bank.index),
-        "account_type": np.where(bank.business, "business", "personal"),
-        "opening_balance": np.round(balance, 2),
-        "laundering": bank.laundering,
-    })
+    return pd.DataFrame(
+        {
+            "account_id": bank.ids,
+            "bank": bank_name(bank.index),
+            "account_type": np.where(bank.business, "business", "personal"),
+            "opening_balance": np.round(balance, 2),
+            "laundering": bank.laundering,
+        }
+    )
 
 
 def _salaries_and_rent(bank: _Bank, ledger: _Ledger) -> None:
@@ -672,8 +861,13 @@ def _salaries_and_rent(bank: _Bank, ledger: _Ledger) -> None:
     for month in range(HORIZON_STEPS // 30):
         day = month * 30 + payday
         ledger.add(employers, people, salary * rng.normal(1.0, 0.02, n), day, 0)
-        ledger.add(people[renters], landlords[renters], 0.35 * salary[renters],
-                   day[renters] + rng.integers(1, 4, renters.sum()), 0)
+        ledger.add(
+            people[renters],
+            landlords[renters],
+            0.35 * salary[renters],
+            day[renters] + rng.integers(1, 4, renters.sum()),
+            0,
+        )
 
 
 def _card_payments(bank: _Bank, merchants: np.ndarray, ledger: _Ledger) -> None:
@@ -694,18 +888,23 @@ def _business_flows(bank: _Bank, ledger: _Ledger) -> None:
     rng, firms = bank.rng, bank.ids[bank.business]
     receivers = np.repeat(firms, 1 + rng.poisson(30 * bank.profile.activity, len(firms)))
     m = len(receivers)
-    ledger.add(_external(rng, m, 10**8), receivers, rng.lognormal(np.log(180.0), 1.0, m),
-               rng.integers(0, HORIZON_STEPS, m), 0)
+    ledger.add(
+        _external(rng, m, 10**8), receivers, rng.lognormal(np.log(180.0), 1.0, m), rng.integers(0, HORIZON_STEPS, m), 0
+    )
     payers = np.repeat(firms, rng.poisson(8, len(firms)))
     m = len(payers)
     abroad = rng.random(m) < 0.15
-    ledger.add(payers, _external(rng, m, 20_000, abroad), rng.lognormal(np.log(2500.0), 0.8, m),
-               rng.integers(0, HORIZON_STEPS, m), abroad)
+    ledger.add(
+        payers,
+        _external(rng, m, 20_000, abroad),
+        rng.lognormal(np.log(2500.0), 0.8, m),
+        rng.integers(0, HORIZON_STEPS, m),
+        abroad,
+    )
     cash_heavy = firms[rng.random(len(firms)) < 0.2]
     depositors = np.repeat(cash_heavy, rng.poisson(6, len(cash_heavy)))
     m = len(depositors)
-    ledger.add(bank.cash_desk, depositors, rng.lognormal(np.log(3000.0), 0.8, m),
-               rng.integers(0, HORIZON_STEPS, m), 0)
+    ledger.add(bank.cash_desk, depositors, rng.lognormal(np.log(3000.0), 0.8, m), rng.integers(0, HORIZON_STEPS, m), 0)
 
 
 def _innocent_oddities(bank: _Bank, ledger: _Ledger) -> None:
@@ -714,13 +913,17 @@ def _innocent_oddities(bank: _Bank, ledger: _Ledger) -> None:
     senders = people[rng.random(len(people)) < bank.profile.remittance_rate]
     senders = np.repeat(senders, rng.integers(1, 4, len(senders)))
     m = len(senders)
-    ledger.add(senders, _external(rng, m, 50_000, True), rng.lognormal(np.log(400.0), 0.7, m),
-               rng.integers(0, HORIZON_STEPS, m), 1)
+    ledger.add(
+        senders,
+        _external(rng, m, 50_000, True),
+        rng.lognormal(np.log(400.0), 0.7, m),
+        rng.integers(0, HORIZON_STEPS, m),
+        1,
+    )
     sellers = people[rng.random(len(people)) < 0.03]
     sellers = np.repeat(sellers, rng.integers(1, 3, len(sellers)))
     m = len(sellers)
-    ledger.add(bank.cash_desk, sellers, rng.uniform(8500.0, 9999.0, m),
-               rng.integers(0, HORIZON_STEPS, m), 0)
+    ledger.add(bank.cash_desk, sellers, rng.uniform(8500.0, 9999.0, m), rng.integers(0, HORIZON_STEPS, m), 0)
 
 
 def _large_transfers(bank: _Bank, ledger: _Ledger) -> None:
@@ -739,9 +942,13 @@ def _large_transfers(bank: _Bank, ledger: _Ledger) -> None:
     ledger.add(_external(rng, m, 10**8), ids, amount, step, 0)
     spends = rng.random(m) < 0.7
     abroad = rng.random(m) < 0.25
-    ledger.add(ids[spends], _external(rng, m, 10**8, abroad)[spends],
-               (amount * rng.uniform(0.3, 0.95, m))[spends],
-               (step + rng.integers(1, 10, m))[spends], abroad[spends])
+    ledger.add(
+        ids[spends],
+        _external(rng, m, 10**8, abroad)[spends],
+        (amount * rng.uniform(0.3, 0.95, m))[spends],
+        (step + rng.integers(1, 10, m))[spends],
+        abroad[spends],
+    )
 
 
 def _structuring(bank: _Bank, accounts: np.ndarray, ledger: _Ledger) -> None:
@@ -753,8 +960,7 @@ def _structuring(bank: _Bank, accounts: np.ndarray, ledger: _Ledger) -> None:
     steps = start + np.sort(rng.integers(0, 20, k))
     ledger.add(bank.cash_desk, account, amounts, steps, 0)
     abroad = bool(rng.random() < 0.5)
-    ledger.add(account, _external(rng, 1, 10**8, abroad), 0.9 * amounts.sum(), steps[-1] + 2,
-               int(abroad))
+    ledger.add(account, _external(rng, 1, 10**8, abroad), 0.9 * amounts.sum(), steps[-1] + 2, int(abroad))
 
 
 def _fan_in(bank: _Bank, accounts: np.ndarray, ledger: _Ledger) -> None:
@@ -768,8 +974,13 @@ def _fan_in(bank: _Bank, accounts: np.ndarray, ledger: _Ledger) -> None:
     ledger.add(_external(rng, k, 10**8, foreign_mules), account, amounts, steps, foreign_mules)
     parts = int(rng.integers(1, 4))
     abroad = rng.random(parts) < 0.6
-    ledger.add(account, _external(rng, parts, 10**8, abroad), 0.95 * amounts.sum() / parts,
-               start + 11 + np.arange(parts), abroad)
+    ledger.add(
+        account,
+        _external(rng, parts, 10**8, abroad),
+        0.95 * amounts.sum() / parts,
+        start + 11 + np.arange(parts),
+        abroad,
+    )
 
 
 def _cycle(bank: _Bank, accounts: np.ndarray, ledger: _Ledger) -> None:
@@ -792,12 +1003,12 @@ def _pass_through(bank: _Bank, accounts: np.ndarray, ledger: _Ledger) -> None:
         amount = rng.lognormal(np.log(30_000.0 * bank.profile.wealth), 0.7)
         step = int(rng.integers(0, HORIZON_STEPS - 4))
         ledger.add(_external(rng, 1, 10**8), account, amount, step, 0)
-        ledger.add(account, _external(rng, 1, 2000, True), amount * rng.uniform(0.9, 0.99),
-                   step + int(rng.integers(0, 4)), 1)
+        ledger.add(
+            account, _external(rng, 1, 2000, True), amount * rng.uniform(0.9, 0.99), step + int(rng.integers(0, 4)), 1
+        )
 
 
-_SCHEMES = {"structuring": _structuring, "fan_in": _fan_in, "cycle": _cycle,
-            "pass_through": _pass_through}
+_SCHEMES = {"structuring": _structuring, "fan_in": _fan_in, "cycle": _cycle, "pass_through": _pass_through}
 
 
 def _bank_transfers(bank: _Bank, merchants: np.ndarray) -> pd.DataFrame:
@@ -812,26 +1023,23 @@ def _bank_transfers(bank: _Bank, merchants: np.ndarray) -> pd.DataFrame:
     return ledger.frame()
 
 
-def generate_transactions(num_banks: int, accounts_per_bank: int,
-                          seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def generate_transactions(num_banks: int, accounts_per_bank: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Accounts (with the ``laundering`` label) and their transfers, ordered by ``step``."""
     _check_args(num_banks, accounts_per_bank, seed)
     sizes = bank_sizes(num_banks, accounts_per_bank)
     first_ids = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    banks = [_open_bank(i, int(first_ids[i]), n, _bank_rng(seed, "transactions", i))
-             for i, n in enumerate(sizes)]
+    banks = [_open_bank(i, int(first_ids[i]), n, _bank_rng(seed, "transactions", i)) for i, n in enumerate(sizes)]
     accounts = pd.concat([_accounts_frame(bank) for bank in banks], ignore_index=True)
     merchants = accounts.loc[accounts["account_type"] == "business", "account_id"].to_numpy()
-    transfers = pd.concat([_bank_transfers(bank, merchants) for bank in banks],
-                          ignore_index=True)
+    transfers = pd.concat([_bank_transfers(bank, merchants) for bank in banks], ignore_index=True)
     transfers = transfers.sort_values("step", kind="stable", ignore_index=True)
     return accounts, transfers
 
 
 # ------------------------------------------------------------------------ writing
 
-def write_federation(task: str, out_dir: str | Path, num_banks: int, rows_per_bank: int,
-                     seed: int) -> dict[str, Path]:
+
+def write_federation(task: str, out_dir: str | Path, num_banks: int, rows_per_bank: int, seed: int) -> dict[str, Path]:
     """Write one task's federation as CSV files into ``out_dir`` and return their paths.
 
     ``rows_per_bank`` counts accounts for ``transactions``. Returns ``{"train": path}`` for

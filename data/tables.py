@@ -45,8 +45,9 @@ def _format_of(path: Path) -> str:
     try:
         return FORMATS[path.suffix.lower()]
     except KeyError:
-        raise DataError(path, f"unknown file type {path.suffix!r}; use one of {sorted(set(FORMATS.values()))} "
-                              "or set data.format") from None
+        raise DataError(
+            path, f"unknown file type {path.suffix!r}; use one of {sorted(set(FORMATS.values()))} or set data.format"
+        ) from None
 
 
 def _read_one(path: Path, fmt: str, encoding: str) -> pd.DataFrame:
@@ -70,8 +71,11 @@ def _decode(path: Path, encoding: str) -> str:
         return raw.decode(encoding)
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(path, f"line {line} is not valid {encoding} (byte 0x{raw[err.start]:02x}); "
-                              "set data.encoding to the file's encoding") from None
+        raise DataError(
+            path,
+            f"line {line} is not valid {encoding} (byte 0x{raw[err.start]:02x}); "
+            "set data.encoding to the file's encoding",
+        ) from None
     except LookupError:
         raise DataError(path, f"unknown encoding {encoding!r} in data.encoding") from None
 

@@ -21,8 +21,7 @@ from fingpt_federated.privacy.atomic_file import write_new_owner_only
 
 def write_secret_file(path: Path, data: bytes, *, overwrite: bool = False) -> Path:
     """Write a key file that is owner-only from its first byte; refuse to replace one unless `overwrite`."""
-    return write_new_owner_only(path, data, overwrite=overwrite,
-                                what="overwrite a key (pass --force to replace it)")
+    return write_new_owner_only(path, data, overwrite=overwrite, what="overwrite a key (pass --force to replace it)")
 
 
 def check_owner_only(path: Path) -> None:

@@ -135,8 +135,12 @@ def record_to_blob(record: ArrayRecord) -> bytes | None:
 def payload_bytes(content: RecordDict) -> int:
     """Bytes of model state in a message: every array's data and every bytes value of its configs."""
     arrays = sum(len(array.data) for record in content.array_records.values() for array in record.values())
-    blobs = sum(len(value) for record in content.config_records.values() for value in record.values()
-                if isinstance(value, bytes))
+    blobs = sum(
+        len(value)
+        for record in content.config_records.values()
+        for value in record.values()
+        if isinstance(value, bytes)
+    )
     return arrays + blobs
 
 

@@ -114,6 +114,7 @@ def _spec_of(layout: FederationLayout, final: Path, scratch: Path) -> Federation
     def moved(path: Path) -> str:
         return str(final / path.resolve().relative_to(scratch.resolve()))
 
-    banks = [BankSite(path=moved(path), name=name) for path, name in zip(layout.bank_dirs, layout.bank_names,
-                                                                       strict=True)]
+    banks = [
+        BankSite(path=moved(path), name=name) for path, name in zip(layout.bank_dirs, layout.bank_names, strict=True)
+    ]
     return FederationSpec(list(layout.class_names), int(layout.num_features), moved(layout.test_dir), banks)

@@ -46,8 +46,12 @@ def open_service(args: argparse.Namespace, batch_size: int):  # noqa: ANN201 - a
     from fingpt_federated.privacy.audit import AuditLog
 
     published, card = open_model(args.model_dir, args.variant)
-    return PredictionService(Predictor(published, batch_size=batch_size), card, AuditLog(args.audit_log),
-                             cache_size=getattr(args, "cache_size", 0))
+    return PredictionService(
+        Predictor(published, batch_size=batch_size),
+        card,
+        AuditLog(args.audit_log),
+        cache_size=getattr(args, "cache_size", 0),
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -56,10 +60,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     service = open_service(args, args.batch_size)
     table = read_inputs(args.input, service.predictor.published.manifest)
     inputs = [record_inputs(table.data, i) for i in range(len(table.data))]
-    results = service.predict_data(table.data, inputs, explain=not args.no_explain, mc_samples=args.mc_samples,
-                                   progress=len(table.data) > args.batch_size)
-    lines = [json.dumps({**ref, **result}, ensure_ascii=False)
-             for ref, result in zip(table.refs, results, strict=True)]
+    results = service.predict_data(
+        table.data,
+        inputs,
+        explain=not args.no_explain,
+        mc_samples=args.mc_samples,
+        progress=len(table.data) > args.batch_size,
+    )
+    lines = [json.dumps({**ref, **result}, ensure_ascii=False) for ref, result in zip(table.refs, results, strict=True)]
     text = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -89,13 +97,19 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
     pub = commands.add_parser("publish", help="merge, quantize and card a run's global model")
     pub.add_argument("run_dir", type=Path)
-    pub.add_argument("--state", type=Path, help="a plaintext state file instead of RUN_DIR/global_state.safetensors "
-                                                 "(e.g. one a bank decrypted with fingpt-client he-decrypt)")
+    pub.add_argument(
+        "--state",
+        type=Path,
+        help="a plaintext state file instead of RUN_DIR/global_state.safetensors "
+        "(e.g. one a bank decrypted with fingpt-client he-decrypt)",
+    )
     pub.add_argument("--out", type=Path, help="model folder (default: publish.out of the run, else RUN_DIR/model)")
     pub.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: publish.variants of the run")
     pub.set_defaults(run=cmd_publish)
-    for name, run, help_text in (("predict", cmd_predict, "predict every record of a file"),
-                                 ("serve", cmd_serve, "serve /predict, /health and /model over HTTP")):
+    for name, run, help_text in (
+        ("predict", cmd_predict, "predict every record of a file"),
+        ("serve", cmd_serve, "serve /predict, /health and /model over HTTP"),
+    ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("model_dir", type=Path)
         sub.add_argument("--variant", default="fp32", choices=VARIANTS)
@@ -103,8 +117,9 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--batch-size", type=int, default=32)
         sub.set_defaults(run=run)
     predict = commands.choices["predict"]
-    predict.add_argument("input", type=Path, help="CSV, Parquet or JSONL with the training data's columns "
-                                                  "(the label column is optional)")
+    predict.add_argument(
+        "input", type=Path, help="CSV, Parquet or JSONL with the training data's columns (the label column is optional)"
+    )
     predict.add_argument("--out", type=Path, help="JSON lines of predictions (default: stdout)")
     predict.add_argument("--no-explain", action="store_true", help="skip the token / series-step attributions")
     predict.add_argument("--mc-samples", type=int, default=0, help="Monte Carlo dropout passes for uncertainty")

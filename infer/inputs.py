@@ -84,8 +84,10 @@ def check_record(record: Mapping[str, Any], manifest: Mapping[str, Any]) -> None
     for step, values in enumerate(series):
         if len(values) != num_features:
             names = manifest.get("feature_names") or []
-            raise ValueError(f"'series' step {step} has {len(values)} values; the model takes {num_features} "
-                             f"per step ({', '.join(names)})")
+            raise ValueError(
+                f"'series' step {step} has {len(values)} values; the model takes {num_features} "
+                f"per step ({', '.join(names)})"
+            )
 
 
 def records_to_dataset(records: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any]) -> BankDataset:
@@ -99,5 +101,11 @@ def records_to_dataset(records: Sequence[Mapping[str, Any]], manifest: Mapping[s
         for i, record in enumerate(records):
             series[i, : len(record["series"])] = record["series"]
             mask[i, : len(record["series"])] = True
-    return BankDataset(texts=texts, series=series, mask=mask, labels=np.zeros(len(records), dtype=np.int64),
-                       class_names=list(manifest["class_names"]), feature_names=list(manifest.get("feature_names", [])))
+    return BankDataset(
+        texts=texts,
+        series=series,
+        mask=mask,
+        labels=np.zeros(len(records), dtype=np.int64),
+        class_names=list(manifest["class_names"]),
+        feature_names=list(manifest.get("feature_names", [])),
+    )

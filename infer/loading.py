@@ -40,8 +40,9 @@ def verify_files(folder: Path, card: dict[str, Any], variant: str) -> None:
             raise ModelFilesError(f"{folder / path}: sha256 differs from the model card (modified or damaged)")
 
 
-def open_model(folder: str | Path, variant: str = "fp32", *, verify: bool = True,
-               device: torch.device | None = None) -> tuple[PublishedModel, dict[str, Any]]:
+def open_model(
+    folder: str | Path, variant: str = "fp32", *, verify: bool = True, device: torch.device | None = None
+) -> tuple[PublishedModel, dict[str, Any]]:
     """The loaded variant and its model card."""
     folder = Path(folder)
     card = read_card(folder)

@@ -41,8 +41,9 @@ class Predictor:
         self.top_k = top_k
         self._special = set(self.tokenizer.all_special_ids)
 
-    def predict(self, data: BankDataset, *, explain: bool = True, mc_samples: int = 0,
-                progress: bool = False) -> list[Prediction]:
+    def predict(
+        self, data: BankDataset, *, explain: bool = True, mc_samples: int = 0, progress: bool = False
+    ) -> list[Prediction]:
         loader = make_loader(data, self.tokenizer, self.model.config.max_length, self.batch_size, shuffle=False)
         results: list[Prediction] = []
         for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
@@ -59,22 +60,28 @@ class Predictor:
         probabilities = logits.float().softmax(-1).cpu()
         predicted = probabilities.argmax(-1)
         entropy = normalised_entropy(probabilities)
-        spread = mc_dropout_spread(self.model, batch, predicted.to(logits.device), mc_samples).cpu() \
-            if mc_samples > 0 else None
+        spread = (
+            mc_dropout_spread(self.model, batch, predicted.to(logits.device), mc_samples).cpu()
+            if mc_samples > 0
+            else None
+        )
         names = self.published.class_names
         return [
             Prediction(
                 label=names[int(predicted[i])],
                 probabilities={name: float(p) for name, p in zip(names, probabilities[i], strict=True)},
-                uncertainty={"entropy": float(entropy[i]),
-                             **({"mc_dropout_std": float(spread[i])} if spread is not None else {})},
+                uncertainty={
+                    "entropy": float(entropy[i]),
+                    **({"mc_dropout_std": float(spread[i])} if spread is not None else {}),
+                },
                 explanation=self._explanation(batch, i, tokens, steps) if explain else None,
             )
             for i in range(len(predicted))
         ]
 
-    def _explanation(self, batch: Batch, row: int, tokens: torch.Tensor | None,
-                     steps: torch.Tensor | None) -> dict[str, Any]:
+    def _explanation(
+        self, batch: Batch, row: int, tokens: torch.Tensor | None, steps: torch.Tensor | None
+    ) -> dict[str, Any]:
         """The top tokens and series steps by |attribution|, each score a signed share of the row's total."""
         result: dict[str, Any] = {"method": "input_x_gradient"}
         if tokens is not None:
@@ -83,16 +90,18 @@ class Predictor:
             keep = [i for i, token in enumerate(ids) if token not in self._special and batch.attention_mask[row, i]]
             # a list of ids gives a list of tokens (transformers types the result as str | list[str])
             pieces = cast(list[str], self.tokenizer.convert_ids_to_tokens([ids[i] for i in keep]))
-            result["tokens"] = [{"token": piece, "position": i, "score": s}
-                                for (i, s), piece in self._top(tokens[row], keep, pieces)]
+            result["tokens"] = [
+                {"token": piece, "position": i, "score": s} for (i, s), piece in self._top(tokens[row], keep, pieces)
+            ]
         if steps is not None:
             assert batch.series_mask is not None  # steps attribute the series it masks
             real = batch.series_mask[row].nonzero().flatten().tolist()
             result["series_steps"] = [{"step": i, "score": s} for (i, s), _ in self._top(steps[row], real, real)]
         return result
 
-    def _top(self, scores: torch.Tensor, positions: list[int],
-             labels: list[Any]) -> list[tuple[tuple[int, float], Any]]:
+    def _top(
+        self, scores: torch.Tensor, positions: list[int], labels: list[Any]
+    ) -> list[tuple[tuple[int, float], Any]]:
         values = scores.detach().float().cpu()[positions] if positions else torch.zeros(0)
         total = float(values.abs().sum()) or 1.0
         order = values.abs().argsort(descending=True)[: self.top_k].tolist()

@@ -34,8 +34,9 @@ class PredictRequest(RecordIn):
     def _one_form(self) -> PredictRequest:
         single = self.text is not None or self.series is not None
         if single == (self.records is not None):
-            raise ValueError("give either 'text'/'series' for one prediction or 'records' for a batch, not both "
-                             "and not neither")
+            raise ValueError(
+                "give either 'text'/'series' for one prediction or 'records' for a batch, not both and not neither"
+            )
         return self
 
     def batch(self) -> list[dict[str, Any]]:

@@ -57,15 +57,23 @@ class PredictionService:
     def model_hash(self) -> str:
         return str(self.card["model_hash"])
 
-    def predict_data(self, data: BankDataset, inputs: Sequence[Mapping[str, Any]], *, explain: bool = True,
-                     mc_samples: int = 0, progress: bool = False) -> list[dict[str, Any]]:
+    def predict_data(
+        self,
+        data: BankDataset,
+        inputs: Sequence[Mapping[str, Any]],
+        *,
+        explain: bool = True,
+        mc_samples: int = 0,
+        progress: bool = False,
+    ) -> list[dict[str, Any]]:
         """Predict every record of `data` (`inputs[i]` is record i as audited), uncached."""
         with self._model_lock:
             predictions = self.predictor.predict(data, explain=explain, mc_samples=mc_samples, progress=progress)
         return [self.audited(record, p) for record, p in zip(inputs, predictions, strict=True)]
 
-    def predict_records(self, records: Sequence[Mapping[str, Any]], *, explain: bool = True,
-                        mc_samples: int = 0) -> list[dict[str, Any]]:
+    def predict_records(
+        self, records: Sequence[Mapping[str, Any]], *, explain: bool = True, mc_samples: int = 0
+    ) -> list[dict[str, Any]]:
         """Predict checked request records; repeated inputs (same options) come from the cache."""
         keys = [input_hash({"record": r, "explain": explain, "mc_samples": mc_samples}) for r in records]
         found = [self.cache.get(key) for key in keys]

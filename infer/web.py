@@ -25,8 +25,11 @@ def _problem(loc: list[Any], message: str) -> dict[str, Any]:
 def create_app(service: PredictionService) -> FastAPI:
     card = service.card
     variant = service.predictor.published.variant
-    app = FastAPI(title="fingpt-infer", version=str(card["model_hash"])[:12],
-                  description=f"{card['name']}: classes {', '.join(card['class_names'])}")
+    app = FastAPI(
+        title="fingpt-infer",
+        version=str(card["model_hash"])[:12],
+        description=f"{card['name']}: classes {', '.join(card['class_names'])}",
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -35,8 +38,13 @@ def create_app(service: PredictionService) -> FastAPI:
 
     @app.get("/health", response_model=Health)
     def health() -> Health:
-        return Health(status="ok", variant=variant, model_hash=service.model_hash,
-                      cache_hits=service.cache.hits, cache_misses=service.cache.misses)
+        return Health(
+            status="ok",
+            variant=variant,
+            model_hash=service.model_hash,
+            cache_hits=service.cache.hits,
+            cache_misses=service.cache.misses,
+        )
 
     @app.get("/model")
     def model_card() -> dict[str, Any]:

@@ -26,9 +26,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.mlp = MLP(d_text, settings.d_model, settings.dropout)
         self.mlp_gate = Gate(d_text)
 
-    def forward(
-        self, text: torch.Tensor, series: torch.Tensor, series_mask: torch.Tensor
-    ) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, series: torch.Tensor, series_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, d_text) text states attend to the real steps of (B, T, d_series) series states."""
         x = text + self.attn_gate(self.attn(self.ln_attn(text), series, series_mask[:, None, :]))
         x = x + self.mlp_gate(self.mlp(self.ln_mlp(x)))

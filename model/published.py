@@ -138,8 +138,14 @@ def _hybrid(backbone: torch.nn.Module, manifest: Mapping[str, Any]) -> HybridFin
     if not isinstance(backbone, PreTrainedModel):  # load_variant's AutoModel, int8_dynamic's copy included
         raise TypeError(f"a published backbone is a Hugging Face model, got a {type(backbone).__name__}")
     with torch.random.fork_rng(devices=[]):  # the hybrid parts' random init is overwritten by the caller
-        return HybridFinGPT(backbone, manifest["family"], ModelConfig.from_mapping(manifest["model"]),
-                            manifest["num_classes"], manifest["num_features"], manifest["term_ids"])
+        return HybridFinGPT(
+            backbone,
+            manifest["family"],
+            ModelConfig.from_mapping(manifest["model"]),
+            manifest["num_classes"],
+            manifest["num_features"],
+            manifest["term_ids"],
+        )
 
 
 def _load_hybrid(model: HybridFinGPT, path: Path) -> None:

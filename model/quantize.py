@@ -62,8 +62,11 @@ def default_device(variant: str) -> torch.device:
 def bnb_config(variant: str, backbone: nn.Module) -> BitsAndBytesConfig:
     if variant == "bnb_int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    keep = [name for name, module in backbone.named_modules()
-            if isinstance(module, nn.Linear) and module.out_features % NF4_BLOCK]
+    keep = [
+        name
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.Linear) and module.out_features % NF4_BLOCK
+    ]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

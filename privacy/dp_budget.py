@@ -145,12 +145,21 @@ class PrivacyLedger:
             ledger.save()
             return ledger
         ledger = cls.load(path)
-        expected = {"run": run, "accountant": accountant, "delta": float(delta),
-                    "target_epsilon": None if target_epsilon is None else float(target_epsilon)}
-        found = {"run": ledger.run, "accountant": ledger.accountant, "delta": ledger.delta,
-                 "target_epsilon": ledger.target_epsilon}
-        differs = [f"{key} {found[key]!r} (asked for {expected[key]!r})"
-                   for key in expected if found[key] != expected[key]]
+        expected = {
+            "run": run,
+            "accountant": accountant,
+            "delta": float(delta),
+            "target_epsilon": None if target_epsilon is None else float(target_epsilon),
+        }
+        found = {
+            "run": ledger.run,
+            "accountant": ledger.accountant,
+            "delta": ledger.delta,
+            "target_epsilon": ledger.target_epsilon,
+        }
+        differs = [
+            f"{key} {found[key]!r} (asked for {expected[key]!r})" for key in expected if found[key] != expected[key]
+        ]
         if differs:
             raise LedgerError(
                 f"{path} belongs to another budget: {', '.join(differs)}. A ledger is fixed when it is "
@@ -314,8 +323,13 @@ class PrivacyLedger:
         pending = self.pending
         self.history, self.pending = self._charged(), None
         spent = self.epsilon_spent()
-        log.warning("%s: round %r never ended; its %d planned steps are charged in full (epsilon %.4f)",
-                    self.path, pending["round"], pending["steps"], spent)
+        log.warning(
+            "%s: round %r never ended; its %d planned steps are charged in full (epsilon %.4f)",
+            self.path,
+            pending["round"],
+            pending["steps"],
+            spent,
+        )
         self._log_round(pending, pending["steps"], spent, "unfinished, charged in full")
 
     def _log_round(self, pending: Mapping[str, Any], steps: int, spent: float, status: str) -> None:
@@ -363,13 +377,24 @@ def noise_multiplier_for(
         )
     except ValueError:
         raise BudgetExceeded(
-            ledger.epsilon_spent(), math.inf, ledger.target_epsilon, ledger.delta, planned_steps,
+            ledger.epsilon_spent(),
+            math.inf,
+            ledger.target_epsilon,
+            ledger.delta,
+            planned_steps,
             detail=f"privacy budget exhausted: no noise multiplier keeps {planned_steps} planned DP-SGD steps "
             f"within the bank's budget of {ledger.target_epsilon:g} (delta {ledger.delta:g}) under the "
             f"{ledger.accountant} accountant; raise the budget or plan fewer steps (prv certifies smaller epsilons)",
         ) from None
     spent = ledger.epsilon_after(Spend(sigma, sample_rate, planned_steps))
     ledger.set_plan(Plan(sigma, sample_rate, planned_steps, ledger.target_epsilon, spent))
-    log.info("%s: noise multiplier %.4f calibrated for %d steps at sample rate %.5f: epsilon %.3f of %g",
-             ledger.path, sigma, planned_steps, sample_rate, spent, ledger.target_epsilon)
+    log.info(
+        "%s: noise multiplier %.4f calibrated for %d steps at sample rate %.5f: epsilon %.3f of %g",
+        ledger.path,
+        sigma,
+        planned_steps,
+        sample_rate,
+        spent,
+        ledger.target_epsilon,
+    )
     return sigma

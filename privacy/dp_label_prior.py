@@ -40,8 +40,9 @@ def private_label_counts(
     released = ledger.released.get(RELEASE)
     if released is not None:
         if len(released) != num_classes:
-            raise LedgerError(f"{ledger.path}: {len(released)} label counts were released, the model has "
-                              f"{num_classes} classes")
+            raise LedgerError(
+                f"{ledger.path}: {len(released)} label counts were released, the model has {num_classes} classes"
+            )
         return np.asarray(released, dtype=np.float64)
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
     if len(counts) != num_classes:

@@ -21,8 +21,9 @@ from typing import Any
 from fingpt_federated.structured_config import build
 
 ACCOUNTANTS = ("prv", "rdp")
-BUDGET_KEYS = frozenset({"target_epsilon", "delta", "noise_multiplier", "accountant", "planned_rounds",
-                         "report_validation"})
+BUDGET_KEYS = frozenset(
+    {"target_epsilon", "delta", "noise_multiplier", "accountant", "planned_rounds", "report_validation"}
+)
 """What a bank may set for itself."""
 
 
@@ -173,7 +174,7 @@ def budget_from_flat(config: Mapping[str, Any], prefix: str = "dp-") -> dict[str
     for key, value in config.items():
         if not key.startswith(prefix):
             continue
-        name = key[len(prefix):].replace("-", "_")
+        name = key[len(prefix) :].replace("-", "_")
         if name not in BUDGET_KEYS:
             known = sorted(prefix + k.replace("_", "-") for k in BUDGET_KEYS)
             raise ValueError(f"{key!r} is not a privacy budget key; known: {known}")

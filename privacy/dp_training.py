@@ -150,8 +150,10 @@ def make_private(
             f"the loader batches {loader.batch_size} records, dp.logical_batch_size is {settings.logical_batch_size}"
         )
     if (settings.accountant, settings.delta) != (ledger.accountant, ledger.delta):
-        raise ValueError(f"settings ({settings.accountant}, delta {settings.delta}) differ from the ledger's "
-                         f"({ledger.accountant}, delta {ledger.delta})")
+        raise ValueError(
+            f"settings ({settings.accountant}, delta {settings.delta}) differ from the ledger's "
+            f"({ledger.accountant}, delta {ledger.delta})"
+        )
     dataset = loader.dataset
     if not isinstance(dataset, Sized):
         raise TypeError("DP-SGD samples from a map-style data set: the loader's data set has no length")

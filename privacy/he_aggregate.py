@@ -25,8 +25,9 @@ def aggregate(blobs: Sequence[bytes], he: HEContext) -> bytes:
     is in the result's header: `EncryptedUpdate.from_bytes(result).weight`.
     """
     if he.holds_secret_key:
-        raise SecretKeyRefused("aggregation runs on the operator's public context; "
-                               "refusing a context with a secret key")
+        raise SecretKeyRefused(
+            "aggregation runs on the operator's public context; refusing a context with a secret key"
+        )
     if not blobs:
         raise ValueError("nothing to aggregate: no encrypted updates")
     updates = [EncryptedUpdate.from_bytes(blob) for blob in blobs]
@@ -74,6 +75,7 @@ def _load_chunk(update: EncryptedUpdate, index: int, position: int, size: int, h
     except (ValueError, RuntimeError) as error:
         raise ValueError(f"encrypted update #{index}, ciphertext {position}: unreadable ({error})") from None
     if vector.size() != size:
-        raise ValueError(f"encrypted update #{index}, ciphertext {position}: "
-                         f"holds {vector.size()} slots, expected {size}")
+        raise ValueError(
+            f"encrypted update #{index}, ciphertext {position}: holds {vector.size()} slots, expected {size}"
+        )
     return vector

@@ -187,8 +187,12 @@ def key_ceremony(params: HEParams, out_dir: str | Path, *, overwrite: bool = Fal
         save_galois_keys=False,
         save_relin_keys=False,
     )
-    secret = write_new_owner_only(out / SECRET_NAME, _container(meta, secret_body), overwrite=overwrite,
-                                  what="replace the federation's secret context")
+    secret = write_new_owner_only(
+        out / SECRET_NAME,
+        _container(meta, secret_body),
+        overwrite=overwrite,
+        what="replace the federation's secret context",
+    )
     public = out / PUBLIC_NAME
     public.write_bytes(_container(meta, _public_body(he.context, params)))
     fingerprint_file = out / FINGERPRINT_NAME
@@ -245,8 +249,7 @@ def _load(path: Path) -> HEContext:
 def _check_expected(he: HEContext, expected: str | None, path: Path) -> None:
     if expected is not None and expected.strip().lower() != he.fingerprint:
         raise ContextMismatchError(
-            f"{path} has fingerprint {he.fingerprint} but {expected} was expected: "
-            "it comes from another key ceremony"
+            f"{path} has fingerprint {he.fingerprint} but {expected} was expected: it comes from another key ceremony"
         )
 
 
@@ -282,8 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`python -m privacy.he_context [OUT_DIR]`: run a key ceremony with the he.yaml parameters."""
     parser = argparse.ArgumentParser(description="Create the federation's CKKS context (key ceremony).")
     parser.add_argument("out_dir", type=Path, nargs="?", help="default: he.context_dir of the config")
-    parser.add_argument("--config", type=Path,
-                        help="a privacy config with an `he:` block (default: conf/privacy/he.yaml)")
+    parser.add_argument(
+        "--config", type=Path, help="a privacy config with an `he:` block (default: conf/privacy/he.yaml)"
+    )
     parser.add_argument("--force", action="store_true", help="replace an existing secret context")
     args = parser.parse_args(argv)
     from fingpt_federated.privacy.he_config import he_block_of_file  # it builds on HEParams, defined here

@@ -45,9 +45,7 @@ def encrypt_drift(local: Mapping[str, Any], initial: Mapping[str, Any], weight: 
     return encrypt_update(drift, weight, he)
 
 
-def decrypt_global(
-    initial: Mapping[str, Any], aggregate: bytes | None, he: HEContext
-) -> OrderedDict[str, np.ndarray]:
+def decrypt_global(initial: Mapping[str, Any], aggregate: bytes | None, he: HEContext) -> OrderedDict[str, np.ndarray]:
     """The global state: `initial` plus the decrypted (rounded) mean drift; `initial` itself before
     any round has been aggregated. float32 arrays, in the order of `initial`."""
     schema = schema_of(initial)

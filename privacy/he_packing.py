@@ -103,8 +103,9 @@ class EncryptedUpdate:
             )
         expected = math.ceil(self.num_params / he.params.slots)
         if len(self.chunks) != expected:
-            raise ValueError(f"{what} has {len(self.chunks)} ciphertexts "
-                             f"where {self.num_params} values need {expected}")
+            raise ValueError(
+                f"{what} has {len(self.chunks)} ciphertexts where {self.num_params} values need {expected}"
+            )
 
 
 def schema_of(state: Mapping[str, Any]) -> Schema:

@@ -33,6 +33,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fingpt_federated.privacy.atomic_file import write_new_owner_only
 
@@ -71,8 +72,9 @@ class UpdateBinding:
     ciphertext_hash: str
 
     @classmethod
-    def for_blob(cls, run_id: str, server_round: int, node_id: str | int, global_hash: str,
-                 blob: bytes) -> UpdateBinding:
+    def for_blob(
+        cls, run_id: str, server_round: int, node_id: str | int, global_hash: str, blob: bytes
+    ) -> UpdateBinding:
         return cls(str(run_id), int(server_round), str(node_id), global_hash, sha256_hex(blob))
 
     def message(self) -> bytes:
@@ -94,7 +96,7 @@ class UpdateBinding:
         }
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, str | int]) -> UpdateBinding:
+    def from_dict(cls, values: Mapping[str, Any]) -> UpdateBinding:
         return cls(
             run_id=str(values["run-id"]),
             server_round=int(values["server-round"]),
@@ -115,8 +117,12 @@ def new_mac_key() -> bytes:
 
 def write_mac_key(path: str | Path, *, overwrite: bool = False) -> Path:
     """Create a bank's MAC key file (hex, owner-only); refuse to replace one unless `overwrite`."""
-    return write_new_owner_only(path, (new_mac_key().hex() + "\n").encode("ascii"), overwrite=overwrite,
-                                what="replace the bank's update-binding key")
+    return write_new_owner_only(
+        path,
+        (new_mac_key().hex() + "\n").encode("ascii"),
+        overwrite=overwrite,
+        what="replace the bank's update-binding key",
+    )
 
 
 def read_mac_key(path: str | Path) -> bytes:
@@ -142,9 +148,7 @@ def tag_update(key: bytes, binding: UpdateBinding) -> str:
 class ReplayGuard:
     """The operator's gate in front of aggregation, for one run."""
 
-    def __init__(
-        self, run_id: str, keys: Mapping[str, bytes], seen: Mapping[str, Iterable[str]] | None = None
-    ) -> None:
+    def __init__(self, run_id: str, keys: Mapping[str, bytes], seen: Mapping[str, Iterable[str]] | None = None) -> None:
         self.run_id = str(run_id)
         self._keys = {str(node): key for node, key in keys.items()}
         self._seen_tags: set[str] = set((seen or {}).get("tags", ()))

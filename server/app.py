@@ -31,9 +31,10 @@ import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fingpt_federated.conf import save_resolved_config
+from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation import protocol, run_inputs
@@ -106,7 +107,7 @@ def _wait_for_nodes(grid: Grid, timeout_s: float = 60.0) -> list[int]:
 
 def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: Path) -> History:
     """Train `cfg.federation.rounds` rounds (fewer when resuming); write the final state and metrics."""
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = config_dict(cfg.model)
     model, tokenizer = build_model(model_cfg, spec.num_classes, spec.num_features)
     initial = federated_state(model)
     encryption = EncryptedRun.from_config(cfg, run_dir, initial)
@@ -138,7 +139,9 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
         strat = cfg.strategy
         steps = strat.get("local_steps")
         task = protocol.task_config(
-            model_cfg, spec.class_names, spec.num_features,
+            model_cfg,
+            spec.class_names,
+            spec.num_features,
             local_epochs=int(strat.get("local_epochs", 1)),
             local_steps=None if steps is None else int(steps),
             dp=dp_round_config(cfg),
@@ -151,16 +154,21 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
             num_rounds=rounds - done,
             timeout=float(strat.get("round_timeout", DEFAULT_ROUND_TIMEOUT_S)),
             train_config=task,
-            evaluate_config=protocol.task_config(model_cfg, spec.class_names, spec.num_features,
-                                                 dp=dp_round_config(cfg),  # whether banks may report metrics
-                                                 he=encryption.round_config() if encryption else None),
+            evaluate_config=protocol.task_config(
+                model_cfg,
+                spec.class_names,
+                spec.num_features,
+                dp=dp_round_config(cfg),  # whether banks may report metrics
+                he=encryption.round_config() if encryption else None,
+            ),
             evaluate_fn=round_end,
         )
     if encryption:
         final = encryption.write_final(round_end.arrays)
     else:
-        final = save_state(round_end.arrays, run_dir / FINAL_STATE,
-                           metadata={"rounds": str(rounds), "schema": checkpointer.schema})
+        final = save_state(
+            round_end.arrays, run_dir / FINAL_STATE, metadata={"rounds": str(rounds), "schema": checkpointer.schema}
+        )
     write_metrics(history, run_dir)
     log(INFO, "Global state after %d rounds: %s", rounds, final)
     log(INFO, "%s", publish_after_run(cfg, spec, history, run_dir, final))
@@ -175,7 +183,7 @@ def dp_round_config(cfg: DictConfig) -> dict[str, Any] | None:
     dp = None if privacy is None else privacy.get("dp")
     if dp is None or not dp.get("enabled", False):
         return None
-    block = OmegaConf.to_container(dp, resolve=True)
+    block = config_dict(dp)
     if block.get("planned_rounds") is None:
         block["planned_rounds"] = int(cfg.federation.rounds)
     DPSettings.from_mapping(block)
@@ -200,13 +208,13 @@ class CentralEvaluation:
     @classmethod
     def for_spec(
         cls, spec: FederationSpec, model: HybridFinGPT, tokenizer: Any, cfg: DictConfig
-    ) -> "CentralEvaluation | None":
+    ) -> CentralEvaluation | None:
         if not spec.test_dir:
             return None
         data = load_bank(spec.test_dir).train
-        if data.series is not None:
+        if data.series is not None and data.mask is not None:
             model.fit_normalizer(data.series, data.mask)
-        train_cfg = TrainConfig.from_mapping(OmegaConf.to_container(cfg.model.get("train") or {}, resolve=True))
+        train_cfg = TrainConfig.from_mapping(config_dict(cfg.model.train))
         return cls(model, tokenizer, data, train_cfg.eval_batch_size)
 
     def __call__(self, arrays: ArrayRecord) -> dict[str, float]:
@@ -245,7 +253,8 @@ class RoundEnd:
             self.checkpointer.save(round_number, arrays, self.history, self.server_state())
         write_metrics(self.history, self.run_dir)
         self.started = time.perf_counter()
-        return MetricRecord(metrics) if metrics else None
+        values: dict[str, int | float | list[int] | list[float]] = dict(metrics)
+        return MetricRecord(values) if values else None
 
 
 def write_metrics(history: History, run_dir: Path) -> None:

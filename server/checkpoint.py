@@ -67,8 +67,13 @@ class Checkpointer:
         self.schema = schema
         self.keep = keep
 
-    def save(self, server_round: int, arrays: ArrayRecord, history: History,
-             server_state: dict[str, np.ndarray] | None = None) -> Path:
+    def save(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        history: History,
+        server_state: dict[str, np.ndarray] | None = None,
+    ) -> Path:
         final = self.folder / f"{PREFIX}{server_round:04d}"
         self.folder.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=self.folder))

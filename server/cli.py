@@ -125,8 +125,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         tls = TlsFiles.in_folder(tls_folder(args.workdir))
         if tls.missing():
-            return fail(f"TLS files {[str(p) for p in tls.missing()]} are missing: run `fingpt-server init-ca` "
-                        "first (or pass --insecure for local development)", EXIT_USAGE)
+            return fail(
+                f"TLS files {[str(p) for p in tls.missing()]} are missing: run `fingpt-server init-ca` "
+                "first (or pass --insecure for local development)",
+                EXIT_USAGE,
+            )
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -143,8 +146,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = (args.run_dir or args.workdir / "runs" / stamp).resolve()
     settings = OperatorSettings(
-        workdir=args.workdir, tls=tls, fleet_host=args.fleet_host,
-        fleet_port=args.fleet_port, control_port=args.control_port,
+        workdir=args.workdir,
+        tls=tls,
+        fleet_host=args.fleet_host,
+        fleet_port=args.fleet_port,
+        control_port=args.control_port,
     )
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # stop the run and the services on `kill` too
     try:
@@ -195,23 +201,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_text: str, handler) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--workdir", type=Path, default=Path("consortium"), help="operator state (default ./consortium)")
+        sub.add_argument(
+            "--workdir", type=Path, default=Path("consortium"), help="operator state (default ./consortium)"
+        )
         sub.set_defaults(handler=handler)
         return sub
 
     hosts_help = "a name or IP banks dial (repeatable); loopback names are always included"
     init_ca = command("init-ca", "create the consortium CA and the server certificate", cmd_init_ca)
     init_ca.add_argument("--host", action="append", default=None, help=hosts_help)
-    init_ca.add_argument("--force", action="store_true", help="replace an existing CA (every bank needs the new ca.crt)")
+    init_ca.add_argument(
+        "--force", action="store_true", help="replace an existing CA (every bank needs the new ca.crt)"
+    )
 
     server_cert = command("server-cert", "re-issue the server certificate with the existing CA", cmd_server_cert)
     server_cert.add_argument("--host", action="append", default=None, help=hosts_help)
 
-    register = command("register-bank", "accept a bank's public key (KEY.pub from fingpt-client keygen)", cmd_register_bank)
+    register = command(
+        "register-bank", "accept a bank's public key (KEY.pub from fingpt-client keygen)", cmd_register_bank
+    )
     register.add_argument("public_key", type=Path)
-    register.add_argument("--name", help="bank name (default: the key file's name); an encrypted run's updates are "
-                          "bound to it, so use the bank's own name")
-    register.add_argument("--binding-key", type=Path, help="the bank's KEY.binding (encrypted runs; received confidentially)")
+    register.add_argument(
+        "--name",
+        help="bank name (default: the key file's name); an encrypted run's updates are "
+        "bound to it, so use the bank's own name",
+    )
+    register.add_argument(
+        "--binding-key", type=Path, help="the bank's KEY.binding (encrypted runs; received confidentially)"
+    )
 
     remove = command("remove-bank", "revoke a bank's key", cmd_remove_bank)
     remove.add_argument("name")
@@ -222,13 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="outputs; an existing one with checkpoints is resumed")
     run.add_argument("--fleet-host", default="0.0.0.0", help="where banks connect (default all interfaces)")
     run.add_argument("--fleet-port", type=int, default=DEFAULT_FLEET_PORT)
-    run.add_argument("--control-port", type=int, default=DEFAULT_CONTROL_PORT,
-                     help="the SuperLink's own port; bound to 127.0.0.1 only")
+    run.add_argument(
+        "--control-port",
+        type=int,
+        default=DEFAULT_CONTROL_PORT,
+        help="the SuperLink's own port; bound to 127.0.0.1 only",
+    )
     run.add_argument("--test-data", type=Path, help="the operator's held-out test set (data config or prepared folder)")
     run.add_argument("--bank-wait", type=float, default=600.0, help="seconds to wait for enough banks online")
     run.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (development only)")
-    run.add_argument("--he-public-context", type=Path,
-                     help="the ceremony's he_public.ctx (privacy=he); a context holding the secret key is refused")
+    run.add_argument(
+        "--he-public-context",
+        type=Path,
+        help="the ceremony's he_public.ctx (privacy=he); a context holding the secret key is refused",
+    )
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny_encoder federation.rounds=2")
     return parser
 

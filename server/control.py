@@ -65,7 +65,10 @@ class FlowerControl:
     def _call(self, *args: str, timeout: float = CALL_TIMEOUT_S) -> dict[str, Any]:
         result = subprocess.run(
             [bin_path("flwr"), *args, CONNECTION, "--format", "json"],
-            capture_output=True, text=True, timeout=timeout, env=flower_env(self.flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=flower_env(self.flwr_home),
         )
         try:
             reply = _json_tail(result.stdout)
@@ -101,7 +104,10 @@ class FlowerControl:
         """The run's log lines as the ServerApp writes them; ends when the run finishes."""
         with subprocess.Popen(
             [bin_path("flwr"), "log", str(run_id), CONNECTION, "--stream"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env(self.flwr_home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=flower_env(self.flwr_home),
         ) as proc:
             assert proc.stdout is not None
             try:
@@ -110,4 +116,3 @@ class FlowerControl:
                 if proc.poll() is None:
                     proc.terminate()
                 proc.wait(timeout=10)
-

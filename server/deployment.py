@@ -104,8 +104,9 @@ def wait_for_banks(control: FlowerControl, registry: BankRegistry, needed: int, 
     deadline = time.monotonic() + timeout
     last = None
     while True:
-        online = sorted(names.get(int(n["node-id"]), str(n["node-id"]))
-                        for n in control.nodes() if n.get("status") == "online")
+        online = sorted(
+            names.get(int(n["node-id"]), str(n["node-id"])) for n in control.nodes() if n.get("status") == "online"
+        )
         if online != last:
             print(f"banks online: {len(online)}/{needed} needed {online}", flush=True)
             last = online
@@ -160,8 +161,10 @@ def execute(settings: OperatorSettings, request: RunRequest) -> dict[str, Any]:
         for run_id in stop_orphaned_runs(control):
             print(f"stopped run {run_id}, left unfinished by a previous server process", flush=True)
         report = registry.sync(control)
-        print(f"banks: registered {report.registered}, unregistered {report.unregistered}, "
-              f"unchanged {report.unchanged}", flush=True)
+        print(
+            f"banks: registered {report.registered}, unregistered {report.unregistered}, unchanged {report.unchanged}",
+            flush=True,
+        )
 
     with OperatorServices(settings, before_gateway=admit_banks):
         wait_for_banks(control, registry, int(request.cfg.federation.min_banks), request.bank_wait_s)

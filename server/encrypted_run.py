@@ -48,15 +48,17 @@ class EncryptedRun:
     initial_hash: str
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, run_dir: Path, initial: Mapping[str, torch.Tensor]) -> "EncryptedRun | None":
+    def from_config(cls, cfg: DictConfig, run_dir: Path, initial: Mapping[str, torch.Tensor]) -> EncryptedRun | None:
         """None without HE; else the checked public context and keys (and the initial state written)."""
         if not he_enabled(cfg):
             return None
         he_cfg = cfg.privacy.he
         context_path, keys_dir = he_cfg.get("public_context"), he_cfg.get("binding_keys")
         if not context_path or not keys_dir:
-            raise ValueError("privacy.he.enabled needs privacy.he.public_context (the ceremony's he_public.ctx) "
-                             "and privacy.he.binding_keys (the folder of the banks' NAME.binding keys)")
+            raise ValueError(
+                "privacy.he.enabled needs privacy.he.public_context (the ceremony's he_public.ctx) "
+                "and privacy.he.binding_keys (the folder of the banks' NAME.binding keys)"
+            )
         he = load_public_context(Path(str(context_path)).expanduser())
         record = protocol.state_to_record(initial)
         save_state(record, run_dir / INITIAL_STATE, metadata={"fingerprint": he.fingerprint})
@@ -91,8 +93,12 @@ class EncryptedRun:
 
 def binding_keys(folder: Path) -> dict[str, bytes]:
     """{bank name: MAC key} from `NAME.binding` files; an empty folder is an error, not a silent run."""
-    keys = {path.name.removesuffix(BINDING_SUFFIX): read_mac_key(path) for path in sorted(folder.glob(f"*{BINDING_SUFFIX}"))}
+    keys = {
+        path.name.removesuffix(BINDING_SUFFIX): read_mac_key(path) for path in sorted(folder.glob(f"*{BINDING_SUFFIX}"))
+    }
     if not keys:
-        raise ValueError(f"no update-binding keys (*{BINDING_SUFFIX}) in {folder}: register each bank's key "
-                         "(fingpt-server register-bank KEY.pub --binding-key KEY.binding)")
+        raise ValueError(
+            f"no update-binding keys (*{BINDING_SUFFIX}) in {folder}: register each bank's key "
+            "(fingpt-server register-bank KEY.pub --binding-key KEY.binding)"
+        )
     return keys

@@ -26,8 +26,17 @@ HEALTH_PATH = "/health"
 # Hop-by-hop headers (RFC 9110 section 7.6.1) belong to one connection and are not forwarded;
 # content-length is recomputed for the streamed body.
 HOP_BY_HOP = frozenset(
-    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-     b"upgrade", b"host", b"content-length"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+    }
 )
 CONNECT_TIMEOUT_S = 10.0
 
@@ -91,20 +100,20 @@ class FleetGateway:
 
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in HOP_BY_HOP]
         # Forward exactly the path that was checked, without a query string (Flower sends none).
-        request = self.client.build_request(
-            method, path, headers=headers, content=body() if method == "POST" else None
-        )
+        request = self.client.build_request(method, path, headers=headers, content=body() if method == "POST" else None)
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TransportError:
             await _respond(send, 502, b"SuperLink unavailable\n")
             return
         try:
-            await send({
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP],
-            })
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP],
+                }
+            )
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -113,8 +122,13 @@ class FleetGateway:
 
 
 async def _respond(send: Send, status: int, text: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(text)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(text)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": text})
 
 
@@ -139,12 +153,19 @@ def main(argv: list[str] | None = None) -> None:
     if not args.insecure and not (args.ca and args.cert and args.key):
         parser.error("--ca, --cert and --key are required unless --insecure")
     scheme = "http" if args.insecure else "https"
-    gateway = FleetGateway(f"{scheme}://127.0.0.1:{args.upstream_port}",
-                           upstream_verify(None if args.insecure else args.ca))
+    gateway = FleetGateway(
+        f"{scheme}://127.0.0.1:{args.upstream_port}", upstream_verify(None if args.insecure else args.ca)
+    )
     uvicorn.run(
-        gateway, host=args.host, port=args.port, log_level="warning", access_log=False, server_header=False,
+        gateway,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        server_header=False,
         date_header=False,
-        ssl_certfile=None if args.insecure else args.cert, ssl_keyfile=None if args.insecure else args.key,
+        ssl_certfile=None if args.insecure else args.cert,
+        ssl_keyfile=None if args.insecure else args.key,
     )
 
 

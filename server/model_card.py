@@ -41,8 +41,11 @@ def model_hash(files: Mapping[str, Mapping[str, Any]]) -> str:
 def final_metrics(history: History) -> dict[str, Any]:
     """The last round's central test metrics and the banks' aggregated validation metrics, where present."""
     result: dict[str, Any] = {}
-    for key, phase, bank in (("test", CENTRAL, CENTRAL), ("banks_validation", "evaluate", FEDERATION),
-                             ("banks_training", "train", FEDERATION)):
+    for key, phase, bank in (
+        ("test", CENTRAL, CENTRAL),
+        ("banks_validation", "evaluate", FEDERATION),
+        ("banks_training", "train", FEDERATION),
+    ):
         rows = history.select(phase, bank)
         if rows:
             last = max(rows, key=lambda r: r.round)
@@ -55,8 +58,11 @@ def privacy_spent(history: History) -> dict[str, dict[str, float]]:
     spent: dict[str, dict[str, float]] = {}
     for row in sorted(history.select("train"), key=lambda r: r.round):
         if row.bank != FEDERATION and "epsilon" in row.metrics:
-            spent[row.bank] = {"epsilon": row.metrics["epsilon"], "delta": row.metrics.get("delta", math.nan),
-                               "round": row.round}
+            spent[row.bank] = {
+                "epsilon": row.metrics["epsilon"],
+                "delta": row.metrics.get("delta", math.nan),
+                "round": row.round,
+            }
     return spent
 
 
@@ -76,9 +82,12 @@ def write_card(folder: Path, card: Mapping[str, Any]) -> dict[str, Any]:
 def markdown(card: Mapping[str, Any]) -> str:
     base = card["base_model"]
     lines = [
-        f"# {card['name']}", "",
-        f"Published {card['date']} from run `{card['run']}`. Model hash `{card['model_hash']}`.", "",
-        "| | |", "| --- | --- |",
+        f"# {card['name']}",
+        "",
+        f"Published {card['date']} from run `{card['run']}`. Model hash `{card['model_hash']}`.",
+        "",
+        "| | |",
+        "| --- | --- |",
         f"| base model | {base['name']} (sha256 `{base['sha256']}`) |",
         f"| task | {', '.join(card['class_names'])} |",
         f"| series features | {', '.join(card['feature_names']) or 'none'} |",
@@ -88,11 +97,24 @@ def markdown(card: Mapping[str, Any]) -> str:
         f"| privacy | {_privacy(card['privacy'])} |",
         f"| series normaliser | {card['normalizer']} |",
         f"| state | {card['state_source']} |",
-        "", "## Final metrics", "", *_metric_lines(card["metrics"]),
-        "", "## Variants", "", "| variant | loads from | bytes | vs fp32 |", "| --- | --- | ---: | ---: |",
-        *(f"| {name} | {v['loads_from']} | {v['bytes']:,} | {v['ratio_to_fp32']:.2f} |"
-          for name, v in card["variants"].items()),
-        "", "## Files", "", "| file | bytes | sha256 |", "| --- | ---: | --- |",
+        "",
+        "## Final metrics",
+        "",
+        *_metric_lines(card["metrics"]),
+        "",
+        "## Variants",
+        "",
+        "| variant | loads from | bytes | vs fp32 |",
+        "| --- | --- | ---: | ---: |",
+        *(
+            f"| {name} | {v['loads_from']} | {v['bytes']:,} | {v['ratio_to_fp32']:.2f} |"
+            for name, v in card["variants"].items()
+        ),
+        "",
+        "## Files",
+        "",
+        "| file | bytes | sha256 |",
+        "| --- | ---: | --- |",
         *(f"| {path} | {f['bytes']:,} | `{f['sha256']}` |" for path, f in card["files"].items()),
     ]
     return "\n".join(lines) + "\n"
@@ -115,7 +137,10 @@ def _metric_lines(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
         return ["No metrics were recorded."]
     return [
         f"- {name} (round {values['round']}): "
-        + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                    for k, v in values.items() if k != "round" and v is not None)
+        + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in values.items()
+            if k != "round" and v is not None
+        )
         for name, values in metrics.items()
     ]

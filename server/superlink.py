@@ -110,8 +110,12 @@ class ManagedProcess:
         parent = os.getpid()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=self.env, start_new_session=True,
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
                 preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform == "linux" else None,
             )
 
@@ -189,33 +193,50 @@ class OperatorSettings:
 def superlink_command(settings: OperatorSettings) -> list[str]:
     command = [
         bin_path("flower-superlink"),
-        "--host", LOOPBACK, "--port", str(settings.control_port),
-        "--database", str(settings.database),
-        "--isolation", "subprocess",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(settings.control_port),
+        "--database",
+        str(settings.database),
+        "--isolation",
+        "subprocess",
         "--disable-runtime-dependency-installation",
     ]
     if settings.tls is None:
         return command + ["--insecure"]
     return command + [
-        "--ssl-ca-certfile", str(settings.tls.ca_cert),
-        "--ssl-certfile", str(settings.tls.server_cert),
-        "--ssl-keyfile", str(settings.tls.server_key),
+        "--ssl-ca-certfile",
+        str(settings.tls.ca_cert),
+        "--ssl-certfile",
+        str(settings.tls.server_cert),
+        "--ssl-keyfile",
+        str(settings.tls.server_key),
         "--enable-supernode-auth",
     ]
 
 
 def gateway_command(settings: OperatorSettings) -> list[str]:
     command = [
-        sys.executable, "-m", "fingpt_federated.server.fleet_gateway",
-        "--host", settings.fleet_host, "--port", str(settings.fleet_port),
-        "--upstream-port", str(settings.control_port),
+        sys.executable,
+        "-m",
+        "fingpt_federated.server.fleet_gateway",
+        "--host",
+        settings.fleet_host,
+        "--port",
+        str(settings.fleet_port),
+        "--upstream-port",
+        str(settings.control_port),
     ]
     if settings.tls is None:
         return command + ["--insecure"]
     return command + [
-        "--ca", str(settings.tls.ca_cert),
-        "--cert", str(settings.tls.server_cert),
-        "--key", str(settings.tls.server_key),
+        "--ca",
+        str(settings.tls.ca_cert),
+        "--cert",
+        str(settings.tls.server_cert),
+        "--key",
+        str(settings.tls.server_key),
     ]
 
 
@@ -230,8 +251,9 @@ class OperatorServices(AbstractContextManager["OperatorServices"]):
         self.settings = settings
         self.before_gateway = before_gateway
         env = flower_env(settings.flwr_home)
-        self.superlink = ManagedProcess("SuperLink", superlink_command(settings), settings.log_dir / "superlink.log",
-                                        env)
+        self.superlink = ManagedProcess(
+            "SuperLink", superlink_command(settings), settings.log_dir / "superlink.log", env
+        )
         self.gateway = ManagedProcess("fleet gateway", gateway_command(settings), settings.log_dir / "gateway.log", env)
 
     def start(self) -> None:

@@ -80,9 +80,15 @@ def print_table(data_name: str, rows: list[dict[str, Any]], majority: float) -> 
         table.add_column(column, justify="right")
     for row in rows:
         auc = row.get("test_roc_auc")
-        table.add_row(row["variant"], f"{row['test_accuracy']:.4f}", f"{row['test_macro_f1']:.4f}",
-                      "-" if auc is None else f"{auc:.4f}", str(row["epochs_run"]),
-                      f"{row['steps_per_second']:.2f}", f"{row['state_bytes']:,}")
+        table.add_row(
+            row["variant"],
+            f"{row['test_accuracy']:.4f}",
+            f"{row['test_macro_f1']:.4f}",
+            "-" if auc is None else f"{auc:.4f}",
+            str(row["epochs_run"]),
+            f"{row['steps_per_second']:.2f}",
+            f"{row['state_bytes']:,}",
+        )
     Console().print(table)
 
 
@@ -103,9 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     print_table(cfg.data.name, rows, majority)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"data": cfg.data.name, "majority_accuracy": majority,
-                                        "model": OmegaConf.to_container(cfg.model, resolve=True),
-                                        "results": rows}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "data": cfg.data.name,
+                    "majority_accuracy": majority,
+                    "model": OmegaConf.to_container(cfg.model, resolve=True),
+                    "results": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

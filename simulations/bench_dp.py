@@ -93,8 +93,7 @@ class StepTime(TypedDict):
     device: str
 
 
-def step_time(model_name: str, steps: int, warmup: int, batch: int, threads: int,
-              device: str = "cpu") -> StepTime:
+def step_time(model_name: str, steps: int, warmup: int, batch: int, threads: int, device: str = "cpu") -> StepTime:
     """Median seconds per step and per example, DP and not, and their ratios."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -112,10 +111,17 @@ def step_time(model_name: str, steps: int, warmup: int, batch: int, threads: int
         plain_opt = torch.optim.AdamW(list(trainable_parameters(plain).values()), lr=lr)
         plain_batches = _cycle(make_loader(data, tokenizer, plain.config.max_length, batch, shuffle=True))
 
-        settings = DPSettings(enabled=True, target_epsilon=None, noise_multiplier=1.0, accountant="rdp",
-                              logical_batch_size=batch, physical_batch_size=batch)
-        ledger = PrivacyLedger.open(ledger_path(work, "bench"), run="bench", accountant="rdp",
-                                    delta=settings.delta, target_epsilon=None)
+        settings = DPSettings(
+            enabled=True,
+            target_epsilon=None,
+            noise_multiplier=1.0,
+            accountant="rdp",
+            logical_batch_size=batch,
+            physical_batch_size=batch,
+        )
+        ledger = PrivacyLedger.open(
+            ledger_path(work, "bench"), run="bench", accountant="rdp", delta=settings.delta, target_epsilon=None
+        )
         dp_opt = torch.optim.AdamW(list(trainable_parameters(private_model).values()), lr=lr)
         loader = make_loader(data, tokenizer, private_model.config.max_length, batch, shuffle=True)
         total = steps + warmup
@@ -168,14 +174,36 @@ def _cuda_clock() -> float:
     return time.perf_counter()
 
 
-TFNS_DIRICHLET = ("data=tfns", "federation=dirichlet", "federation.num_banks=10", "federation.alpha=0.3",
-                  "federation.rounds=8", "strategy=fedavg", "strategy.local_steps=5", "model.train.lr=2e-3",
-                  "model.train.logit_adjustment=1.0", "model.train.progress=false", "publish.enabled=false")
-CREDIT_SEGMENTS = ("data=credit_taiwan", "federation=natural", "federation.key=EDUCATION", "federation.rounds=5",
-                   "strategy=fedavg", "strategy.local_steps=5", "model.train.lr=2e-3", "model.train.progress=false",
-                   "publish.enabled=false")
-TFNS_DP = ("privacy.dp.logical_batch_size=128", "privacy.dp.optimizer=sgd", "privacy.dp.lr=0.5",
-           "privacy.dp.max_grad_norm=2.0")
+TFNS_DIRICHLET = (
+    "data=tfns",
+    "federation=dirichlet",
+    "federation.num_banks=10",
+    "federation.alpha=0.3",
+    "federation.rounds=8",
+    "strategy=fedavg",
+    "strategy.local_steps=5",
+    "model.train.lr=2e-3",
+    "model.train.logit_adjustment=1.0",
+    "model.train.progress=false",
+    "publish.enabled=false",
+)
+CREDIT_SEGMENTS = (
+    "data=credit_taiwan",
+    "federation=natural",
+    "federation.key=EDUCATION",
+    "federation.rounds=5",
+    "strategy=fedavg",
+    "strategy.local_steps=5",
+    "model.train.lr=2e-3",
+    "model.train.progress=false",
+    "publish.enabled=false",
+)
+TFNS_DP = (
+    "privacy.dp.logical_batch_size=128",
+    "privacy.dp.optimizer=sgd",
+    "privacy.dp.lr=0.5",
+    "privacy.dp.max_grad_norm=2.0",
+)
 """The TFNS DP rows' recipe: expected Poisson batch 128 (also the batch of the row without DP: 128 keeps
 a round's compute near FedAvg's 10 steps of 32), SGD with momentum at lr 0.5, clipping bound 2.
 Why, and every alternative measured: docs/privacy-utility.md."""
@@ -183,8 +211,14 @@ CREDIT_DP = ("privacy.dp.logical_batch_size=128", "privacy.dp.lr=1e-2", "privacy
 """The credit DP rows' recipe: AdamW at dp.lr 1e-2, clip 5. Why: docs/privacy-utility.md."""
 
 
-def utility(base: tuple[str, ...], recipe: tuple[str, ...], epsilons: list[float], out: Path,
-            overrides: list[str], seeds: tuple[int, ...] = (0,)) -> list[dict[str, float]]:
+def utility(
+    base: tuple[str, ...],
+    recipe: tuple[str, ...],
+    epsilons: list[float],
+    out: Path,
+    overrides: list[str],
+    seeds: tuple[int, ...] = (0,),
+) -> list[dict[str, float]]:
     """One simulated federation without DP and one per target epsilon, per seed; final central test metrics.
 
     The row without DP trains with DP's batch size (dp.logical_batch_size) and its own learning
@@ -262,8 +296,10 @@ def _finished(run_dir: Path, cfg) -> bool:
 def _row(row: dict[str, float]) -> str:
     target = "no DP" if math.isinf(row["target_epsilon"]) else f"{row['target_epsilon']:g}"
     seed = f"mean (sd {row['accuracy_sd']:.4f})" if math.isnan(row["seed"]) else f"{row['seed']:g}"
-    return (f"| {target:>6} | {seed} | {row['accuracy']:.4f} | {row['ratio']:.3f} | {row['macro_f1']:.4f} | "
-            f"{row['roc_auc']:.4f} | {row['max_bank_epsilon']:.3f} | {row['declined']} | {row['seconds']:.0f} |")
+    return (
+        f"| {target:>6} | {seed} | {row['accuracy']:.4f} | {row['ratio']:.3f} | {row['macro_f1']:.4f} | "
+        f"{row['roc_auc']:.4f} | {row['max_bank_epsilon']:.3f} | {row['declined']} | {row['seconds']:.0f} |"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -279,8 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     for name, defaults in (("utility", [1.0, 3.0, 8.0]), ("credit", [8.0])):
         sub = commands.add_parser(name, help=f"{name} of DP federations against no DP (full simulations)")
         sub.add_argument("--epsilons", type=float, nargs="+", default=defaults)
-        sub.add_argument("--seeds", type=int, nargs="+", default=[0],
-                         help="model seeds (initialisation, training order); several: a mean row per setting")
+        sub.add_argument(
+            "--seeds",
+            type=int,
+            nargs="+",
+            default=[0],
+            help="model seeds (initialisation, training order); several: a mean row per setting",
+        )
         sub.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation.rounds=3")
     args = parser.parse_args(argv)
@@ -289,21 +330,33 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as scratch:
             out = args.out or Path(scratch)
             print(f"{args.command}: {' '.join([*base, *args.overrides])}")
-            print("| target epsilon | seed | test accuracy | vs no DP | macro-F1 | ROC AUC | max bank epsilon "
-                  "| declined | seconds |")
+            print(
+                "| target epsilon | seed | test accuracy | vs no DP | macro-F1 | ROC AUC | max bank epsilon "
+                "| declined | seconds |"
+            )
             print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-            utility(base, TFNS_DP if args.command == "utility" else CREDIT_DP, args.epsilons, out, args.overrides,
-                    tuple(args.seeds))
+            utility(
+                base,
+                TFNS_DP if args.command == "utility" else CREDIT_DP,
+                args.epsilons,
+                out,
+                args.overrides,
+                tuple(args.seeds),
+            )
         return
     if args.command == "step-time":
         result = step_time(args.model, args.steps, args.warmup, args.batch, args.threads, args.device)
-        print(f"model {args.model}, batch {args.batch}, {result['steps_timed']} timed steps of each kind, "
-              f"on {result['device']} ({args.threads} CPU thread(s))")
+        print(
+            f"model {args.model}, batch {args.batch}, {result['steps_timed']} timed steps of each kind, "
+            f"on {result['device']} ({args.threads} CPU thread(s))"
+        )
         print(f"  non-private step: {result['plain_s_per_step']:.3f} s")
         print(f"  DP-SGD step:      {result['dp_s_per_step']:.3f} s")
         verdict = "within" if result["ratio_per_step"] <= TARGET_RATIO else "ABOVE"
-        print(f"  DP / non-DP: {result['ratio_per_step']:.3f}x per step, {result['ratio_per_example']:.3f}x per "
-              f"example ({verdict} the {TARGET_RATIO}x target)")
+        print(
+            f"  DP / non-DP: {result['ratio_per_step']:.3f}x per step, {result['ratio_per_example']:.3f}x per "
+            f"example ({verdict} the {TARGET_RATIO}x target)"
+        )
 
 
 if __name__ == "__main__":

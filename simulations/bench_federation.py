@@ -58,19 +58,36 @@ def round_times(summary: SimulationSummary) -> dict[str, float]:
 
 
 def bench_rounds(out: Path) -> dict:
-    cfg = config("model=tiny_encoder", "federation=iid", "federation.num_banks=3", "federation.rounds=3",
-                 "strategy.local_steps=10")
+    cfg = config(
+        "model=tiny_encoder",
+        "federation=iid",
+        "federation.num_banks=3",
+        "federation.rounds=3",
+        "strategy.local_steps=10",
+    )
     summary, seconds = timed(cfg, out / "rounds")
     return {"banks": 3, "sampled": 3, "run_s": seconds, **round_times(summary)}
 
 
 def bench_scale(out: Path) -> dict:
-    cfg = config("model=tiny_encoder", "federation=iid", "federation.num_banks=100", "federation.min_size=5",
-                 "federation.rounds=2", "federation.fraction_train=0.1", "federation.fraction_evaluate=0.1",
-                 "strategy.local_steps=5")
+    cfg = config(
+        "model=tiny_encoder",
+        "federation=iid",
+        "federation.num_banks=100",
+        "federation.min_size=5",
+        "federation.rounds=2",
+        "federation.fraction_train=0.1",
+        "federation.fraction_evaluate=0.1",
+        "strategy.local_steps=5",
+    )
     summary, seconds = timed(cfg, out / "scale")
-    return {"banks": 100, "sampled": summary.final.banks_ok, "run_s": seconds, **round_times(summary),
-            "final_test_accuracy": summary.final.test_accuracy}
+    return {
+        "banks": 100,
+        "sampled": summary.final.banks_ok,
+        "run_s": seconds,
+        **round_times(summary),
+        "final_test_accuracy": summary.final.test_accuracy,
+    }
 
 
 def bench_tfns(out: Path, rounds: int, local_steps: int, model: str, save: Callable[[dict], None]) -> dict:
@@ -78,8 +95,16 @@ def bench_tfns(out: Path, rounds: int, local_steps: int, model: str, save: Calla
     so an interrupted run keeps what it measured."""
     if not (shared_data_root() / "tfns").is_dir():
         return {"skipped": f"no TFNS data under {shared_data_root()}"}
-    common = ["data=tfns", f"model={model}", "federation=dirichlet", "federation.num_banks=10", "federation.alpha=0.3",
-              f"federation.rounds={rounds}", f"strategy.local_steps={local_steps}", "model.train.progress=false"]
+    common = [
+        "data=tfns",
+        f"model={model}",
+        "federation=dirichlet",
+        "federation.num_banks=10",
+        "federation.alpha=0.3",
+        f"federation.rounds={rounds}",
+        f"strategy.local_steps={local_steps}",
+        "model.train.progress=false",
+    ]
     results: dict = {"rounds": rounds, "local_steps": local_steps, "model": model}
     for strategy in ("fedavg", "fedprox"):
         cfg = config(*common, f"strategy={strategy}")

@@ -50,8 +50,9 @@ class Alternative:
 def alternatives(banks: int) -> list[Alternative]:
     """The measured grid. Smaller data moduli get the largest scale that still holds 10 x 1e4."""
 
-    def alt(n: int, moduli: Sequence[int], scale: int, encryption: str, note: str,
-            summands: int = banks) -> Alternative:
+    def alt(
+        n: int, moduli: Sequence[int], scale: int, encryption: str, note: str, summands: int = banks
+    ) -> Alternative:
         params = HEParams(n, tuple(moduli), scale, encryption, max_summands=summands)
         return Alternative(params, note)
 
@@ -111,8 +112,9 @@ def run_weighting(he: HEContext, updates: list[dict[str, np.ndarray]], weights: 
     }
 
 
-def measure(alternative: Alternative, updates: list[dict[str, np.ndarray]],
-            mixed: np.ndarray) -> dict[str, float | str]:
+def measure(
+    alternative: Alternative, updates: list[dict[str, np.ndarray]], mixed: np.ndarray
+) -> dict[str, float | str]:
     """One table row; a `failure` instead of numbers when the parameters cannot hold the workload."""
     params = alternative.params
     he = new_context(params)
@@ -160,8 +162,12 @@ def format_table(rows: list[dict[str, float | str]], banks: int) -> str:
         if "failure" in row:
             cells += ["-", "-", f"{row['raw_bpp']:.0f}"] + ["-"] * 9 + ["no", f"{row['note']}: {row['failure']}"]
         else:
-            cells += [f"{row['up_bpp']:.2f}", f"{row['down_bpp']:.2f}", f"{row['raw_bpp']:.0f}",
-                      f"{row['x_fp32']:.1f}x"]
+            cells += [
+                f"{row['up_bpp']:.2f}",
+                f"{row['down_bpp']:.2f}",
+                f"{row['raw_bpp']:.0f}",
+                f"{row['x_fp32']:.1f}x",
+            ]
             cells += [f"{row['encrypt_s']:.2f}", f"{row['aggregate_s']:.2f}", f"{row['decrypt_s']:.2f}"]
             cells += [f"{row['err_mixed']:.1e}", f"{row['err_ones']:.1e}", f"{row['published']:.1e}"]
             headroom = f"{row['headroom']:.0f}" if float(row["headroom"]) < 1e6 else ">1e6"

@@ -26,8 +26,14 @@ from fingpt_federated.simulations.bench_federation import config
 from fingpt_federated.simulations.report import wire_bytes_per_parameter
 from fingpt_federated.simulations.sim import simulate
 
-DEFAULTS = ("model=minilm", "federation=iid", "federation.num_banks=3", "federation.rounds=3",
-            "strategy.local_steps=4", "model.max_length=32")
+DEFAULTS = (
+    "model=minilm",
+    "federation=iid",
+    "federation.num_banks=3",
+    "federation.rounds=3",
+    "strategy.local_steps=4",
+    "model.max_length=32",
+)
 
 
 def measure(overrides: list[str], privacy: str, run_dir: Path) -> dict[str, float]:
@@ -36,8 +42,13 @@ def measure(overrides: list[str], privacy: str, run_dir: Path) -> dict[str, floa
     params = sum(value.size for value in load_file(str(run_dir / FINAL_STATE)).values())
     up, down = wire_bytes_per_parameter(history, params)
     warm = [r.seconds for r in summary.rounds if r.round >= 2 and not math.isnan(r.seconds)]
-    return {"params": params, "round_s": sum(warm) / len(warm), "up_bytes_per_param": up,
-            "down_bytes_per_param": down, "final_test_accuracy": summary.final.test_accuracy}
+    return {
+        "params": params,
+        "round_s": sum(warm) / len(warm),
+        "up_bytes_per_param": up,
+        "down_bytes_per_param": down,
+        "final_test_accuracy": summary.final.test_accuracy,
+    }
 
 
 def main() -> None:
@@ -47,7 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     runs = {privacy: measure(args.overrides, privacy, args.out / privacy) for privacy in ("none", "he")}
     results: dict[str, dict[str, float] | float] = {
-        **runs, "he_over_plain_round_time": runs["he"]["round_s"] / runs["none"]["round_s"],
+        **runs,
+        "he_over_plain_round_time": runs["he"]["round_s"] / runs["none"]["round_s"],
     }
     (args.out / "bench_he_rounds.json").write_text(json.dumps(jsonable(results), indent=2), encoding="utf-8")
     print(json.dumps(jsonable(results), indent=2))

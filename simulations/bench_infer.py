@@ -65,8 +65,13 @@ WARMUP = 3
 def news_sets(seed: int = 0) -> tuple[BankDataset, BankDataset]:
     """(train, test) of synthetic news: 5 banks, the last 300 rows held out."""
     frame = generate_news(5, 400, seed).sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    data = BankDataset(texts=frame["text"].tolist(), series=None, mask=None,
-                       labels=frame["sentiment"].map(SENTIMENTS.index).to_numpy(), class_names=list(SENTIMENTS))
+    data = BankDataset(
+        texts=frame["text"].tolist(),
+        series=None,
+        mask=None,
+        labels=frame["sentiment"].map(SENTIMENTS.index).to_numpy(),
+        class_names=list(SENTIMENTS),
+    )
     return data.subset(range(len(data) - 300)), data.subset(range(len(data) - 300, len(data)))
 
 
@@ -77,16 +82,25 @@ def train_and_publish(model_name: str, steps: int, root: Path) -> tuple[Path, Ba
     cfg = compose_config([f"model={model_name}", "federation.rounds=1"])
     train, test = news_sets()
     model, tokenizer = build_model(config_dict(cfg.model), len(SENTIMENTS), 0)
-    train_cfg = TrainConfig.from_mapping({**config_dict(cfg.model.train, resolve=False), "progress": False,
-                                          "epochs": 5})
+    train_cfg = TrainConfig.from_mapping(
+        {**config_dict(cfg.model.train, resolve=False), "progress": False, "epochs": 5}
+    )
     started = time.perf_counter()
     train_local(model, tokenizer, train, train_cfg, max_steps=steps)
     print(f"trained {steps} steps in {time.perf_counter() - started:.0f} s")
     test_dir = save_bank(BankData("test", test, None), root / "test")
     spec = FederationSpec(list(SENTIMENTS), 0, str(test_dir))
     started = time.perf_counter()
-    publish(federated_state(model), cfg, spec, History(), root / "model", VARIANTS, run="bench_infer",
-            state_source="a centrally trained state (benchmark)")
+    publish(
+        federated_state(model),
+        cfg,
+        spec,
+        History(),
+        root / "model",
+        VARIANTS,
+        run="bench_infer",
+        state_source="a centrally trained state (benchmark)",
+    )
     print(f"published {len(VARIANTS)} variants in {time.perf_counter() - started:.0f} s")
     return root / "model", test
 
@@ -117,8 +131,9 @@ def over_http(service: PredictionService, record: dict[str, Any], seconds: float
             time.sleep(0.05)
         port = server.servers[0].sockets[0].getsockname()[1]
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-            return timed(lambda: http.post("/predict", json={**record, "explain": False}).raise_for_status(),
-                         seconds, requests)
+            return timed(
+                lambda: http.post("/predict", json={**record, "explain": False}).raise_for_status(), seconds, requests
+            )
     finally:
         server.should_exit = True
         thread.join()
@@ -141,24 +156,49 @@ def measure(folder: Path, variant: str, test: BankDataset, args: argparse.Namesp
     http = over_http(service, {"text": test.texts[0]}, args.seconds, args.requests)
     info = card["variants"][variant]
     return {
-        "variant": variant, "device": str(published.device),
-        "p50_ms": percentile(single, 50), "p99_ms": percentile(single, 99), "samples": len(single),
-        "http_p50_ms": percentile(http, 50), "http_p99_ms": percentile(http, 99), "http_samples": len(http),
-        "batch32_per_s": throughput, "bytes": info["bytes"], "ratio_to_fp32": info["ratio_to_fp32"],
+        "variant": variant,
+        "device": str(published.device),
+        "p50_ms": percentile(single, 50),
+        "p99_ms": percentile(single, 99),
+        "samples": len(single),
+        "http_p50_ms": percentile(http, 50),
+        "http_p99_ms": percentile(http, 99),
+        "http_samples": len(http),
+        "batch32_per_s": throughput,
+        "bytes": info["bytes"],
+        "ratio_to_fp32": info["ratio_to_fp32"],
         "accuracy": accuracy,
     }
 
 
 def print_table(rows: list[dict[str, Any]], console: Console) -> None:
     table = Table(title=f"fingpt-infer, one request = one text, {torch.get_num_threads()} torch threads")
-    for column in ("variant", "device", "p50 ms", "p99 ms (n)", "HTTP p50 ms", "HTTP p99 ms (n)",
-                   "batch-32 rec/s", "MB", "vs fp32", "accuracy"):
+    for column in (
+        "variant",
+        "device",
+        "p50 ms",
+        "p99 ms (n)",
+        "HTTP p50 ms",
+        "HTTP p99 ms (n)",
+        "batch-32 rec/s",
+        "MB",
+        "vs fp32",
+        "accuracy",
+    ):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(r["variant"], r["device"], f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f} ({r['samples']})",
-                      f"{r['http_p50_ms']:.1f}", f"{r['http_p99_ms']:.1f} ({r['http_samples']})",
-                      f"{r['batch32_per_s']:.1f}", f"{r['bytes'] / 1e6:.1f}", f"{r['ratio_to_fp32']:.2f}",
-                      f"{r['accuracy']:.4f}")
+        table.add_row(
+            r["variant"],
+            r["device"],
+            f"{r['p50_ms']:.1f}",
+            f"{r['p99_ms']:.1f} ({r['samples']})",
+            f"{r['http_p50_ms']:.1f}",
+            f"{r['http_p99_ms']:.1f} ({r['http_samples']})",
+            f"{r['batch32_per_s']:.1f}",
+            f"{r['bytes'] / 1e6:.1f}",
+            f"{r['ratio_to_fp32']:.2f}",
+            f"{r['accuracy']:.4f}",
+        )
     console.print(table)
 
 
@@ -185,8 +225,9 @@ def main() -> None:
     print_table(rows, Console(width=160))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": args.model, "steps": args.steps, "threads": args.threads,
-                                        "rows": rows}, indent=2))
+        args.out.write_text(
+            json.dumps({"model": args.model, "steps": args.steps, "threads": args.threads, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -119,8 +119,16 @@ def run_flower_simulation(
     superlink = ManagedProcess(
         "simulation SuperLink",
         [
-            bin_path("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-            "--host", LOOPBACK, "--port", str(port), "--disable-runtime-dependency-installation",
+            bin_path("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(port),
+            "--disable-runtime-dependency-installation",
         ],
         flower_dir / "superlink.log",
         env,

@@ -1,7 +1,7 @@
 """`fingpt-partition`: deal a data set out to banks and show who holds what (table, CSV, heat-map).
 
-    fingpt-partition data=tfns federation=dirichlet federation.alpha=0.3 federation.num_banks=10
-    fingpt-partition data=credit_taiwan federation.key=EDUCATION
+fingpt-partition data=tfns federation=dirichlet federation.alpha=0.3 federation.num_banks=10
+fingpt-partition data=credit_taiwan federation.key=EDUCATION
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ def main(cfg: DictConfig) -> None:
     console = Console()
     layout = prepare_federation(cfg, out_dir)
     files = report(layout, out_dir, describe(cfg), console)
-    console.print(f"{len(layout.bank_dirs)} banks written under {out_dir / 'banks'}; "
-                  f"global test set: {layout.test_dir}")
+    console.print(
+        f"{len(layout.bank_dirs)} banks written under {out_dir / 'banks'}; global test set: {layout.test_dir}"
+    )
     for kind, path in files.items():
         console.print(f"{kind}: {path}")
 

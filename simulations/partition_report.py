@@ -23,9 +23,7 @@ def label_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) 
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
-        )
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     rows = [np.bincount(labels[part], minlength=num_classes) for part in parts]
     return np.array(rows, dtype=np.int64).reshape(len(parts), num_classes)
 
@@ -75,9 +73,7 @@ def save_heatmap(
     shares = _row_shares(counts)
     image = axes.imshow(shares, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
     axes.set_xticks(range(num_classes), labels=[str(n) for n in class_names], rotation=30)
-    axes.set_yticks(
-        range(num_banks), labels=[str(n) for n in bank_names], fontsize=8 if num_banks > 40 else 10
-    )
+    axes.set_yticks(range(num_banks), labels=[str(n) for n in bank_names], fontsize=8 if num_banks > 40 else 10)
     axes.set_xlabel("class")
     axes.set_ylabel("bank")
     axes.set_title(title)
@@ -119,14 +115,11 @@ def write_csv(
     return path
 
 
-def _checked(
-    counts: np.ndarray, bank_names: Sequence[str], class_names: Sequence[str]
-) -> np.ndarray:
+def _checked(counts: np.ndarray, bank_names: Sequence[str], class_names: Sequence[str]) -> np.ndarray:
     counts = np.asarray(counts)
     if counts.ndim != 2 or counts.shape != (len(bank_names), len(class_names)):
         raise ValueError(
-            f"counts of shape {counts.shape} do not match {len(bank_names)} bank names "
-            f"x {len(class_names)} class names"
+            f"counts of shape {counts.shape} do not match {len(bank_names)} bank names x {len(class_names)} class names"
         )
     return counts
 

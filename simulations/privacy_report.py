@@ -44,8 +44,15 @@ def epsilon_section(history: History, budgets: Mapping[str, float | None]) -> li
     deltas = {r.bank: r.metrics["delta"] for r in history.select("train") if "delta" in r.metrics}
     rounds = sorted({number for per_round in cells.values() for number in per_round})
     header = ["bank", "budget (epsilon)", "delta", *[f"round {n}" for n in rounds]]
-    rows = [[bank, _budget(budgets.get(bank)), f"{deltas[bank]:g}" if bank in deltas else "-",
-             *[_cell(cells[bank].get(n)) for n in rounds]] for bank in sorted(cells)]
+    rows = [
+        [
+            bank,
+            _budget(budgets.get(bank)),
+            f"{deltas[bank]:g}" if bank in deltas else "-",
+            *[_cell(cells[bank].get(n)) for n in rounds],
+        ]
+        for bank in sorted(cells)
+    ]
     return [
         "## Privacy: epsilon each bank has spent (whole run so far) after every round",
         "Record-level (epsilon, delta)-DP of each bank's customers; a bank whose next round would exceed its "
@@ -60,7 +67,7 @@ def plot_epsilon(history: History, budgets: Mapping[str, float | None], path: Pa
     fig, ax = plt.subplots(figsize=(7, 4))
     for bank, per_round in sorted(epsilon_by_bank(history).items()):
         spent = [(n, value) for n, value in sorted(per_round.items()) if not isinstance(value, str)]
-        line, = ax.plot([n for n, _ in spent], [value for _, value in spent], marker="o", label=bank)
+        (line,) = ax.plot([n for n, _ in spent], [value for _, value in spent], marker="o", label=bank)
         last = 0.0
         for n, value in sorted(per_round.items()):
             if isinstance(value, str):
@@ -70,8 +77,15 @@ def plot_epsilon(history: History, budgets: Mapping[str, float | None], path: Pa
     limits = sorted({b for b in budgets.values() if b is not None})
     for budget in limits:
         ax.axhline(budget, linestyle="--", color="grey", linewidth=1)
-        ax.annotate(f"budget {budget:g}", (0, budget), xycoords=("axes fraction", "data"), xytext=(2, 2),
-                    textcoords="offset points", fontsize=7, color="grey")
+        ax.annotate(
+            f"budget {budget:g}",
+            (0, budget),
+            xycoords=("axes fraction", "data"),
+            xytext=(2, 2),
+            textcoords="offset points",
+            fontsize=7,
+            color="grey",
+        )
     round_axis(ax)
     ax.set_ylabel("epsilon spent (run so far)")
     ax.set_ylim(0, max([ax.get_ylim()[1], *limits]) * 1.1)

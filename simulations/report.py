@@ -130,8 +130,15 @@ def plot_banks(history: History, path: Path) -> Path:
         for bank, (rounds, values) in sorted(series.items()):
             ax.plot(rounds, values, marker=".", label=bank)
         if not series:
-            ax.text(0.5, 0.5, "no bank reported validation metrics\n(under DP: privacy.dp.report_validation)",
-                    ha="center", va="center", transform=ax.transAxes, color="grey")
+            ax.text(
+                0.5,
+                0.5,
+                "no bank reported validation metrics\n(under DP: privacy.dp.report_validation)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="grey",
+            )
         round_axis(ax)
         ax.set_ylabel(f"validation {metric}")
     if axes[0].get_legend_handles_labels()[0]:
@@ -158,16 +165,42 @@ def markdown(
         markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()]),
         "## Global model per round",
         markdown_table(
-            ["round", "test accuracy", "test loss", "mean valid accuracy", "mean valid loss", "train loss",
-             "banks ok", "banks failed", "seconds", "upload MB", "download MB"],
-            [[r.round, _f(r.test_accuracy), _f(r.test_loss), _f(r.valid_accuracy), _f(r.valid_loss),
-              _f(r.train_loss), r.banks_ok, r.banks_failed, _f(r.seconds, 1), _f(r.upload_bytes / 1e6, 3),
-              _f(r.download_bytes / 1e6, 3)] for r in round_rows(history)],
+            [
+                "round",
+                "test accuracy",
+                "test loss",
+                "mean valid accuracy",
+                "mean valid loss",
+                "train loss",
+                "banks ok",
+                "banks failed",
+                "seconds",
+                "upload MB",
+                "download MB",
+            ],
+            [
+                [
+                    r.round,
+                    _f(r.test_accuracy),
+                    _f(r.test_loss),
+                    _f(r.valid_accuracy),
+                    _f(r.valid_loss),
+                    _f(r.train_loss),
+                    r.banks_ok,
+                    r.banks_failed,
+                    _f(r.seconds, 1),
+                    _f(r.upload_bytes / 1e6, 3),
+                    _f(r.download_bytes / 1e6, 3),
+                ]
+                for r in round_rows(history)
+            ],
         ),
         f"![global]({GLOBAL_PLOT})",
         "## Banks (the global model on each bank's validation split, last round it was asked)",
-        markdown_table(["bank", "round", "valid accuracy", "valid loss", "rounds trained", "failures"],
-               [_bank_row(history, bank) for bank in sorted(history.banks())]),
+        markdown_table(
+            ["bank", "round", "valid accuracy", "valid loss", "rounds trained", "failures"],
+            [_bank_row(history, bank) for bank in sorted(history.banks())],
+        ),
         *_withheld_note(history),
         f"![banks]({BANKS_PLOT})",
         *privacy,
@@ -178,21 +211,30 @@ def markdown(
     if failures:
         sections += [
             "## Failed and dropped replies",
-            markdown_table(["round", "phase", "bank", "status", "reason"],
-                   [[r.round, r.phase, r.bank, r.status, _cell(r.reason)] for r in failures]),
+            markdown_table(
+                ["round", "phase", "bank", "status", "reason"],
+                [[r.round, r.phase, r.bank, r.status, _cell(r.reason)] for r in failures],
+            ),
         ]
     return "\n\n".join(sections) + "\n"
 
 
 def _withheld_note(history: History) -> list[str]:
     """A line naming the banks that answered evaluation with their row count only, if any did."""
-    withheld = sorted({r.bank for r in history.select("evaluate") if r.bank != FEDERATION and r.status == "ok"
-                       and "accuracy" not in r.metrics and "loss" not in r.metrics})
+    withheld = sorted(
+        {
+            r.bank
+            for r in history.select("evaluate")
+            if r.bank != FEDERATION and r.status == "ok" and "accuracy" not in r.metrics and "loss" not in r.metrics
+        }
+    )
     if not withheld:
         return []
     who = f"every bank ({len(withheld)})" if len(withheld) == len(history.banks()) else ", ".join(withheld)
-    return [f"Validation metrics withheld by {who}: under DP a bank reports them only with "
-            "`privacy.dp.report_validation` (they are computed from its records without noise)."]
+    return [
+        f"Validation metrics withheld by {who}: under DP a bank reports them only with "
+        "`privacy.dp.report_validation` (they are computed from its records without noise)."
+    ]
 
 
 def _bank_row(history: History, bank: str) -> list[object]:
@@ -200,8 +242,14 @@ def _bank_row(history: History, bank: str) -> list[object]:
     last = evaluated[-1] if evaluated else None
     metrics = last.metrics if last else {}
     failed = sum(1 for r in history.rows if r.bank == bank and r.status == "failed")
-    return [bank, last.round if last else "-", _f(metrics.get("accuracy", math.nan)), _f(metrics.get("loss", math.nan)),
-            len(history.select("train", bank)), failed]
+    return [
+        bank,
+        last.round if last else "-",
+        _f(metrics.get("accuracy", math.nan)),
+        _f(metrics.get("loss", math.nan)),
+        len(history.select("train", bank)),
+        failed,
+    ]
 
 
 def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> str:
@@ -209,14 +257,38 @@ def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> st
     final = next((r for r in reversed(round_rows(history)) if not math.isnan(r.test_accuracy)), None)
     if final is not None:
         central = _one(history, final.round, CENTRAL, CENTRAL)
-        rows.append([f"federated (round {final.round})", "-", "-", _f(final.test_accuracy),
-                     _f(central.get("macro_f1", math.nan)), _f(final.test_loss)])
+        rows.append(
+            [
+                f"federated (round {final.round})",
+                "-",
+                "-",
+                _f(final.test_accuracy),
+                _f(central.get("macro_f1", math.nan)),
+                _f(final.test_loss),
+            ]
+        )
     for b in baselines:
         label = "centralized" if b.kind == CENTRALIZED else f"local-only: {b.bank}"
-        rows.append([label, b.train_rows, b.steps, _f(b.test["accuracy"]), _f(b.test.get("macro_f1", math.nan)),
-                     _f(b.test["loss"])])
-    rows.append(["mean local-only", "-", "-", _f(mean_local(list(baselines))),
-                 _f(mean_local(list(baselines), "macro_f1")), _f(mean_local(list(baselines), "loss"))])
+        rows.append(
+            [
+                label,
+                b.train_rows,
+                b.steps,
+                _f(b.test["accuracy"]),
+                _f(b.test.get("macro_f1", math.nan)),
+                _f(b.test["loss"]),
+            ]
+        )
+    rows.append(
+        [
+            "mean local-only",
+            "-",
+            "-",
+            _f(mean_local(list(baselines))),
+            _f(mean_local(list(baselines), "macro_f1")),
+            _f(mean_local(list(baselines), "loss")),
+        ]
+    )
     return markdown_table(["model", "train rows", "steps", "test accuracy", "test macro-F1", "test loss"], rows)
 
 

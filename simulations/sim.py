@@ -137,7 +137,7 @@ def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec
             work=float(sim["straggler_work"]) if i in stragglers else 1.0,
             fail=i in fail,
         )
-        for i, (path, name) in enumerate(zip(layout.bank_dirs, layout.bank_names))
+        for i, (path, name) in enumerate(zip(layout.bank_dirs, layout.bank_names, strict=True))
     ]
     return FederationSpec(list(layout.class_names), int(layout.num_features), str(layout.test_dir.resolve()), banks)
 
@@ -166,8 +166,14 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     if baselines:
         rows = jsonable([b.to_dict() for b in baselines])
         (run_dir / BASELINES_FILE).write_text(json.dumps(rows, indent=2), encoding="utf-8")
-    summary = SimulationSummary(run_dir, str(cfg.strategy.name), [b.name for b in spec.banks], round_rows(history),
-                                baselines, time.perf_counter() - started)
+    summary = SimulationSummary(
+        run_dir,
+        str(cfg.strategy.name),
+        [b.name for b in spec.banks],
+        round_rows(history),
+        baselines,
+        time.perf_counter() - started,
+    )
     write_report(cfg, spec, history, summary)
     return summary
 
@@ -194,12 +200,19 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
         "stragglers": ", ".join(f"{b.name} ({b.work:.0%} of the work)" for b in spec.banks if b.work < 1) or "none",
         "wall time (s)": f"{summary.seconds:.1f}",
         "encryption": "CKKS (TenSEAL): the operator adds ciphertexts; the last round's test metrics are of the "
-                      "final global decrypted by a bank (bf16-rounded)" if he_enabled(cfg) else "none",
+        "final global decrypted by a bank (bf16-rounded)"
+        if he_enabled(cfg)
+        else "none",
     }
     up, down = wire_bytes_per_parameter(history, _num_params(run_dir / FINAL_STATE))
     settings["model state on the wire, bytes per parameter per bank (up / down; fp32: 4)"] = f"{up:.2f} / {down:.2f}"
-    text = markdown(f"Federated simulation: {cfg.data.name}, {cfg.strategy.name}", settings, history, summary.baselines,
-                    privacy=_privacy_section(cfg, spec, history, run_dir))
+    text = markdown(
+        f"Federated simulation: {cfg.data.name}, {cfg.strategy.name}",
+        settings,
+        history,
+        summary.baselines,
+        privacy=_privacy_section(cfg, spec, history, run_dir),
+    )
     (run_dir / SUMMARY_FILE).write_text(json.dumps(jsonable(summary.to_dict()), indent=2), encoding="utf-8")
     path = run_dir / REPORT
     path.write_text(text, encoding="utf-8")
@@ -228,8 +241,15 @@ def print_summary(summary: SimulationSummary, console: Console | None = None) ->
     for column in ("round", "test acc", "test loss", "valid acc", "train loss", "banks ok/failed", "seconds"):
         table.add_column(column, justify="right")
     for r in summary.rounds:
-        table.add_row(str(r.round), _f(r.test_accuracy), _f(r.test_loss), _f(r.valid_accuracy), _f(r.train_loss),
-                      f"{r.banks_ok}/{r.banks_failed}", _f(r.seconds, 1))
+        table.add_row(
+            str(r.round),
+            _f(r.test_accuracy),
+            _f(r.test_loss),
+            _f(r.valid_accuracy),
+            _f(r.train_loss),
+            f"{r.banks_ok}/{r.banks_failed}",
+            _f(r.seconds, 1),
+        )
     console.print(table)
     if summary.baselines:
         base = Table(title="Baselines on the global test set (same step budget)")

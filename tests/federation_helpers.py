@@ -62,13 +62,22 @@ def server_identity() -> None:
     TaskIdentity.task_id = 1
 
 
-def client_message(state, message_type: str = MessageType.TRAIN, *, server_round: int = 1, mu: float | None = None,
-                   local_steps: int = 6, dp: dict | None = None, state_hash: str | None = None) -> Message:
+def client_message(
+    state,
+    message_type: str = MessageType.TRAIN,
+    *,
+    server_round: int = 1,
+    mu: float | None = None,
+    local_steps: int = 6,
+    dp: dict | None = None,
+    state_hash: str | None = None,
+) -> Message:
     """A round's message to one ClientApp, as the ServerApp sends it (tiny encoder, 4 local epochs)."""
     server_identity()
     arrays = protocol.state_to_record(state)
-    config = protocol.task_config(tiny_model(), CLASSES, 0, local_epochs=4, local_steps=local_steps, dp=dp,
-                                  dp_run="run" if dp is not None else "")
+    config = protocol.task_config(
+        tiny_model(), CLASSES, 0, local_epochs=4, local_steps=local_steps, dp=dp, dp_run="run" if dp is not None else ""
+    )
     config[protocol.SERVER_ROUND] = server_round
     config[protocol.STATE_HASH] = state_hash or protocol.record_hash(arrays)
     if mu is not None:
@@ -117,8 +126,13 @@ def write_news_csv(path: Path, rows: int, seed: int = 5) -> Path:
 
 def news_data_overrides(csv_path: Path) -> list[str]:
     """Point the synthetic_news data config at a `write_news_csv` table instead of generating one."""
-    return ["data=synthetic_news", "data.name=keyword_news", "data.synthetic=null",
-            f"data.files.train={csv_path}", "data.keep_columns=[]"]
+    return [
+        "data=synthetic_news",
+        "data.name=keyword_news",
+        "data.synthetic=null",
+        f"data.files.train={csv_path}",
+        "data.keep_columns=[]",
+    ]
 
 
 def write_federation(root: Path, *, fail: Iterable[int] = (), work: dict[int, float] | None = None) -> FederationSpec:
@@ -145,8 +159,9 @@ class InProcessGrid(Grid):
         server_identity()
         self.client_app = client_app
         self.contexts = {
-            i + 1: Context(run_id=1, node_id=i + 1, node_config=config, state=RecordDict(),
-                           run_config=dict(run_config or {}))
+            i + 1: Context(
+                run_id=1, node_id=i + 1, node_config=config, state=RecordDict(), run_config=dict(run_config or {})
+            )
             for i, config in enumerate(node_configs)
         }
         self.sent: list[Message] = []
@@ -174,8 +189,11 @@ class InProcessGrid(Grid):
         replies = []
         for original in messages:
             # A copy, as the wire gives: Flower's strategies reuse one ConfigRecord for every round.
-            message = Message(copy.deepcopy(original.content), dst_node_id=original.metadata.dst_node_id,
-                              message_type=original.metadata.message_type)
+            message = Message(
+                copy.deepcopy(original.content),
+                dst_node_id=original.metadata.dst_node_id,
+                message_type=original.metadata.message_type,
+            )
             self.sent.append(message)
             try:
                 replies.append(self.client_app(message, self.contexts[message.metadata.dst_node_id]))

@@ -80,6 +80,14 @@ def train_and_publish(root: Path, variants: list[str], steps: int = 60) -> Path:
     train_local(model, tokenizer, train, train_cfg, max_steps=steps)
     test_dir = save_bank(BankData("test", test, None), root / "test")
     spec = FederationSpec(list(CLASSES), 2, str(test_dir))
-    publish(federated_state(model), cfg, spec, history(), root / "model", variants, run=str(root),
-            state_source="a test's trained state")
+    publish(
+        federated_state(model),
+        cfg,
+        spec,
+        history(),
+        root / "model",
+        variants,
+        run=str(root),
+        state_source="a test's trained state",
+    )
     return root / "model"

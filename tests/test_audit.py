@@ -67,7 +67,12 @@ def test_no_pii_reaches_the_file_from_inputs_outputs_or_explanation_tokens(tmp_p
     raw = log.path.read_text(encoding="utf-8").replace(entry["input_hash"], "")
     assert [form for form in _pii_forms() if form in raw] == []
     assert entry["explanation"]["top_tokens"] == [
-        ["[EMAIL]", 0.31], ["[EMAIL]", 0.22], ["[CARD]", 0.2], ["[CARD]", 0.18], ["refund", 0.12], ["[PHONE]", 0.1]
+        ["[EMAIL]", 0.31],
+        ["[EMAIL]", 0.22],
+        ["[CARD]", 0.2],
+        ["[CARD]", 0.18],
+        ["refund", 0.12],
+        ["[PHONE]", 0.1],
     ]
     assert entry["explanation"]["token_scores"] == {"[EMAIL]": 0.4, "charge": 0.05}
     assert entry["explanation"]["summary"] == "the card [CARD] and the IBAN [IBAN] drove the score"

@@ -69,7 +69,8 @@ def test_the_default_config_is_the_dataclasses_defaults():
     assert dp.lr == DPSettings.lr == 2e-3 and dp == DPSettings(enabled=True)
     assert HEParams.from_config(cfg.privacy.he) == HEParams()
     assert OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FederationConfig), cfg.federation)) == (
-        FederationConfig())
+        FederationConfig()
+    )
     assert cfg.strategy.mu == 0.01 and cfg.strategy.flower == StrategyConfig.flower  # fedprox: FedAvg with mu
     assert OmegaConf.get_type(cfg) is Config and OmegaConf.get_type(cfg.data) is DataConfig
 

@@ -15,16 +15,28 @@ from tests.conftest import require_shared_data
 def events_config(tmp_path, max_steps: int = 2) -> dict:
     accounts = pd.DataFrame({"acct": [1, 2, 3], "flag": [0, 1, 0], "kind": ["a", "b", "a"]})
     accounts.to_csv(tmp_path / "acc.csv", index=False)
-    pd.DataFrame({
-        "src": [1, 2, 1, 9, 1], "dst": [2, 9, 9, 1, 2],
-        "amount": [10.0, 20.0, 30.0, 40.0, 50.0], "t": [1, 2, 3, 4, 5],
-    }).to_csv(tmp_path / "tx.csv", index=False)
+    pd.DataFrame(
+        {
+            "src": [1, 2, 1, 9, 1],
+            "dst": [2, 9, 9, 1, 2],
+            "amount": [10.0, 20.0, 30.0, 40.0, 50.0],
+            "t": [1, 2, 3, 4, 5],
+        }
+    ).to_csv(tmp_path / "tx.csv", index=False)
     return {
         "files": {"train": str(tmp_path / "acc.csv")},
         "text": {"template": "{kind} account, {n_events} transfers, {n_as_src} sent, total {sum_amount:.0f}"},
         "label": {"column": "flag", "classes": {0: "normal", 1: "suspicious"}},
-        "series": {"layout": "long", "path": str(tmp_path / "tx.csv"), "key": "acct", "id_columns": ["src", "dst"],
-                   "time_column": "t", "value_columns": ["amount"], "time_delta": True, "max_steps": max_steps},
+        "series": {
+            "layout": "long",
+            "path": str(tmp_path / "tx.csv"),
+            "key": "acct",
+            "id_columns": ["src", "dst"],
+            "time_column": "t",
+            "value_columns": ["amount"],
+            "time_delta": True,
+            "max_steps": max_steps,
+        },
     }
 
 
@@ -37,9 +49,11 @@ def test_long_layout_keeps_the_latest_events_per_key_with_roles(tmp_path):
     np.testing.assert_array_equal(data.series[1][:, 0], [20.0, 50.0])
     assert data.mask[:2].all()
     assert not data.mask[2].any() and (data.series[2] == 0).all()  # no transfers: an empty sequence
-    assert data.texts == ["a account, 4 transfers, 3 sent, total 130",
-                          "b account, 3 transfers, 1 sent, total 80",
-                          "a account, 0 transfers, 0 sent, total 0"]
+    assert data.texts == [
+        "a account, 4 transfers, 3 sent, total 130",
+        "b account, 3 transfers, 1 sent, total 80",
+        "a account, 0 transfers, 0 sent, total 0",
+    ]
 
 
 def test_long_layout_pads_ragged_sequences_at_the_end(tmp_path):
@@ -52,10 +66,20 @@ def test_windows_label_the_direction_horizon_steps_ahead(tmp_path):
     close = [10, 11, 12, 11, 10, 13, 9, 9]
     prices = pd.DataFrame({"day": range(8), "close": close, "vol": [100] * 8, "sym": "X"})
     prices.to_csv(tmp_path / "p.csv", index=False)
-    cfg = {"files": {"train": str(tmp_path / "p.csv")}, "text": {"template": "{sym}"},
-           "label": {"future": {"column": "close", "horizon": 2}, "classes": {0: "down", 1: "up"}},
-           "series": {"layout": "windows", "group_column": "sym", "time_column": "day", "features": ["close", "vol"],
-                      "length": 3, "stride": 1, "scale": "first_step"}}
+    cfg = {
+        "files": {"train": str(tmp_path / "p.csv")},
+        "text": {"template": "{sym}"},
+        "label": {"future": {"column": "close", "horizon": 2}, "classes": {0: "down", 1: "up"}},
+        "series": {
+            "layout": "windows",
+            "group_column": "sym",
+            "time_column": "day",
+            "features": ["close", "vol"],
+            "length": 3,
+            "stride": 1,
+            "scale": "first_step",
+        },
+    }
     data = load_dataset(cfg)
     # windows end at days 2..5; label = close[end + 2] > close[end]
     assert data.labels.tolist() == [0, 1, 0, 0]

@@ -28,8 +28,10 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def credit_rows(n: int = 6) -> list[dict]:
-    return [{"age": 30 + i, "sex": 1 + i % 2, "s1": i, "s2": -1, "s3": 0, "p1": 10.5, "p2": 0, "p3": 3,
-             "default": i % 2} for i in range(n)]
+    return [
+        {"age": 30 + i, "sex": 1 + i % 2, "s1": i, "s2": -1, "s3": 0, "p1": 10.5, "p2": 0, "p3": 3, "default": i % 2}
+        for i in range(n)
+    ]
 
 
 def config_for(path: Path, **changes) -> dict:
@@ -100,8 +102,11 @@ def test_empty_file_and_header_only_file(tmp_path):
 def test_wrong_encoding_names_the_line(tmp_path):
     path = tmp_path / "latin.csv"
     path.write_bytes("text,label\nok,0\ncaf\xe9 gains,1\n".encode("latin-1"))
-    cfg = {"files": {"train": str(path)}, "text": {"column": "text"},
-           "label": {"column": "label", "classes": ["0", "1"]}}
+    cfg = {
+        "files": {"train": str(path)},
+        "text": {"column": "text"},
+        "label": {"column": "label", "classes": ["0", "1"]},
+    }
     with pytest.raises(DataError, match=r"latin.csv: line 3 is not valid utf-8 \(byte 0xe9\); set data.encoding"):
         load_dataset(cfg)
     assert load_dataset({**cfg, "encoding": "latin-1"}).texts[1] == "café gains"
@@ -109,8 +114,11 @@ def test_wrong_encoding_names_the_line(tmp_path):
 
 def test_empty_text_is_refused(tmp_path):
     path = write_csv(tmp_path / "news.csv", [{"text": "EPS beat", "label": 0}, {"text": "  ", "label": 1}])
-    cfg = {"files": {"train": str(path)}, "text": {"column": "text"},
-           "label": {"column": "label", "classes": ["0", "1"]}}
+    cfg = {
+        "files": {"train": str(path)},
+        "text": {"column": "text"},
+        "label": {"column": "label", "classes": ["0", "1"]},
+    }
     with pytest.raises(DataError, match=r"row 2, column 'text': empty text"):
         load_dataset(cfg)
 

@@ -21,8 +21,13 @@ pytestmark = pytest.mark.slow
 
 # The same work as `fingpt-sim` with these overrides: 2 IID banks of generated news, tiny model.
 OVERRIDES = [
-    "model=tiny_encoder", "federation=iid", "federation.num_banks=2", "data.synthetic.rows_per_bank=60",
-    "federation.rounds=2", "strategy.local_steps=2", "federation.fraction_evaluate=0",
+    "model=tiny_encoder",
+    "federation=iid",
+    "federation.num_banks=2",
+    "data.synthetic.rows_per_bank=60",
+    "federation.rounds=2",
+    "strategy.local_steps=2",
+    "federation.fraction_evaluate=0",
 ]
 RUN_TIMEOUT_S = 420
 
@@ -55,19 +60,58 @@ def federation(tmp_path_factory):
     for number, data in enumerate(layout.bank_dirs):
         key = root / f"bank{number}" / "bank.key"
         assert cli("fingpt_federated.client.cli", "keygen", "--key", str(key)).returncode == 0
-        registered = cli("fingpt_federated.server.cli", "register-bank", str(key) + ".pub", "--name", f"bank{number}",
-                         "--workdir", str(workdir))
+        registered = cli(
+            "fingpt_federated.server.cli",
+            "register-bank",
+            str(key) + ".pub",
+            "--name",
+            f"bank{number}",
+            "--workdir",
+            str(workdir),
+        )
         assert registered.returncode == 0, registered.stderr
         log = open(root / f"bank{number}.log", "w")
-        banks.append(subprocess.Popen(
-            [sys.executable, "-m", "fingpt_federated.client.cli", "start", "--server", f"localhost:{fleet_port}",
-             "--ca", str(workdir / "tls" / "ca.crt"), "--key", str(key), "--data", str(data),
-             "--runtime-port", str(free_port()), "--max-retries", "200", "--max-wait", "900"],
-            stdout=log, stderr=subprocess.STDOUT, env=bank_env(root / f"bank{number}" / "flwr-home"),
-        ))
+        banks.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fingpt_federated.client.cli",
+                    "start",
+                    "--server",
+                    f"localhost:{fleet_port}",
+                    "--ca",
+                    str(workdir / "tls" / "ca.crt"),
+                    "--key",
+                    str(key),
+                    "--data",
+                    str(data),
+                    "--runtime-port",
+                    str(free_port()),
+                    "--max-retries",
+                    "200",
+                    "--max-wait",
+                    "900",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=bank_env(root / f"bank{number}" / "flwr-home"),
+            )
+        )
     server_args = [
-        "run", "--workdir", str(workdir), "--fleet-host", "127.0.0.1", "--fleet-port", str(fleet_port),
-        "--control-port", str(control_port), "--test-data", str(layout.test_dir), "--bank-wait", "300",
+        "run",
+        "--workdir",
+        str(workdir),
+        "--fleet-host",
+        "127.0.0.1",
+        "--fleet-port",
+        str(fleet_port),
+        "--control-port",
+        str(control_port),
+        "--test-data",
+        str(layout.test_dir),
+        "--bank-wait",
+        "300",
     ]
     try:
         yield {"root": root, "server_args": server_args, "banks": banks}
@@ -79,8 +123,15 @@ def federation(tmp_path_factory):
 
 
 def server_command(federation, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "fingpt_federated.server.cli", *federation["server_args"], "--run-dir", str(run_dir),
-            *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "fingpt_federated.server.cli",
+        *federation["server_args"],
+        "--run-dir",
+        str(run_dir),
+        *overrides,
+    ]
 
 
 def rounds_in(metrics_path: Path, phase: str) -> dict[int, set[str]]:
@@ -108,8 +159,9 @@ def test_the_task_shape_comes_from_the_data_config_or_the_operators_test_set(tmp
 
 def test_two_banks_two_rounds_over_tls_write_final_state_and_metrics(federation):
     run_dir = federation["root"] / "run-complete"
-    result = subprocess.run(server_command(federation, run_dir, *OVERRIDES), capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT_S)
+    result = subprocess.run(
+        server_command(federation, run_dir, *OVERRIDES), capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "banks online: 2/2" in result.stdout and "completed" in result.stdout
     assert (run_dir / FINAL_STATE).stat().st_size > 0
@@ -122,8 +174,13 @@ def test_two_banks_two_rounds_over_tls_write_final_state_and_metrics(federation)
 
 def test_a_server_killed_after_round_one_resumes_at_round_two(federation):
     run_dir = federation["root"] / "run-killed"
-    first = subprocess.Popen(server_command(federation, run_dir, *OVERRIDES), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = subprocess.Popen(
+        server_command(federation, run_dir, *OVERRIDES),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     round_one = run_dir / CHECKPOINTS / "round_0001" / "meta.json"
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not round_one.is_file():
@@ -134,8 +191,7 @@ def test_a_server_killed_after_round_one_resumes_at_round_two(federation):
     first.communicate(timeout=30)
     assert not (run_dir / CHECKPOINTS / "round_0002").exists() and not (run_dir / FINAL_STATE).exists()
 
-    resumed = subprocess.run(server_command(federation, run_dir), capture_output=True, text=True,
-                             timeout=RUN_TIMEOUT_S)
+    resumed = subprocess.run(server_command(federation, run_dir), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-4000:]
     assert "resuming with the config of" in out and "1 of 2 rounds done" in out

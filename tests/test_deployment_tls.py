@@ -48,8 +48,14 @@ def consortium(tmp_path_factory):
     services = OperatorServices(settings)
     with services:
         registry.sync(control)
-        yield {"root": root, "settings": settings, "services": services, "control": control, "keys": keys,
-               "data": prepared_banks(root / "data", 2)}
+        yield {
+            "root": root,
+            "settings": settings,
+            "services": services,
+            "control": control,
+            "keys": keys,
+            "data": prepared_banks(root / "data", 2),
+        }
     leftovers = [p for p in (services.superlink.process, services.gateway.process) if p and p.poll() is None]
     assert not leftovers
 
@@ -59,20 +65,30 @@ def _ca(folder: Path) -> Path:
     return folder
 
 
-def fingpt_client(consortium, key: str, *extra: str, server: str | None = None, ca: Path | None = None,
-                  timeout: float = 120) -> subprocess.CompletedProcess:
+def fingpt_client(
+    consortium, key: str, *extra: str, server: str | None = None, ca: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     settings = consortium["settings"]
     command = [
-        sys.executable, "-m", "fingpt_federated.client.cli", "start",
-        "--server", server or f"localhost:{settings.fleet_port}",
-        "--ca", str(ca or settings.tls.ca_cert),
-        "--key", str(consortium["keys"][key]),
-        "--data", str(consortium["data"][0]),
-        "--runtime-port", str(free_port()),
+        sys.executable,
+        "-m",
+        "fingpt_federated.client.cli",
+        "start",
+        "--server",
+        server or f"localhost:{settings.fleet_port}",
+        "--ca",
+        str(ca or settings.tls.ca_cert),
+        "--key",
+        str(consortium["keys"][key]),
+        "--data",
+        str(consortium["data"][0]),
+        "--runtime-port",
+        str(free_port()),
         *extra,
     ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env=bank_env(consortium["root"] / f"{key}-flwr-home"))
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, env=bank_env(consortium["root"] / f"{key}-flwr-home")
+    )
 
 
 def test_control_and_runtime_apis_are_on_loopback_only(consortium):
@@ -86,8 +102,12 @@ def test_gateway_serves_banks_over_tls_and_hides_the_control_api(consortium):
     verify = ssl.create_default_context(cafile=str(settings.tls.ca_cert))
     base = f"https://localhost:{settings.fleet_port}"
     assert httpx.get(f"{base}/health", verify=verify).status_code == 200
-    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node",
-                 "/v1/runtime/acquire-task"):
+    for path in (
+        "/v1/control/list-runs",
+        "/v1/control/start-run",
+        "/v1/control/register-node",
+        "/v1/runtime/acquire-task",
+    ):
         assert httpx.post(base + path, content=b"", verify=verify).status_code == 404
     with pytest.raises(httpx.TransportError):  # plaintext is not spoken at all
         httpx.get(f"http://localhost:{settings.fleet_port}/health", timeout=5).raise_for_status()
@@ -131,8 +151,7 @@ def test_a_server_certificate_from_another_ca_is_rejected_without_retrying(conso
 
 def test_an_unreachable_server_is_named_after_the_bounded_retries(consortium):
     closed = free_port()
-    result = fingpt_client(consortium, "bank-a", "--max-retries", "2", "--max-wait", "10",
-                           server=f"localhost:{closed}")
+    result = fingpt_client(consortium, "bank-a", "--max-retries", "2", "--max-wait", "10", server=f"localhost:{closed}")
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"cannot reach the SuperLink at localhost:{closed} after 3 attempts" in result.stderr
 

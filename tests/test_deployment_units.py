@@ -57,7 +57,11 @@ def test_ca_signs_a_server_certificate_for_the_bank_facing_names_and_loopback(tm
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert certificate_names(files.server_cert) == [
-        "fl.consortium.example", "10.0.0.5", "localhost", "127.0.0.1", "::1",
+        "fl.consortium.example",
+        "10.0.0.5",
+        "localhost",
+        "127.0.0.1",
+        "::1",
     ]
     assert TlsFiles.in_folder(tmp_path).missing() == []
 
@@ -157,8 +161,9 @@ def test_registrations_follow_the_allow_list(tmp_path):
 
 
 def _flags_in_help(executable: str) -> set[str]:
-    out = subprocess.run([str(Path(sys.executable).with_name(executable)), "--help"],
-                         capture_output=True, text=True, timeout=120).stdout
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name(executable)), "--help"], capture_output=True, text=True, timeout=120
+    ).stdout
     return set(re.findall(r"--[a-z][a-z0-9-]+", out))
 
 
@@ -194,8 +199,9 @@ def test_server_address_must_be_host_and_port(bad):
 
 def test_unreachable_server_gives_up_after_the_bounded_retries_naming_the_address(tmp_path):
     sleeps: list[float] = []
-    node = NodeSettings("127.0.0.1:9", tmp_path / "ca.crt", tmp_path / "k", tmp_path / "d", "b", max_retries=3,
-                        max_wait_s=60)
+    node = NodeSettings(
+        "127.0.0.1:9", tmp_path / "ca.crt", tmp_path / "k", tmp_path / "d", "b", max_retries=3, max_wait_s=60
+    )
     (tmp_path / "ca.crt").write_bytes(create_ca(tmp_path / "ca")[0].read_bytes())
     with pytest.raises(ServerUnreachable, match=r"SuperLink at 127\.0\.0\.1:9 after 4 attempts"):
         probe_server(node, sleep=sleeps.append)
@@ -206,11 +212,24 @@ def test_invalid_bank_data_fails_before_any_connection(tmp_path, capsys):
     from fingpt_federated.client.cli import main
 
     bad = tmp_path / "bank.yaml"
-    bad.write_text("name: broken\nfiles: {train: " + str(tmp_path / "missing.csv") + "}\n"
-                   "text: {column: text}\nlabel: {column: label, classes: [a, b]}\n")
+    bad.write_text(
+        "name: broken\nfiles: {train: " + str(tmp_path / "missing.csv") + "}\n"
+        "text: {column: text}\nlabel: {column: label, classes: [a, b]}\n"
+    )
     private, _ = generate_bank_keys(tmp_path / "bank")
-    code = main(["start", "--server", "127.0.0.1:9", "--ca", str(tmp_path / "none.crt"), "--key", str(private),
-                 "--data", str(bad)])
+    code = main(
+        [
+            "start",
+            "--server",
+            "127.0.0.1:9",
+            "--ca",
+            str(tmp_path / "none.crt"),
+            "--key",
+            str(private),
+            "--data",
+            str(bad),
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "invalid data, not connecting" in err and "missing.csv" in err
@@ -232,8 +251,20 @@ def test_fingpt_server_refuses_server_momentum_under_he_before_starting_anything
 
     params = HEParams.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he))
     public = key_ceremony(params, tmp_path / "he").public
-    code = main(["run", "--insecure", "--workdir", str(tmp_path / "op"), "--run-dir", str(tmp_path / "run"),
-                 "--he-public-context", str(public), "privacy=he", "strategy=fedavgm"])
+    code = main(
+        [
+            "run",
+            "--insecure",
+            "--workdir",
+            str(tmp_path / "op"),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--he-public-context",
+            str(public),
+            "privacy=he",
+            "strategy=fedavgm",
+        ]
+    )
     assert code == 2
     assert "strategy=fedavgm needs the plaintext global state" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

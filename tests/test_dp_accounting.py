@@ -85,13 +85,20 @@ def test_calibration_after_a_spend_fits_the_composition_in_the_target(mechanism)
     released = (Spend(4.0, 1.0, 1),)  # a Gaussian release of counts (sensitivity 1, std 4)
     rate, steps, target = 0.05, 200, 3.0
     alone = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=rate, steps=steps, mechanism=mechanism)
-    after = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=rate, steps=steps, mechanism=mechanism,
-                            spent=released)
+    after = calibrate_noise(
+        target_epsilon=target, delta=1e-5, sample_rate=rate, steps=steps, mechanism=mechanism, spent=released
+    )
     independent = {"rdp": RDPAccountant, "prv": PRVAccountant}[mechanism]()
     independent.history = [(4.0, 1.0, 1), (after, rate, steps)]
     total = independent.get_epsilon(delta=1e-5)
     assert target - 2 * CALIBRATION_TOLERANCE <= total <= target
     assert after > alone  # the release leaves less budget, so the steps need more noise
     with pytest.raises(ValueError, match="spent already"):
-        calibrate_noise(target_epsilon=0.1, delta=1e-5, sample_rate=rate, steps=steps, mechanism=mechanism,
-                        spent=(Spend(1.0, 1.0, 1),))
+        calibrate_noise(
+            target_epsilon=0.1,
+            delta=1e-5,
+            sample_rate=rate,
+            steps=steps,
+            mechanism=mechanism,
+            spent=(Spend(1.0, 1.0, 1),),
+        )

@@ -107,8 +107,12 @@ def test_taking_more_than_reserved_is_recorded_and_raised(tmp_path):
 
 @pytest.mark.parametrize(
     ("changed", "message"),
-    [({"accountant": "prv"}, "accountant"), ({"delta": 1e-6}, "delta"),
-     ({"target_epsilon": 16.0}, "target_epsilon"), ({"run": "run-b"}, "run")],
+    [
+        ({"accountant": "prv"}, "accountant"),
+        ({"delta": 1e-6}, "delta"),
+        ({"target_epsilon": 16.0}, "target_epsilon"),
+        ({"run": "run-b"}, "run"),
+    ],
 )
 def test_a_foreign_ledger_is_an_error_not_a_reset(tmp_path, changed, message):
     path = ledger_path(tmp_path, "run-a")
@@ -122,9 +126,9 @@ def test_a_foreign_ledger_is_an_error_not_a_reset(tmp_path, changed, message):
 @pytest.mark.parametrize(
     "damage",
     [
-        lambda text: text[: len(text) // 2],                       # truncated
-        lambda text: text.replace('"steps": 40', '"steps": 4'),    # edited
-        lambda text: json.dumps({"history": []}),                  # not a ledger
+        lambda text: text[: len(text) // 2],  # truncated
+        lambda text: text.replace('"steps": 40', '"steps": 4'),  # edited
+        lambda text: json.dumps({"history": []}),  # not a ledger
         lambda text: "\x00\xff garbage",
     ],
 )

@@ -42,8 +42,13 @@ from fingpt_federated.simulations.sim import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-DP = ["privacy=dp", "privacy.dp.logical_batch_size=16", "privacy.dp.physical_batch_size=8",
-      "privacy.dp.accountant=rdp", "strategy.local_steps=3"]
+DP = [
+    "privacy=dp",
+    "privacy.dp.logical_batch_size=16",
+    "privacy.dp.physical_batch_size=8",
+    "privacy.dp.accountant=rdp",
+    "strategy.local_steps=3",
+]
 
 
 class OperatorCrash(RuntimeError):
@@ -108,8 +113,13 @@ def test_extending_a_run_beyond_the_rounds_its_noise_was_calibrated_for_makes_ba
 
 
 def test_a_bank_over_its_own_budget_declines_and_the_run_goes_on_with_the_others(tmp_path):
-    cfg, spec, grid = federation(tmp_path, "federation.rounds=2", "federation.min_banks=2",
-                                 "privacy.dp.noise_multiplier=1.0", "+privacy.dp.banks.bank_1.target_epsilon=2.0")
+    cfg, spec, grid = federation(
+        tmp_path,
+        "federation.rounds=2",
+        "federation.min_banks=2",
+        "privacy.dp.noise_multiplier=1.0",
+        "+privacy.dp.banks.bank_1.target_epsilon=2.0",
+    )
     history = run_federation(grid, cfg, spec, tmp_path / "run")
     declined = [r for r in history.rows if r.status == "declined"]
     assert {(r.round, r.bank) for r in declined} == {(1, "bank_1"), (2, "bank_1")}
@@ -123,8 +133,10 @@ def test_a_bank_sets_its_budget_in_its_node_config_and_when_no_bank_can_train_th
     history = run_federation(grid, cfg, spec, tmp_path / "run")
     declined = history.select("train", status="declined")
     assert len(declined) == 3 and not trained_rows(history)
-    assert all("no noise multiplier keeps 3 planned DP-SGD steps within the bank's budget of 0.05" in r.reason
-               for r in declined)
+    assert all(
+        "no noise multiplier keeps 3 planned DP-SGD steps within the bank's budget of 0.05" in r.reason
+        for r in declined
+    )
     initial = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0001" / "state.safetensors"))
     final = load_file(str(tmp_path / "run" / FINAL_STATE))
     assert all(np.array_equal(initial[name], final[name]) for name in final)
@@ -142,9 +154,16 @@ def test_a_dp_federation_on_the_simulation_engine_learns_beyond_the_majority_cla
     and on TFNS with MiniLM.
     """
     news_csv = write_news_csv(tmp_path / "news.csv", rows=6000)
-    cfg = config(*news_data_overrides(news_csv), "federation=iid", "federation.num_banks=3", "federation.rounds=3",
-                 "privacy=dp", "privacy.dp.logical_batch_size=128",
-                 "privacy.dp.physical_batch_size=128", "privacy.dp.lr=1e-2")
+    cfg = config(
+        *news_data_overrides(news_csv),
+        "federation=iid",
+        "federation.num_banks=3",
+        "federation.rounds=3",
+        "privacy=dp",
+        "privacy.dp.logical_batch_size=128",
+        "privacy.dp.physical_batch_size=128",
+        "privacy.dp.lr=1e-2",
+    )
     summary = simulate(cfg, tmp_path / "run", echo=False)
 
     labels = load_bank(tmp_path / "run" / "federation" / "test").train.labels
@@ -182,9 +201,19 @@ def test_a_bank_trains_at_the_dp_learning_rate_of_the_round_it_is_sent(tmp_path)
     folder = write_bank(tmp_path / "bank_a", "bank_a", [0.6, 0.2, 0.2], seed=1)
     model, _ = build_model(tiny_model(), len(CLASSES), 0)
     initial = federated_state(model)
-    dp = {"enabled": True, "target_epsilon": None, "noise_multiplier": 0.01, "accountant": "rdp", "max_grad_norm": 1.0,
-          "logical_batch_size": 16, "physical_batch_size": 8, "optimizer": "sgd", "lr": 0.5, "lr_final": 0.005,
-          "planned_rounds": 3}
+    dp = {
+        "enabled": True,
+        "target_epsilon": None,
+        "noise_multiplier": 0.01,
+        "accountant": "rdp",
+        "max_grad_norm": 1.0,
+        "logical_batch_size": 16,
+        "physical_batch_size": 8,
+        "optimizer": "sgd",
+        "lr": 0.5,
+        "lr_final": 0.005,
+        "planned_rounds": 3,
+    }
 
     def moved(server_round: int) -> float:
         node = node_context({protocol.NODE_DATA_PATH: str(folder)})

@@ -29,11 +29,18 @@ from fingpt_federated.privacy.dp_training import DPTask
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.usefixtures("tiny_setting")]
 
-TINY = {"max_length": 16, "head_dropout": 0.0, "series_encoder": {"d_model": 16, "layers": 1, "heads": 2},
-        "fusion": {"d_model": 16, "heads": 2}}
+TINY = {
+    "max_length": 16,
+    "head_dropout": 0.0,
+    "series_encoder": {"d_model": 16, "layers": 1, "heads": 2},
+    "fusion": {"d_model": 16, "heads": 2},
+}
 CFG = TrainConfig(lr=3e-3, batch_size=32, epochs=1, patience=None, progress=False)
-WORDS = {0: ["plunged", "slumped", "missed", "downgraded"], 1: ["surged", "beat", "upgraded", "record"],
-         2: ["scheduled", "announced", "held", "reported"]}
+WORDS = {
+    0: ["plunged", "slumped", "missed", "downgraded"],
+    1: ["surged", "beat", "upgraded", "record"],
+    2: ["scheduled", "announced", "held", "reported"],
+}
 
 
 @cache
@@ -57,11 +64,26 @@ def news(n: int, seed: int, *, series: bool = False) -> BankDataset:
 
 
 def dp_task(folder, label: str = "1", **settings) -> DPTask:
-    dp = DPSettings(**{"enabled": True, "target_epsilon": 8.0, "noise_multiplier": None, "accountant": "rdp",
-                       "logical_batch_size": 64, "physical_batch_size": 16, "planned_rounds": 1, "lr": 1e-2,
-                       **settings})
-    ledger = PrivacyLedger.open(ledger_path(folder, "run"), run="run", accountant=dp.accountant, delta=dp.delta,
-                                target_epsilon=dp.target_epsilon)
+    dp = DPSettings(
+        **{
+            "enabled": True,
+            "target_epsilon": 8.0,
+            "noise_multiplier": None,
+            "accountant": "rdp",
+            "logical_batch_size": 64,
+            "physical_batch_size": 16,
+            "planned_rounds": 1,
+            "lr": 1e-2,
+            **settings,
+        }
+    )
+    ledger = PrivacyLedger.open(
+        ledger_path(folder, "run"),
+        run="run",
+        accountant=dp.accountant,
+        delta=dp.delta,
+        target_epsilon=dp.target_epsilon,
+    )
     return DPTask(dp, ledger, label, seed=0)
 
 
@@ -110,8 +132,16 @@ def test_fedprox_under_dp_changes_the_update(tmp_path):
     states = {}
     for mu in (0.0, 1.0):
         model = copy.deepcopy(start)
-        train_local(model, tokenizer, data, CFG, max_steps=2, global_state=anchor, proximal_mu=mu,
-                    privacy=dp_task(tmp_path / str(mu), noise_multiplier=1.0))
+        train_local(
+            model,
+            tokenizer,
+            data,
+            CFG,
+            max_steps=2,
+            global_state=anchor,
+            proximal_mu=mu,
+            privacy=dp_task(tmp_path / str(mu), noise_multiplier=1.0),
+        )
         states[mu] = federated_state(model)
     assert all(not torch.equal(states[0.0][n], states[1.0][n]) for n in states[0.0])
 

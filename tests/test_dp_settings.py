@@ -39,8 +39,9 @@ def test_dp_optimizer_lr_and_weight_decay_replace_the_train_config_only_when_set
     train = TrainConfig(optimizer="adamw", lr=5e-4, batch_size=32, weight_decay=0.01)
     kept = private_config(train, DPSettings(enabled=True, lr=None, logical_batch_size=128))
     assert (kept.optimizer, kept.lr, kept.batch_size, kept.weight_decay) == ("adamw", 5e-4, 128, 0.01)
-    private = private_config(train, DPSettings(enabled=True, optimizer="sgd", lr=0.5, weight_decay=0.0,
-                                               logical_batch_size=128))
+    private = private_config(
+        train, DPSettings(enabled=True, optimizer="sgd", lr=0.5, weight_decay=0.0, logical_batch_size=128)
+    )
     assert (private.optimizer, private.lr, private.momentum, private.weight_decay) == ("sgd", 0.5, train.momentum, 0.0)
     optimizer = build_optimizer(torch.nn.Linear(2, 2), private)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["weight_decay"] == 0.0
@@ -71,8 +72,9 @@ def test_a_bank_sets_its_own_budget_in_the_table_and_in_its_node_config():
     mine = DPSettings.from_mapping(block, bank="bank_03", overrides=budget_from_flat(node))
     assert (mine.target_epsilon, mine.noise_multiplier, mine.accountant) == (1.0, 2.5, "rdp")
     withholding = {**block, "report_validation": True}
-    assert not DPSettings.from_mapping(withholding, overrides=budget_from_flat({"dp-report-validation": False})
-                                       ).report_validation  # the bank's own choice wins
+    assert not DPSettings.from_mapping(
+        withholding, overrides=budget_from_flat({"dp-report-validation": False})
+    ).report_validation  # the bank's own choice wins
 
 
 def test_a_bank_cannot_override_more_than_its_budget():

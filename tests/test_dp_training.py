@@ -58,14 +58,26 @@ def _data(seed: int = 0) -> TensorDataset:
 
 
 def _settings(**changes) -> DPSettings:
-    base = dict(enabled=True, target_epsilon=8.0, noise_multiplier=1.0, accountant="prv",
-                logical_batch_size=64, physical_batch_size=16, max_grad_norm=1.0)
+    base = dict(
+        enabled=True,
+        target_epsilon=8.0,
+        noise_multiplier=1.0,
+        accountant="prv",
+        logical_batch_size=64,
+        physical_batch_size=16,
+        max_grad_norm=1.0,
+    )
     return DPSettings(**{**base, **changes})
 
 
 def _ledger(folder, settings: DPSettings) -> PrivacyLedger:
-    return PrivacyLedger.open(ledger_path(folder, "run"), run="run", accountant=settings.accountant,
-                              delta=settings.delta, target_epsilon=settings.target_epsilon)
+    return PrivacyLedger.open(
+        ledger_path(folder, "run"),
+        run="run",
+        accountant=settings.accountant,
+        delta=settings.delta,
+        target_epsilon=settings.target_epsilon,
+    )
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,8 +102,7 @@ def _train(
     """`steps` logical DP-SGD steps of plain SGD, seeded (sampling and noise)."""
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
     loader = DataLoader(data if data is not None else _data(), batch_size=settings.logical_batch_size)
-    with make_private(model, optimizer, loader, settings, ledger, round_label=label, steps=steps,
-                      seed=seed) as private:
+    with make_private(model, optimizer, loader, settings, ledger, round_label=label, steps=steps, seed=seed) as private:
         if setup is not None:
             setup(private)
         while private.steps < steps:
@@ -236,8 +247,9 @@ def test_assert_state_changed_catches_parameters_that_never_move(tmp_path):
     model = TokenClassifier()
     before = _state(model)
     # Loss and epsilon look normal, but the embedding never moves (a stand-in for Opacus issue 820).
-    stuck = torch.optim.SGD([{"params": model.embedding.parameters(), "lr": 0.0},
-                             {"params": model.head.parameters()}], lr=0.5)
+    stuck = torch.optim.SGD(
+        [{"params": model.embedding.parameters(), "lr": 0.0}, {"params": model.head.parameters()}], lr=0.5
+    )
     _train(model, settings, _ledger(tmp_path, settings), 2, optimizer=stuck)
     after = _state(model)
     assert_state_changed(before, after, names=["head.weight", "head.bias"])
@@ -261,8 +273,9 @@ def test_opacus_is_detached_after_a_round_so_the_model_can_be_reused(tmp_path):
 
 def test_dp_sgd_learns_the_task_at_a_moderate_budget(tmp_path):
     torch.manual_seed(0)
-    settings = _settings(noise_multiplier=None, target_epsilon=8.0, planned_rounds=1, accountant="rdp",
-                         max_grad_norm=1.0)
+    settings = _settings(
+        noise_multiplier=None, target_epsilon=8.0, planned_rounds=1, accountant="rdp", max_grad_norm=1.0
+    )
     model = TokenClassifier()
     private = _train(model, settings, _ledger(tmp_path, settings), 60, lr=2.0)
     assert private.epsilon <= 8.0

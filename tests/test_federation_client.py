@@ -103,8 +103,15 @@ def test_a_node_without_data_path_or_spec_says_how_to_configure_it(initial):
 
 
 def test_the_simulation_spec_marks_a_seeded_share_of_banks_as_stragglers(tmp_path):
-    layout = FederationLayout([tmp_path / f"b{i}" for i in range(4)], [f"bank_{i}" for i in range(4)],
-                              tmp_path / "test", list(CLASSES), 0, np.zeros((4, 3)), np.zeros((4, 3)))
+    layout = FederationLayout(
+        [tmp_path / f"b{i}" for i in range(4)],
+        [f"bank_{i}" for i in range(4)],
+        tmp_path / "test",
+        list(CLASSES),
+        0,
+        np.zeros((4, 3)),
+        np.zeros((4, 3)),
+    )
     cfg = config("++simulation.stragglers=0.5", "++simulation.straggler_work=0.25", "++simulation.fail_banks=[3]")
     spec = federation_spec(cfg, layout)
     assert sorted(bank.work for bank in spec.banks) == [0.25, 0.25, 1.0, 1.0]

@@ -55,8 +55,9 @@ def test_natural_key_must_be_a_kept_column(tmp_path):
 def run_partition_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("fingpt-partition")
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    return subprocess.run([str(script), f"hydra.run.dir={tmp_path}", *overrides],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [str(script), f"hydra.run.dir={tmp_path}", *overrides], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.mark.slow

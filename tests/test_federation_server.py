@@ -68,13 +68,19 @@ def test_the_flower_strategy_and_its_options_come_from_the_config_group():
     assert isinstance(krum, Krum) and krum.num_malicious_nodes == 1
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("++strategy.options.bogus=1", r"strategy.options.bogus is not an argument of Flower's FedAdam \(it takes .*eta"),
-    ("++strategy.options.min_train_nodes=1", "strategy.options.min_train_nodes: set by the federation group"),
-    ("++strategy.options.proximal_mu=0.1", "strategy.options.proximal_mu: set strategy.mu"),
-    ("strategy.flower=FedMagic", r"strategy.flower must name a strategy .*FedAdam.*got 'FedMagic'"),
-    ("strategy.flower=Strategy", "got 'Strategy'"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "++strategy.options.bogus=1",
+            r"strategy.options.bogus is not an argument of Flower's FedAdam \(it takes .*eta",
+        ),
+        ("++strategy.options.min_train_nodes=1", "strategy.options.min_train_nodes: set by the federation group"),
+        ("++strategy.options.proximal_mu=0.1", "strategy.options.proximal_mu: set strategy.mu"),
+        ("strategy.flower=FedMagic", r"strategy.flower must name a strategy .*FedAdam.*got 'FedMagic'"),
+        ("strategy.flower=Strategy", "got 'Strategy'"),
+    ],
+)
 def test_a_bad_strategy_config_is_refused_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         check_strategy(config("strategy=fedadam", override), encrypted=False)
@@ -114,8 +120,9 @@ def test_a_failing_bank_is_logged_and_the_round_goes_on_while_enough_banks_remai
 
 @pytest.mark.parametrize("strategy", ["fedprox", "fedtrimmedavg"])
 def test_fewer_banks_than_the_minimum_fail_the_run_with_every_reason(tmp_path, strategy):
-    cfg, spec, grid = federation(tmp_path, f"strategy={strategy}", "federation.rounds=2", "federation.min_banks=2",
-                                 fail=[0, 2])
+    cfg, spec, grid = federation(
+        tmp_path, f"strategy={strategy}", "federation.rounds=2", "federation.min_banks=2", fail=[0, 2]
+    )
     with pytest.raises(FederationRoundError) as error:
         run_federation(grid, cfg, spec, tmp_path / "run")
     message = str(error.value)
@@ -146,8 +153,9 @@ def test_a_bank_that_never_answers_counts_as_failed(tmp_path):
 
 
 def test_fedavg_can_drop_stragglers_as_in_the_fedprox_paper(tmp_path):
-    cfg, spec, grid = federation(tmp_path, "strategy=fedavg", "strategy.drop_stragglers=true", "federation.rounds=1",
-                                 work={0: 0.3})
+    cfg, spec, grid = federation(
+        tmp_path, "strategy=fedavg", "strategy.drop_stragglers=true", "federation.rounds=1", work={0: 0.3}
+    )
     history = run_federation(grid, cfg, spec, tmp_path / "run")
     dropped = [r for r in history.rows if r.status == "dropped"]
     assert [(r.bank, r.metrics["local_steps"], r.metrics["planned_steps"]) for r in dropped] == [("bank_0", 1.0, 3.0)]
@@ -156,8 +164,10 @@ def test_fedavg_can_drop_stragglers_as_in_the_fedprox_paper(tmp_path):
 def _weighted_mean(replies: list) -> dict[str, np.ndarray]:
     states = [protocol.record_to_state(r.content[protocol.ARRAYS]) for r in replies]
     weights = [float(r.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in replies]
-    return {name: sum(w * s[name].double().numpy() for w, s in zip(weights, states, strict=True)) / sum(weights)
-            for name in states[0]}
+    return {
+        name: sum(w * s[name].double().numpy() for w, s in zip(weights, states, strict=True)) / sum(weights)
+        for name in states[0]
+    }
 
 
 def _sent_state(before: InProcessGrid, after: InProcessGrid, index: int) -> dict[str, np.ndarray]:
@@ -167,8 +177,14 @@ def _sent_state(before: InProcessGrid, after: InProcessGrid, index: int) -> dict
 
 
 def test_fedavgm_steps_the_global_state_along_the_banks_mean_update_with_momentum(tmp_path):
-    cfg, spec, grid = federation(tmp_path, "strategy=fedavgm", "strategy.options.server_learning_rate=0.8",
-                                 "strategy.options.server_momentum=0.5", "federation.rounds=2", grid=RecordingGrid)
+    cfg, spec, grid = federation(
+        tmp_path,
+        "strategy=fedavgm",
+        "strategy.options.server_learning_rate=0.8",
+        "strategy.options.server_momentum=0.5",
+        "federation.rounds=2",
+        grid=RecordingGrid,
+    )
     run_federation(grid, cfg, spec, tmp_path / "run")
     sent = [protocol.record_to_state(m.content[protocol.ARRAYS]) for m in train_messages(grid)]
     w0, w1 = ({n: t.double().numpy() for n, t in sent[i].items()} for i in (0, 3))
@@ -190,7 +206,7 @@ def test_fedavgm_momentum_is_checkpointed_and_a_resumed_run_goes_on_with_it(tmp_
     run_federation(after, cfg, spec, tmp_path / "run")
     w0, w1, w2 = (_sent_state(before, after, i) for i in (0, 3, 6))
     trained = [r for r in [*before.replies, *after.replies] if r.metadata.message_type == MessageType.TRAIN]
-    mean1, mean2, mean3 = (_weighted_mean(trained[i:i + 3]) for i in (0, 3, 6))
+    mean1, mean2, mean3 = (_weighted_mean(trained[i : i + 3]) for i in (0, 3, 6))
     momentum = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0002" / "server_state.safetensors"))
     final = load_file(str(tmp_path / "run" / FINAL_STATE))
     for i, name in enumerate(w0):  # Flower keeps the momentum as a list in the order of the state's arrays
@@ -208,17 +224,17 @@ def test_fedadam_moments_are_checkpointed_and_a_resumed_run_goes_on_with_them(tm
     eta, beta_1, beta_2, tau = (float(cfg.strategy.options[key]) for key in ("eta", "beta_1", "beta_2", "tau"))
     w0, w1, w2 = (_sent_state(before, after, i) for i in (0, 3, 6))
     trained = [r for r in [*before.replies, *after.replies] if r.metadata.message_type == MessageType.TRAIN]
-    mean1, mean2, mean3 = (_weighted_mean(trained[i:i + 3]) for i in (0, 3, 6))
+    mean1, mean2, mean3 = (_weighted_mean(trained[i : i + 3]) for i in (0, 3, 6))
     saved = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0002" / "server_state.safetensors"))
     final = load_file(str(tmp_path / "run" / FINAL_STATE))
     for name in w0:
         d1, d2, d3 = mean1[name] - w0[name], mean2[name] - w1[name], mean3[name] - w2[name]
         m2 = beta_1 * (1 - beta_1) * d1 + (1 - beta_1) * d2
-        v2 = beta_2 * (1 - beta_2) * d1 ** 2 + (1 - beta_2) * d2 ** 2
+        v2 = beta_2 * (1 - beta_2) * d1**2 + (1 - beta_2) * d2**2
         np.testing.assert_allclose(saved[f"m_t:dict:{name}"], m2, rtol=1e-4, atol=1e-9)
         np.testing.assert_allclose(saved[f"v_t:dict:{name}"], v2, rtol=1e-4, atol=1e-12)
-        m3, v3 = beta_1 * m2 + (1 - beta_1) * d3, beta_2 * v2 + (1 - beta_2) * d3 ** 2
-        step = eta * np.sqrt(1 - beta_2 ** 4) / (1 - beta_1 ** 4)  # Flower's bias correction at (global) round 3
+        m3, v3 = beta_1 * m2 + (1 - beta_1) * d3, beta_2 * v2 + (1 - beta_2) * d3**2
+        step = eta * np.sqrt(1 - beta_2**4) / (1 - beta_1**4)  # Flower's bias correction at (global) round 3
         np.testing.assert_allclose(final[name], w2[name] + step * m3 / (np.sqrt(v3) + tau), rtol=1e-4, atol=1e-6)
     assert "current_arrays" not in " ".join(saved)  # the checkpoint's state already is the global state
 
@@ -255,8 +271,10 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one(tmp_path):
 
 
 def test_a_bank_error_is_reported_by_its_message_not_by_flowers_wrapping():
-    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
-           "  File ...\nTraceback ...\nException ClientAppException occurred. Message: bank b: disk full'>")
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m\n"
+        "  File ...\nTraceback ...\nException ClientAppException occurred. Message: bank b: disk full'>"
+    )
     assert short_reason(ray) == "bank b: disk full"
     data_error = "<class 'fingpt_federated.data.errors.DataError'>:<'bank.csv, row 3: bad label'>"
     assert short_reason(data_error) == "DataError: bank.csv, row 3: bad label"

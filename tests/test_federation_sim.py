@@ -48,8 +48,15 @@ def test_the_report_names_the_strategy_with_its_settings():
 
 
 def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(news_csv, tmp_path):
-    cfg = config(*news_data_overrides(news_csv), *SKEWED_BANKS, "federation.rounds=2", "model.max_length=16",
-                 "model.train.lr=2e-3", "++baseline=true", model="minilm")
+    cfg = config(
+        *news_data_overrides(news_csv),
+        *SKEWED_BANKS,
+        "federation.rounds=2",
+        "model.max_length=16",
+        "model.train.lr=2e-3",
+        "++baseline=true",
+        model="minilm",
+    )
     summary = simulate(cfg, tmp_path, echo=False)
 
     local = mean_local(summary.baselines)
@@ -58,8 +65,16 @@ def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(n
     assert summary.final.test_accuracy >= local + 0.2, (summary.final.test_accuracy, local)
     assert all(r.banks_ok == 3 and r.banks_failed == 0 for r in summary.rounds[1:])
 
-    for name in ("resolved_config.yaml", "report.md", "global.png", "banks.png", "metrics.json", "baselines.json",
-                 "summary.json", "global_state.safetensors"):
+    for name in (
+        "resolved_config.yaml",
+        "report.md",
+        "global.png",
+        "banks.png",
+        "metrics.json",
+        "baselines.json",
+        "summary.json",
+        "global_state.safetensors",
+    ):
         assert (tmp_path / name).is_file(), name
     with open(tmp_path / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -74,8 +89,14 @@ def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(n
 @pytest.mark.parametrize("strategy", ["fedadam", "fedtrimmedavg"])
 def test_another_flower_strategy_is_one_config_entry(news_csv, tmp_path, strategy):
     """Five IID banks, so that FedTrimmedAvg's beta of 0.2 cuts one bank at each end of every value."""
-    cfg = config(*news_data_overrides(news_csv), "federation=iid", "federation.num_banks=5", "federation.rounds=2",
-                 "strategy.local_steps=3", f"strategy={strategy}")
+    cfg = config(
+        *news_data_overrides(news_csv),
+        "federation=iid",
+        "federation.num_banks=5",
+        "federation.rounds=2",
+        "strategy.local_steps=3",
+        f"strategy={strategy}",
+    )
     summary = simulate(cfg, tmp_path, echo=False)
     assert [r.round for r in summary.rounds] == [0, 1, 2]
     assert all(r.banks_ok == 5 and r.banks_failed == 0 for r in summary.rounds[1:])
@@ -96,8 +117,13 @@ def test_a_bad_strategy_option_fails_before_any_bank_is_prepared(tmp_path):
 
 
 def test_a_crashing_bank_is_reported_and_the_run_continues_with_the_others(news_csv, tmp_path):
-    cfg = config(*news_data_overrides(news_csv), *SKEWED_BANKS, "federation.rounds=1", "federation.min_banks=2",
-                 "++simulation.fail_banks=[1]")
+    cfg = config(
+        *news_data_overrides(news_csv),
+        *SKEWED_BANKS,
+        "federation.rounds=1",
+        "federation.min_banks=2",
+        "++simulation.fail_banks=[1]",
+    )
     summary = simulate(cfg, tmp_path, echo=False)
     assert summary.final.banks_ok == 2 and summary.final.banks_failed == 1
     history = History.from_json((tmp_path / "metrics.json").read_text())
@@ -108,8 +134,13 @@ def test_a_crashing_bank_is_reported_and_the_run_continues_with_the_others(news_
 
 
 def test_too_few_surviving_banks_fail_the_run_loudly_with_their_errors(news_csv, tmp_path):
-    cfg = config(*news_data_overrides(news_csv), *SKEWED_BANKS, "federation.rounds=2", "federation.min_banks=2",
-                 "++simulation.fail_banks=[0,2]")
+    cfg = config(
+        *news_data_overrides(news_csv),
+        *SKEWED_BANKS,
+        "federation.rounds=2",
+        "federation.min_banks=2",
+        "++simulation.fail_banks=[0,2]",
+    )
     with pytest.raises(SimulationFailed) as failure:
         simulate(cfg, tmp_path, echo=False)
     message = str(failure.value)
@@ -121,8 +152,15 @@ def test_too_few_surviving_banks_fail_the_run_loudly_with_their_errors(news_csv,
 def test_killing_fingpt_sim_stops_the_superlink_and_ray_it_started(news_csv, tmp_path):
     """`kill` (SIGTERM) of fingpt-sim in the middle of a run: Python's default would end it at once
     and leave the SuperLink, its SuperExec and Ray running in their own sessions."""
-    command = [str(Path(sys.executable).parent / "fingpt-sim"), *news_data_overrides(news_csv), "model=tiny_encoder",
-               "federation=iid", "federation.num_banks=2", "federation.rounds=100", f"hydra.run.dir={tmp_path / 'run'}"]
+    command = [
+        str(Path(sys.executable).parent / "fingpt-sim"),
+        *news_data_overrides(news_csv),
+        "model=tiny_encoder",
+        "federation=iid",
+        "federation.num_banks=2",
+        "federation.rounds=100",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     sim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     started: list[psutil.Process] = []
     try:

@@ -48,13 +48,26 @@ def flwr_env(tmp_path):
 def test_flwr_run_dot_trains_the_default_federation_from_pyproject_values(flwr_env, tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "flwr"), "run", ".", "--stream",
-         "--run-config", f"run-dir='{run_dir}' overrides='publish.enabled=false'"],
-        cwd=REPO, env=flwr_env, capture_output=True, text=True, timeout=600,
+        [
+            str(Path(sys.executable).parent / "flwr"),
+            "run",
+            ".",
+            "--stream",
+            "--run-config",
+            f"run-dir='{run_dir}' overrides='publish.enabled=false'",
+        ],
+        cwd=REPO,
+        env=flwr_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rounds = {row["round"] for row in json.loads((run_dir / "metrics.json").read_text())["rows"]
-              if row.get("phase") == "central"}
+    rounds = {
+        row["round"]
+        for row in json.loads((run_dir / "metrics.json").read_text())["rows"]
+        if row.get("phase") == "central"
+    }
     assert {1, 2} <= rounds, rounds  # pyproject's `rounds = 2`, each evaluated centrally
     resolved = (run_dir / "resolved_config.yaml").read_text()
     assert "tiny" in resolved and "num_banks: 2" in resolved  # model=tiny_encoder, one bank per SuperNode

@@ -31,12 +31,27 @@ def mode(path) -> int:
 
 
 def test_start_passes_the_banks_own_state_dir_budget_and_he_keys_as_node_config(tmp_path):
-    args = build_parser().parse_args([
-        "start", "--server", "h:1", "--data", str(tmp_path / "bank.yaml"), "--insecure",
-        "--state-dir", str(tmp_path / "state"), "--dp-target-epsilon", "3", "--dp-delta", "1e-6",
-        "--dp-report-validation", "--he-context", str(tmp_path / "he_secret.ctx"),
-        "--binding-key", str(tmp_path / "bank.binding"),
-    ])
+    args = build_parser().parse_args(
+        [
+            "start",
+            "--server",
+            "h:1",
+            "--data",
+            str(tmp_path / "bank.yaml"),
+            "--insecure",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--dp-target-epsilon",
+            "3",
+            "--dp-delta",
+            "1e-6",
+            "--dp-report-validation",
+            "--he-context",
+            str(tmp_path / "he_secret.ctx"),
+            "--binding-key",
+            str(tmp_path / "bank.binding"),
+        ]
+    )
     settings = NodeSettings("h:1", None, None, tmp_path / "bank.yaml", "bank_a", node_options=node_options(args))
     assert node_config(settings) == (
         f"data-path='{tmp_path / 'bank.yaml'}' bank-name='bank_a' state-dir='{tmp_path / 'state'}' "
@@ -77,15 +92,35 @@ def test_the_operator_needs_the_public_context_and_refuses_the_secret_one(tmp_pa
     encrypted_run_paths(cfg, tmp_path / "he" / "he_public.ctx", tmp_path)
     assert cfg.privacy.he.public_context == str(tmp_path / "he" / "he_public.ctx")
     assert cfg.privacy.he.binding_keys == str(tmp_path / "banks")
-    code = server_main(["run", "--workdir", str(tmp_path / "op"), "--insecure", "--he-public-context",
-                        str(tmp_path / "he" / SECRET_NAME), "privacy=he"])
+    code = server_main(
+        [
+            "run",
+            "--workdir",
+            str(tmp_path / "op"),
+            "--insecure",
+            "--he-public-context",
+            str(tmp_path / "he" / SECRET_NAME),
+            "privacy=he",
+        ]
+    )
     assert code == 2 and "SECRET key" in capsys.readouterr().err
 
 
 def test_registering_a_bank_keeps_its_binding_key_owner_only(tmp_path, capsys):
     assert client_main(["keygen", "--key", str(tmp_path / "bank_a")]) == 0
-    assert server_main(["register-bank", "--workdir", str(tmp_path / "op"), str(tmp_path / "bank_a.pub"),
-                        "--binding-key", str(tmp_path / "bank_a.binding")]) == 0
+    assert (
+        server_main(
+            [
+                "register-bank",
+                "--workdir",
+                str(tmp_path / "op"),
+                str(tmp_path / "bank_a.pub"),
+                "--binding-key",
+                str(tmp_path / "bank_a.binding"),
+            ]
+        )
+        == 0
+    )
     kept = BankRegistry(tmp_path / "op").folder / "bank_a.binding"
     assert mode(kept) == 0o600 and kept.read_text() == (tmp_path / "bank_a.binding").read_text()
 
@@ -95,22 +130,50 @@ def test_he_decrypt_hands_over_a_bf16_rounded_plaintext_state(tmp_path, capsys):
     he = load_secret_context(tmp_path / "he" / SECRET_NAME)
     rng = np.random.default_rng(0)
     initial = {"a.weight": rng.normal(size=(30, 40)).astype(np.float32), "b.bias": np.zeros(7, np.float32)}
-    locals_ = [{name: value + rng.normal(scale=0.1, size=value.shape).astype(np.float32)
-                for name, value in initial.items()} for _ in range(2)]
-    blob = aggregate([encrypt_drift(local, initial, weight, he)
-                      for local, weight in zip(locals_, (10, 30), strict=True)], he.public())
+    locals_ = [
+        {name: value + rng.normal(scale=0.1, size=value.shape).astype(np.float32) for name, value in initial.items()}
+        for _ in range(2)
+    ]
+    blob = aggregate(
+        [encrypt_drift(local, initial, weight, he) for local, weight in zip(locals_, (10, 30), strict=True)],
+        he.public(),
+    )
     run = tmp_path / "run"
     run.mkdir()
     (run / "global_state.he").write_bytes(blob)
     save_file(initial, str(run / "initial_state.safetensors"))
 
-    assert client_main(["he-decrypt", "--run-dir", str(run), "--context", str(tmp_path / "he" / SECRET_NAME),
-                        "--out", str(tmp_path / "state.safetensors")]) == 0
+    assert (
+        client_main(
+            [
+                "he-decrypt",
+                "--run-dir",
+                str(run),
+                "--context",
+                str(tmp_path / "he" / SECRET_NAME),
+                "--out",
+                str(tmp_path / "state.safetensors"),
+            ]
+        )
+        == 0
+    )
     state = load_file(str(tmp_path / "state.safetensors"))
     expected = {name: (10 * locals_[0][name] + 30 * locals_[1][name]) / 40 for name in initial}
     assert sorted(state) == sorted(initial)
     for name, value in state.items():
         assert value.dtype == np.float32 and not (value.view(np.uint32) & 0xFFFF).any()
         assert np.max(np.abs(value - expected[name])) <= np.max(np.abs(expected[name])) * 2.0**-8
-    assert client_main(["he-decrypt", "--run-dir", str(tmp_path), "--context", str(tmp_path / "he" / SECRET_NAME),
-                        "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert (
+        client_main(
+            [
+                "he-decrypt",
+                "--run-dir",
+                str(tmp_path),
+                "--context",
+                str(tmp_path / "he" / SECRET_NAME),
+                "--out",
+                str(tmp_path / "x.safetensors"),
+            ]
+        )
+        == 2
+    )

@@ -52,8 +52,14 @@ from fingpt_federated.simulations.encryption import HE_DIR, bank_secrets, operat
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def federation(tmp_path: Path, *overrides: str, he: bool = True, app: ClientApp = client_app, grid=RecordingGrid,
-               privacy: str = "he"):
+def federation(
+    tmp_path: Path,
+    *overrides: str,
+    he: bool = True,
+    app: ClientApp = client_app,
+    grid=RecordingGrid,
+    privacy: str = "he",
+):
     spec = write_federation(tmp_path / "data")
     cfg = config("strategy=fedavg", "strategy.local_steps=3", *overrides, *([f"privacy={privacy}"] if he else []))
     if he:
@@ -125,15 +131,17 @@ def test_encrypted_fedavg_equals_plaintext_fedavg_and_only_ciphertext_leaves_a_b
         update = EncryptedUpdate.from_bytes(blobs[0])
         local = decrypt_mean(blobs[0], he, schema_of(initial), dtype=np.float64)  # the bank's drift, in the clear
         plain_bytes = np.concatenate([(initial[n] + local[n]).astype(np.float32).ravel() for n in initial]).tobytes()
-        assert not any(plain_bytes[i:i + 16] in blobs[0] for i in range(0, len(plain_bytes) - 16, 4096))
+        assert not any(plain_bytes[i : i + 16] in blobs[0] for i in range(0, len(plain_bytes) - 16, 4096))
         assert len(zlib.compress(blobs[0], 9)) > 0.9 * len(blobs[0])
         with pytest.raises(ValueError, match="secret_key"):
             ts.ckks_vector_from(public.context, update.chunks[0]).decrypt()
     sent = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
     assert all(list(m.content[protocol.ARRAYS]) == [protocol.HE_AGGREGATE] for m in sent)
     federation_row = next(r for r in history.select("train", FEDERATION))
-    assert federation_row.metrics["upload_bytes"] == sum(len(protocol.record_to_blob(protocol.blob_to_record(
-        r.content[protocol.HE_UPDATE][protocol.HE_CIPHERTEXT]))) for r in train_replies(grid))
+    assert federation_row.metrics["upload_bytes"] == sum(
+        len(protocol.record_to_blob(protocol.blob_to_record(r.content[protocol.HE_UPDATE][protocol.HE_CIPHERTEXT])))
+        for r in train_replies(grid)
+    )
 
 
 def test_partial_participation_gives_the_fedavg_global_of_the_banks_that_trained(tmp_path):
@@ -149,12 +157,17 @@ def test_partial_participation_gives_the_fedavg_global_of_the_banks_that_trained
     final = decrypted_global(tmp_path, (tmp_path / "run" / "global_state.he").read_bytes())
     assert max_error(final, plain) < 1e-5
 
-    out = decrypt_final_state(tmp_path / "run" / "global_state.he", tmp_path / "run" / "initial_state.safetensors",
-                              tmp_path / "run" / HE_DIR / SECRET_NAME, tmp_path / "published.safetensors")
+    out = decrypt_final_state(
+        tmp_path / "run" / "global_state.he",
+        tmp_path / "run" / "initial_state.safetensors",
+        tmp_path / "run" / HE_DIR / SECRET_NAME,
+        tmp_path / "published.safetensors",
+    )
     published = load_file(str(out))
     assert sorted(published) == sorted(plain) and all(published[n].dtype == np.float32 for n in published)
-    assert all(np.array_equal(published[n].view(np.uint32) & 0xFFFF, np.zeros_like(published[n], np.uint32))
-               for n in published), "published values must be bfloat16-representable"
+    assert all(
+        np.array_equal(published[n].view(np.uint32) & 0xFFFF, np.zeros_like(published[n], np.uint32)) for n in published
+    ), "published values must be bfloat16-representable"
     assert max_error(published, final) < 1e-2
 
 
@@ -194,8 +207,10 @@ def test_the_replay_guard_survives_a_restart_in_the_middle_of_a_round(tmp_path):
     class CrashAfterTraining(RecordingGrid):
         def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
             messages = list(messages)
-            if messages[0].metadata.message_type == MessageType.EVALUATE and \
-                    messages[0].content[protocol.CONFIG][protocol.SERVER_ROUND] == 2:
+            if (
+                messages[0].metadata.message_type == MessageType.EVALUATE
+                and messages[0].content[protocol.CONFIG][protocol.SERVER_ROUND] == 2
+            ):
                 raise OperatorCrash("the ServerApp dies after aggregating round 2")
             replies = super().send_and_receive(messages, timeout=timeout)
             before.update({r.content[protocol.RECEIPT]["name"]: r for r in replies if protocol.HE_UPDATE in r.content})
@@ -238,9 +253,16 @@ def test_dp_under_he_sends_ciphertexts_of_noisy_updates_and_a_bank_over_budget_i
     ciphertext; a bank whose own budget is too small declines (no ciphertext) and the encrypted
     global is the mean drift of the banks that trained."""
     cfg, spec, grid = federation(
-        tmp_path, "federation.rounds=2", "federation.min_banks=2", "privacy.dp.logical_batch_size=16",
-        "privacy.dp.physical_batch_size=8", "privacy.dp.accountant=rdp", "privacy.dp.noise_multiplier=1.0",
-        "+privacy.dp.banks.bank_1.target_epsilon=2.0", privacy="dp_he")
+        tmp_path,
+        "federation.rounds=2",
+        "federation.min_banks=2",
+        "privacy.dp.logical_batch_size=16",
+        "privacy.dp.physical_batch_size=8",
+        "privacy.dp.accountant=rdp",
+        "privacy.dp.noise_multiplier=1.0",
+        "+privacy.dp.banks.bank_1.target_epsilon=2.0",
+        privacy="dp_he",
+    )
     history = run_federation(grid, cfg, spec, tmp_path / "run")
 
     declined = {(r.round, r.bank) for r in history.rows if r.status == "declined"}
@@ -251,8 +273,11 @@ def test_dp_under_he_sends_ciphertexts_of_noisy_updates_and_a_bank_over_budget_i
         first, second = (next(r.metrics["epsilon"] for r in trained if r.round == n and r.bank == bank) for n in (1, 2))
         assert 0 < first < second <= cfg.privacy.dp.target_epsilon
 
-    round_two = [r for r in train_replies(grid)
-                 if r.content[protocol.RECEIPT][protocol.SERVER_ROUND] == 2 and protocol.HE_UPDATE in r.content]
+    round_two = [
+        r
+        for r in train_replies(grid)
+        if r.content[protocol.RECEIPT][protocol.SERVER_ROUND] == 2 and protocol.HE_UPDATE in r.content
+    ]
     assert sorted(r.content[protocol.RECEIPT]["name"] for r in round_two) == ["bank_0", "bank_2"]
     assert all(not r.content.array_records for r in train_replies(grid))
     initial = dict(sorted(load_file(str(tmp_path / "run" / "initial_state.safetensors")).items()))
@@ -261,8 +286,9 @@ def test_dp_under_he_sends_ciphertexts_of_noisy_updates_and_a_bank_over_budget_i
         blob = reply.content[protocol.HE_UPDATE][protocol.HE_CIPHERTEXT]
         weights.append(EncryptedUpdate.from_bytes(blob).weight)
         drifts.append(decrypt_mean(blob, secret(tmp_path), schema_of(initial), dtype=np.float64))
-    expected = {n: initial[n] + sum(w * d[n] for w, d in zip(weights, drifts, strict=True)) / sum(weights)
-                for n in initial}
+    expected = {
+        n: initial[n] + sum(w * d[n] for w, d in zip(weights, drifts, strict=True)) / sum(weights) for n in initial
+    }
     final = decrypted_global(tmp_path, (tmp_path / "run" / "global_state.he").read_bytes())
     assert max_error(final, expected) < 1e-4
     assert max_error(final, initial) > 1e-3  # the noisy updates moved the global state

@@ -16,8 +16,16 @@ from fingpt_federated.simulations.sim import simulate
 
 pytestmark = pytest.mark.slow
 
-SETTING = ["federation=dirichlet", "federation.num_banks=3", "federation.alpha=0.3", "seed=2", "federation.rounds=2",
-           "strategy.local_steps=4", "model.max_length=16", "model.train.lr=5e-3"]
+SETTING = [
+    "federation=dirichlet",
+    "federation.num_banks=3",
+    "federation.alpha=0.3",
+    "seed=2",
+    "federation.rounds=2",
+    "strategy.local_steps=4",
+    "model.max_length=16",
+    "model.train.lr=5e-3",
+]
 
 
 def test_encrypted_and_plaintext_simulations_reach_the_same_accuracy(tmp_path):

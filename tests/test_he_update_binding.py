@@ -67,8 +67,9 @@ def test_update_from_another_global_state_or_run_is_mismatched():
     with pytest.raises(MismatchedUpdate, match="global state"):
         guard.verify_update(*signed("bank-1", 2, GLOBAL_1, blob), blob, server_round=2, global_hash=GLOBAL_2)
     with pytest.raises(MismatchedUpdate, match="run other-run"):
-        guard.verify_update(*signed("bank-1", 2, GLOBAL_2, blob, run="other-run"), blob, server_round=2,
-                            global_hash=GLOBAL_2)
+        guard.verify_update(
+            *signed("bank-1", 2, GLOBAL_2, blob, run="other-run"), blob, server_round=2, global_hash=GLOBAL_2
+        )
     guard.verify_update(*signed("bank-1", 2, GLOBAL_2, blob), blob, server_round=2, global_hash=GLOBAL_2)
 
 

@@ -51,9 +51,17 @@ def test_single_and_batch_predictions(client):
     (prediction,) = single.json()["predictions"]
     assert prediction["label"] == "bullish" and set(prediction["probabilities"]) == set(CLASSES)
     assert prediction["explanation"]["tokens"] and len(prediction["explanation"]["series_steps"]) == 3
-    batch = client.post("/predict", json={"records": [{"text": "acme plunged losses missed", "series": SERIES},
-                                                      {"text": "acme held meeting", "series": SERIES[:1]}],
-                                          "explain": False, "mc_samples": 2})
+    batch = client.post(
+        "/predict",
+        json={
+            "records": [
+                {"text": "acme plunged losses missed", "series": SERIES},
+                {"text": "acme held meeting", "series": SERIES[:1]},
+            ],
+            "explain": False,
+            "mc_samples": 2,
+        },
+    )
     assert batch.status_code == 200, batch.text
     labels = [p["label"] for p in batch.json()["predictions"]]
     assert labels[0] == "bearish" and len(labels) == 2
@@ -69,21 +77,24 @@ def test_repeated_inputs_come_from_the_cache_and_are_still_audited(client, servi
     assert len(read_audit_log(service.audit.path)) == audited + 2
 
 
-@pytest.mark.parametrize("body, message", [
-    ({}, "give either 'text'/'series' for one prediction or 'records' for a batch"),
-    ({"text": "acme", "series": SERIES, "records": [{"text": "acme", "series": SERIES}]}, "not both"),
-    ({"text": "acme"}, "this model reads a series"),
-    ({"series": SERIES}, "this model reads text"),
-    ({"text": "acme", "series": [[1.0, 2.0, 3.0]]}, "'series' step 0 has 3 values; the model takes 2"),
-    ({"text": "acme", "series": [[1.0, "NaN"]]}, "finite number"),
-    ({"text": "acme", "series": []}, "at least 1 item"),
-    ({"text": "", "series": SERIES}, "at least 1 character"),
-    ({"text": "acme", "series": SERIES, "colour": "red"}, "Extra inputs are not permitted"),
-    ({"text": "acme", "series": SERIES, "mc_samples": 1000}, "less than or equal to 32"),
-    ({"records": []}, "at least 1 item"),
-    ({"records": [{"text": "acme", "series": [[1.0] * 2] * 300}]}, "at most 256"),
-    ({"text": 7, "series": SERIES}, "valid string"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({}, "give either 'text'/'series' for one prediction or 'records' for a batch"),
+        ({"text": "acme", "series": SERIES, "records": [{"text": "acme", "series": SERIES}]}, "not both"),
+        ({"text": "acme"}, "this model reads a series"),
+        ({"series": SERIES}, "this model reads text"),
+        ({"text": "acme", "series": [[1.0, 2.0, 3.0]]}, "'series' step 0 has 3 values; the model takes 2"),
+        ({"text": "acme", "series": [[1.0, "NaN"]]}, "finite number"),
+        ({"text": "acme", "series": []}, "at least 1 item"),
+        ({"text": "", "series": SERIES}, "at least 1 character"),
+        ({"text": "acme", "series": SERIES, "colour": "red"}, "Extra inputs are not permitted"),
+        ({"text": "acme", "series": SERIES, "mc_samples": 1000}, "less than or equal to 32"),
+        ({"records": []}, "at least 1 item"),
+        ({"records": [{"text": "acme", "series": [[1.0] * 2] * 300}]}, "at most 256"),
+        ({"text": 7, "series": SERIES}, "valid string"),
+    ],
+)
 def test_bad_input_is_a_422_with_a_clear_message(client, body, message):
     response = client.post("/predict", json=body)
     assert response.status_code == 422, response.text

@@ -139,12 +139,9 @@ def test_other_methods_name_banks_in_order():
         ({"num_banks": 3, "method": "quantity", "alpha": -1.0}, "alpha must be > 0"),
         ({"num_banks": 3, "method": "natural"}, "needs keys"),
         ({"num_banks": 3, "method": "natural", "keys": np.arange(NUM_ROWS) % 4}, "4 distinct"),
-        ({"num_banks": None, "method": "natural", "keys": np.arange(NUM_ROWS) % 4,
-          "bins": [0, 2]}, "outside [0, 2)"),
-        ({"num_banks": None, "method": "natural", "keys": np.r_[np.zeros(NUM_ROWS - 1), 7]},
-         "7.0 (1)"),
-        ({"num_banks": None, "method": "natural", "keys": np.r_[np.nan, np.ones(NUM_ROWS - 1)]},
-         "missing"),
+        ({"num_banks": None, "method": "natural", "keys": np.arange(NUM_ROWS) % 4, "bins": [0, 2]}, "outside [0, 2)"),
+        ({"num_banks": None, "method": "natural", "keys": np.r_[np.zeros(NUM_ROWS - 1), 7]}, "7.0 (1)"),
+        ({"num_banks": None, "method": "natural", "keys": np.r_[np.nan, np.ones(NUM_ROWS - 1)]}, "missing"),
     ],
 )
 def test_bad_requests_are_refused_with_a_clear_error(labels, kwargs, message):
@@ -167,10 +164,16 @@ def png_size(path) -> tuple[int, int]:
 def test_heatmap_is_a_png_that_grows_with_the_number_of_banks(labels, tmp_path):
     few = partition_indices(labels, 5, "dirichlet", alpha=0.3)
     many = partition_indices(labels, 100, "iid", min_size=5)
-    small = save_heatmap(label_counts(labels, few, NUM_CLASSES), bank_names("dirichlet", 5),
-                         CLASS_NAMES, tmp_path / "few.png", "5 banks")
-    large = save_heatmap(label_counts(labels, many, NUM_CLASSES), bank_names("iid", 100),
-                         CLASS_NAMES, tmp_path / "sub" / "many.png", "100 banks")
+    small = save_heatmap(
+        label_counts(labels, few, NUM_CLASSES), bank_names("dirichlet", 5), CLASS_NAMES, tmp_path / "few.png", "5 banks"
+    )
+    large = save_heatmap(
+        label_counts(labels, many, NUM_CLASSES),
+        bank_names("iid", 100),
+        CLASS_NAMES,
+        tmp_path / "sub" / "many.png",
+        "100 banks",
+    )
     assert small.stat().st_size > 5_000
     assert png_size(large)[1] > 3 * png_size(small)[1]
 

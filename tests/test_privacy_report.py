@@ -32,9 +32,11 @@ def test_each_bank_gets_its_epsilon_per_round_a_decline_and_blanks_where_it_was_
     section = epsilon_section(dp_history(), {"bank_a": 8.0, "bank_b": 3.0, "bank_c": None})
     table = section[2].splitlines()
     assert table[0] == "| bank | budget (epsilon) | delta | round 1 | round 2 |"
-    assert table[2:] == ["| bank_a | 8 | 1e-05 | 2.500 | 4.000 |",
-                         "| bank_b | 3 | 1e-06 | 2.900 | declined |",
-                         "| bank_c | none (noise multiplier set) | 1e-05 |  | 0.700 |"]
+    assert table[2:] == [
+        "| bank_a | 8 | 1e-05 | 2.500 | 4.000 |",
+        "| bank_b | 3 | 1e-06 | 2.900 | declined |",
+        "| bank_c | none (noise multiplier set) | 1e-05 |  | 0.700 |",
+    ]
 
 
 def test_no_section_and_no_rows_without_dp():

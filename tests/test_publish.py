@@ -97,8 +97,13 @@ def test_model_card_describes_the_run_and_hashes_every_file(published):
     assert sizes["bf16"] < 0.6 * sizes["fp32"] and max(sizes.values()) == sizes["fp32"]
     files = file_hashes(published)
     assert card["files"] == files and CARD_JSON not in files and CARD_MD not in files
-    assert {"manifest.json", "hybrid.safetensors", "backbone/fp32/model.safetensors",
-            "backbone/bnb_nf4/model.safetensors", "tokenizer/tokenizer.json"} <= set(files)
+    assert {
+        "manifest.json",
+        "hybrid.safetensors",
+        "backbone/fp32/model.safetensors",
+        "backbone/bnb_nf4/model.safetensors",
+        "tokenizer/tokenizer.json",
+    } <= set(files)
     assert card["model_hash"] == model_hash(files)
     markdown = (published / CARD_MD).read_text()
     for text in (card["model_hash"], "bank_a: epsilon 2.5", "| bnb_nf4 |", card["base_model"]["sha256"]):
@@ -124,8 +129,14 @@ def test_under_he_the_server_does_not_publish_and_says_who_does(tmp_path):
 @pytest.mark.slow
 def test_a_simulated_run_publishes_and_a_handed_over_state_republishes(tmp_path):
     csv = write_news_csv(tmp_path / "news.csv", rows=240)
-    cfg = config(*news_data_overrides(csv), "federation=iid", "federation.num_banks=2", "federation.rounds=1",
-                 "model.train.progress=false", "publish.variants=[fp32,int8_dynamic]")
+    cfg = config(
+        *news_data_overrides(csv),
+        "federation=iid",
+        "federation.num_banks=2",
+        "federation.rounds=1",
+        "model.train.progress=false",
+        "publish.variants=[fp32,int8_dynamic]",
+    )
     run = tmp_path / "run"
     simulate(cfg, run, echo=False)
     card = json.loads((run / "model" / CARD_JSON).read_text())
@@ -134,8 +145,22 @@ def test_a_simulated_run_publishes_and_a_handed_over_state_republishes(tmp_path)
     assert OmegaConf.load(run / "resolved_config.yaml").publish.variants == ["fp32", "int8_dynamic"]
 
     handed = shutil.copy(run / "global_state.safetensors", tmp_path / "decrypted.safetensors")
-    assert infer_main(["publish", str(run), "--state", str(handed), "--out", str(tmp_path / "bank_model"),
-                       "--variants", "fp32", "bf16"]) == 0
+    assert (
+        infer_main(
+            [
+                "publish",
+                str(run),
+                "--state",
+                str(handed),
+                "--out",
+                str(tmp_path / "bank_model"),
+                "--variants",
+                "fp32",
+                "bf16",
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "bank_model" / CARD_JSON).read_text())
     assert set(again["variants"]) == {"fp32", "bf16"} and "handed over" in again["state_source"]
     same_weights = "backbone/fp32/model.safetensors"

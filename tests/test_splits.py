@@ -54,8 +54,6 @@ def test_train_valid_split_rejects_fractions_outside_zero_one(labels, fraction):
         split_train_valid(np.arange(10), labels, fraction, seed=0)
 
 
-
-
 def test_time_split_holds_out_the_latest_rows():
     times = np.array(["2017-01-03", "2013-02-08", "2016-05-01", "2018-01-02", "2014-07-07"])
     earlier, latest = time_split_indices(times, 0.4)

@@ -57,13 +57,13 @@ def _generate(task: str, num_banks: int, rows: int, seed: int) -> list[pd.DataFr
 def _max_label_distance(frame: pd.DataFrame, label: str) -> float:
     """Largest total-variation distance between two banks' label distributions."""
     shares = pd.crosstab(frame["bank"], frame[label], normalize="index")
-    return max(0.5 * np.abs(shares.loc[a] - shares.loc[b]).sum()
-               for a, b in combinations(shares.index, 2))
+    return max(0.5 * np.abs(shares.loc[a] - shares.loc[b]).sum() for a, b in combinations(shares.index, 2))
 
 
 def _split_auc(features: np.ndarray, labels: pd.Series) -> float:
     x_train, x_test, y_train, y_test = train_test_split(
-        features, labels, test_size=0.3, random_state=0, stratify=labels)
+        features, labels, test_size=0.3, random_state=0, stratify=labels
+    )
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     model.fit(x_train, y_train)
     return roc_auc_score(y_test, model.predict_proba(x_test)[:, 1])
@@ -71,11 +71,17 @@ def _split_auc(features: np.ndarray, labels: pd.Series) -> float:
 
 def _account_features(accounts: pd.DataFrame, transfers: pd.DataFrame) -> pd.DataFrame:
     near_threshold = transfers["amount"].between(9000, 10000, inclusive="left")
-    incoming = transfers.assign(near=near_threshold).groupby("target").agg(
-        n_in=("amount", "size"), fan_in=("source", "nunique"), near=("near", "sum"),
-        cross_in=("cross_border", "sum"))
-    outgoing = transfers.groupby("source").agg(
-        n_out=("amount", "size"), cross_out=("cross_border", "sum"))
+    incoming = (
+        transfers.assign(near=near_threshold)
+        .groupby("target")
+        .agg(
+            n_in=("amount", "size"),
+            fan_in=("source", "nunique"),
+            near=("near", "sum"),
+            cross_in=("cross_border", "sum"),
+        )
+    )
+    outgoing = transfers.groupby("source").agg(n_out=("amount", "size"), cross_out=("cross_border", "sum"))
     features = accounts.set_index("account_id").join(incoming).join(outgoing).fillna(0)
     total = features["n_in"] + features["n_out"]
     features["cross_share"] = (features["cross_in"] + features["cross_out"]) / total
@@ -143,8 +149,20 @@ def test_news_schema_and_variety(news: pd.DataFrame) -> None:
     assert set(news["sentiment"]) == {"bearish", "bullish", "neutral"}
     assert news["text"].nunique() > 0.9 * len(news)
     corpus = " ".join(news["text"])
-    for term in ("$JPM", "basis points", "VaR", "Tier 1 capital", "NPL ratio", "CDS spreads",
-                 "EPS", "guidance", "downgrade", "yield curve", "did not", "whether"):
+    for term in (
+        "$JPM",
+        "basis points",
+        "VaR",
+        "Tier 1 capital",
+        "NPL ratio",
+        "CDS spreads",
+        "EPS",
+        "guidance",
+        "downgrade",
+        "yield curve",
+        "did not",
+        "whether",
+    ):
         assert term in corpus, term
 
 
@@ -164,9 +182,13 @@ def test_news_is_learnable_but_not_trivial(news: pd.DataFrame) -> None:
 
 def test_credit_schema(credit: pd.DataFrame) -> None:
     months = range(1, 7)
-    expected = (["bank", "age", "sex", "education", "marital", "credit_limit"]
-                + [f"status_{m}" for m in months] + [f"bill_{m}" for m in months]
-                + [f"paid_{m}" for m in months] + ["default"])
+    expected = (
+        ["bank", "age", "sex", "education", "marital", "credit_limit"]
+        + [f"status_{m}" for m in months]
+        + [f"bill_{m}" for m in months]
+        + [f"paid_{m}" for m in months]
+        + ["default"]
+    )
     assert list(credit.columns) == expected
     ints = ["age", "credit_limit", "default"] + [f"status_{m}" for m in months]
     assert all(pd.api.types.is_integer_dtype(credit[c]) for c in ints)
@@ -189,15 +211,13 @@ def test_credit_is_learnable_but_not_trivial(credit: pd.DataFrame) -> None:
     status = credit[[f"status_{m}" for m in range(1, 7)]].to_numpy()
     bills = credit[[f"bill_{m}" for m in range(1, 7)]].to_numpy()
     paid = credit[[f"paid_{m}" for m in range(1, 7)]].to_numpy()
-    features = np.column_stack(
-        [status.mean(axis=1), status.max(axis=1), (paid / (bills + 1.0)).mean(axis=1)])
+    features = np.column_stack([status.mean(axis=1), status.max(axis=1), (paid / (bills + 1.0)).mean(axis=1)])
     assert 0.65 < _split_auc(features, credit["default"]) < 0.97
 
 
 def test_transactions_schema(transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     accounts, transfers = transactions
-    assert list(accounts.columns) == [
-        "account_id", "bank", "account_type", "opening_balance", "laundering"]
+    assert list(accounts.columns) == ["account_id", "bank", "account_type", "opening_balance", "laundering"]
     assert list(transfers.columns) == ["source", "target", "amount", "step", "cross_border"]
     assert accounts["account_id"].is_unique
     assert set(accounts["account_type"]) == {"personal", "business"}
@@ -210,8 +230,7 @@ def test_transactions_schema(transactions: tuple[pd.DataFrame, pd.DataFrame]) ->
     assert transfers["step"].between(0, HORIZON_STEPS - 1).all()
 
 
-def test_cross_border_means_a_foreign_party(
-        transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def test_cross_border_means_a_foreign_party(transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     _, transfers = transactions
     foreign = (transfers["source"] >= FOREIGN_BASE) | (transfers["target"] >= FOREIGN_BASE)
     assert (transfers["cross_border"] == foreign.astype(int)).all()
@@ -231,27 +250,26 @@ def test_laundering_in_every_bank_of_twenty_accounts(accounts_per_bank: int) -> 
     assert (per_bank.loc[per_bank["size"] >= 20, "sum"] > 0).all()
 
 
-def test_laundering_rates_differ_between_banks(
-        transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def test_laundering_rates_differ_between_banks(transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     rates = transactions[0].groupby("bank")["laundering"].mean()
     assert rates.max() - rates.min() > 0.05
 
 
-def test_laundering_typologies_are_present(
-        transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def test_laundering_typologies_are_present(transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     accounts, transfers = transactions
     launderers = set(accounts.loc[accounts["laundering"] == 1, "account_id"])
-    structured = transfers[(transfers["source"] >= CASH_DESK_BASE)
-                           & (transfers["source"] < CASH_DESK_BASE + NUM_BANKS)
-                           & transfers["amount"].between(9000, 10000, inclusive="left")]
+    structured = transfers[
+        (transfers["source"] >= CASH_DESK_BASE)
+        & (transfers["source"] < CASH_DESK_BASE + NUM_BANKS)
+        & transfers["amount"].between(9000, 10000, inclusive="left")
+    ]
     deposits = structured.groupby("target").size()
     assert (deposits[deposits.index.isin(launderers)] >= 3).any()
     among = transfers[transfers["source"].isin(launderers) & transfers["target"].isin(launderers)]
     assert _has_cycle(set(zip(among["source"], among["target"], strict=True)))
 
 
-def test_transactions_are_learnable_but_not_trivial(
-        transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def test_transactions_are_learnable_but_not_trivial(transactions: tuple[pd.DataFrame, pd.DataFrame]) -> None:
     features = _account_features(*transactions)
     columns = ["n_in", "n_out", "fan_in", "near", "cross_share"]
     assert 0.65 < _split_auc(features[columns].to_numpy(), features["laundering"]) < 0.98
@@ -266,15 +284,17 @@ def test_write_federation_round_trips(task: str, tmp_path) -> None:
         pd.testing.assert_frame_equal(pd.read_csv(path), frame)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"task": "prices"}, "news, credit, transactions"),
-    ({"num_banks": 0}, "num_banks"),
-    ({"rows_per_bank": 0}, "rows"),
-    ({"seed": -1}, "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"task": "prices"}, "news, credit, transactions"),
+        ({"num_banks": 0}, "num_banks"),
+        ({"rows_per_bank": 0}, "rows"),
+        ({"seed": -1}, "seed"),
+    ],
+)
 def test_bad_arguments_raise(kwargs: dict, message: str, tmp_path) -> None:
-    arguments = {"task": "news", "out_dir": tmp_path, "num_banks": 2, "rows_per_bank": 5,
-                 "seed": 0} | kwargs
+    arguments = {"task": "news", "out_dir": tmp_path, "num_banks": 2, "rows_per_bank": 5, "seed": 0} | kwargs
     with pytest.raises(ValueError, match=message):
         write_federation(**arguments)
 

@@ -54,9 +54,7 @@ def quadrant_task(n: int, seed: int, steps: int = 10) -> BankDataset:
     """
     rng = np.random.default_rng(seed)
     says_up, trend_up = rng.integers(0, 2, n), rng.integers(0, 2, n)
-    texts = [
-        " ".join([*rng.choice(FILLERS, 3), "up" if up else "down", *rng.choice(FILLERS, 2)]) for up in says_up
-    ]
+    texts = [" ".join([*rng.choice(FILLERS, 3), "up" if up else "down", *rng.choice(FILLERS, 2)]) for up in says_up]
     returns = rng.normal(0, 0.5, (n, steps)) + np.where(trend_up, 0.5, -0.5)[:, None]
     price = 100 + np.cumsum(returns, axis=1)
     volume = rng.lognormal(10, 1, (n, steps))
@@ -134,8 +132,9 @@ def test_decoder_path_trains():
 
 def test_proximal_correction_pulls_towards_the_global_state():
     train = text_only(quadrant_task(128, seed=5))
-    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=16, epochs=10,
-                      progress=False)
+    cfg = TrainConfig(
+        optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=16, epochs=10, progress=False
+    )
     model, tokenizer = built(num_features=0)
     start = federated_state(model)
     huge = 1 / cfg.lr  # the largest stable mu for SGD: every step lands at w_global - lr * grad
