@@ -56,7 +56,8 @@ class ContextMismatchError(ValueError):
 @dataclass
 class HEParams:
     """CKKS parameters of an add-only federation; the defaults are the federation's (privacy.he, whose
-    schema `privacy.he_config.HEConfig` extends this class). Alternatives: `python -m simulations.bench_he`.
+    schema `privacy.he_config.HEConfig` extends this class).
+    Alternatives: `python -m fingpt_federated.simulations.bench_he`.
 
     The last modulus of `coeff_mod_bit_sizes` is SEAL's special prime: TenSEAL insists on
     creating relinearization keys, which need it, but fresh ciphertexts drop it, so only the

@@ -1,8 +1,8 @@
 """Centralized benchmark of the hybrid model on the real data sets (one bank holding everything).
 
-    python -m simulations.bench_centralized tfns
-    python -m simulations.bench_centralized credit_taiwan --variants fused,text,series
-    python -m simulations.bench_centralized tfns model.train.epochs=1 model.lora.r=16
+    python -m fingpt_federated.simulations.bench_centralized tfns
+    python -m fingpt_federated.simulations.bench_centralized credit_taiwan --variants fused,text,series
+    python -m fingpt_federated.simulations.bench_centralized tfns model.train.epochs=1 model.lora.r=16
 
 Prints, per variant, test accuracy, macro-F1 (and ROC-AUC for binary tasks), training steps per
 second and the bytes of the federated state; writes the same as JSON with --out.

@@ -1,7 +1,7 @@
 """Benchmarks of the simulated federation; prints a table and writes bench_federation.json.
 
-    python -m simulations.bench_federation                  # all three
-    python -m simulations.bench_federation --only scale     # one of: rounds, scale, tfns
+    python -m fingpt_federated.simulations.bench_federation                  # all three
+    python -m fingpt_federated.simulations.bench_federation --only scale     # one of: rounds, scale, tfns
 
 - rounds: wall time of a round (3 banks, tiny encoder, 3 rounds): round 1 includes starting the
   Ray actors and building the model in them, later rounds are the steady state.

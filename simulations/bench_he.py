@@ -9,7 +9,7 @@ Reported: serialized bytes per parameter of one bank's upload and of the aggrega
 to show what SEAL's built-in zstd compression saves, CPU seconds per million parameters (process
 time, so that other jobs on a shared machine do not inflate them), and the max
 absolute error of the mean against plaintext FedAvg: raw (CKKS noise) and as published (rounded
-to the 2^-22 grid). Run: `python -m simulations.bench_he [--params N]`.
+to the 2^-22 grid). Run: `python -m fingpt_federated.simulations.bench_he [--params N]`.
 """
 
 from __future__ import annotations

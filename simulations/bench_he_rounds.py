@@ -1,7 +1,7 @@
 """Round time and bytes on the wire of an encrypted simulated federation against the same plaintext one.
 
-    python -m simulations.bench_he_rounds                       # MiniLM, 3 banks, 3 rounds
-    python -m simulations.bench_he_rounds model=tiny_encoder    # any Hydra override
+    python -m fingpt_federated.simulations.bench_he_rounds                       # MiniLM, 3 banks, 3 rounds
+    python -m fingpt_federated.simulations.bench_he_rounds model=tiny_encoder    # any Hydra override
 
 Both runs are `fingpt-sim` on Flower's simulation engine with the same seeded banks and local
 work; only `privacy` differs. Round time is the ServerApp's `round_seconds` (train and evaluate

@@ -1,6 +1,6 @@
 """Inference cost of each published variant: latency, throughput, bytes and accuracy (CPU by default).
 
-    python -m simulations.bench_infer [--model minilm] [--steps 40] [--seconds 15] [--threads 1]
+    python -m fingpt_federated.simulations.bench_infer [--model minilm] [--steps 40] [--seconds 15] [--threads 1]
                                       [--workdir DIR] [--out bench.json]
 
 A model is trained for `--steps` steps on the synthetic news of data/synthetic.py (text
