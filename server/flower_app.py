@@ -3,9 +3,9 @@
 The app is a pyproject.toml alone: its components (`fingpt_federated.server.app:app`,
 `fingpt_federated.client.app:app`) are imported from the fingpt-federated package installed on
 each machine. In a deployment that matters for the banks: the bundle (FAB) the operator sends
-carries no code, so a SuperNode runs the ClientApp its own bank installed and reviewed, not code shipped by the operator. Its
-`[tool.flwr.app.config]` declares the run-config keys the apps read, because `flwr run`
-refuses keys that are not declared.
+carries no code, so a SuperNode runs the ClientApp its own bank installed and reviewed, not code
+shipped by the operator. Its `[tool.flwr.app.config]` declares the run-config keys the apps read,
+because `flwr run` refuses keys that are not declared.
 """
 
 from __future__ import annotations
