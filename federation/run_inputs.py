@@ -29,6 +29,7 @@ from fingpt_federated.conf import compose_config
 from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
+from fingpt_federated.model.backbone import cache_dir
 
 CONFIG_GROUPS = ("data", "model", "strategy", "privacy", "federation")
 RUN_ROUNDS = "rounds"
@@ -64,16 +65,12 @@ def config_from_run(run_config: Mapping[str, Any], num_banks: int | None = None)
     return cfg
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FINGPT_CACHE_DIR", Path.home() / ".cache" / "fingpt-federated"))
-
-
 def prepared_spec(cfg: DictConfig, num_banks: int) -> FederationSpec:
     """The federation spec of a `flwr run .` run: its banks prepared once per config, then reused.
 
     Raises ValueError when the data deal out into another number of banks than there are SuperNodes.
     """
-    folder = cache_root() / "federations" / _config_key(cfg)
+    folder = cache_dir() / "federations" / _config_key(cfg)
     if not (folder / SPEC_FILE).is_file():
         _publish(cfg, folder)
     spec = FederationSpec.load(folder / SPEC_FILE)

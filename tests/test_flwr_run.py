@@ -7,13 +7,14 @@ the run; the test gives it a private FLWR_HOME and stops it, found by that home 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import pytest
+
+from fingpt_federated.federation.flower_env import node_env
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -32,13 +33,9 @@ def stop_local_superlink(flwr_home: Path) -> None:
 def flwr_env(tmp_path):
     home = tmp_path / "flwr-home"
     env = {
-        **os.environ,
+        **node_env(),  # quiet, offline, no runtime dependency installation, this venv's bin first on PATH
         "FLWR_HOME": str(home),
         "FINGPT_CACHE_DIR": str(tmp_path / "cache"),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "OMP_NUM_THREADS": "1",
     }
     yield env
