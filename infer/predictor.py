@@ -20,6 +20,10 @@ from fingpt_federated.model.published import PublishedModel
 TOP_K = 5
 
 
+class NonFiniteOutputError(ValueError):
+    """The model's output is NaN or infinite: a damaged model, never a prediction to return."""
+
+
 @dataclass
 class Prediction:
     label: str
@@ -58,6 +62,11 @@ class Predictor:
             with torch.inference_mode():
                 logits = self.model(**batch.inputs())
         probabilities = logits.float().softmax(-1).cpu()
+        if not torch.isfinite(probabilities).all():
+            raise NonFiniteOutputError(
+                f"{self.published.folder}: the model gave non-finite probabilities (its weights overflow or are "
+                "damaged); no prediction is returned"
+            )
         predicted = probabilities.argmax(-1)
         entropy = normalised_entropy(probabilities)
         spread = (

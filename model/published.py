@@ -130,8 +130,36 @@ def load_published(folder: str | Path, variant: str = "fp32", device: torch.devi
             if name != "backbone":
                 setattr(explainer, name, child)  # shared: only the backbone differs
         explainer.eval()
+    check_finite(model, folder, variant)
+    if explainer is not None:
+        check_finite(explainer, folder, "fp32")
     tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
     return PublishedModel(model.eval(), tokenizer, manifest, variant, folder, explainer)
+
+
+class NonFiniteWeightsError(ValueError):
+    """A published model holds NaN or infinite weights: every prediction would be NaN."""
+
+
+def check_finite(model: HybridFinGPT, folder: Path, variant: str) -> None:
+    """Refuse a loaded model with a NaN or infinite floating-point parameter or buffer, naming the file and tensors.
+
+    Quantized storage (integer dtypes) is skipped: it cannot hold a non-finite value.
+    """
+    bad: dict[str, int] = {}
+    for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+        if tensor.is_floating_point():
+            count = int((~torch.isfinite(tensor.detach())).sum())
+            if count:
+                bad[name] = count
+    if bad:
+        in_backbone = any(name.startswith("backbone.") for name in bad)
+        where = f"{BACKBONE_DIR}/{stored_folder(variant)}" if in_backbone else HYBRID_WEIGHTS
+        names = ", ".join(sorted(bad)[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteWeightsError(
+            f"{folder / where}: {sum(bad.values()):,} non-finite weight(s) in {len(bad)} tensor(s) ({names}); "
+            "refusing to load a damaged model"
+        )
 
 
 def _hybrid(backbone: torch.nn.Module, manifest: Mapping[str, Any]) -> HybridFinGPT:

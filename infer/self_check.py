@@ -1,0 +1,88 @@
+"""The self-check a served model passes before the service binds its port, and what /health says it can do.
+
+A model whose files match its card may still be useless: weights that overflow, a tokenizer that
+does not fit, an explanation that fails. The self-check builds one request from the model's own
+manifest (a short text if it reads text; a series of its width and full length if it reads one),
+predicts it with an explanation and two Monte Carlo dropout passes, and requires finite
+probabilities that sum to 1 over the model's classes. It goes through the Predictor, not the
+service: nothing is audited or cached.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fingpt_federated.infer.inputs import expects_text, records_to_dataset
+from fingpt_federated.infer.predictor import Prediction, Predictor
+
+SELF_CHECK_TEXT = "The company reported quarterly results in line with expectations."
+SUM_TOLERANCE = 1e-4
+
+
+class SelfCheckError(ValueError):
+    """The model failed its self-check prediction: it must not be served."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the served model takes and gives (reported by /health once the self-check passed)."""
+
+    classes: list[str]
+    text: bool
+    series: bool
+    num_features: int
+    max_series_steps: int
+    explain: bool
+    self_check: str = "passed"
+
+
+def synthetic_record(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A request record that fits the model: text if it reads text, a full-length series of its width."""
+    record: dict[str, Any] = {}
+    if expects_text(manifest):
+        record["text"] = SELF_CHECK_TEXT
+    width = int(manifest["num_features"])
+    if width:
+        steps = int(manifest["model"]["series_encoder"]["max_steps"])
+        record["series"] = [[100.0 + step + feature for feature in range(width)] for step in range(steps)]
+    return record
+
+
+def run_self_check(predictor: Predictor) -> Capabilities:
+    """Predict the synthetic record; a failure or an output that is not a distribution raises SelfCheckError."""
+    published = predictor.published
+    manifest = published.manifest
+    record = synthetic_record(manifest)
+    try:
+        (prediction,) = predictor.predict(records_to_dataset([record], manifest), explain=True, mc_samples=2)
+    except (ValueError, RuntimeError) as error:
+        raise SelfCheckError(f"{published.folder}: self-check prediction failed: {error}") from None
+    problem = distribution_problem(prediction, published.class_names)
+    if problem:
+        raise SelfCheckError(f"{published.folder}: self-check prediction failed: {problem}")
+    explanation = prediction.explanation or {}
+    return Capabilities(
+        classes=published.class_names,
+        text="text" in record,
+        series="series" in record,
+        num_features=int(manifest["num_features"]),
+        max_series_steps=len(record.get("series", [])),
+        explain=bool(explanation.get("tokens") or explanation.get("series_steps")),
+    )
+
+
+def distribution_problem(prediction: Prediction, classes: list[str]) -> str | None:
+    """Why a prediction is not a probability distribution over `classes` with a finite uncertainty, or None."""
+    probabilities = prediction.probabilities
+    if list(probabilities) != classes:
+        return f"probabilities over {list(probabilities)}, expected the classes {classes}"
+    values = [*probabilities.values(), *prediction.uncertainty.values()]
+    if not all(math.isfinite(v) for v in values):
+        return f"non-finite output {prediction.output()}"
+    total = sum(probabilities.values())
+    if abs(total - 1.0) > SUM_TOLERANCE or min(probabilities.values()) < 0:
+        return f"probabilities sum to {total:.6f}, not 1"
+    return None
