@@ -64,3 +64,10 @@ class Health(BaseModel):
     model_hash: str
     cache_hits: int
     cache_misses: int
+    classes: list[str]
+    text: bool
+    series: bool
+    num_features: int
+    max_series_steps: int
+    explain: bool
+    self_check: str

@@ -1,11 +1,15 @@
 """The HTTP service: FastAPI app over a PredictionService (OpenAPI at /openapi.json, docs at /docs).
 
+The app is built only for a model that passes its self-check (infer/self_check.py), so
+`serve` refuses a broken model before it binds its port; /health reports what the model can do.
+
 Bad input is a 422 with a message that says what is wrong and where, never a 500, and never an
 echo of the input (which may hold PII): FastAPI's default validation response is replaced.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from fingpt_federated.infer.inputs import check_record
 from fingpt_federated.infer.schemas import Health, PredictRequest, PredictResponse
+from fingpt_federated.infer.self_check import run_self_check
 from fingpt_federated.infer.service import PredictionService
 from fingpt_federated.privacy.redaction import redact
 
@@ -25,6 +30,7 @@ def _problem(loc: list[Any], message: str) -> dict[str, Any]:
 def create_app(service: PredictionService) -> FastAPI:
     card = service.card
     variant = service.predictor.published.variant
+    capabilities = run_self_check(service.predictor)
     app = FastAPI(
         title="fingpt-infer",
         version=str(card["model_hash"])[:12],
@@ -44,6 +50,7 @@ def create_app(service: PredictionService) -> FastAPI:
             model_hash=service.model_hash,
             cache_hits=service.cache.hits,
             cache_misses=service.cache.misses,
+            **asdict(capabilities),
         )
 
     @app.get("/model")
