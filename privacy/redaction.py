@@ -1,12 +1,17 @@
 """PII redaction for financial text, applied before anything is logged or written to an audit trail.
 
 Each kind of PII has a detector: a regular expression that finds candidates and, where the
-format has one, a validator that rejects look-alikes (mod-97 for IBANs, Luhn and issuer
-prefixes for cards, digit counts for phones, allocation rules for SSNs and UK NI numbers).
+format has one, a validator that rejects look-alikes (mod-97 and the country's length and layout
+for IBANs through python-stdnum, Luhn and issuer prefixes for cards, the numbering plan's possible
+lengths for international phones through phonenumbers, digit counts for national phones,
+allocation rules for SSNs and UK NI numbers, part ranges for IP addresses). Names, dates of birth,
+passport numbers and IP addresses come from `privacy.pii_personal`, whose docstring says which
+names and dates are caught and which are not.
 Financial text is full of digit runs that are not PII (amounts, dates, ISINs, CUSIPs, order
 ids), so every detector refuses to start or end inside a longer token, and bare numbers are
 only called account numbers when a label says so ("account no.", "sort code", a BIC followed
-by a number, SWIFT fields :50:/:59:), and an ISO date after such a label is still a date.
+by a number, SWIFT fields :50:/:59:) or when a UK sort code precedes them ("12-34-56 12345678"),
+and an ISO date after such a label is still a date.
 
 A candidate that fails validation is retried without trailing groups the pattern may have
 swallowed: words after an IBAN ("BE68 5390 0754 7034 FROM"), any digit group after a card or
@@ -23,7 +28,24 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("IBAN", "CARD", "EMAIL", "NATIONAL_ID", "PHONE", "ACCOUNT")
+import phonenumbers
+from stdnum import iban as stdnum_iban
+from stdnum.exceptions import ValidationError
+
+from fingpt_federated.privacy import pii_personal as personal
+
+KINDS = (
+    "IBAN",
+    "CARD",
+    "EMAIL",
+    "NATIONAL_ID",
+    "PASSPORT",
+    "PHONE",
+    "IP_ADDRESS",
+    "ACCOUNT",
+    "DATE_OF_BIRTH",
+    "PERSON",
+)
 
 GENERIC_NATIONAL_ID_PATTERNS: tuple[str, ...] = (
     r"[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]",  # Italian codice fiscale
@@ -36,6 +58,7 @@ GENERIC_NATIONAL_ID_PATTERNS: tuple[str, ...] = (
 _KIND_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 _DIGIT = re.compile(r"\d")
 _AT = re.compile("@")
+_COLON = re.compile(":")
 _SEPARATORS = " -."
 
 # Numbers must not start inside a longer number ("2024-03-15", "1 250 000") or glued to a word
@@ -78,6 +101,7 @@ _ACCOUNT = re.compile(
     r"|:(?:50|59)[AFK]?:)"
     r"\s*[:#/,;]?\s*(?!\d{4}-\d{2}-\d{2}(?!\d))(?P<value>\d(?:[ -]?\d){5,33})" + _NUM_END
 )
+_SORT_CODE_AND_ACCOUNT = re.compile(r"(?<![\w-])\d{2}-\d{2}-\d{2}(?:\s*[,/;]\s*|\s+)\d{8}" + _NUM_END)
 
 
 @dataclass(frozen=True)
@@ -119,7 +143,8 @@ class _Detector:
 
 
 def is_valid_iban(candidate: str) -> bool:
-    """ISO 13616: country letters, two check digits, and the rearranged number is 1 mod 97."""
+    """ISO 13616: country letters, two check digits, the rearranged number is 1 mod 97, and the
+    length and layout are the country's."""
     compact = candidate.replace(" ", "")
     letters = [ch for ch in compact if ch.isalpha()]
     if not 15 <= len(compact) <= 34 or not (all(ch.isupper() for ch in letters) or all(ch.islower() for ch in letters)):
@@ -128,7 +153,17 @@ def is_valid_iban(candidate: str) -> bool:
     if not (compact[:2].isalpha() and compact[2:4].isdigit() and compact.isalnum() and compact.isascii()):
         return False
     rearranged = compact[4:] + compact[:4]
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1 and _has_country_layout(compact)
+
+
+def _has_country_layout(compact: str) -> bool:
+    """python-stdnum's registry of IBAN lengths and layouts per country. Its national checks
+    (bank registries, BBAN check digits) are left out: they refuse real IBANs of banks it lacks."""
+    try:
+        stdnum_iban.validate(compact, check_country=False)
+    except ValidationError:
+        return False
+    return True
 
 
 def luhn_valid(digits: str) -> bool:
@@ -151,6 +186,15 @@ def is_valid_ssn(candidate: str) -> bool:
     digits = re.sub(r"\D", "", candidate)
     area, group, serial = digits[:3], digits[3:5], digits[5:]
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def is_possible_international_phone(candidate: str) -> bool:
+    """A +country number whose length the country's numbering plan allows (phonenumbers)."""
+    try:
+        number = phonenumbers.parse(candidate)
+    except phonenumbers.NumberParseException:
+        return False
+    return bool(phonenumbers.is_possible_number(number))
 
 
 def _digit_count(low: int, high: int) -> Callable[[str], bool]:
@@ -177,12 +221,23 @@ def _builtin_detectors(national_id_patterns: Iterable[str | re.Pattern[str]]) ->
         _Detector("NATIONAL_ID", _UK_NI_SPACED),
         _Detector("NATIONAL_ID", _UK_NI_COMPACT),
         *(_Detector("NATIONAL_ID", _bounded(pattern), hint=None) for pattern in national_id_patterns),
-        _Detector("PHONE", _PHONE_INTERNATIONAL, _digit_count(8, 15), droppable=_any_tail),
+        _Detector("PASSPORT", personal.PASSPORT, personal.is_passport_number, "value"),
+        _Detector("PHONE", _PHONE_INTERNATIONAL, is_possible_international_phone, droppable=_any_tail),
         _Detector("PHONE", _PHONE_NANP_PARENS),
         _Detector("PHONE", _PHONE_NANP),
         _Detector("PHONE", _PHONE_TRUNK, _digit_count(10, 11), droppable=_any_tail),
         _Detector("PHONE", _PHONE_UK_MOBILE),
+        _Detector("IP_ADDRESS", personal.IPV4, personal.is_ipv4),
+        _Detector("IP_ADDRESS", personal.IPV6, personal.is_ipv6, hint=_COLON),
         _Detector("ACCOUNT", _ACCOUNT, group="value"),
+        _Detector("ACCOUNT", _SORT_CODE_AND_ACCOUNT),
+        _Detector("DATE_OF_BIRTH", personal.DATE_OF_BIRTH, personal.is_plausible_date, "value"),
+        _Detector("PERSON", personal.TITLED_NAME, personal.is_name, "value", _any_tail, None),
+        _Detector("PERSON", personal.TWO_WORD_TITLED_NAME, personal.is_full_name, "value", _any_tail, None),
+        _Detector("PERSON", personal.LABELLED_NAME, personal.is_name, "value", _any_tail, None),
+        _Detector("PERSON", personal.NAME_FIELD, personal.is_name, "value", _any_tail, None),
+        _Detector("PERSON", personal.PARTY_NAME, personal.is_full_name, "value", _any_tail, None),
+        _Detector("PERSON", personal.FIRST_NAME_SURNAME, personal.is_full_name, "value", _any_tail, None),
     ]
 
 
@@ -304,8 +359,11 @@ class Redactor:
         self._rank = {kind: index for index, kind in enumerate(ordered)}
 
     def find(self, text: str) -> list[Match]:
-        """Non-overlapping findings in text order."""
-        return _resolve((m for detector in self._detectors for m in _scan(detector, text)), self._rank)
+        """Non-overlapping findings in text order; a name found once is found wherever it recurs."""
+        found = [m for detector in self._detectors for m in _scan(detector, text)]
+        names = [(m.start, m.end) for m in found if m.kind == "PERSON"]
+        found += [Match("PERSON", *span) for span in personal.name_echoes(text, names)]
+        return _resolve(found, self._rank)
 
     def redact(self, text: str) -> str:
         """`text` with every finding replaced by its placeholder; everything else byte-identical."""
