@@ -71,6 +71,14 @@ class FederationConfig:
     fraction_train: float = 1.0  # share of banks sampled for training each round
     fraction_evaluate: float = 1.0
     min_banks: int = 2  # a round with fewer successful banks fails the run
+    checkpoints_kept: int = 2  # the newest rounds kept in RUN_DIR/checkpoints (at least 1)
+    resume_from_round: int | None = None  # resume from this intact checkpoint; later ones are moved aside
+
+    def __post_init__(self) -> None:
+        if self.checkpoints_kept < 1:
+            raise ValueError(f"federation.checkpoints_kept must be at least 1, got {self.checkpoints_kept}")
+        if self.resume_from_round is not None and self.resume_from_round < 1:
+            raise ValueError(f"federation.resume_from_round must be a round >= 1, got {self.resume_from_round}")
 
 
 @dataclass

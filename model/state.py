@@ -37,6 +37,10 @@ class StateSchemaError(ValueError):
     """A state does not fit the model: names missing or unexpected, or shapes that differ."""
 
 
+class NonFiniteState(ValueError):
+    """A state holds NaN or infinite values: it is never loaded into a model, resumed from or published."""
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside an Opacus GradSampleModule (or any wrapper keeping it as `_module`)."""
     while isinstance(inner := getattr(model, "_module", None), nn.Module):
@@ -72,11 +76,31 @@ def state_schema_hash(state: Mapping[str, torch.Tensor | np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def nonfinite_tensors(state: Mapping[str, torch.Tensor | np.ndarray]) -> list[str]:
+    """The names of the floating-point tensors that hold a NaN or an infinity, sorted."""
+    return [name for name in sorted(state) if not _finite(state[name])]
+
+
+def _finite(value: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(value, np.ndarray):
+        return not np.issubdtype(value.dtype, np.inexact) or bool(np.isfinite(value).all())
+    return not (value.is_floating_point() or value.is_complex()) or bool(torch.isfinite(value).all())
+
+
+def check_finite(state: Mapping[str, torch.Tensor | np.ndarray], what: str) -> None:
+    """Raise NonFiniteState naming the tensors of `state` (described as `what`) that are not finite."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteState(
+            f"{what} holds non-finite values (NaN or inf) in {len(bad)} of {len(state)} tensors: {_some(bad)}"
+        )
+
+
 def load_federated_state(model: nn.Module, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
     """Copy a federated state into the model in place (any device; floats cast to the parameter dtype).
 
-    Raises StateSchemaError naming every missing, unexpected and mis-shaped tensor; on error
-    nothing has been written.
+    Raises StateSchemaError naming every missing, unexpected and mis-shaped tensor, and
+    NonFiniteState naming every tensor with a NaN or an infinity; on error nothing has been written.
     """
     params = trainable_parameters(model)
     problems = _schema_problems(params, state)
@@ -85,6 +109,7 @@ def load_federated_state(model: nn.Module, state: Mapping[str, torch.Tensor | np
             f"federated state does not fit the model (expected schema {state_schema_hash(params)[:12]}, "
             f"got {state_schema_hash(state)[:12]}): {problems}"
         )
+    check_finite(state, "the federated state")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(as_tensor(state[name]).to(device=p.device, dtype=p.dtype))

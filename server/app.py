@@ -111,15 +111,18 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     model, tokenizer = build_model(model_cfg, spec.num_classes, spec.num_features)
     initial = federated_state(model)
     encryption = EncryptedRun.from_config(cfg, run_dir, initial)
-    checkpointer = Checkpointer(run_dir / CHECKPOINTS, state_schema_hash(initial))
-    resumed = checkpointer.latest()
+    checkpointer = Checkpointer(
+        run_dir / CHECKPOINTS, state_schema_hash(initial), keep=int(cfg.federation.get("checkpoints_kept", 2))
+    )
+    from_round = cfg.federation.get("resume_from_round")
+    resumed = checkpointer.resume(None if from_round is None else int(from_round))
     rounds = int(cfg.federation.rounds)
     done = resumed.server_round if resumed else 0
     history = resumed.history if resumed else History()
     fresh = encryption.initial_arrays() if encryption else protocol.state_to_record(initial)
     arrays = resumed.arrays if resumed else fresh
     if resumed:
-        log(WARNING, "Resuming from %s: %d of %d rounds done", run_dir / CHECKPOINTS, done, rounds)
+        log(WARNING, "Resuming from %s: %d of %d rounds done", checkpointer.path(done), done, rounds)
     strategy = build_strategy(cfg, history, round_offset=done, encryption=encryption)
     if resumed:
         strategy.restore_server_state(resumed.server_state)

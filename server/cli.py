@@ -134,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from fingpt_federated.server.checkpoint import CheckpointCorrupt, CheckpointError
     from fingpt_federated.server.deployment import (  # torch: only for `run`
         RunFailed,
         RunRequest,
@@ -155,11 +156,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, raise_keyboard_interrupt)  # stop the run and the services on `kill` too
     try:
         cfg = load_config(args.overrides, run_dir)
+        if args.from_round is not None:
+            cfg.federation.resume_from_round = args.from_round
         encrypted_run_paths(cfg, args.he_public_context, args.workdir)
         check_strategy(cfg, he_enabled(cfg))
+        check_checkpoints(run_dir, cfg.federation.get("resume_from_round"))
     except (HydraException, OmegaConfBaseException) as exc:
         return fail(f"config: {exc}", EXIT_USAGE)
-    except (ValueError, OSError) as exc:  # SecretKeyRefused is a ValueError
+    except CheckpointCorrupt as exc:
+        return fail(str(exc))
+    except (ValueError, OSError, CheckpointError) as exc:  # SecretKeyRefused is a ValueError
         return fail(str(exc), EXIT_USAGE)
     try:
         summary = execute(settings, RunRequest(run_dir, cfg, args.test_data, args.bank_wait))
@@ -173,6 +179,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"final state: {summary['final_state']}")
     print(f"metrics:     {summary['metrics']}")
     return 0
+
+
+def check_checkpoints(run_dir: Path, from_round: int | None) -> None:
+    """Before any service starts: the checkpoint the run would resume from (the newest, or `from_round`) passes
+    every integrity check, else CheckpointCorrupt names the file and the intact rounds to resume from."""
+    from fingpt_federated.server.app import CHECKPOINTS
+    from fingpt_federated.server.checkpoint import Checkpointer
+
+    if from_round is not None and not (run_dir / CHECKPOINTS).is_dir():
+        raise ValueError(f"--from-round {from_round}: {run_dir} holds no checkpoints (pass the run's --run-dir)")
+    resumed = Checkpointer(run_dir / CHECKPOINTS, schema=None).check_resume(from_round)
+    if resumed is not None:
+        print(f"resuming after round {resumed.server_round}: checkpoint verified (sha256 of every file, finite)")
 
 
 def encrypted_run_paths(cfg: DictConfig, public_context: Path | None, workdir: Path) -> None:
@@ -237,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", "start the SuperLink, run the federation to its end, stop", cmd_run)
     run.add_argument("--run-dir", type=Path, help="outputs; an existing one with checkpoints is resumed")
+    run.add_argument(
+        "--from-round",
+        type=int,
+        metavar="N",
+        help="resume --run-dir from its intact checkpoint of round N; later checkpoints are moved to "
+        "checkpoints/abandoned-TIME/ (federation.resume_from_round)",
+    )
     run.add_argument("--fleet-host", default="0.0.0.0", help="where banks connect (default all interfaces)")
     run.add_argument("--fleet-port", type=int, default=DEFAULT_FLEET_PORT)
     run.add_argument(

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fingpt_federated.config_dicts import config_dict
@@ -46,7 +47,7 @@ from fingpt_federated.model.quantize import (
     serialized_bytes,
     stored_folder,
 )
-from fingpt_federated.model.state import load_federated_state
+from fingpt_federated.model.state import check_finite, load_federated_state
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History
 from fingpt_federated.server.model_card import (
@@ -86,10 +87,19 @@ class PublishSettings:
 
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
-    """A plaintext federated state saved as safetensors (the ServerApp's, or a bank's decrypted one)."""
+    """A plaintext federated state saved as safetensors (the ServerApp's, or a bank's decrypted one).
+
+    A state with a NaN or an infinity is refused (`NonFiniteState`, naming the tensors): publishing it
+    would give a model whose every answer is garbage, under a valid card and hash.
+    """
     if not path.is_file():
         raise FileNotFoundError(f"no federated state at {path}")
-    return load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from None
+    check_finite(state, f"{path} (not published)")
+    return state
 
 
 def publish_after_run(cfg: DictConfig, spec: FederationSpec, history: History, run_dir: Path, state_path: Path) -> str:
