@@ -14,10 +14,13 @@ Differential privacy: when the round config carries a `dp-config`, the bank trai
 DP-SGD against its own privacy ledger in its state folder (node config `state-dir`, else
 `state` beside its data), with its own budget when it sets one (`dp-target-epsilon`, ... in its
 node config). A bank whose next round would exceed its budget declines: it replies with a
-`status` record instead of a state, the server logs it and goes on with the others. Under DP the
-train loss stays at the bank (it is computed from the records without noise) and the reply
-reports epsilon, delta and the noise multiplier instead; for the same reason an evaluate reply
-carries metrics of the validation split only where `dp.report_validation` allows it.
+`status` record instead of a state, the server logs it and goes on with the others. A bank whose
+ledger is missing or behind the operator's record of its spend (sent with every train message)
+fails the round with how to restore it (privacy/ledger_check.py), never trains on a fresh
+budget. Under DP the train loss stays at the bank (it is computed from the records without
+noise) and the reply reports epsilon, delta and the noise multiplier instead; for the same reason
+an evaluate reply carries metrics of the validation split only where `dp.report_validation`
+allows it.
 
 Encryption: when the round config names a CKKS ceremony (`he-fingerprint`), the bank decrypts
 the global state it receives onto the initial state it rebuilt, and its train reply carries the
@@ -59,13 +62,10 @@ from fingpt_federated.model.evaluation import evaluate
 from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.state import federated_state, load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
-from fingpt_federated.privacy.dp_budget import (
-    BudgetExceeded,
-    PrivacyLedger,
-    ledger_path,
-)
+from fingpt_federated.privacy.dp_budget import BudgetExceeded, ledger_path
 from fingpt_federated.privacy.dp_settings import DPSettings, budget_from_flat
 from fingpt_federated.privacy.dp_training import DPTask
+from fingpt_federated.privacy.ledger_check import open_checked
 
 app = ClientApp()
 
@@ -185,13 +185,20 @@ def _declined(msg: Message, site: BankSite, task: RoundTask, reason: str) -> Mes
 
 
 def bank_privacy(task: RoundTask, site: BankSite, context: Context) -> DPTask | None:
-    """The round's DP task for this bank: its settings (`bank_dp_settings`) and its ledger; None without DP."""
+    """The round's DP task for this bank: its settings (`bank_dp_settings`) and its ledger; None without DP.
+
+    A ledger missing or behind the operator's record of the bank's spend (`task.dp_spent`) is a
+    LedgerBehindRecord error, not a decline: the round counts it as this bank's failure (the run
+    stops when too few banks remain), and the bank trains again once its ledger is restored.
+    """
     settings = bank_dp_settings(task, site, context)
     if settings is None:
         return None
     run = task.dp_run or "run"
-    ledger = PrivacyLedger.open(
+    ledger = open_checked(
         ledger_path(state_dir(site, context), run),
+        task.dp_spent.get(site.name),
+        bank=site.name,
         run=run,
         accountant=settings.accountant,
         delta=settings.delta,

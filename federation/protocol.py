@@ -17,12 +17,15 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from fingpt_federated.privacy import spend_record
+from fingpt_federated.privacy.spend_record import SpentRecord
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -42,6 +45,9 @@ DP_CONFIG = "dp-config"
 """JSON of the federation's `privacy.dp` block (absent: no DP); a bank may lay its own budget over it."""
 DP_RUN = "dp-run"
 """Names the run in each bank's privacy ledger: a restarted or resumed run continues the same budget."""
+DP_SPENT = "dp-spent"
+"""Train messages under DP: the operator's record of what banks spent in the run (privacy/spend_record.py encode);
+a bank whose ledger is missing or behind its entry refuses to train."""
 
 HE_FINGERPRINT = "he-fingerprint"
 """Present when the round is encrypted: the fingerprint of the federation's CKKS key ceremony."""
@@ -191,6 +197,8 @@ class RoundTask:
     proximal_mu: float = 0.0
     dp: dict[str, Any] | None = None
     dp_run: str = ""
+    dp_spent: dict[str, SpentRecord] = field(default_factory=dict)
+    """The operator's record of the banks' privacy spend in the run ({} when it has none)."""
     he_fingerprint: str = ""
     he_initial_hash: str = ""
     he_run: str = ""
@@ -213,6 +221,7 @@ class RoundTask:
             proximal_mu=float(_single(PROXIMAL_MU, config.get(PROXIMAL_MU, 0.0))),
             dp=json.loads(str(config[DP_CONFIG])) if DP_CONFIG in config else None,
             dp_run=str(config.get(DP_RUN, "")),
+            dp_spent=spend_record.decode(str(config[DP_SPENT])) if DP_SPENT in config else {},
             he_fingerprint=str(config.get(HE_FINGERPRINT, "")),
             he_initial_hash=str(config.get(HE_INITIAL_HASH, "")),
             he_run=str(config.get(HE_RUN, "")),

@@ -8,6 +8,7 @@ sampling, message construction and aggregation to it:
 - configure_*: stamps the hash of the global state being sent into the round config (and the
   FedProx `proximal-mu` the banks apply, whatever the strategy), numbers rounds globally (a
   resumed run continues at round k+1, not at 1; the wrapped strategy sees global numbers too);
+  under DP every train message also carries the bank's recorded privacy spend (server/privacy_record.py);
 - aggregate_*: checks every reply (error, stale receipt, straggler to drop), logs each failed
   bank with its reason at WARNING, raises `FederationRoundError` listing all reasons when fewer
   banks than the minimum succeeded, records every bank's metrics in the run's History, and only
@@ -40,7 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fingpt_federated.federation import protocol
-from fingpt_federated.server import strategy_state
+from fingpt_federated.server import privacy_record, strategy_state
 from fingpt_federated.server.history import FEDERATION, History
 from fingpt_federated.server.replies import check_reply, declined_reason, reply_metrics
 
@@ -108,7 +109,8 @@ class BankRounds(Strategy):
     ) -> Iterable[Message]:
         config[protocol.PROXIMAL_MU] = self.mu
         self._sent_dtypes = {name: array.dtype for name, array in arrays.items()}
-        return self._configure("train", server_round, arrays, config, grid)
+        messages = self._configure("train", server_round, arrays, config, grid)
+        return privacy_record.stamp(messages, self.history, self.bank_of_node)  # under DP: each bank's spend
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
