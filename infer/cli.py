@@ -2,7 +2,9 @@
 
     fingpt-infer publish RUN_DIR [--state FILE] [--out DIR] [--variants fp32 bf16 ...]
     fingpt-infer predict MODEL_DIR INPUT [--variant fp32] [--out preds.jsonl] [--no-explain] [--mc-samples N]
-    fingpt-infer serve MODEL_DIR [--variant fp32] [--host 127.0.0.1] [--port 8000]
+    fingpt-infer serve MODEL_DIR [--variant fp32] [--host 127.0.0.1] [--port 8000] [--api-key-file FILE]
+                       [--max-body-bytes N] [--max-records N] [--max-text-chars N] [--max-series-steps N]
+                       [--max-mc-samples N] [--max-in-progress N] [--time-limit-s S]
 
 Every prediction is appended to the audit log (`--audit-log`, default ./fingpt-audit.jsonl),
 redacted. Exit codes: 0 done, 1 failed (bad input, damaged model), 2 bad arguments.
@@ -11,6 +13,7 @@ redacted. Exit codes: 0 done, 1 failed (bad input, damaged model), 2 bad argumen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +25,7 @@ from fingpt_federated.model.quantize import VARIANTS
 
 EXIT_FAILED = 1
 DEFAULT_AUDIT_LOG = "fingpt-audit.jsonl"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def fail(message: str) -> int:
@@ -85,10 +89,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from fingpt_federated.infer.guards import read_api_key
+    from fingpt_federated.infer.limits import Limits
     from fingpt_federated.infer.web import create_app
 
+    limits = Limits(**{field.name: getattr(args, field.name) for field in dataclasses.fields(Limits)})
+    api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    if api_key is None and args.host not in LOOPBACK:
+        warning = f"serving on {args.host} without --api-key-file: anyone who reaches the port can predict"
+        print(f"fingpt-infer: warning: {warning}", file=sys.stderr)
     service = open_service(args, args.batch_size)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    app = create_app(service, limits, api_key)
+    # connections beyond the requests in progress get uvicorn's 503 (a slow client holds one, not a worker)
+    connections = 4 * limits.max_in_progress + 16
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", limit_concurrency=connections)
     return 0
 
 
@@ -127,7 +141,34 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--cache-size", type=int, default=1024, help="predictions kept for repeated inputs")
+    add_limit_options(serve)
     return root
+
+
+def add_limit_options(serve: argparse.ArgumentParser) -> None:
+    """--api-key-file and one option per field of infer.limits.Limits (defaults there)."""
+    from fingpt_federated.infer.limits import Limits
+
+    serve.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="a file (chmod 600) holding the key every request but /health must send as 'Authorization: Bearer KEY'",
+    )
+    defaults = Limits()
+    helps = {
+        "max_body_bytes": "largest request body (413 above)",
+        "max_records": "records in one request",
+        "max_text_chars": "characters of one text",
+        "max_series_steps": "steps of one series (the model's own maximum applies too)",
+        "max_mc_samples": "Monte Carlo dropout passes one request may ask for",
+        "max_in_progress": "requests running or waiting for the model; more get 503 with Retry-After",
+        "time_limit_s": "seconds a request may take from arrival (504 after), and a body may take to arrive (408)",
+    }
+    for name, text in helps.items():
+        default = getattr(defaults, name)
+        serve.add_argument(
+            "--" + name.replace("_", "-"), type=type(default), default=default, help=f"{text} (default {default})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,9 @@
-"""Request and response bodies of the HTTP service (validated by pydantic; FastAPI turns them into OpenAPI)."""
+"""Request and response bodies of the HTTP service (validated by pydantic; FastAPI turns them into OpenAPI).
+
+The sizes a request may have (records, text characters, series steps, mc_samples) are the
+service's limits, set by `fingpt-infer serve` options and reported by /health: infer/limits.py
+checks them after parsing, which the body-size limit bounds.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_TEXT_CHARS = 20_000
-MAX_BATCH = 256
-MAX_MC_SAMPLES = 32
-
 
 class RecordIn(BaseModel):
     """One record: the model's text and/or its series (steps, oldest first, each a list of feature values)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    text: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT_CHARS)
-    series: list[list[float]] | None = Field(default=None, min_length=1)
+    text: str | None = Field(default=None, min_length=1, description="at most max_text_chars (/health)")
+    series: list[list[float]] | None = Field(default=None, min_length=1, description="at most max_series_steps")
 
     def inputs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -26,9 +27,9 @@ class RecordIn(BaseModel):
 class PredictRequest(RecordIn):
     """Either one record (`text` and/or `series`) or a batch (`records`), with options."""
 
-    records: list[RecordIn] | None = Field(default=None, min_length=1, max_length=MAX_BATCH)
+    records: list[RecordIn] | None = Field(default=None, min_length=1, description="at most max_records (/health)")
     explain: bool = True
-    mc_samples: int = Field(default=0, ge=0, le=MAX_MC_SAMPLES, description="Monte Carlo dropout passes (0: off)")
+    mc_samples: int = Field(default=0, ge=0, description="Monte Carlo dropout passes (0: off), at most max_mc_samples")
 
     @model_validator(mode="after")
     def _one_form(self) -> PredictRequest:
@@ -71,3 +72,5 @@ class Health(BaseModel):
     max_series_steps: int
     explain: bool
     self_check: str
+    limits: dict[str, int | float]
+    in_progress: int

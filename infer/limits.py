@@ -1,0 +1,135 @@
+"""What one caller can ask of `fingpt-infer serve`: per-request limits, a time limit, a bounded number in progress.
+
+The work of a request is bounded before it starts (records x text x series steps x passes, each
+capped here), and its time is bounded while it runs: the service takes the model one chunk of
+records at a time and checks the request's deadline before each chunk, so a request past its
+time limit stops within one chunk (a thread cannot be killed; it can be given little to do).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Each field is a `fingpt-infer serve` option of the same name (`max_body_bytes` is `--max-body-bytes`)."""
+
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_records: int = 64
+    max_text_chars: int = 4_000
+    max_series_steps: int = 256
+    max_mc_samples: int = 16
+    max_in_progress: int = 8
+    time_limit_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not (value >= 0 if name == "max_mc_samples" else value > 0):
+                raise ValueError(f"{option(name)} must be {'0 or more' if name == 'max_mc_samples' else 'positive'}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def limit_problem(loc: list[str | int], what: str, name: str, value: float) -> dict[str, Any]:
+    """A problem that names the limit (and the serve option that sets it), never the offending value."""
+    return {"loc": loc, "msg": f"{what} over the limit of {value} ({option(name)})", "limit": {name: value}}
+
+
+def request_problems(records: list[dict[str, Any]], mc_samples: int, limits: Limits, batch: bool) -> list[dict]:
+    """Every limit a parsed request exceeds (records: the request's records as PredictRequest.batch gives them)."""
+    problems = []
+    if len(records) > limits.max_records:
+        problems.append(limit_problem(["body", "records"], "records", "max_records", limits.max_records))
+    if mc_samples > limits.max_mc_samples:
+        problems.append(limit_problem(["body", "mc_samples"], "mc_samples", "max_mc_samples", limits.max_mc_samples))
+    for i, record in enumerate(records[: limits.max_records]):
+        at: list[str | int] = ["body", "records", i] if batch else ["body"]
+        if len(record.get("text") or "") > limits.max_text_chars:
+            problems.append(limit_problem([*at, "text"], "characters", "max_text_chars", limits.max_text_chars))
+        if len(record.get("series") or []) > limits.max_series_steps:
+            problems.append(limit_problem([*at, "series"], "steps", "max_series_steps", limits.max_series_steps))
+    return problems
+
+
+def passes(records: int, mc_samples: int, explain: bool) -> int:
+    """Forward passes (a backward counted as two) a request costs: its priority for the model, smallest first."""
+    return records * (1 + mc_samples + (2 if explain else 0))
+
+
+class TimeLimitExceeded(Exception):
+    """A request ran past its time limit (raised between chunks, where the work can stop cleanly)."""
+
+
+class Deadline:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+    def check(self) -> None:
+        if time.monotonic() >= self.end:
+            raise TimeLimitExceeded(f"the request took longer than its time limit of {self.seconds} s")
+
+
+class PriorityLock:
+    """A lock handed to the waiter with the smallest key (ties: the earliest), not to whichever thread wins the race.
+
+    The service keys each request by its cost, so an ordinary request waits for the chunk in
+    progress, not for every large request that arrived before it; equal costs go first come, first served.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._held = False
+        self._waiting: list[tuple[Any, int]] = []
+        self._tickets = itertools.count()
+
+    def acquire(self, key: Any, timeout: float | None = None) -> bool:
+        entry = (key, next(self._tickets))
+        with self._condition:
+            heapq.heappush(self._waiting, entry)
+            got = self._condition.wait_for(lambda: not self._held and self._waiting[0] == entry, timeout)
+            self._waiting.remove(entry)
+            heapq.heapify(self._waiting)
+            if got:
+                self._held = True
+            self._condition.notify_all()  # the head of the line may have changed
+            return got
+
+    def release(self) -> None:
+        with self._condition:
+            self._held = False
+            self._condition.notify_all()
+
+
+class Admission:
+    """At most `capacity` requests in progress (running or waiting for the model); the rest are turned away at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_progress = 0
+        self._lock = threading.Lock()
+
+    def enter(self) -> bool:
+        with self._lock:
+            if self.in_progress >= self.capacity:
+                return False
+            self.in_progress += 1
+            return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_progress -= 1
