@@ -50,7 +50,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 from transformers import PreTrainedTokenizerBase
 
-from fingpt_federated.client import encryption
+from fingpt_federated.client import encryption, hostile
 from fingpt_federated.client.training import private_config, train_local
 from fingpt_federated.data.bank_data import BankData, load_bank
 from fingpt_federated.federation import protocol, run_inputs
@@ -146,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
     content = RecordDict(
         {
-            **_update(task, site, context, worker, result.examples),
+            **_update(task, site, context, worker, result.examples, anchor),
             protocol.METRICS: metrics,
             protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
         }
@@ -154,9 +154,16 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _update(task: RoundTask, site: BankSite, context: Context, worker: _Worker, examples: int) -> dict:
+def _update(
+    task: RoundTask,
+    site: BankSite,
+    context: Context,
+    worker: _Worker,
+    examples: int,
+    sent: OrderedDict[str, torch.Tensor],
+) -> dict:
     """The reply's state: the local state as arrays, or in an encrypted round only its encrypted drift."""
-    local = federated_state(worker.model)
+    local = hostile.misbehave(site.hostile, federated_state(worker.model), sent, worker.initial)
     if not task.encrypted:
         return {protocol.ARRAYS: protocol.state_to_record(local)}
     secrets = encryption.bank_secrets(site, context)

@@ -9,6 +9,13 @@ What leaves the bank in a train reply is one ConfigRecord: the ciphertext of
 `examples * (local - initial)` (privacy/he_global.py), its binding (run, round, bank name, hash of
 the global state it trained from, hash of the ciphertext) and the HMAC tag over that binding.
 No plaintext array of the state is sent.
+
+The operator cannot look inside a ciphertext, so every bank checks the global state it decrypts
+before it trains on it (`check_aggregate`): all values finite, and the mean drift within the
+ceremony's per-value bound, which no honest aggregate exceeds (each bank keeps |examples * value|
+within `update_bound`, so their weighted mean does too). A failed check raises `AggregateRefused`:
+every bank fails the round and the run stops loudly. An update scaled or flipped within that bound
+is out of the banks' reach, as it is out of the operator's.
 """
 
 from __future__ import annotations
@@ -32,11 +39,16 @@ from fingpt_federated.privacy.he_context import (
     load_secret_context,
 )
 from fingpt_federated.privacy.he_global import decrypt_global, encrypt_drift
+from fingpt_federated.privacy.he_packing import flatten
 from fingpt_federated.privacy.update_binding import (
     UpdateBinding,
     read_mac_key,
     tag_update,
 )
+
+
+class AggregateRefused(ValueError):
+    """The decrypted global aggregate fails the bank's check: the bank does not train on it."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +94,29 @@ def decrypt_received(
         he = secret_context(secrets.context, task.he_fingerprint)
     except ContextMismatchError as error:
         raise ContextMismatchError(f"bank {bank}: its secret HE context is not the federation's: {error}") from None
-    return decrypt_global(initial, protocol.record_to_blob(arrays), he)
+    received = decrypt_global(initial, protocol.record_to_blob(arrays), he)
+    check_aggregate(received, initial, he.params.update_bound, f"bank {bank} round {task.server_round}")
+    return received
+
+
+def check_aggregate(
+    received: Mapping[str, np.ndarray], initial: Mapping[str, torch.Tensor], bound: float, who: str
+) -> None:
+    """Raise AggregateRefused unless the decrypted global is finite and its drift from `initial` within `bound`."""
+    drift = flatten(received) - flatten(initial)
+    bad = int(drift.size - np.count_nonzero(np.isfinite(drift)))
+    if bad:
+        raise AggregateRefused(
+            f"{who}: the decrypted global aggregate holds {bad} non-finite values; refusing to train on it "
+            "(an update was tampered with): the round fails"
+        )
+    largest = float(np.max(np.abs(drift), initial=0.0))
+    if largest > bound:
+        raise AggregateRefused(
+            f"{who}: the decrypted global aggregate drifts {largest:.4g} from the initial state, above the "
+            f"{bound:.4g} no honest aggregate exceeds (a ciphertext was tampered with or overflowed); refusing "
+            "to train on it: the round fails"
+        )
 
 
 def encrypted_update(

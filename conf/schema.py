@@ -22,6 +22,7 @@ from fingpt_federated.model.config import ModelConfig
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.privacy.dp_settings import DPConfig
 from fingpt_federated.privacy.he_config import HEConfig
+from fingpt_federated.server.update_checks import UpdateChecks
 from fingpt_federated.structured_config import build
 
 SCHEMA_NAME = "base_config"
@@ -54,6 +55,7 @@ class StrategyConfig:
     local_steps: int | None = None
     drop_stragglers: bool = False
     round_timeout: float = 3600.0
+    update_checks: UpdateChecks = field(default_factory=UpdateChecks)  # bounds on every plaintext update
 
 
 @dataclass
@@ -100,6 +102,8 @@ class SimulationConfig:
     stragglers: float = 0.0  # share of banks that do only part of each round's work (systems heterogeneity)
     straggler_work: float = 0.5  # the part of the local steps a straggler does
     fail_banks: list[int] = field(default_factory=list)  # fault injection: indices of banks whose ClientApp raises
+    # hostile banks: bank index -> misbehaviour of its train replies (client/hostile.py), e.g. {0: nan, 1: "scale:100"}
+    hostile_banks: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -17,7 +17,9 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class BankSite:
-    """One simulated bank. `fail` makes its ClientApp raise (failure injection in simulations).
+    """One simulated bank. `fail` makes its ClientApp raise (failure injection in simulations);
+    `hostile` makes its train replies misbehave (client/hostile.py: "nan", "scale:100", ...; "": honest).
+    A deployed bank's site comes from its node config, which sets neither.
 
     In an encrypted simulation `he_context` and `binding_key` are the bank's SECRET context and
     update-binding key (a deployed bank has them in its node config). Only the ClientApp reads them.
@@ -27,6 +29,7 @@ class BankSite:
     name: str
     work: float = 1.0
     fail: bool = False
+    hostile: str = ""
     he_context: str = ""
     binding_key: str = ""
 

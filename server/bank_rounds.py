@@ -14,9 +14,13 @@ sampling, message construction and aggregation to it:
   banks than the minimum succeeded, records every bank's metrics in the run's History, and only
   then hands the accepted replies to the wrapped strategy. `check_update` is an optional per-update
   gate (the encrypted aggregation's, server/encrypted_aggregation.py), run before any aggregation
-  and counted as a failure of that bank. A bank that declined to train (its privacy budget is
-  spent) is logged and recorded as "declined", not as a failure: the minimum counts the banks that
-  could train, and a round where none could leaves the global state as is. Evaluation averages the
+  and counted as a failure of that bank; `update_gate` checks plaintext updates the same way
+  (names, shapes, dtypes, finite, not replayed, norm bounded: server/update_checks.py), then the
+  round's replies against each other (norm against the median). An aggregate holding a non-finite
+  value stops the run (`FederationRoundError`) instead of becoming the global state. A bank that
+  declined to train (its privacy budget is spent) is logged and recorded as "declined", not as a
+  failure: the minimum counts the banks that could train, and a round where none could leaves the
+  global state as is. Evaluation averages the
   replies that carry metrics: under DP a bank may answer with its row count alone
   (dp.report_validation).
 - the new global state keeps the dtypes of the state sent: FedOpt's step (FedAdam...) computes in
@@ -31,7 +35,9 @@ Each round's aggregated metrics also count model-state bytes on the wire, for th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 
 import numpy as np
@@ -44,6 +50,7 @@ from fingpt_federated.federation import protocol
 from fingpt_federated.server import privacy_record, strategy_state
 from fingpt_federated.server.history import FEDERATION, History
 from fingpt_federated.server.replies import check_reply, declined_reason, reply_metrics
+from fingpt_federated.server.update_checks import UpdateGate, non_finite
 
 UpdateCheck = Callable[[Message, int, str], str]
 """(train reply, global round, hash of the state sent) -> why its update must not be aggregated, "" if it may."""
@@ -51,6 +58,15 @@ UpdateCheck = Callable[[Message, int, str], str]
 
 class FederationRoundError(RuntimeError):
     """Fewer banks than the configured minimum completed a round: the run must stop."""
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """A reply that passed its own checks, before the round's replies are compared."""
+
+    reply: Message
+    node: int
+    norm: float
 
 
 class BankRounds(Strategy):
@@ -66,6 +82,7 @@ class BankRounds(Strategy):
         drop_stragglers: bool = False,
         mu: float = 0.0,
         check_update: UpdateCheck | None = None,
+        update_gate: UpdateGate | None = None,
     ) -> None:
         if min_banks < 1:
             raise ValueError(f"min_banks must be at least 1, got {min_banks}")
@@ -78,6 +95,7 @@ class BankRounds(Strategy):
         self.drop_stragglers = drop_stragglers
         self.mu = mu
         self.check_update = check_update
+        self.update_gate = update_gate
         self.bank_of_node: dict[int, str] = {}
         self._sent: dict[str, tuple[set[int], str]] = {}
         self._download_bytes: dict[str, int] = {}
@@ -109,6 +127,8 @@ class BankRounds(Strategy):
     ) -> Iterable[Message]:
         config[protocol.PROXIMAL_MU] = self.mu
         self._sent_dtypes = {name: array.dtype for name, array in arrays.items()}
+        if self.update_gate is not None:
+            self.update_gate.sent(server_round + self.round_offset, arrays)
         messages = self._configure("train", server_round, arrays, config, grid)
         return privacy_record.stamp(messages, self.history, self.bank_of_node)  # under DP: each bank's spend
 
@@ -126,6 +146,11 @@ class BankRounds(Strategy):
         upload_bytes = sum(protocol.payload_bytes(reply.content) for reply in accepted)
         arrays, metrics = self.strategy.aggregate_train(round_number, accepted)
         arrays = None if arrays is None else _in_dtypes(arrays, self._sent_dtypes)
+        if arrays is not None and (bad := non_finite(arrays)):
+            raise FederationRoundError(
+                f"round {round_number} train: the aggregate of {len(accepted)} accepted updates holds non-finite "
+                f"values in {len(bad)} tensors ({', '.join(bad[:3])}...): not adopted, the run stops"
+            )
         if metrics is not None:
             metrics["upload_bytes"] = upload_bytes
             metrics["download_bytes"] = self._download_bytes.pop("train", 0)
@@ -161,48 +186,34 @@ class BankRounds(Strategy):
         sent_to, state_hash = self._sent.pop(phase, (set(), ""))
         if not sent_to:
             return replies
-        accepted: list[Message] = []
         failures: list[str] = []
+        candidates: list[_Candidate] = []
         declined = 0
         for reply in replies:
             node = reply.metadata.src_node_id
             problem, receipt = check_reply(reply, server_round, state_hash)
             if receipt is not None:
                 self.bank_of_node[node] = receipt.bank
-            bank = self.bank_of_node.get(node, f"node {node}")
             reason = "" if problem else declined_reason(reply)
-            if phase == "train" and not problem and not reason and self.check_update is not None:
-                problem = self.check_update(reply, server_round, state_hash)
-            metrics = {} if problem else reply_metrics(reply)
+            norm = math.nan
+            if phase == "train" and not problem and not reason:
+                problem, norm = self._check_update(reply, server_round, state_hash)
             if problem:
-                failures.append(f"{self._who(node)}: {problem}")
-                log(WARNING, "round %d %s: %s failed: %s", server_round, phase, self._who(node), problem)
-                self.history.add(server_round, phase, bank, status="failed", node_id=node, reason=problem)
+                failures.append(self._failed(phase, server_round, node, problem))
             elif reason:
                 log(WARNING, "round %d %s: %s declined: %s", server_round, phase, self._who(node), reason)
-                self.history.add(server_round, phase, bank, status="declined", node_id=node, reason=reason)
+                self.history.add(server_round, phase, self._bank(node), status="declined", node_id=node, reason=reason)
                 declined += 1
-            elif phase == "train" and self.drop_stragglers and metrics.get("straggler", 0.0) > 0:
-                log(
-                    INFO,
-                    "round %d: dropping straggler %s (%d of %d local steps)",
-                    server_round,
-                    bank,
-                    int(metrics.get("local_steps", 0)),
-                    int(metrics.get("planned_steps", 0)),
-                )
-                self.history.add(
-                    server_round,
-                    phase,
-                    bank,
-                    metrics,
-                    status="dropped",
-                    node_id=node,
-                    reason="straggler (drop_stragglers)",
-                )
             else:
-                self.history.add(server_round, phase, bank, metrics, node_id=node)
-                accepted.append(reply)
+                candidates.append(_Candidate(reply, node, norm))
+        if phase == "train" and self.update_gate is not None:
+            refused = self.update_gate.outliers(
+                {c.node: c.norm for c in candidates},
+                {c.node: frozenset(reply_metrics(c.reply)) for c in candidates},
+            )
+            failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
+            candidates = [c for c in candidates if c.node not in refused]
+        accepted = [c.reply for c in candidates if self._record(phase, server_round, c)]
         failures += self._missing(phase, server_round, sent_to, replies)
         required = min(self.min_banks, len(sent_to) - declined)
         if len(accepted) < required:
@@ -212,6 +223,43 @@ class BankRounds(Strategy):
                 f"the minimum is {required}. Failures:\n  {detail}"
             )
         return accepted
+
+    def _check_update(self, reply: Message, server_round: int, state_hash: str) -> tuple[str, float]:
+        """Why a train reply's update must not be aggregated ("" if it may), and its norm (NaN if unknown)."""
+        problem = self.check_update(reply, server_round, state_hash) if self.check_update is not None else ""
+        if not problem and self.update_gate is not None:
+            return self.update_gate.check(reply.content)
+        return problem, math.nan
+
+    def _failed(self, phase: str, server_round: int, node: int, problem: str) -> str:
+        """Log and record a bank's failure of the round; its failure line."""
+        log(WARNING, "round %d %s: %s failed: %s", server_round, phase, self._who(node), problem)
+        self.history.add(server_round, phase, self._bank(node), status="failed", node_id=node, reason=problem)
+        return f"{self._who(node)}: {problem}"
+
+    def _record(self, phase: str, server_round: int, candidate: _Candidate) -> bool:
+        """Record a reply that passed every check; whether it is aggregated (a straggler may be dropped)."""
+        node, bank = candidate.node, self._bank(candidate.node)
+        metrics = dict(reply_metrics(candidate.reply))
+        if math.isfinite(candidate.norm):
+            metrics["update_norm"] = candidate.norm  # measured here, for setting strategy.update_checks
+        if phase == "train" and self.drop_stragglers and metrics.get("straggler", 0.0) > 0:
+            log(
+                INFO,
+                "round %d: dropping straggler %s (%d of %d local steps)",
+                server_round,
+                bank,
+                int(metrics.get("local_steps", 0)),
+                int(metrics.get("planned_steps", 0)),
+            )
+            self.history.add(
+                server_round, phase, bank, metrics, status="dropped", node_id=node, reason="straggler (drop_stragglers)"
+            )
+            return False
+        self.history.add(server_round, phase, bank, metrics, node_id=node)
+        if phase == "train" and self.update_gate is not None:
+            self.update_gate.accepted(candidate.reply.content, bank, server_round)
+        return True
 
     def _missing(self, phase: str, server_round: int, sent_to: set[int], replies: list[Message]) -> list[str]:
         """Record every sampled bank that did not reply as failed; their failure lines."""
@@ -228,6 +276,9 @@ class BankRounds(Strategy):
                 reason="no reply within the round timeout",
             )
         return failures
+
+    def _bank(self, node: int) -> str:
+        return self.bank_of_node.get(node, f"node {node}")
 
     def _who(self, node: int) -> str:
         """A bank's name and node id once a reply told us its name, else the node id alone."""

@@ -7,12 +7,14 @@ A `conf/strategy/*.yaml` entry:
     options: {eta: 0.01}     # keyword arguments of that class
     mu: 0.0                  # FedProx proximal term the banks apply, with any class (`proximal-mu`)
     local_epochs, local_steps, drop_stragglers, round_timeout: the banks' work and the round's wait
+    update_checks: {max_norm: null, max_norm_ratio: 10.0}   # bounds on plaintext updates (server/update_checks.py)
 
 The sampling and minimum arguments (fraction_train, fraction_evaluate, min_*_nodes) come from
 `cfg.federation`, so they are refused in `options`; a class that takes `proximal_mu` (FedProx)
 gets `strategy.mu`. `check_strategy` checks all of it against the class's signature, and under HE
 refuses a class that cannot aggregate ciphertexts, before any bank is prepared. Adding one of
-Flower's strategies is one YAML file.
+Flower's strategies is one YAML file; the robust ones (FedTrimmedAvg, FedMedian, Krum) are
+plaintext only. Every plaintext update passes `UpdateGate` first (server/update_checks.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from fingpt_federated.server.bank_rounds import BankRounds
 from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation, plaintext_aggregation
 from fingpt_federated.server.encrypted_run import EncryptedRun
 from fingpt_federated.server.history import History
+from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate
+from fingpt_federated.structured_config import build
 
 FROM_FEDERATION = (
     "fraction_train",
@@ -72,7 +76,13 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             f"{flower.__name__} aggregates them), which the server never sees under HE (privacy=he or "
             "dp_he): use a strategy that aggregates as FedAvg does, e.g. strategy=fedavg or fedprox"
         )
+    update_checks(strat)
     return StrategyChoice(flower, kwargs)
+
+
+def update_checks(strategy: DictConfig) -> UpdateChecks:
+    """The checked `strategy.update_checks` block (its defaults when the config lacks it)."""
+    return build(UpdateChecks, strategy.get("update_checks"), "strategy.update_checks")
 
 
 def build_strategy(
@@ -81,10 +91,12 @@ def build_strategy(
     """The Flower strategy `cfg.strategy` names inside `BankRounds`; with `encryption`, inside
     `EncryptedAggregation` first (public context, replay guard)."""
     inner = check_strategy(cfg, encrypted=encryption is not None).build()
-    check_update = None
+    check_update, update_gate = None, None
     if encryption is not None:
         inner = encrypted = EncryptedAggregation(inner, **encryption.strategy_kwargs())
         check_update = encrypted.check_update
+    else:
+        update_gate = UpdateGate(update_checks(cfg.strategy))
     strat = cfg.strategy
     return BankRounds(
         inner,
@@ -94,6 +106,7 @@ def build_strategy(
         drop_stragglers=bool(strat.get("drop_stragglers", False)),
         mu=float(strat.get("mu", 0.0)),
         check_update=check_update,
+        update_gate=update_gate,
     )
 
 

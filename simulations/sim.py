@@ -14,7 +14,8 @@ Simulation-only settings, read with these defaults when the config lacks them:
 `simulation.client_cpus` (1), `simulation.client_gpus` (0), `simulation.total_cpus` (all),
 `simulation.stragglers` (share of banks that do only part of each round's work, 0),
 `simulation.straggler_work` (the part they do, 0.5), `simulation.fail_banks` (indices of banks
-whose ClientApp raises, []); `baseline` (false).
+whose ClientApp raises, []), `simulation.hostile_banks` (bank index -> misbehaviour of its train
+replies, client/hostile.py, {}); `baseline` (false).
 
 `privacy=he` (or dp_he): the run folder gets a key ceremony for the simulated banks (`he/`,
 simulations/encryption.py); the operator's config points at its public context only, and after
@@ -37,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import load_file
 
+from fingpt_federated.client.hostile import Misbehaviour
 from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
 from fingpt_federated.conf.schema import SimulationConfig
 from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
@@ -122,12 +124,13 @@ def simulation_settings(cfg: DictConfig) -> dict:
 
 
 def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec:
-    """The simulated banks, with the stragglers (seeded choice) and failing banks the config asks for."""
+    """The simulated banks, with the stragglers (seeded choice), failing and hostile banks the config asks for."""
     sim = simulation_settings(cfg)
     count = len(layout.bank_dirs)
     fail = {int(i) for i in sim["fail_banks"]}
     if any(not 0 <= i < count for i in fail):
         raise ValueError(f"simulation.fail_banks {sorted(fail)} must be bank indices in [0, {count})")
+    hostile = hostile_banks(sim["hostile_banks"], count)
     slow = round(float(sim["stragglers"]) * count)
     stragglers = set(np.random.default_rng(int(cfg.get("seed", 0))).choice(count, size=slow, replace=False).tolist())
     banks = [
@@ -136,10 +139,24 @@ def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec
             name=name,
             work=float(sim["straggler_work"]) if i in stragglers else 1.0,
             fail=i in fail,
+            hostile=hostile.get(i, ""),
         )
         for i, (path, name) in enumerate(zip(layout.bank_dirs, layout.bank_names, strict=True))
     ]
     return FederationSpec(list(layout.class_names), int(layout.num_features), str(layout.test_dir.resolve()), banks)
+
+
+def hostile_banks(configured: dict, count: int) -> dict[int, str]:
+    """`simulation.hostile_banks` checked: bank indices in [0, count), behaviours client/hostile.py knows."""
+    banks = {int(index): str(behaviour) for index, behaviour in configured.items()}
+    for index, behaviour in banks.items():
+        if not 0 <= index < count:
+            raise ValueError(f"simulation.hostile_banks: {index} is not a bank index in [0, {count})")
+        try:
+            Misbehaviour.parse(behaviour)
+        except ValueError as error:
+            raise ValueError(f"simulation.hostile_banks.{index}: {error}") from None
+    return banks
 
 
 def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> SimulationSummary:

@@ -1,0 +1,80 @@
+"""A hostile bank for simulations and tests: its train replies misbehave as its FederationSpec entry says.
+
+Only a simulation sets `BankSite.hostile` (`simulation.hostile_banks`, simulations/sim.py): a deployed
+bank builds its site from its node config, which has no such field. The bank trains as any other;
+what it sends instead of its local state is, by `kind[:factor]`:
+
+- `nan`, `inf`: its state with a NaN (+inf) in every tensor;
+- `scale[:F]`: the global state plus F times its update (default F = 100);
+- `sign_flip[:F]`: the global state minus F times its update (default F = 1);
+- `wrong_shape`: its state with the first tensor one row longer;
+- `replay`: the state it built before any round (round 0's global state) instead of what it trained;
+- `constant[:C]`: every value C (default 0).
+
+Under HE the misbehaving state is what the bank encrypts (client/encryption.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_FACTORS = {
+    "nan": 0.0,
+    "inf": 0.0,
+    "scale": 100.0,
+    "sign_flip": 1.0,
+    "wrong_shape": 0.0,
+    "replay": 0.0,
+    "constant": 0.0,
+}
+"""Every behaviour, with the factor it takes when the config gives none (unused by some)."""
+State = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Misbehaviour:
+    kind: str
+    factor: float
+
+    @classmethod
+    def parse(cls, text: str) -> Misbehaviour:
+        """`kind` or `kind:factor`; a ValueError naming the known kinds otherwise."""
+        kind, _, factor = str(text).strip().partition(":")
+        if kind not in DEFAULT_FACTORS:
+            raise ValueError(f"unknown hostile behaviour {text!r}: one of {', '.join(DEFAULT_FACTORS)} (kind[:factor])")
+        try:
+            value = float(factor) if factor else DEFAULT_FACTORS[kind]
+        except ValueError:
+            raise ValueError(f"hostile behaviour {text!r}: the factor after ':' must be a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"hostile behaviour {text!r}: the factor must be finite (use nan or inf as the kind)")
+        return cls(kind, value)
+
+    def apply(self, local: State, sent: State, initial: State) -> OrderedDict[str, torch.Tensor]:
+        """What the bank sends instead of `local`, having trained from `sent`; `initial`: its round-0 state."""
+        out = OrderedDict((name, value.clone()) for name, value in local.items())
+        if self.kind in ("nan", "inf"):
+            for value in out.values():
+                value.view(-1)[0] = math.nan if self.kind == "nan" else math.inf
+        elif self.kind == "scale":
+            out = OrderedDict((n, sent[n] + self.factor * (v - sent[n])) for n, v in local.items())
+        elif self.kind == "sign_flip":
+            out = OrderedDict((n, sent[n] - self.factor * (v - sent[n])) for n, v in local.items())
+        elif self.kind == "wrong_shape":
+            first = next(iter(out))
+            out[first] = torch.cat([out[first], out[first][:1]])
+        elif self.kind == "replay":
+            out = OrderedDict((n, initial[n].clone()) for n in local)
+        else:
+            out = OrderedDict((n, torch.full_like(v, self.factor)) for n, v in local.items())
+        return out
+
+
+def misbehave(behaviour: str, local: State, sent: State, initial: State) -> State:
+    """`local` as the bank's `behaviour` (its BankSite.hostile) sends it: unchanged when it has none."""
+    return Misbehaviour.parse(behaviour).apply(local, sent, initial) if behaviour else local

@@ -1,0 +1,180 @@
+"""Every plaintext train reply is checked before it can be aggregated: banks may be faulty or hostile.
+
+`UpdateGate` is what `BankRounds` runs on each train reply of a plaintext round (under HE the
+operator cannot look inside a ciphertext: server/encrypted_aggregation.py checks the envelope, and
+the key-holding banks check the decrypted aggregate, client/encryption.py):
+
+- per reply (`check`): exactly one state record and one metric record (Flower's strategies skip
+  the whole round's aggregation when one reply differs), a positive finite example count, the
+  tensor names, shapes and dtypes of the state sent, only finite values, no replay (a state equal
+  to a global state sent earlier in this run or to an update already accepted: a bank that did not
+  train and resends an old state), and the L2 norm of the update (reply - state sent) within
+  `UpdateChecks.max_norm` when set;
+- per round (`outliers`): the update norms of the replies that passed, against `max_norm_ratio`
+  times their median (from 3 replies on: the median of two is their mean and hides nothing), and
+  the metric keys, which must be the most common set (a reply with other keys would make Flower
+  skip the round's aggregation);
+- after aggregation (`non_finite`): a global state with a non-finite value is never adopted.
+
+What is out of reach: a bank that lies consistently within the bounds (a small push in a chosen
+direction, an old update perturbed by one bit). The opt-in robust aggregations
+(conf/strategy/fedmedian.yaml, krum.yaml, fedtrimmedavg.yaml) blunt those. The memory of states
+seen lives in the server process: a restarted server starts it afresh from the state it resumes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+from flwr.app import ArrayRecord, RecordDict
+
+from fingpt_federated.federation import protocol
+
+K = TypeVar("K")
+MIN_REPLIES_FOR_RATIO = 3
+
+
+@dataclass
+class UpdateChecks:
+    """`strategy.update_checks`: bounds on the L2 norm of every plaintext update (reply - global sent).
+
+    Names, shapes, dtypes, finite values and replays are always checked. `max_norm`: an absolute bound
+    (null: none). `max_norm_ratio`: a bound relative to the median norm of the round's replies (null:
+    none); 10 leaves room for honest non-IID banks and DP noise, and refuses a scaled or constant state.
+    """
+
+    max_norm: float | None = None
+    max_norm_ratio: float | None = 10.0
+
+    def __post_init__(self) -> None:
+        for key in ("max_norm", "max_norm_ratio"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"strategy.update_checks.{key} must be a positive number or null, got {value}")
+
+
+class UpdateGate:
+    """The checks of one plaintext run; see the module docstring."""
+
+    def __init__(self, limits: UpdateChecks) -> None:
+        self.limits = limits
+        self._sent: dict[str, np.ndarray] = {}
+        self._seen: dict[str, str] = {}
+
+    def sent(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Remember the global state sent for training in `server_round`."""
+        self._sent = {name: array.numpy() for name, array in arrays.items()}
+        self._seen.setdefault(protocol.record_hash(arrays), f"the global state sent in round {server_round}")
+
+    def accepted(self, content: RecordDict, bank: str, server_round: int) -> None:
+        """Remember an aggregated update, so that it cannot be sent again."""
+        arrays = content.array_records[protocol.ARRAYS]
+        self._seen.setdefault(protocol.record_hash(arrays), f"the update of {bank} in round {server_round}")
+
+    def check(self, content: RecordDict) -> tuple[str, float]:
+        """Why this train reply must not be aggregated ("" if it may), and the norm of its update."""
+        problem = _envelope(content)
+        if problem:
+            return problem, math.nan
+        arrays = content.array_records[protocol.ARRAYS]
+        replayed = self._seen.get(protocol.record_hash(arrays))
+        if replayed:
+            return f"replayed state: it is {replayed}", math.nan
+        try:
+            state = {name: array.numpy() for name, array in arrays.items()}
+        except (ValueError, TypeError, EOFError) as error:
+            return f"unreadable arrays: {error}", math.nan
+        problem = _layout(state, self._sent) or _non_finite(state)
+        if problem:
+            return problem, math.nan
+        norm = update_norm(state, self._sent)
+        if self.limits.max_norm is not None and norm > self.limits.max_norm:
+            return f"update norm {norm:.4g} above strategy.update_checks.max_norm={self.limits.max_norm:g}", norm
+        return "", norm
+
+    def outliers(self, norms: Mapping[K, float], metric_keys: Mapping[K, frozenset[str]]) -> dict[K, str]:
+        """The replies of a round (by any key) refused against the others, with the reason."""
+        refused = {key: f"metric keys {sorted(keys)} differ from the other banks'" for key, keys in _odd(metric_keys)}
+        ratio = self.limits.max_norm_ratio
+        valid = [norm for key, norm in norms.items() if key not in refused]
+        if ratio is None or len(valid) < MIN_REPLIES_FOR_RATIO:
+            return refused
+        median = float(np.median(valid))
+        if median <= 0:
+            return refused
+        for key, norm in norms.items():
+            if key not in refused and norm > ratio * median:
+                refused[key] = (
+                    f"update norm {norm:.4g} is {norm / median:.1f} x the round's median {median:.4g}, above "
+                    f"strategy.update_checks.max_norm_ratio={ratio:g}"
+                )
+        return refused
+
+
+def update_norm(state: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of `state - sent` over every tensor, in float64."""
+    total = sum(float(np.sum((state[n].astype(np.float64) - sent[n].astype(np.float64)) ** 2)) for n in sent)
+    return math.sqrt(total)
+
+
+def non_finite(arrays: ArrayRecord) -> list[str]:
+    """Names of the floating-point arrays holding a NaN or an infinity."""
+    bad = []
+    for name, array in arrays.items():
+        values = array.numpy()
+        if np.issubdtype(values.dtype, np.floating) and not np.all(np.isfinite(values)):
+            bad.append(name)
+    return bad
+
+
+def _envelope(content: RecordDict) -> str:
+    """One state record, one metric record with a positive finite example count."""
+    if list(content.array_records) != [protocol.ARRAYS]:
+        return f"expected one state record {protocol.ARRAYS!r}, got {sorted(content.array_records)}"
+    if list(content.metric_records) != [protocol.METRICS]:
+        return f"expected one metric record {protocol.METRICS!r}, got {sorted(content.metric_records)}"
+    examples = content.metric_records[protocol.METRICS].get(protocol.NUM_EXAMPLES)
+    if not isinstance(examples, int | float) or not math.isfinite(examples) or examples <= 0:
+        return f"{protocol.NUM_EXAMPLES} must be a positive finite count, got {examples!r}"
+    return ""
+
+
+def _layout(state: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> str:
+    """The tensor names, shapes and dtypes of the state sent."""
+    missing, unexpected = sorted(set(sent) - set(state)), sorted(set(state) - set(sent))
+    if missing or unexpected:
+        return f"tensor names differ from the state sent: missing {_few(missing)}, unexpected {_few(unexpected)}"
+    for name, expected in sent.items():
+        got = state[name]
+        if got.shape != expected.shape or got.dtype != expected.dtype:
+            sent_as = f"{expected.dtype}{list(expected.shape)}"
+            return f"tensor {name} is {got.dtype}{list(got.shape)}, the state sent has {sent_as}"
+    return ""
+
+
+def _non_finite(state: Mapping[str, np.ndarray]) -> str:
+    counts = {name: int(np.size(values) - np.count_nonzero(np.isfinite(values))) for name, values in state.items()}
+    bad = {name: count for name, count in counts.items() if count}
+    if not bad:
+        return ""
+    return f"{sum(bad.values())} non-finite values (NaN or infinite) in {len(bad)} tensors: {_few(sorted(bad))}"
+
+
+def _odd(keys: Mapping[K, frozenset[str]]) -> list[tuple[K, frozenset[str]]]:
+    """The entries whose key set is not the most common one (the first seen wins a tie)."""
+    if not keys:
+        return []
+    common = Counter(keys.values()).most_common(1)[0][0]
+    return [(key, value) for key, value in keys.items() if value != common]
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    if not names:
+        return "none"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

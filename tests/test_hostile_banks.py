@@ -1,0 +1,172 @@
+"""Hostile banks (client/hostile.py) against the real ServerApp and ClientApp.
+
+In-process (`InProcessGrid`, seconds): three label-skewed banks, one of them hostile; every
+misbehaviour is refused (the run goes on with the others) or neutralised by averaging, and the
+global state stays finite; when too few honest banks remain the run fails loudly. The last tests
+run `fingpt-sim` itself on Flower's simulation engine (slow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+from federation_helpers import (  # noqa: F401
+    InProcessGrid,
+    config,
+    one_torch_thread,
+    simulated_nodes,
+    tiny_model,
+    write_federation,
+)
+from flwr.app import ArrayRecord, ConfigRecord, MessageType
+from flwr.serverapp.strategy import FedAvg
+from safetensors.numpy import load_file
+
+from fingpt_federated.client.app import app as client_app
+from fingpt_federated.federation import protocol
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.server.app import FINAL_STATE, run_federation
+from fingpt_federated.server.bank_rounds import BankRounds, FederationRoundError
+from fingpt_federated.server.history import FEDERATION, History
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+HOSTILE = 1
+
+
+def hostile_federation(
+    tmp_path: Path, behaviours: dict[int, str], *overrides: str, strategy: str = "fedavg", grid=InProcessGrid
+):
+    spec = write_federation(tmp_path / "data")
+    banks = [dataclasses.replace(bank, hostile=behaviours.get(i, "")) for i, bank in enumerate(spec.banks)]
+    spec = dataclasses.replace(spec, banks=banks)
+    spec.save(tmp_path / "data" / "spec.json")
+    nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(banks))
+    cfg = config(f"strategy={strategy}", "strategy.local_steps=3", "federation.min_banks=2", *overrides)
+    return cfg, spec, grid(client_app, nodes, run_config)
+
+
+class StateRecordingGrid(InProcessGrid):
+    """Keeps a copy of every train reply's state by bank (FedMedian takes the arrays out of the replies)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.states: dict[str, dict] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.metadata.message_type == MessageType.TRAIN and not reply.has_error():
+                bank = str(reply.content[protocol.RECEIPT]["name"])
+                self.states[bank] = protocol.record_to_state(reply.content[protocol.ARRAYS])
+        return replies
+
+
+def train_rows(history: History, bank: str) -> list:
+    return [row for row in history.rows if row.phase == "train" and row.bank == bank]
+
+
+def assert_finite(run_dir: Path) -> None:
+    state = load_file(str(run_dir / FINAL_STATE))
+    assert all(bool(np.isfinite(array).all()) for array in state.values())
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reasons"),
+    [
+        ("nan", ["18 non-finite values (NaN or infinite) in 18 tensors"] * 2),
+        ("inf", ["18 non-finite values (NaN or infinite) in 18 tensors"] * 2),
+        ("scale:100", ["above strategy.update_checks.max_norm_ratio=10"] * 2),
+        ("wrong_shape", ["the state sent has float32"] * 2),
+        ("replay", ["replayed state: it is the global state sent in round 1"] * 2),
+        ("constant:1", ["above strategy.update_checks.max_norm_ratio=10"] * 2),
+    ],
+)
+def test_a_hostile_update_is_refused_and_the_run_goes_on_with_the_others(tmp_path, behaviour, reasons):
+    cfg, spec, grid = hostile_federation(tmp_path, {HOSTILE: behaviour}, "federation.rounds=2")
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    rows = train_rows(history, f"bank_{HOSTILE}")
+    assert [row.status for row in rows] == ["failed", "failed"]
+    assert all(expected in row.reason for row, expected in zip(rows, reasons, strict=True)), [r.reason for r in rows]
+    for honest in ("bank_0", "bank_2"):
+        assert [row.status for row in train_rows(history, honest)] == ["ok", "ok"]
+        assert all(row.metrics["update_norm"] > 0 for row in train_rows(history, honest))
+    assert_finite(tmp_path / "run")
+
+
+def test_a_sign_flipped_update_within_the_bounds_is_averaged_with_the_others_and_a_replay_of_it_refused(tmp_path):
+    """Out of reach of any check: a flipped update as large as an honest one. FedAvg weighs it as one
+    bank of three; what the checks add is that the same state is never taken twice."""
+    cfg, spec, grid = hostile_federation(tmp_path, {HOSTILE: "sign_flip"}, "federation.rounds=2")
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    assert [row.status for row in train_rows(history, f"bank_{HOSTILE}")] == ["ok", "ok"]
+    assert_finite(tmp_path / "run")
+
+
+def test_when_too_few_honest_banks_remain_the_run_fails_loudly_with_every_reason(tmp_path):
+    cfg, spec, grid = hostile_federation(tmp_path, {0: "nan", 2: "wrong_shape"}, "federation.rounds=2")
+    with pytest.raises(FederationRoundError) as error:
+        run_federation(grid, cfg, spec, tmp_path / "run")
+    message = str(error.value)
+    assert "round 1 train: 1 of 3 sampled banks succeeded, the minimum is 2" in message
+    assert "bank bank_0 (node 1): 18 non-finite values" in message
+    assert "bank bank_2 (node 3): tensor" in message
+    assert not (tmp_path / "run" / FINAL_STATE).exists()
+
+
+def test_without_the_update_checks_a_non_finite_aggregate_still_stops_the_round(tmp_path):
+    """Defence in depth: BankRounds refuses to adopt a non-finite aggregate whatever let it through."""
+    _, spec, grid = hostile_federation(tmp_path, {HOSTILE: "nan"})
+    rounds = BankRounds(FedAvg(min_train_nodes=3, min_available_nodes=3), min_banks=1, history=History())
+    model, _ = build_model(tiny_model(), spec.num_classes, spec.num_features)
+    arrays = ArrayRecord(federated_state(model))
+    config = ConfigRecord(dict(protocol.task_config(tiny_model(), spec.class_names, 0, local_steps=2)))
+    replies = grid.send_and_receive(rounds.configure_train(1, arrays, config, grid))
+    with pytest.raises(FederationRoundError, match="round 1 train: the aggregate of 3 accepted updates holds non-fin"):
+        rounds.aggregate_train(1, replies)
+
+
+@pytest.mark.parametrize("strategy", ["fedmedian", "krum"])
+def test_robust_aggregation_keeps_a_strongly_flipped_bank_out_of_the_global_state(tmp_path, strategy):
+    """sign_flip:5 stays within 10 x the median norm, so the checks pass it; the robust rule keeps the
+    global state nearer every honest bank than the flipped one (three banks: Krum scores each state
+    by its nearest other one)."""
+    cfg, spec, grid = hostile_federation(
+        tmp_path, {HOSTILE: "sign_flip:5"}, "federation.rounds=1", strategy=strategy, grid=StateRecordingGrid
+    )
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    assert [row.status for row in train_rows(history, f"bank_{HOSTILE}")] == ["ok"]
+    sent = protocol.record_to_state(
+        next(m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN).content[protocol.ARRAYS]
+    )
+    final = load_file(str(tmp_path / "run" / FINAL_STATE))
+    replies = grid.states
+    flipped = replies[f"bank_{HOSTILE}"]
+    distance = {name: _distance(final, state) for name, state in replies.items()}
+    assert distance[f"bank_{HOSTILE}"] > max(d for n, d in distance.items() if n != f"bank_{HOSTILE}")
+    assert _distance(final, sent) < _distance(flipped, sent)
+    assert_finite(tmp_path / "run")
+
+
+def _distance(a, b) -> float:
+    return float(np.sqrt(sum(float(((np.asarray(a[n]) - np.asarray(b[n])) ** 2).sum()) for n in a)))
+
+
+def test_honest_dp_banks_pass_the_default_checks(tmp_path):
+    cfg, spec, grid = hostile_federation(
+        tmp_path,
+        {},
+        "privacy=dp",
+        "privacy.dp.logical_batch_size=16",
+        "privacy.dp.physical_batch_size=8",
+        "privacy.dp.accountant=rdp",
+        "federation.rounds=2",
+    )
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    banks = [row for row in history.rows if row.phase == "train" and row.bank != FEDERATION]
+    assert len(banks) == 6 and all(row.status == "ok" for row in banks), [(r.bank, r.reason) for r in banks]
+    assert_finite(tmp_path / "run")

@@ -1,0 +1,169 @@
+"""Every plaintext update is checked before aggregation (server/update_checks.py), the hostile
+behaviours of the harness (client/hostile.py), and the check of a decrypted HE aggregate."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fingpt_federated.client.encryption import AggregateRefused, check_aggregate
+from fingpt_federated.client.hostile import Misbehaviour, misbehave
+from fingpt_federated.federation import protocol
+from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate, non_finite
+
+SENT = {"a.weight": np.ones((4, 3), dtype=np.float32), "b.bias": np.zeros(5, dtype=np.float32)}
+
+
+def reply(state: dict, examples: float = 10, **extra_records) -> RecordDict:
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: examples, "train_loss": 0.5})
+    return RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({k: Array(v) for k, v in state.items()}),
+            protocol.METRICS: metrics,
+            **extra_records,
+        }
+    )
+
+
+def moved(by: float) -> dict:
+    """The state sent plus `by` in every value."""
+    return {name: value + np.float32(by) for name, value in SENT.items()}
+
+
+def gate(**limits) -> UpdateGate:
+    checks = UpdateGate(UpdateChecks(**limits))
+    checks.sent(1, ArrayRecord({k: Array(v) for k, v in SENT.items()}))
+    return checks
+
+
+def test_an_honest_update_passes_with_its_norm():
+    problem, norm = gate().check(reply(moved(0.1)))
+    assert problem == ""
+    assert norm == pytest.approx(0.1 * math.sqrt(17), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({"a.weight": SENT["a.weight"]}, "missing b.bias"),
+        ({**moved(0.1), "c": np.ones(2, np.float32)}, "unexpected c"),
+        (
+            {**moved(0.1), "b.bias": np.zeros(6, np.float32)},
+            "tensor b.bias is float32[6], the state sent has float32[5]",
+        ),
+        ({**moved(0.1), "b.bias": np.zeros(5, np.float64)}, "tensor b.bias is float64[5]"),
+        ({**moved(0.1), "b.bias": np.array([0, np.nan, np.inf, 0, 0], np.float32)}, "2 non-finite values"),
+        (SENT, "replayed state: it is the global state sent in round 1"),
+    ],
+)
+def test_a_malformed_or_replayed_state_is_refused_with_the_reason(state, expected):
+    problem, _ = gate().check(reply(state))
+    assert expected in problem
+
+
+@pytest.mark.parametrize("examples", [0, -3, math.nan, math.inf])
+def test_an_impossible_example_count_is_refused(examples):
+    assert "num-examples must be a positive finite count" in gate().check(reply(moved(0.1), examples))[0]
+
+
+def test_a_second_state_or_metric_record_is_refused_before_flower_skips_the_round():
+    extra = ArrayRecord({"x": Array(np.ones(1, np.float32))})
+    assert "expected one state record" in gate().check(reply(moved(0.1), extra=extra))[0]
+    assert "expected one metric record" in gate().check(reply(moved(0.1), more=MetricRecord({"k": 1.0})))[0]
+
+
+def test_an_update_already_accepted_cannot_be_sent_again():
+    checks = gate()
+    content = reply(moved(0.1))
+    checks.accepted(content, "bank_a", 1)
+    checks.sent(2, ArrayRecord({k: Array(v) for k, v in moved(0.05).items()}))
+    assert checks.check(content)[0] == "replayed state: it is the update of bank_a in round 1"
+
+
+def test_an_absolute_norm_bound_refuses_a_larger_update():
+    problem, norm = gate(max_norm=1.0).check(reply(moved(1.0)))
+    assert "update norm 4.123 above strategy.update_checks.max_norm=1" in problem and norm > 1
+
+
+def test_updates_far_above_the_rounds_median_are_refused():
+    norms = {"a": 1.0, "b": 1.2, "c": 0.9, "d": 11.0, "e": 50.0}
+    keys = dict.fromkeys(norms, frozenset({"num-examples"}))
+    refused = gate(max_norm_ratio=10.0).outliers(norms, keys)
+    assert set(refused) == {"e"} and "is 41.7 x the round's median 1.2" in refused["e"]
+    assert gate(max_norm_ratio=None).outliers(norms, keys) == {}
+    # Two replies: their median is their mean, it tells nothing about which one is out of line.
+    assert gate().outliers({"a": 1.0, "b": 1000.0}, {"a": frozenset(), "b": frozenset()}) == {}
+
+
+def test_a_reply_whose_metric_keys_differ_from_the_others_is_refused():
+    keys = {"a": frozenset({"n", "loss"}), "b": frozenset({"n", "loss"}), "c": frozenset({"n", "loss", "x"})}
+    refused = gate().outliers({"a": 1.0, "b": 1.0, "c": 1.0}, keys)
+    assert list(refused) == ["c"] and "differ from the other banks'" in refused["c"]
+
+
+def test_limits_must_be_positive():
+    with pytest.raises(ValueError, match="strategy.update_checks.max_norm_ratio must be a positive number or null"):
+        UpdateChecks(max_norm_ratio=0.0)
+    with pytest.raises(ValueError, match="strategy.update_checks.max_norm must be"):
+        UpdateChecks(max_norm=math.nan)
+
+
+def test_a_non_finite_aggregate_is_named():
+    arrays = ArrayRecord({"ok": Array(np.ones(2, np.float32)), "bad": Array(np.array([1, np.inf], np.float32))})
+    assert non_finite(arrays) == ["bad"]
+
+
+def torch_state(value: float) -> OrderedDict[str, torch.Tensor]:
+    return OrderedDict((name, torch.full(tuple(array.shape), value)) for name, array in SENT.items())
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        ("scale:10", 1.0 + 10 * 0.5),
+        ("sign_flip", 1.0 - 0.5),
+        ("sign_flip:2", 1.0 - 2 * 0.5),
+        ("replay", 0.0),
+        ("constant:7", 7.0),
+        ("constant", 0.0),
+    ],
+)
+def test_each_hostile_behaviour_sends_what_it_says(behaviour, expected):
+    sent, local, initial = torch_state(1.0), torch_state(1.5), torch_state(0.0)
+    out = misbehave(behaviour, local, sent, initial)
+    assert all(torch.allclose(value, torch.full_like(value, expected)) for value in out.values())
+    assert all(torch.equal(value, torch.full_like(value, 1.5)) for value in local.values())  # not in place
+
+
+def test_non_finite_and_wrong_shape_behaviours():
+    sent = torch_state(1.0)
+    nan = misbehave("nan", sent, sent, sent)
+    assert all(int(torch.isnan(value).sum()) == 1 for value in nan.values())
+    assert all(bool(torch.isinf(value).any()) for value in misbehave("inf", sent, sent, sent).values())
+    shapes = {name: tuple(value.shape) for name, value in misbehave("wrong_shape", sent, sent, sent).items()}
+    assert shapes == {"a.weight": (5, 3), "b.bias": (5,)}
+    assert misbehave("", sent, sent, sent) is sent
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("flip", "unknown hostile behaviour 'flip'"), ("scale:x", "must be a number"), ("scale:inf", "must be finite")],
+)
+def test_an_unknown_behaviour_is_refused_naming_the_known_ones(text, message):
+    with pytest.raises(ValueError, match=message):
+        Misbehaviour.parse(text)
+
+
+def test_a_bank_refuses_a_decrypted_aggregate_that_is_not_finite_or_out_of_bounds():
+    initial = torch_state(0.0)
+    fine = {name: np.full(array.shape, 3.0, np.float32) for name, array in SENT.items()}
+    check_aggregate(fine, initial, 16.0, "bank a round 2")
+    with pytest.raises(AggregateRefused, match="bank a round 2: the decrypted global aggregate drifts 17 .* above"):
+        check_aggregate({**fine, "b.bias": np.full(5, 17.0, np.float32)}, initial, 16.0, "bank a round 2")
+    with pytest.raises(AggregateRefused, match="holds 1 non-finite values"):
+        check_aggregate({**fine, "b.bias": np.array([0, 0, np.nan, 0, 0], np.float32)}, initial, 16.0, "bank a")
