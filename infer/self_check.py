@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fingpt_federated.infer.inputs import expects_text, records_to_dataset
@@ -59,10 +60,10 @@ def run_self_check(predictor: Predictor) -> Capabilities:
     try:
         (prediction,) = predictor.predict(records_to_dataset([record], manifest), explain=True, mc_samples=2)
     except (ValueError, RuntimeError) as error:
-        raise SelfCheckError(f"{published.folder}: self-check prediction failed: {error}") from None
+        raise SelfCheckError(failed(published.folder, str(error))) from None
     problem = distribution_problem(prediction, published.class_names)
     if problem:
-        raise SelfCheckError(f"{published.folder}: self-check prediction failed: {problem}")
+        raise SelfCheckError(failed(published.folder, problem))
     explanation = prediction.explanation or {}
     return Capabilities(
         classes=published.class_names,
@@ -72,6 +73,10 @@ def run_self_check(predictor: Predictor) -> Capabilities:
         max_series_steps=len(record.get("series", [])),
         explain=bool(explanation.get("tokens") or explanation.get("series_steps")),
     )
+
+
+def failed(folder: Path, reason: str) -> str:
+    return f"{folder}: not served, its self-check prediction failed: {reason.removeprefix(f'{folder}: ')}"
 
 
 def distribution_problem(prediction: Prediction, classes: list[str]) -> str | None:

@@ -185,7 +185,10 @@ def test_a_model_with_overflowing_weights_fails_its_self_check_and_serve_does_no
     port = free_port()
     assert infer_main(["serve", str(copy), "--port", str(port), "--audit-log", str(tmp_path / "a.jsonl")]) == 1
     (error,) = capsys.readouterr().err.strip().splitlines()
-    assert error.startswith("fingpt-infer: error: ") and "self-check prediction failed" in error
+    assert (
+        error.startswith("fingpt-infer: error: ")
+        and "not served, its self-check prediction failed: the model gave non-finite" in error
+    )
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing was bound
 
@@ -218,9 +221,11 @@ def test_serve_reports_what_the_model_can_do_on_health(published, tmp_path):
     command = [sys.executable, "-m", "fingpt_federated.infer.cli", "serve", str(published), "--variant", "bf16"]
     command += ["--port", str(port), "--audit-log", str(tmp_path / "audit.jsonl")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as output:
+        server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
-        health = wait_for_health(server, f"http://127.0.0.1:{port}")
+        health = wait_for_health(server, f"http://127.0.0.1:{port}", log)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -228,14 +233,16 @@ def test_serve_reports_what_the_model_can_do_on_health(published, tmp_path):
     assert health["status"] == "ok" and health["self_check"] == "passed"
     assert health["model_hash"] == card["model_hash"] and health["variant"] == "bf16"
     assert health["classes"] == CLASSES and health["text"] and health["series"] and health["explain"]
-    assert health["num_features"] == 2 and health["max_series_steps"] == 3
+    manifest = json.loads((published / "manifest.json").read_text())
+    assert health["num_features"] == 2 == manifest["num_features"]
+    assert health["max_series_steps"] == manifest["model"]["series_encoder"]["max_steps"]
 
 
-def wait_for_health(server: subprocess.Popen, url: str) -> dict:
+def wait_for_health(server: subprocess.Popen, url: str, log: Path) -> dict:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise AssertionError(f"serve exited {server.returncode}: {server.stderr.read().decode()}")
+            raise AssertionError(f"serve exited {server.returncode}: {log.read_text()}")
         try:
             return httpx.get(f"{url}/health", timeout=5).json()
         except httpx.TransportError:
