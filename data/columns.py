@@ -11,6 +11,18 @@ import pandas as pd
 
 from fingpt_federated.data.errors import DataError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the model reads float32: a larger number would become inf
+SHOWN_CHARS = 40
+NUMBER_SPECS = "eEfFgGn%"  # format types that need a number: `{LIMIT_BAL:.0f}`
+NON_FINITE_WORDS = ("nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity")
+
+
+def shown(value: str) -> str:
+    """A cell quoted for an error line, shortened so that a hostile 10,000-character cell stays one short line."""
+    if len(value) <= SHOWN_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_CHARS]!r}... ({len(value)} characters)"
+
 
 def where(table: pd.DataFrame, position: int) -> tuple[str, int]:
     """(file, row) of the table row at `position`."""
@@ -59,22 +71,29 @@ def labels_from(
     if len(bad):
         path, row = where(table, bad[0])
         value = raw.iat[bad[0]]
-        problem = "missing label" if value in ("", "nan", "None") else f"unknown label {value!r}"
+        problem = "missing label" if value in ("", "nan", "None") else f"unknown label {shown(value)}"
         raise DataError(path, f"{problem}; label.classes maps {sorted(lookup)}", row=row, column=column)
     return indices.to_numpy(dtype=np.int64), names
 
 
 def numeric(table: pd.DataFrame, column: str) -> np.ndarray:
-    """A column as float64; text, empty, NaN or infinite cells are errors at their row."""
+    """A column as float64; text, empty, NaN, infinite or beyond-float32 cells are errors at their row."""
     cells = table[column]
     values = pd.to_numeric(cells, errors="coerce").to_numpy(dtype=np.float64)
-    bad = (~np.isfinite(values)).nonzero()[0]
+    bad = (~(np.abs(values) <= FLOAT32_MAX)).nonzero()[0]  # NaN compares False: caught too
     if len(bad):
         path, row = where(table, bad[0])
         cell = canonical(cells.iat[bad[0]])
-        problem = "empty value" if cell in ("", "nan", "None") else f"value {cell!r} is not a finite number"
-        raise DataError(path, problem, row=row, column=column)
+        raise DataError(path, _number_problem(cell, values[bad[0]]), row=row, column=column)
     return values
+
+
+def _number_problem(cell: str, value: float) -> str:
+    if cell in ("", "None"):
+        return "empty value"
+    if np.isfinite(value):
+        return f"value {shown(cell)} is out of range (at most {FLOAT32_MAX:.3g} in magnitude)"
+    return f"value {shown(cell)} is not a finite number"
 
 
 def texts_from(table: pd.DataFrame, text_cfg: Mapping[str, Any], extra: pd.DataFrame | None = None) -> list[str] | None:
@@ -96,20 +115,37 @@ def texts_from(table: pd.DataFrame, text_cfg: Mapping[str, Any], extra: pd.DataF
 def _fill_template(
     table: pd.DataFrame, template: str, value_maps: Mapping[str, Mapping[Any, str]], extra: pd.DataFrame | None
 ) -> list[str]:
-    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    parsed = [(name, spec) for _, name, spec, _ in string.Formatter().parse(template) if name]
     context = (
         table if extra is None else pd.concat([table.reset_index(drop=True), extra.reset_index(drop=True)], axis=1)
     )
-    require_columns(context, fields, "text.template")
-    columns = {name: _template_values(context, name, value_maps.get(name)) for name in dict.fromkeys(fields)}
+    require_columns(context, [name for name, _ in parsed], "text.template")
+    as_number = {name for name, spec in parsed if spec and spec[-1] in NUMBER_SPECS}
+    columns = {
+        name: _template_values(context, name, value_maps.get(name), name in as_number)
+        for name in dict.fromkeys(name for name, _ in parsed)
+    }
     return [template.format(**{name: values[i] for name, values in columns.items()}) for i in range(len(context))]
 
 
-def _template_values(context: pd.DataFrame, name: str, value_map: Mapping[Any, str] | None) -> list[Any]:
-    """Mapped words where a value map is given; numbers stay numbers so `{x:.0f}` works."""
+def _template_values(
+    context: pd.DataFrame, name: str, value_map: Mapping[Any, str] | None, as_number: bool
+) -> list[Any]:
+    """Mapped words where a value map is given; numbers stay numbers so `{x:.0f}` works.
+
+    A field formatted as a number (`{x:.0f}`) must be a finite number in every row; in any field a
+    NaN or infinite number (JSON NaN, "inf", 1e400) is an error at its row, never text like "inf".
+    """
+    if as_number:
+        return numeric(context, name).tolist()
     cells = context[name]
+    as_numbers = pd.to_numeric(cells, errors="coerce")
+    texts = cells.map(canonical)
+    bad = (np.isinf(as_numbers) | texts.str.lower().isin(NON_FINITE_WORDS)).to_numpy().nonzero()[0]
+    if len(bad):
+        path, row = where(context, bad[0])
+        raise DataError(path, f"value {shown(texts.iat[bad[0]])} is not a finite number", row=row, column=name)
     if value_map is not None:
         words = {canonical(k): str(v) for k, v in value_map.items()}
-        return [words.get(canonical(v), canonical(v)) for v in cells]
-    as_numbers = pd.to_numeric(cells, errors="coerce")
-    return as_numbers.tolist() if as_numbers.notna().all() else cells.map(canonical).tolist()
+        return [words.get(text, text) for text in texts]
+    return as_numbers.tolist() if as_numbers.notna().all() else texts.tolist()

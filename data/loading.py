@@ -18,8 +18,10 @@ from fingpt_federated.data.columns import (
     labels_from,
     require_columns,
     texts_from,
+    where,
 )
 from fingpt_federated.data.config import data_config
+from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.series import Series, long_series, wide_series, window_series
 from fingpt_federated.data.splits import split_train_valid, time_split_indices
@@ -104,6 +106,8 @@ def table_to_dataset(table: pd.DataFrame, data_cfg: Mapping[str, Any]) -> BankDa
     else:
         labels, class_names = labels_from(table, cfg["label"]["column"], cfg["label"]["classes"])
         series, extra = _row_series(table, series_cfg, layout, cfg)
+    if series is not None:
+        _refuse_overflow(table, series)
     texts = texts_from(table, cfg["text"], extra)
     if texts is None and series is None:
         raise ValueError(f"data config {cfg['name']!r} maps neither text nor series")
@@ -116,6 +120,16 @@ def table_to_dataset(table: pd.DataFrame, data_cfg: Mapping[str, Any]) -> BankDa
         feature_names=[] if series is None else series.feature_names,
         keys=_kept_columns(table, _columns_to_keep(cfg)),
     )
+
+
+def _refuse_overflow(table: pd.DataFrame, series: Series) -> None:
+    """Every cell was a float32 number, but a derived one (a time delta, a `first_step` ratio) may not be."""
+    overflowed = (~np.isfinite(series.values)).any(axis=(1, 2)).nonzero()[0]
+    if len(overflowed):
+        path, row = where(table, overflowed[0])
+        raise DataError(
+            path, "a series value derived from this row (time_delta or series.scale) overflows float32", row=row
+        )
 
 
 def _row_series(

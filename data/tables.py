@@ -1,7 +1,9 @@
 """Reading a bank's tables (CSV, Parquet, JSONL) into string-typed frames, refusing unreadable files.
 
-Every cell of a CSV or JSONL file is kept as text so that the data layer, not pandas, decides what
-is numeric and can name the exact row and column of a bad value.
+Every cell of a CSV file is kept as text so that the data layer, not pandas, decides what is
+numeric and can name the exact row and column of a bad value. JSONL numbers stay numbers, except an
+integer too long to be a float (10**400): it stays its digits, which the data layer then refuses by row
+and column instead of overflowing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pandas as pd
 
 from fingpt_federated.data.errors import DataError
 
+FLOAT_DIGITS = 308  # an integer with more digits is beyond float64 (and far beyond float32)
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -89,11 +92,16 @@ def _read_csv(path: Path, text: str) -> pd.DataFrame:
         raise DataError(path, f"not a valid CSV table: {err}") from None
 
 
+def _json_int(digits: str) -> int | str:
+    """A JSON integer as int, or as its text when it could never be a number the model reads."""
+    return int(digits) if len(digits.lstrip("-")) <= FLOAT_DIGITS else digits
+
+
 def _read_jsonl(path: Path, text: str) -> pd.DataFrame:
     records = []
     for row, line in enumerate((ln for ln in text.splitlines() if ln.strip()), start=1):
         try:
-            value = json.loads(line)
+            value = json.loads(line, parse_int=_json_int)
         except json.JSONDecodeError as err:
             raise DataError(path, f"not valid JSON: {err.msg}", row=row) from None
         if not isinstance(value, dict):

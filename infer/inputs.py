@@ -1,6 +1,6 @@
 """What fingpt-infer predicts on: a table read with the model's own data config, or request records.
 
-A prediction file is read exactly as a training file (client/tables, client/loading: the same
+A prediction file is read exactly as a training file (data/tables, data/loading: the same
 columns, templates and series layout, and the same file/row/column errors), except that the
 label column may be absent. Request records carry the model's inputs directly: `text` (what the
 data config's column or template gives) and/or `series` (steps x features, oldest first).
@@ -8,6 +8,7 @@ data config's column or template gives) and/or `series` (steps x features, oldes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fingpt_federated.data.columns import class_mapping
+from fingpt_federated.data.columns import FLOAT32_MAX, class_mapping
 from fingpt_federated.data.loading import table_to_dataset
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.tables import read_table
@@ -88,6 +89,22 @@ def check_record(record: Mapping[str, Any], manifest: Mapping[str, Any]) -> None
                 f"'series' step {step} has {len(values)} values; the model takes {num_features} "
                 f"per step ({', '.join(names)})"
             )
+        for feature, value in enumerate(values):
+            if not _model_number(value):
+                raise ValueError(
+                    f"'series' step {step} value {feature} is not a finite number within float32 range "
+                    f"(at most {FLOAT32_MAX:.3g} in magnitude)"
+                )
+
+
+def _model_number(value: Any) -> bool:
+    """A number the model can read: not a bool, finite, and still finite as float32 (no OverflowError on 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+    except OverflowError:
+        return False
 
 
 def records_to_dataset(records: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any]) -> BankDataset:
