@@ -44,7 +44,8 @@ from fingpt_federated.conf.schema import SimulationConfig
 from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.privacy.dp_settings import DPSettings
-from fingpt_federated.server.app import dp_round_config, write_metrics
+from fingpt_federated.server.app import CHECKPOINTS, dp_round_config, write_metrics
+from fingpt_federated.server.checkpoint import Checkpointer
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History, jsonable
 from fingpt_federated.server.run_folder import (
@@ -164,6 +165,8 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     started = time.perf_counter()
     encrypted = he_enabled(cfg)
     check_strategy(cfg, encrypted)
+    # a corrupt checkpoint to resume from stops the run here, before Ray starts (the ServerApp checks it again)
+    Checkpointer(run_dir / CHECKPOINTS, None).check_resume(cfg.federation.get("resume_from_round"))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = encryption.operator_paths(cfg, run_dir) if encrypted else cfg
     config_path = save_resolved_config(cfg, run_dir)
