@@ -3,7 +3,9 @@
 `model_card.json` is for machines (fingpt-infer serves it at /model), `model_card.md` for people;
 both say the same. Neither hashes itself: `files` lists every other file of the folder with its
 sha256 and size, and `model_hash` is one sha256 over that list, the identity of the model that
-the audit log records with every prediction.
+the audit log records with every prediction. The list is the folder's whole inventory: loading
+(infer/loading.py) refuses a folder with a file the card does not list, a listed file missing, an
+empty list, or a model hash that does not match the list, so the hash covers everything loaded.
 """
 
 from __future__ import annotations
