@@ -129,7 +129,10 @@ def encrypted_update(
 ) -> ConfigRecord:
     """The reply's only state: the encrypted weighted drift, bound to this round and tagged."""
     he = secret_context(secrets.context, task.he_fingerprint)
-    blob = encrypt_drift(local, initial, float(examples), he)
+    try:
+        blob = encrypt_drift(local, initial, float(examples), he)
+    except ValueError as error:
+        raise ValueError(f"bank {bank} round {task.server_round}: its update cannot be encrypted: {error}") from None
     binding = UpdateBinding.for_blob(task.he_run, task.server_round, bank, task.state_hash, blob)
     tag = tag_update(read_mac_key(secrets.binding_key), binding)
     return ConfigRecord({**binding.to_dict(), protocol.HE_CIPHERTEXT: blob, protocol.HE_TAG: tag})

@@ -147,12 +147,13 @@ def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec
     return FederationSpec(list(layout.class_names), int(layout.num_features), str(layout.test_dir.resolve()), banks)
 
 
-def hostile_banks(configured: dict, count: int) -> dict[int, str]:
-    """`simulation.hostile_banks` checked: bank indices in [0, count), behaviours client/hostile.py knows."""
+def hostile_banks(configured: dict, count: int | None = None) -> dict[int, str]:
+    """`simulation.hostile_banks` checked: behaviours client/hostile.py knows, bank indices in [0, count)
+    (not checked while the number of banks is unknown, before the federation is prepared)."""
     banks = {int(index): str(behaviour) for index, behaviour in configured.items()}
     for index, behaviour in banks.items():
-        if not 0 <= index < count:
-            raise ValueError(f"simulation.hostile_banks: {index} is not a bank index in [0, {count})")
+        if index < 0 or (count is not None and index >= count):
+            raise ValueError(f"simulation.hostile_banks: {index} is not a bank index in [0, {count or 'N'})")
         try:
             Misbehaviour.parse(behaviour)
         except ValueError as error:
@@ -167,6 +168,7 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     check_strategy(cfg, encrypted)
     # a corrupt checkpoint to resume from stops the run here, before Ray starts (the ServerApp checks it again)
     Checkpointer(run_dir / CHECKPOINTS, None).check_resume(cfg.federation.get("resume_from_round"))
+    hostile_banks(simulation_settings(cfg)["hostile_banks"])
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = encryption.operator_paths(cfg, run_dir) if encrypted else cfg
     config_path = save_resolved_config(cfg, run_dir)

@@ -29,9 +29,11 @@ from fingpt_federated.client.app import app as client_app
 from fingpt_federated.federation import protocol
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.state import federated_state
+from fingpt_federated.privacy.he_packing import EncryptedUpdate
 from fingpt_federated.server.app import FINAL_STATE, run_federation
 from fingpt_federated.server.bank_rounds import BankRounds, FederationRoundError
 from fingpt_federated.server.history import FEDERATION, History
+from fingpt_federated.simulations.encryption import bank_secrets, operator_paths
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -39,14 +41,24 @@ HOSTILE = 1
 
 
 def hostile_federation(
-    tmp_path: Path, behaviours: dict[int, str], *overrides: str, strategy: str = "fedavg", grid=InProcessGrid
+    tmp_path: Path,
+    behaviours: dict[int, str],
+    *overrides: str,
+    strategy: str = "fedavg",
+    grid=InProcessGrid,
+    he: bool = False,
 ):
+    """Three label-skewed banks, those of `behaviours` hostile; under `he` with the key ceremony done."""
     spec = write_federation(tmp_path / "data")
     banks = [dataclasses.replace(bank, hostile=behaviours.get(i, "")) for i, bank in enumerate(spec.banks)]
     spec = dataclasses.replace(spec, banks=banks)
+    privacy = ["privacy=he"] if he else []
+    cfg = config(f"strategy={strategy}", "strategy.local_steps=3", "federation.min_banks=2", *overrides, *privacy)
+    if he:
+        cfg = operator_paths(cfg, tmp_path / "run")
+        spec = bank_secrets(cfg, tmp_path / "run", spec)
     spec.save(tmp_path / "data" / "spec.json")
     nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(banks))
-    cfg = config(f"strategy={strategy}", "strategy.local_steps=3", "federation.min_banks=2", *overrides)
     return cfg, spec, grid(client_app, nodes, run_config)
 
 
@@ -170,3 +182,38 @@ def test_honest_dp_banks_pass_the_default_checks(tmp_path):
     banks = [row for row in history.rows if row.phase == "train" and row.bank != FEDERATION]
     assert len(banks) == 6 and all(row.status == "ok" for row in banks), [(r.bank, r.reason) for r in banks]
     assert_finite(tmp_path / "run")
+
+
+def test_under_he_a_bank_cannot_encrypt_a_non_finite_update_and_the_run_goes_on(tmp_path):
+    cfg, spec, grid = hostile_federation(tmp_path, {HOSTILE: "nan"}, "federation.rounds=1", he=True)
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    failed = [row for row in history.rows if row.status == "failed"]
+    assert len(failed) == 1 and failed[0].phase == "train"
+    assert "bank bank_1 round 1: its update cannot be encrypted: the update holds NaN" in failed[0].reason
+    assert [row.status for row in train_rows(history, "bank_0") + train_rows(history, "bank_2")] == ["ok", "ok"]
+    assert (tmp_path / "run" / "global_state.he").is_file()
+
+
+class TamperingGrid(InProcessGrid):
+    """Delivers round 2's encrypted global with its header weight divided by 10^6 (and a matching
+    state hash): what a tampered aggregate decrypts to, a mean a million times too large."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        messages = list(messages)
+        for message in messages:
+            config = message.content[protocol.CONFIG]
+            if message.metadata.message_type == MessageType.TRAIN and config[protocol.SERVER_ROUND] == 2:
+                update = EncryptedUpdate.from_bytes(protocol.record_to_blob(message.content[protocol.ARRAYS]))
+                tampered = dataclasses.replace(update, weight=update.weight * 1e-6).to_bytes()
+                message.content[protocol.ARRAYS] = protocol.blob_to_record(tampered)
+                config[protocol.STATE_HASH] = protocol.record_hash(message.content[protocol.ARRAYS])
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_under_he_every_bank_refuses_a_tampered_aggregate_and_the_round_fails_loudly(tmp_path):
+    cfg, spec, grid = hostile_federation(tmp_path, {}, "federation.rounds=2", he=True, grid=TamperingGrid)
+    with pytest.raises(FederationRoundError) as error:
+        run_federation(grid, cfg, spec, tmp_path / "run")
+    message = str(error.value)
+    assert "round 2 train: 0 of 3 sampled banks succeeded" in message
+    assert message.count("the decrypted global aggregate drifts") == 3, message
