@@ -1,16 +1,14 @@
-"""What one caller can ask of `fingpt-infer serve`: per-request limits, a time limit, a bounded number in progress.
+"""What one caller can ask of `fingpt-infer serve`: per-request limits and a time limit.
 
 The work of a request is bounded before it starts (records x text x series steps x passes, each
 capped here), and its time is bounded while it runs: the service takes the model one chunk of
 records at a time and checks the request's deadline before each chunk, so a request past its
 time limit stops within one chunk (a thread cannot be killed; it can be given little to do).
+How many requests are in progress, and in which order they get the model: infer/scheduling.py.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -82,54 +80,3 @@ class Deadline:
     def check(self) -> None:
         if time.monotonic() >= self.end:
             raise TimeLimitExceeded(f"the request took longer than its time limit of {self.seconds} s")
-
-
-class PriorityLock:
-    """A lock handed to the waiter with the smallest key (ties: the earliest), not to whichever thread wins the race.
-
-    The service keys each request by its cost, so an ordinary request waits for the chunk in
-    progress, not for every large request that arrived before it; equal costs go first come, first served.
-    """
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._held = False
-        self._waiting: list[tuple[Any, int]] = []
-        self._tickets = itertools.count()
-
-    def acquire(self, key: Any, timeout: float | None = None) -> bool:
-        entry = (key, next(self._tickets))
-        with self._condition:
-            heapq.heappush(self._waiting, entry)
-            got = self._condition.wait_for(lambda: not self._held and self._waiting[0] == entry, timeout)
-            self._waiting.remove(entry)
-            heapq.heapify(self._waiting)
-            if got:
-                self._held = True
-            self._condition.notify_all()  # the head of the line may have changed
-            return got
-
-    def release(self) -> None:
-        with self._condition:
-            self._held = False
-            self._condition.notify_all()
-
-
-class Admission:
-    """At most `capacity` requests in progress (running or waiting for the model); the rest are turned away at once."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.in_progress = 0
-        self._lock = threading.Lock()
-
-    def enter(self) -> bool:
-        with self._lock:
-            if self.in_progress >= self.capacity:
-                return False
-            self.in_progress += 1
-            return True
-
-    def leave(self) -> None:
-        with self._lock:
-            self.in_progress -= 1

@@ -3,14 +3,13 @@
 The audit entry is written before the prediction is returned, and the explanation a caller gets
 is the redacted one the audit log wrote (token pieces of PII in the input are masked there).
 
-The model runs one chunk of records at a time (CHUNK). Between chunks it goes to the waiting
-request that costs least (limits.PriorityLock), so an ordinary request waits for one chunk of a
-large one, not for all of it, and a request's deadline is checked before each chunk.
+The model runs one chunk of records at a time (CHUNK), in the order of infer/scheduling.py
+(between chunks, the waiting request that costs least), and a request's deadline is checked
+before each chunk.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -18,11 +17,12 @@ from typing import Any
 
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.infer.inputs import records_to_dataset
-from fingpt_federated.infer.limits import Deadline, PriorityLock, TimeLimitExceeded, passes
+from fingpt_federated.infer.limits import Deadline, passes
 from fingpt_federated.infer.predictor import Prediction, Predictor
+from fingpt_federated.infer.scheduling import Job, Scheduler
 from fingpt_federated.privacy.audit import AuditLog, input_hash
 
-CHUNK = 8
+CHUNK = 4
 
 
 class LRUCache:
@@ -59,8 +59,7 @@ class PredictionService:
         self.card = card
         self.audit = audit
         self.cache = LRUCache(cache_size)
-        self._model_lock = PriorityLock()  # one forward (and its dropout/hook state) at a time
-        self._arrivals = itertools.count()
+        self.scheduler = Scheduler()  # who gets the model, one chunk at a time; create_app sets its limits
 
     @property
     def model_hash(self) -> str:
@@ -76,11 +75,9 @@ class PredictionService:
         progress: bool = False,
     ) -> list[dict[str, Any]]:
         """Predict every record of `data` (`inputs[i]` is record i as audited), uncached."""
-        self._model_lock.acquire((0, next(self._arrivals)))
-        try:
-            predictions = self.predictor.predict(data, explain=explain, mc_samples=mc_samples, progress=progress)
-        finally:
-            self._model_lock.release()
+        predictions = self.scheduler.run(
+            None, 0, lambda: self.predictor.predict(data, explain=explain, mc_samples=mc_samples, progress=progress)
+        )
         return [self.audited(record, p) for record, p in zip(inputs, predictions, strict=True)]
 
     def predict_records(
@@ -90,20 +87,22 @@ class PredictionService:
         explain: bool = True,
         mc_samples: int = 0,
         deadline: Deadline | None = None,
+        job: Job | None = None,
     ) -> list[dict[str, Any]]:
         """Predict checked request records; repeated inputs (same options) come from the cache.
 
-        With a deadline, raises TimeLimitExceeded when it passes while waiting for the model or
-        between chunks (chunks predicted by then stay cached; nothing is audited or returned).
+        `job`: the request's admission (its place in line for the model). With a deadline, raises
+        TimeLimitExceeded when it passes while waiting for the model or between chunks (chunks
+        predicted by then stay cached; nothing is audited or returned).
         """
         keys = [input_hash({"record": r, "explain": explain, "mc_samples": mc_samples}) for r in records]
         found = [self.cache.get(key) for key in keys]
         missing = [i for i, hit in enumerate(found) if hit is None]
-        priority = (passes(len(missing), mc_samples, explain), next(self._arrivals))
         for start in range(0, len(missing), CHUNK):
             chunk = missing[start : start + CHUNK]
             data = records_to_dataset([records[i] for i in chunk], self.predictor.published.manifest)
-            fresh = self._predict_chunk(data, priority, deadline, explain=explain, mc_samples=mc_samples)
+            units = passes(len(chunk), mc_samples, explain)
+            fresh = self._predict_chunk(data, job, units, deadline, explain=explain, mc_samples=mc_samples)
             for i, prediction in zip(chunk, fresh, strict=True):
                 self.cache.put(keys[i], prediction)
                 found[i] = prediction
@@ -111,16 +110,14 @@ class PredictionService:
         return [self.audited(record, prediction) for record, prediction in zip(records, done, strict=True)]
 
     def _predict_chunk(
-        self, data: BankDataset, priority: tuple[int, int], deadline: Deadline | None, **options: Any
+        self, data: BankDataset, job: Job | None, units: int, deadline: Deadline | None, **options: Any
     ) -> list[Prediction]:
-        if not self._model_lock.acquire(priority, deadline.remaining() if deadline else None):
-            raise TimeLimitExceeded("the request's time limit passed while it waited for the model")
-        try:
+        def work() -> list[Prediction]:
             if deadline is not None:
                 deadline.check()
             return self.predictor.predict(data, **options)
-        finally:
-            self._model_lock.release()
+
+        return self.scheduler.run(job, units, work, deadline.remaining() if deadline is not None else None)
 
     def audited(self, inputs: Mapping[str, Any], prediction: Prediction) -> dict[str, Any]:
         entry = self.audit.record(self.model_hash, dict(inputs), prediction.output(), prediction.explanation)

@@ -9,7 +9,8 @@ default validation response is replaced.
 
 The service is bounded (infer/limits.py, infer/guards.py): API key, body size and time to send it
 before the app reads anything; then records, text, series steps and mc_samples (422 naming the
-limit); then at most `max_in_progress` requests in progress, the rest 503 with Retry-After; each
+limit); then admission (infer/scheduling.py: at most `max_in_progress` requests, and none that would
+finish past the time limit behind the work ahead of it; else 503 with Retry-After); each
 admitted request runs in a worker thread under its time limit, 504 when it passes.
 """
 
@@ -28,13 +29,12 @@ from fastapi.responses import JSONResponse
 
 from fingpt_federated.infer.guards import Guard
 from fingpt_federated.infer.inputs import check_record
-from fingpt_federated.infer.limits import Admission, Deadline, Limits, TimeLimitExceeded, request_problems
+from fingpt_federated.infer.limits import Deadline, Limits, TimeLimitExceeded, passes, request_problems
 from fingpt_federated.infer.problems import problem, problem_response, validation_problem
+from fingpt_federated.infer.scheduling import Busy
 from fingpt_federated.infer.schemas import Health, PredictRequest, PredictResponse
 from fingpt_federated.infer.self_check import run_self_check
 from fingpt_federated.infer.service import PredictionService
-
-RETRY_AFTER_S = 1
 
 
 def model_problems(request: PredictRequest, records: list[dict[str, Any]], manifest: dict[str, Any]) -> list[dict]:
@@ -54,7 +54,8 @@ def create_app(service: PredictionService, limits: Limits | None = None, api_key
     card = service.card
     variant = service.predictor.published.variant
     capabilities = run_self_check(service.predictor)
-    admission = Admission(limits.max_in_progress)
+    scheduler = service.scheduler
+    scheduler.capacity, scheduler.time_limit_s = limits.max_in_progress, limits.time_limit_s
     workers = ThreadPoolExecutor(limits.max_in_progress, thread_name_prefix="fingpt-predict")
 
     @asynccontextmanager
@@ -84,7 +85,7 @@ def create_app(service: PredictionService, limits: Limits | None = None, api_key
             cache_misses=service.cache.misses,
             **asdict(capabilities),
             limits=limits.as_dict(),
-            in_progress=admission.in_progress,
+            in_progress=scheduler.in_progress,
         )
 
     @app.get("/model")
@@ -109,17 +110,18 @@ def create_app(service: PredictionService, limits: Limits | None = None, api_key
         problems = problems or model_problems(request, records, service.predictor.published.manifest)
         if problems:
             return problem_response(422, problems)
-        if not admission.enter():
-            busy = problem([], f"{limits.max_in_progress} requests in progress, the limit (--max-in-progress)")
-            busy["limit"] = {"max_in_progress": limits.max_in_progress}
-            return problem_response(503, [busy], {"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            job = scheduler.admit(passes(len(records), request.mc_samples, request.explain))
+        except Busy as busy:
+            refusal = {**problem([], str(busy)), "limit": busy.limit}
+            return problem_response(503, [refusal], {"Retry-After": str(busy.retry_after_s)})
 
         def admitted() -> list[dict[str, Any]]:
             try:
                 options = {"explain": request.explain, "mc_samples": request.mc_samples}
-                return service.predict_records(records, deadline=deadline, **options)
+                return service.predict_records(records, deadline=deadline, job=job, **options)
             finally:
-                admission.leave()  # when the work stops, not when the caller stops waiting
+                scheduler.leave(job)  # when the work stops, not when the caller stops waiting
 
         work = asyncio.wrap_future(workers.submit(admitted))
         work.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved even when abandoned

@@ -21,9 +21,10 @@ from infer_fixtures import train_and_publish
 
 from fingpt_federated.infer.cli import main as infer_main
 from fingpt_federated.infer.guards import read_api_key
-from fingpt_federated.infer.limits import Limits, PriorityLock
+from fingpt_federated.infer.limits import Limits
 from fingpt_federated.infer.loading import open_model
 from fingpt_federated.infer.predictor import Predictor
+from fingpt_federated.infer.scheduling import Busy, PriorityLock, Scheduler
 from fingpt_federated.infer.service import PredictionService
 from fingpt_federated.infer.web import create_app
 from fingpt_federated.privacy.audit import AuditLog
@@ -128,7 +129,7 @@ def test_an_ordinary_request_within_the_limits_is_answered_and_health_reports_th
 @contextlib.contextmanager
 def model_held(service: PredictionService) -> Iterator[None]:
     """The model taken by the test, so requests queue for it deterministically."""
-    lock = service._model_lock
+    lock = service.scheduler.lock
     assert lock.acquire((-1, -1), timeout=10)
     try:
         yield
@@ -224,6 +225,27 @@ def test_a_cheaper_waiter_gets_the_model_before_an_earlier_costlier_one():
     assert order == ["cheap", "costly"]
     assert lock.acquire((0, 3), timeout=0)  # free again
     lock.release()
+
+
+def test_a_request_that_cannot_finish_in_time_behind_the_work_ahead_is_refused_at_once():
+    scheduler = Scheduler(capacity=8, time_limit_s=30)
+    scheduler.seconds_per_unit = 0.01
+    first = scheduler.admit(1200)  # nothing ahead: admitted whatever it costs
+    second = scheduler.admit(1200)  # 24 s with the first ahead
+    with pytest.raises(Busy, match=r"over the time limit of 30 s \(--time-limit-s\)") as refused:
+        scheduler.admit(1200)
+    assert refused.value.retry_after_s == 24 and refused.value.limit == {"time_limit_s": 30}
+    ordinary = scheduler.admit(3)  # nothing cheaper ahead of it: it goes first between chunks
+    assert scheduler.in_progress == 3
+    scheduler.run(first, 1200, lambda: None)
+    assert scheduler.admit(1200).cost == 1200  # the first's work is done: room again
+    for job in (first, second, ordinary):
+        scheduler.leave(job)
+    full = Scheduler(capacity=1)
+    full.admit(3)
+    with pytest.raises(Busy, match="1 requests in progress") as refused:
+        full.admit(3)
+    assert refused.value.limit == {"max_in_progress": 1}
 
 
 def malformed_requests(count: int, seed: int = 0) -> Iterator[tuple[str, str, bytes, dict[str, str]]]:
