@@ -19,10 +19,12 @@ from fingpt_federated.client.supernode import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_RUNTIME_PORT,
+    RUNTIME_HOST,
     NodeSettings,
     NodeStartError,
     probe_server,
     run_supernode,
+    runtime_port_free,
 )
 from fingpt_federated.federation.node_keys import (
     fingerprint,
@@ -143,6 +145,12 @@ def cmd_start(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:
             return fail(str(exc), EXIT_INVALID)
         print(f"node key fingerprint: {fingerprint(key.public_key())}")
+    if not runtime_port_free(args.runtime_port):
+        return fail(
+            f"runtime port {args.runtime_port} on {RUNTIME_HOST} is already in use (another bank's node on this "
+            "machine?); choose a free one with --runtime-port",
+            EXIT_INVALID,
+        )
     settings = NodeSettings(
         server=args.server,
         ca_cert=None if args.insecure else args.ca,

@@ -9,7 +9,9 @@ an error that says what to do.
 from __future__ import annotations
 
 import collections
+import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -24,8 +26,10 @@ from typing import IO
 import httpx
 
 from fingpt_federated.federation.flower_env import node_env
+from fingpt_federated.federation.process_guard import STOP_GRACE_S, die_with_parent
 
 DEFAULT_RUNTIME_PORT = 9094
+RUNTIME_HOST = "127.0.0.1"  # where flower-supernode binds its Runtime API (Flower's default --host)
 DEFAULT_MAX_RETRIES = 30
 DEFAULT_MAX_WAIT_S = 120.0
 TAIL_LINES = 200
@@ -200,20 +204,41 @@ def _pump(stream: IO[str], tail: collections.deque[str]) -> None:
         tail.append(line.rstrip("\n"))
 
 
+def guarded_command(command: list[str]) -> list[str]:
+    """`command` under `federation.process_guard`, which ends the SuperNode's whole tree with it."""
+    return [sys.executable, "-m", "fingpt_federated.federation.process_guard", "--", *command]
+
+
+def runtime_port_free(port: int, host: str = RUNTIME_HOST) -> bool:
+    """Whether the SuperNode can bind its Runtime API port (bound the way uvicorn binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def run_supernode(settings: NodeSettings) -> None:
     """Run the SuperNode in the foreground until it ends; raise a `NodeStartError` if it failed.
 
+    The SuperNode runs under a process guard that Linux signals when this process dies, even by
+    SIGKILL, and that then stops the SuperNode, its SuperExec and its ClientApps: an orphaned node
+    would keep the bank's identity and Runtime port and fail every round on its closed output pipe.
     SIGINT and SIGTERM are passed on so the node deregisters cleanly from the SuperLink. The exit
     is awaited with `wait()`, not the end of its output: Flower's SuperExec inherits the output
     pipe and only exits once the SuperNode has been reaped, so waiting for EOF first would never end.
     """
+    parent = os.getpid()
     proc = subprocess.Popen(
-        supernode_command(settings),
+        guarded_command(supernode_command(settings)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=node_env(),
         start_new_session=True,
+        preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM),
     )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
@@ -229,9 +254,13 @@ def run_supernode(settings: NodeSettings) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:  # the guard stops the tree within its grace period
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_GRACE_S + OUTPUT_DRAIN_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     reader.join(timeout=OUTPUT_DRAIN_S)
     if returncode not in (0, -signal.SIGTERM):
         raise classify_exit(settings, returncode, list(tail))

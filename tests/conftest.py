@@ -3,17 +3,43 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
 
 from fingpt_federated.conf import CONFIG_DIR, shared_data_root
+from tests.process_watch import leftovers, mark_session, session_processes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+mark_session()
+SESSION_START = time.time() - 1.0  # create times are rounded to the clock tick
+
+
+def _fail_on_leftovers(before: dict, what: str) -> None:
+    left = leftovers(before, SESSION_START)
+    if left:
+        pytest.fail(f"{what} left {len(left)} process(es) running (now killed):\n" + "\n".join(left), pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_left_by_the_module():
+    """Fails the module whose fixtures leave a process running (or orphaned) after their teardown."""
+    before = session_processes(SESSION_START)
+    yield
+    _fail_on_leftovers(before, "this module's fixtures")
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_by_the_test():
+    """Fails a test that leaves a process it started running, a descendant or an orphan."""
+    before = session_processes(SESSION_START)
+    yield
+    _fail_on_leftovers(before, "this test")
 
 
 def require_shared_data(*relative: str) -> None:
