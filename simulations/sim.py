@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from fingpt_federated.data.federation_layout import FederationLayout, prepare_fe
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.app import CHECKPOINTS, dp_round_config, write_metrics
-from fingpt_federated.server.checkpoint import Checkpointer
+from fingpt_federated.server.checkpoint import Checkpointer, CheckpointError
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History, jsonable
 from fingpt_federated.server.run_folder import (
@@ -294,7 +295,10 @@ def _f(value: float, digits: int = 4) -> str:
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Returns the final test accuracy, so Hydra sweepers can optimise it."""
-    summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except CheckpointError as error:  # the run folder's state, not a bug: one line, no traceback
+        sys.exit(f"fingpt-sim: error: {error}")
     print_summary(summary)
     return summary.final.test_accuracy
 
