@@ -8,6 +8,9 @@ as they run. torch's dynamic int8 layers have no backward (a gradient through th
 wrong), so that variant is explained on its fp32 twin (PublishedModel.gradient_model). Per token /
 step, the attribution is summed over the embedding or feature axis.
 
+Each explained token carries its character span in the text (`token_offsets`), so the audit log
+masks exactly the tokens that overlap PII.
+
 Uncertainty is the entropy of the class probabilities divided by log(classes) (0 = certain,
 1 = uniform) and, on request, the spread (standard deviation) of the predicted class's
 probability over Monte Carlo dropout samples.
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fingpt_federated.data.batching import Batch
 from fingpt_federated.model.hybrid import HybridFinGPT
@@ -74,6 +78,20 @@ def attribute(model: HybridFinGPT, batch: Batch) -> tuple[torch.Tensor, torch.Te
         assert batch.series_mask is not None  # collated with the series
         step_scores = steps.attribution(batch.series_mask)
     return logits.detach(), token_scores, step_scores
+
+
+def token_offsets(
+    tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], max_length: int
+) -> list[tuple[int, int]] | None:
+    """The character span in `text` of each of `ids` (the row as the model saw it: special tokens
+    added, truncated to `max_length`); None where the tokenizer gives no offsets (a slow one) or
+    tokenising `text` again does not give `ids`."""
+    if not tokenizer.is_fast:
+        return None
+    encoded = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != ids:
+        return None
+    return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
 
 
 def normalised_entropy(probabilities: torch.Tensor) -> torch.Tensor:

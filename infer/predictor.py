@@ -14,6 +14,7 @@ from fingpt_federated.infer.explain import (
     attribute,
     mc_dropout_spread,
     normalised_entropy,
+    token_offsets,
 )
 from fingpt_federated.model.published import PublishedModel
 
@@ -49,12 +50,14 @@ class Predictor:
         self, data: BankDataset, *, explain: bool = True, mc_samples: int = 0, progress: bool = False
     ) -> list[Prediction]:
         loader = make_loader(data, self.tokenizer, self.model.config.max_length, self.batch_size, shuffle=False)
+        texts = list(data.texts) if data.texts is not None else []
         results: list[Prediction] = []
         for batch in tqdm(loader, desc="predict", unit="batch", disable=not progress):
-            results += self._predict_batch(batch.to(self.published.device), explain, mc_samples)
+            rows = texts[len(results) : len(results) + len(batch)]  # the loader keeps the data's order
+            results += self._predict_batch(batch.to(self.published.device), explain, mc_samples, rows)
         return results
 
-    def _predict_batch(self, batch: Batch, explain: bool, mc_samples: int) -> list[Prediction]:
+    def _predict_batch(self, batch: Batch, explain: bool, mc_samples: int, texts: list[str]) -> list[Prediction]:
         logits = tokens = steps = None
         if explain:
             logits, tokens, steps = attribute(self.published.gradient_model, batch)
@@ -83,15 +86,18 @@ class Predictor:
                     "entropy": float(entropy[i]),
                     **({"mc_dropout_std": float(spread[i])} if spread is not None else {}),
                 },
-                explanation=self._explanation(batch, i, tokens, steps) if explain else None,
+                explanation=self._explanation(batch, i, tokens, steps, texts[i] if texts else None)
+                if explain
+                else None,
             )
             for i in range(len(predicted))
         ]
 
     def _explanation(
-        self, batch: Batch, row: int, tokens: torch.Tensor | None, steps: torch.Tensor | None
+        self, batch: Batch, row: int, tokens: torch.Tensor | None, steps: torch.Tensor | None, text: str | None
     ) -> dict[str, Any]:
-        """The top tokens and series steps by |attribution|, each score a signed share of the row's total."""
+        """The top tokens and series steps by |attribution|, each score a signed share of the row's total;
+        tokens with their character span in `text` where the tokenizer gives one."""
         result: dict[str, Any] = {"method": "input_x_gradient"}
         if tokens is not None:
             assert batch.input_ids is not None and batch.attention_mask is not None  # tokens attribute them
@@ -99,8 +105,12 @@ class Predictor:
             keep = [i for i, token in enumerate(ids) if token not in self._special and batch.attention_mask[row, i]]
             # a list of ids gives a list of tokens (transformers types the result as str | list[str])
             pieces = cast(list[str], self.tokenizer.convert_ids_to_tokens([ids[i] for i in keep]))
+            real = ids[: int(batch.attention_mask[row].sum())]
+            spans = token_offsets(self.tokenizer, text, real, self.model.config.max_length) if text else None
+            places = {i: {"start": start, "end": end} for i, (start, end) in enumerate(spans or [])}
             result["tokens"] = [
-                {"token": piece, "position": i, "score": s} for (i, s), piece in self._top(tokens[row], keep, pieces)
+                {"token": piece, "position": i, "score": s, **places.get(i, {})}
+                for (i, s), piece in self._top(tokens[row], keep, pieces)
             ]
         if steps is not None:
             assert batch.series_mask is not None  # steps attribute the series it masks

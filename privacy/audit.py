@@ -3,9 +3,17 @@
 Each line holds the UTC time, the model hash, a sha256 of the canonical JSON of the inputs (the
 inputs themselves are never written), the output (label and probabilities) and a summary of the
 explanation. Every string, mapping key and integer in what is written passes through the
-redactor first. Explanations list tokens, and a tokenizer splits "jane.doe@bank.com" or a card
-number into pieces that no pattern recognises on their own; so any explanation string that is a
-piece of PII found in the inputs is replaced by that PII's placeholder too.
+redactor first. Explanations list tokens, and a tokenizer splits "jane.doe@bank.com", a name or
+an IP address into pieces that no pattern recognises on their own ("##doe", "168", "."), so no
+token that is part of PII found in the inputs is written:
+- a token given with its place, `{"token": "##doe", "start": 5, "end": 8, ...}` (character
+  offsets into `inputs["text"]`, as `infer.explain.token_offsets` gives them), is replaced by the
+  placeholder of any finding its characters overlap, whatever its length ("." and "1" included),
+  provided `text[start:end]` is that token; tokens elsewhere in the text stay, so the year "2024"
+  of a headline is kept while the "2024" of a date of birth is masked;
+- any other explanation string (a token without offsets, or whose offsets do not fit) is
+  replaced when it could be a piece of such PII: its letters and digits (2 or more) occur in one,
+  or, with fewer, its characters do ("." of an e-mail, "-" of a sort code).
 
 Writes are line-atomic: the file is opened with O_APPEND and each entry is one `os.write` of a
 complete line, under a lock shared by the threads using this `AuditLog`. Other processes (or
@@ -20,12 +28,13 @@ import json
 import os
 import re
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fingpt_federated.privacy.redaction import Redactor, map_strings, placeholder
+from fingpt_federated.privacy.redaction import Match, Redactor, map_strings, placeholder
 
 OWNER_ONLY = 0o600
 SUBWORD_MARKERS = ("##", "Ġ", "▁")
@@ -67,38 +76,74 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def _pii_in(redactor: Redactor, inputs: Any) -> dict[str, str]:
-    """Every piece of PII in the inputs (case-folded, separators removed) and its kind."""
+    """Every piece of PII in the inputs (case-folded, without subword markers or accents) and its kind."""
     found: dict[str, str] = {}
     for text in _strings(inputs):
         for match in redactor.find(text):
-            found[_normalise(text[match.start : match.end])] = match.kind
+            found[_surface(text[match.start : match.end])] = match.kind
     return found
 
 
-def _normalise(text: str) -> str:
+def _surface(text: str) -> str:
+    """How a tokenizer may write `text`: no subword markers, case-folded, accents dropped."""
     for marker in SUBWORD_MARKERS:
         text = text.replace(marker, "")
-    return _NOT_ALNUM.sub("", text.casefold())
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).strip()
+
+
+def _normalise(text: str) -> str:
+    return _NOT_ALNUM.sub("", _surface(text))
 
 
 def _fragment_masker(pii: Mapping[str, str]) -> Callable[[str], str]:
-    """Replace a string that is a piece (2+ letters or digits) of PII from the inputs.
+    """Replace a string that could be a piece of PII from the inputs: its letters and digits (2 or
+    more) occur in one, or, with fewer, its characters do.
 
     Applied to strings only: integers in an explanation are counts and positions, and most
     short ones would be digits of some phone or card number.
     """
-    longest = max(map(len, pii), default=0)
+    cores = {_NOT_ALNUM.sub("", value): kind for value, kind in pii.items()}
+    longest = max(map(len, cores), default=0)
 
     def mask(token: str) -> str:
-        core = _normalise(token)
-        if not MIN_FRAGMENT_CHARS <= len(core) <= longest:
-            return token
-        for value, kind in pii.items():
-            if core in value:
-                return placeholder(kind)
-        return token
+        core, surface = _normalise(token), _surface(token)
+        if len(core) >= MIN_FRAGMENT_CHARS:
+            found = core if len(core) <= longest else None
+            kinds = [kind for value, kind in cores.items() if found and found in value]
+        else:
+            kinds = [kind for value, kind in pii.items() if surface and surface in value]
+        return placeholder(kinds[0]) if kinds else token
 
     return mask
+
+
+def _located(item: Mapping[str, Any], text: str | None) -> tuple[int, int] | None:
+    """The span of an explanation token given with offsets that fit the text, else None."""
+    token, start, end = item.get("token"), item.get("start"), item.get("end")
+    if text is None or not isinstance(token, str) or not isinstance(start, int) or not isinstance(end, int):
+        return None
+    if isinstance(start, bool) or isinstance(end, bool) or not 0 <= start < end <= len(text):
+        return None
+    return (start, end) if _normalise(token) == _normalise(text[start:end]) else None
+
+
+def _mask_tokens(value: Any, text: str | None, findings: list[Match], mask: Callable[[str], str]) -> Any:
+    """The explanation with located tokens masked by overlap and every other string by `mask`."""
+    if isinstance(value, Mapping):
+        span = _located(value, text)
+        result: dict[Any, Any] = {}
+        for key, item in value.items():
+            if span is not None and key == "token":
+                hits = [m.kind for m in findings if m.start < span[1] and span[0] < m.end]
+                result[key] = placeholder(hits[0]) if hits else item
+            else:
+                new_key = mask(key) if isinstance(key, str) else key
+                result[new_key] = _mask_tokens(item, text, findings, mask)
+        return result
+    if isinstance(value, list | tuple):
+        return [_mask_tokens(item, text, findings, mask) for item in value]
+    return mask(value) if isinstance(value, str) else value
 
 
 def _checked_output(output: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -133,15 +178,21 @@ class AuditLog:
         output: Mapping[str, Any],
         explanation: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Append one prediction and return the entry exactly as written."""
+        """Append one prediction and return the entry exactly as written.
+
+        Explanation tokens with "start"/"end" offsets are placed in `inputs["text"]`.
+        """
         mask = _fragment_masker(_pii_in(self.redactor, inputs))
+        text = inputs.get("text") if isinstance(inputs, Mapping) else None
+        text = text if isinstance(text, str) else None
+        findings = self.redactor.find(text) if text is not None else []
         explained = map_strings(explanation, self.redactor.redact)
         entry = {
             "time": self._timestamp(),
             "model_hash": self.redactor.redact(model_hash),
             "input_hash": input_hash(inputs),
             "output": self.redactor.redact_record(_checked_output(output)),
-            "explanation": map_strings(explained, mask, integers=False),
+            "explanation": _mask_tokens(explained, text, findings, mask),
         }
         line = json.dumps(entry, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
         self._append(line.encode("utf-8"))
