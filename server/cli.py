@@ -19,14 +19,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fingpt_federated.server.banks import BankRegistry
+from fingpt_federated.server.banks import BankRegistry, SyncReport
 from fingpt_federated.server.certificates import (
     TlsFiles,
     certificate_names,
     create_ca,
     create_server_certificate,
 )
-from fingpt_federated.server.control import FlowerControl, connection_port
+from fingpt_federated.server.control import ControlError, FlowerControl, connection_port
 from fingpt_federated.server.superlink import (
     DEFAULT_CONTROL_PORT,
     DEFAULT_FLEET_PORT,
@@ -75,18 +75,29 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(error: BaseException) -> str:
+    """An error as one line (the `flwr` CLI's messages span several)."""
+    return " ".join(str(error).split())
+
+
 def cmd_register_bank(args: argparse.Namespace) -> int:
+    """Accept a key; when the SuperLink is up, register it at once. A refused command changes nothing."""
     registry = BankRegistry(args.workdir)
     try:
-        name, key_fingerprint = registry.add(args.public_key, args.name)
-        binding = None if args.binding_key is None else registry.add_binding_key(name, args.binding_key)
-    except (ValueError, OSError) as exc:
-        return fail(str(exc), EXIT_USAGE)
+        name = registry.name_for(args.public_key, args.name)
+        with registry.restored_on_failure(name):
+            name, key_fingerprint = registry.add(args.public_key, name)
+            binding = None if args.binding_key is None else registry.add_binding_key(name, args.binding_key)
+            report = _sync_if_running(args.workdir, registry)
+    except (ValueError, OSError) as exc:  # RegistryError is a ValueError
+        return fail(one_line(exc), EXIT_USAGE)
+    except ControlError as exc:
+        return fail(f"the SuperLink refused: {one_line(exc)}; bank {args.public_key} was not accepted")
     print(f"accepted bank {name!r}, key fingerprint {key_fingerprint}")
     if binding is not None:
         print(f"update-binding key kept as {binding} (encrypted runs); delete the copy you received")
     print("compare the fingerprint with the bank over a second channel before the run")
-    _sync_if_running(args.workdir, registry)
+    _print_sync(report)
     return 0
 
 
@@ -94,27 +105,65 @@ def cmd_remove_bank(args: argparse.Namespace) -> int:
     registry = BankRegistry(args.workdir)
     try:
         registry.remove(args.name)
-    except FileNotFoundError as exc:
-        return fail(str(exc), EXIT_USAGE)
-    print(f"removed bank {args.name!r}; its registration is revoked when the SuperLink next syncs")
-    _sync_if_running(args.workdir, registry)
+    except (ValueError, OSError) as exc:
+        return fail(one_line(exc), EXIT_USAGE)
+    print(f"removed bank {args.name!r} from the accepted keys")
+    try:
+        report = _sync_if_running(args.workdir, registry)
+    except (ValueError, OSError, ControlError) as exc:
+        return fail(
+            f"the running SuperLink still admits bank {args.name!r}: {one_line(exc)}; "
+            "run `fingpt-server remove-bank` again or restart `fingpt-server run`, which revokes it at start-up"
+        )
+    if report is None:
+        print("its registration is revoked when `fingpt-server run` next starts the SuperLink")
+    _print_sync(report)
     return 0
 
 
-def _sync_if_running(workdir: Path, registry: BankRegistry) -> None:
+def cmd_rename_bank(args: argparse.Namespace) -> int:
+    """Same key, same node, new name: what an encrypted run needs when the registered and the data name differ."""
+    registry = BankRegistry(args.workdir)
+    try:
+        registry.rename(args.old, args.new)
+        key_fingerprint = registry.fingerprints()[args.new]
+    except (ValueError, OSError) as exc:
+        return fail(one_line(exc), EXIT_USAGE)
+    node = registry.node_ids().get(args.new, "(not yet registered)")
+    print(f"renamed bank {args.old!r} to {args.new!r}: same key {key_fingerprint}, node {node}")
+    return 0
+
+
+def _sync_if_running(workdir: Path, registry: BankRegistry) -> SyncReport | None:
     """Apply the allow-list at once when this workdir's SuperLink is up; else `run` does at start-up."""
     flwr_home = OperatorSettings(workdir, None).flwr_home
     port = connection_port(flwr_home)
     if port is not None and port_open(LOOPBACK, port):
-        report = registry.sync(FlowerControl(flwr_home))
-        print(f"SuperLink updated: registered {report.registered}, unregistered {report.unregistered}")
+        return registry.sync(FlowerControl(flwr_home))
+    return None
+
+
+def _print_sync(report: SyncReport | None) -> None:
+    if report is not None:
+        print(
+            f"SuperLink updated: registered {report.registered}, unregistered {report.unregistered}, "
+            f"renamed {report.renamed}"
+        )
 
 
 def cmd_banks(args: argparse.Namespace) -> int:
     registry = BankRegistry(args.workdir)
-    node_ids = registry.node_ids()
-    for name, key_fingerprint in registry.fingerprints().items():
-        print(f"{name}\t{key_fingerprint}\tnode {node_ids.get(name, '(not yet registered)')}")
+    try:
+        recorded = registry.load()
+        accepted = registry.fingerprints()
+    except (ValueError, OSError) as exc:
+        return fail(one_line(exc), EXIT_USAGE)
+    for name, key_fingerprint in accepted.items():
+        entry = recorded.banks.get(name)
+        node = entry["node_id"] if entry and entry["fingerprint"] == key_fingerprint else "(not yet registered)"
+        print(f"{name}\t{key_fingerprint}\tnode {node}")
+    for key_fingerprint, entry in sorted(recorded.revoked.items()):
+        print(f"revoked: {entry['name']}\t{key_fingerprint}\tnode {entry['node_id']} (never admitted again)")
     return 0
 
 
@@ -249,8 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--binding-key", type=Path, help="the bank's KEY.binding (encrypted runs; received confidentially)"
     )
 
-    remove = command("remove-bank", "revoke a bank's key", cmd_remove_bank)
+    remove = command(
+        "remove-bank", "revoke a bank's key (for good: the SuperLink never admits it again)", cmd_remove_bank
+    )
     remove.add_argument("name")
+
+    rename = command("rename-bank", "accept a bank's key under a new name (same key, same node)", cmd_rename_bank)
+    rename.add_argument("old")
+    rename.add_argument("new")
 
     command("banks", "list accepted banks with fingerprints and node ids", cmd_banks)
 
