@@ -9,7 +9,8 @@ say exactly what is caught:
   after "name:" / "name =" lower-case words count too ("Name: jane doe"), at most two;
   "customer", "client", "beneficiary", "payee", "applicant" take two or more capitalised words;
 - a common first name (`FIRST_NAMES`) followed by a capitalised surname: "Sarah Connor";
-- every further occurrence, same case or upper case, of a word of a name found by these rules.
+- every further occurrence (as written, capitalised or in capitals) of a word of a name found by
+  these rules: "Mrs Jane Doe ... Doe said" masks both.
 Not caught: a bare surname or a lone first name without a title or label, names in lower case
 outside a "name:" field, names in capitals ("JOHN DOE"), scripts other than Latin, and
 name words in `NOT_NAME_WORDS` (which keeps "Customer Service Team" and "Dr Copper" whole).
@@ -87,10 +88,10 @@ _PARTY_LABEL = r"customer|client|beneficiary|payee|remitter|applicant|borrower|g
 TITLED_NAME = re.compile(rf"\b(?:{_TITLE})\.?\s(?P<value>{_NAME_SEQUENCE}){_END}")
 TWO_WORD_TITLED_NAME = re.compile(rf"\b(?:{_TWO_WORD_TITLE})\s(?P<value>{_NAME_SEQUENCE}){_END}")
 LABELLED_NAME = re.compile(
-    rf"(?i:\b(?:{_NAME_LABEL}))\s*[:=–-]?\s*(?:(?:{_TITLE}|{_TWO_WORD_TITLE})\.?\s)?(?P<value>{_NAME_SEQUENCE}){_END}"
+    rf"(?i:\b(?:{_NAME_LABEL}))(?!\w)\s*[:=–-]?\s*(?:(?:{_TITLE}|{_TWO_WORD_TITLE})\.?\s)?(?P<value>{_NAME_SEQUENCE}){_END}"
 )
 NAME_FIELD = re.compile(r"(?i:\bname\s?[:=])\s*(?P<value>[^\W\d_]{2,}(?:\s[^\W\d_]{2,})?)(?!\w)")
-PARTY_NAME = re.compile(rf"(?i:\b(?:{_PARTY_LABEL}))\s*[:=–-]?\s*(?P<value>{_NAME_SEQUENCE}){_END}")
+PARTY_NAME = re.compile(rf"(?i:\b(?:{_PARTY_LABEL}))(?!\w)\s*[:=–-]?\s*(?P<value>{_NAME_SEQUENCE}){_END}")
 FIRST_NAME_SURNAME = re.compile(
     rf"(?<![\w'’-])(?P<value>(?:{'|'.join(sorted(FIRST_NAMES))})\s(?:{_INITIAL}\s)?{_NAME_WORD}){_END}"
 )
@@ -112,7 +113,9 @@ _BIRTH_LABEL = (
     r"born|d\.?o\.?b\b\.?|date\s+of\s+birth|birth\s*date|birthday|geburtsdatum|geboren(?:\s+am)?|geb\.|"
     r"née?\s+le|date\s+de\s+naissance|fecha\s+de\s+nacimiento|nacid[oa]\s+el|data\s+di\s+nascita|nat[oa]\s+il"
 )
-DATE_OF_BIRTH = re.compile(rf"\b(?:{_BIRTH_LABEL})(?:[^\d\n;!?.]|\.(?!\s)){{0,30}}?(?P<value>{_DATE})", re.IGNORECASE)
+DATE_OF_BIRTH = re.compile(
+    rf"\b(?:{_BIRTH_LABEL})(?!\w)(?:[^\d\n;!?.]|\.(?!\s)){{0,30}}?(?P<value>{_DATE})", re.IGNORECASE
+)
 
 _PASSPORT_LABEL = r"passports?|passeport|pasaporte|passaporto|reisepass(?:nummer)?|paspoort(?:nummer)?"
 PASSPORT = re.compile(

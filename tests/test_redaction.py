@@ -146,6 +146,11 @@ ORDINARY_CORPUS = [
     "Swap rates: 5y 3.45%, 10y 3.60%, 30y 3.75%; 1,000,000 notional, 0.25 tick",
     "Capex plan 2023 2024 2025 2026: EUR 4bn a year",
     "Savings account 2024-03-15 rate change: 4.10% AER on balances over GBP 10,000",
+    "Costs borne by the bank since 12/04/2024 rose 3%; Birthday Cake Co. IPO on 01/06/2024",
+    "Passport office fees rose 12% in 2023; 1,250,000 passports issued, passport 2.0 app",
+    "EPS Miss Estimates; Dr Copper rallies 2%; Customer Service Team hires 20 in Q3",
+    "Ratio 3:2:1, fix at 14:30:05 UTC, release 2.1.3, IPv6 rollout 40% complete",
+    "Client assets GBP 1.2bn; customer deposits up 4% in Q3 2024; named CFO in March",
 ]
 
 
@@ -232,6 +237,30 @@ def test_ssns_in_never_issued_ranges_are_left_alone(ssn):
 @pytest.mark.parametrize("nino", ["GB 12 34 56 A", "QQ 12 34 56 C", "AO 12 34 56 B", "AB 12 34 56 E"])
 def test_uk_ni_numbers_with_unallocated_prefixes_or_suffixes_are_left_alone(nino):
     assert redact(f"NI {nino}") == f"NI {nino}"
+
+
+def test_a_name_found_once_is_masked_wherever_it_recurs():
+    text = "Mrs Jane Doe called. Doe said JANE would wire it; jane.doe@bank.example.com cc'd"
+    assert redact(text) == "Mrs [PERSON] called. [PERSON] said [PERSON] would wire it; [EMAIL] cc'd"
+
+
+def test_name_rules_stop_at_words_that_are_not_names():
+    assert redact("Account holder: Jane Doe Holdings Ltd") == "Account holder: [PERSON] Holdings Ltd"
+    assert redact("Sir John Vickers chaired it; Miss Right stayed") == "Sir [PERSON] chaired it; Miss Right stayed"
+    assert redact("customer Apple bought it") == "customer Apple bought it"  # a party label wants two words
+
+
+def test_dates_are_dates_of_birth_only_after_a_birth_label_and_when_they_exist():
+    assert redact("DOB 31/02/1985") == "DOB 31/02/1985"
+    assert redact("DOB 04/30/1985") == "DOB [DATE_OF_BIRTH]"  # read as month/day
+    assert redact("Trade date 12/04/1985") == "Trade date 12/04/1985"
+    assert redact("born 12-Apr-1985, joined in 2010") == "born [DATE_OF_BIRTH], joined in 2010"
+
+
+def test_ip_addresses_have_parts_up_to_255_and_ipv6_must_parse():
+    assert redact("from 256.1.1.1 and 10.0.0.256") == "from 256.1.1.1 and 10.0.0.256"
+    assert redact("from ::1 and 2001:db8::1") == "from [IP_ADDRESS] and [IP_ADDRESS]"
+    assert redact("at 12:30:45 and 1:2:3:4:5:6:7:8:9") == "at 12:30:45 and 1:2:3:4:5:6:7:8:9"
 
 
 def test_redactor_limited_to_some_kinds_leaves_the_others():
