@@ -111,9 +111,8 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     model, tokenizer = build_model(model_cfg, spec.num_classes, spec.num_features)
     initial = federated_state(model)
     encryption = EncryptedRun.from_config(cfg, run_dir, initial)
-    checkpointer = Checkpointer(
-        run_dir / CHECKPOINTS, state_schema_hash(initial), keep=int(cfg.federation.get("checkpoints_kept", 2))
-    )
+    schema = state_schema_hash(initial)
+    checkpointer = Checkpointer(run_dir / CHECKPOINTS, schema, keep=int(cfg.federation.get("checkpoints_kept", 2)))
     from_round = cfg.federation.get("resume_from_round")
     resumed = checkpointer.resume(None if from_round is None else int(from_round))
     rounds = int(cfg.federation.rounds)
@@ -169,9 +168,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     if encryption:
         final = encryption.write_final(round_end.arrays)
     else:
-        final = save_state(
-            round_end.arrays, run_dir / FINAL_STATE, metadata={"rounds": str(rounds), "schema": checkpointer.schema}
-        )
+        final = save_state(round_end.arrays, run_dir / FINAL_STATE, metadata={"rounds": str(rounds), "schema": schema})
     write_metrics(history, run_dir)
     log(INFO, "Global state after %d rounds: %s", rounds, final)
     log(INFO, "%s", publish_after_run(cfg, spec, history, run_dir, final))

@@ -209,14 +209,15 @@ class Checkpointer:
             )
 
     def _way_back(self, failed_round: int | None) -> str:
-        """How to resume from an intact earlier round, listing them."""
+        """How to resume from an intact round (before `failed_round`), listing them."""
         intact = self.intact_rounds(below=failed_round)
         if not intact:
             return "No intact earlier checkpoint is left: start the run again in a new run folder"
-        rounds = ", ".join(str(r) for r in intact)
+        listed = ", ".join(str(r) for r in intact)
         n = intact[-1]
+        which = "Intact rounds" if failed_round is None else "Intact earlier rounds"
         return (
-            f"Intact earlier rounds: {rounds}; resume from one with `fingpt-server run --from-round {n}` "
+            f"{which}: {listed}; resume from one with `fingpt-server run --from-round {n}` "
             f"or the override federation.resume_from_round={n} (fingpt-sim); the later rounds are moved to "
             f"{self.folder / ABANDONED}TIME/, not deleted"
         )

@@ -210,7 +210,7 @@ def test_going_back_to_a_round_that_is_not_there_lists_the_rounds(tmp_path):
     with pytest.raises(CheckpointError, match=r"no checkpoint of round 7 \(rounds: \[1, 2, 3\]\)"):
         checkpointer.resume(7)
     checkpointer.save(4, tiny_record(4), History())  # prunes round 1
-    with pytest.raises(CheckpointError, match=r"no checkpoint of round 1 .*Intact earlier rounds: 2, 3, 4;"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint of round 1 .*Intact rounds: 2, 3, 4;"):
         checkpointer.resume(1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_0002", "round_0003", "round_0004"]
 
