@@ -140,7 +140,8 @@ def window_series(
             ends.append(pos[end])
     if not windows:
         raise DataError(table["_source"].iat[0], f"no group has more than length + horizon = {length + horizon} rows")
-    values = np.stack(windows).astype(np.float32)
+    with np.errstate(over="ignore"):  # a scaled value beyond float32 becomes inf: refused by row in loading
+        values = np.stack(windows).astype(np.float32)
     return Series(values, np.ones(values.shape[:2], dtype=bool), features), np.array(labels), table.iloc[ends]
 
 

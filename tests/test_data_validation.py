@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.loading import load_dataset
+from fingpt_federated.infer.inputs import check_record
 
 CREDIT = {
     "name": "toy_credit",
@@ -160,3 +165,205 @@ def test_bank_config_gives_a_deterministic_stratified_train_valid_split(tmp_path
     assert (len(first.train), len(first.valid)) == (30, 10)
     assert first.valid.texts == second.valid.texts
     assert first.valid.label_counts().tolist() == [5, 5]
+
+
+# Numbers out of range: never an OverflowError, never inf or NaN in a model input; one line with file, row, column.
+
+BIG_INT = "1" + "0" * 400  # 10**400: a JSON integer beyond any float
+HUGE_INT = "7" * 5000  # beyond Python's 4,300-digit limit for int() too
+
+
+def write_jsonl_with(path: Path, column: str, token: str, row: int = 3) -> Path:
+    """credit_rows as JSONL, with `token` written verbatim (unquoted JSON) as `column` of 1-based `row`."""
+    lines = []
+    for i, record in enumerate(credit_rows(), start=1):
+        if i == row:
+            record = {**record, column: "__TOKEN__"}
+        lines.append(json.dumps(record).replace('"__TOKEN__"', token))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+NOT_FINITE = "is not a finite number"
+OUT_OF_RANGE = r"is out of range \(at most 3.4e\+38 in magnitude\)"
+
+
+@pytest.mark.parametrize(
+    ("column", "token", "problem"),
+    [
+        ("s1", BIG_INT, rf"value '1000000000000000000000000000000000000000'\.\.\. \(401 characters\) {NOT_FINITE}"),
+        ("s1", f"-{BIG_INT}", NOT_FINITE),
+        ("s1", HUGE_INT, rf"\(5000 characters\) {NOT_FINITE}"),
+        ("p1", "1e400", f"value 'inf' {NOT_FINITE}"),
+        ("p1", "-1e400", f"value '-inf' {NOT_FINITE}"),
+        ("p1", "1e39", OUT_OF_RANGE),
+        ("p2", "NaN", f"value 'nan' {NOT_FINITE}"),
+        ("p2", "Infinity", f"value 'inf' {NOT_FINITE}"),
+        ("p2", '"nan"', f"value 'nan' {NOT_FINITE}"),
+        ("p2", '"-inf"', f"value '-inf' {NOT_FINITE}"),
+        ("age", BIG_INT, NOT_FINITE),  # a number in the text template
+        ("age", "1e400", f"value 'inf' {NOT_FINITE}"),
+        ("age", "NaN", f"value 'nan' {NOT_FINITE}"),
+        ("sex", '"Infinity"', f"value 'Infinity' {NOT_FINITE}"),  # a value-mapped template field
+        ("default", BIG_INT, r"unknown label '1000000000000000000000000000000000000000'\.\.\. \(401 characters\)"),
+        ("default", "1e400", "unknown label 'inf'"),
+        ("default", "NaN", "missing label"),
+    ],
+)
+def test_out_of_range_jsonl_numbers_are_one_line_data_errors(tmp_path, column, token, problem):
+    path = write_jsonl_with(tmp_path / "bank.jsonl", column, token)
+    with pytest.raises(DataError) as err:
+        load_dataset(config_for(path))
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 300
+    assert message.startswith(f"{path}, row 3, column '{column}': ") and re.search(problem, message), message
+
+
+@pytest.mark.parametrize(
+    ("column", "cell", "problem"),
+    [
+        ("s2", "1e400", f"value '1e400' {NOT_FINITE}"),
+        ("s2", "-3.5e38", f"value '-3.5e38' {OUT_OF_RANGE}"),
+        ("p3", "NaN", f"value 'NaN' {NOT_FINITE}"),
+        ("age", "inf", f"value 'inf' {NOT_FINITE}"),
+        ("age", "nan", f"value 'nan' {NOT_FINITE}"),
+    ],
+)
+def test_out_of_range_csv_numbers_are_one_line_data_errors(tmp_path, column, cell, problem):
+    rows = credit_rows()
+    rows[4][column] = cell
+    path = write_csv(tmp_path / "bank.csv", rows)
+    with pytest.raises(DataError, match=rf"bank\.csv, row 5, column '{column}': {problem}$"):
+        load_dataset(config_for(path))
+
+
+def test_the_largest_float32_still_loads(tmp_path):
+    rows = credit_rows()
+    rows[4]["p1"] = "3.4e38"
+    data = load_dataset(config_for(write_csv(tmp_path / "bank.csv", rows)))
+    assert np.isfinite(data.series).all() and data.series[4, 0, 1] == np.float32(3.4e38)
+
+
+def test_a_number_formatted_template_field_must_be_a_number_in_every_row(tmp_path):
+    rows = credit_rows()
+    rows[2]["age"] = "thirty"
+    cfg = config_for(write_csv(tmp_path / "bank.csv", rows), text={"template": "{age:.0f} years"})
+    with pytest.raises(DataError, match=r"row 3, column 'age': value 'thirty' is not a finite number"):
+        load_dataset(cfg)
+    rows[2]["age"] = 41.6
+    cfg = config_for(write_csv(tmp_path / "bank.csv", rows), text={"template": "{age:.0f} years"})
+    assert load_dataset(cfg).texts[2] == "42 years"
+
+
+def test_a_scaled_window_that_overflows_float32_is_refused_at_its_row(tmp_path):
+    prices = [1.0, 2.0, 3.0, 1e-37, 1e5, 1.0, 2.0, 3.0]
+    path = write_csv(tmp_path / "prices.csv", [{"ticker": "A", "day": d, "close": p} for d, p in enumerate(prices)])
+    cfg = {
+        "files": {"train": str(path)},
+        "text": {},
+        "label": {"future": {"column": "close", "horizon": 1}},
+        "series": {
+            "layout": "windows",
+            "group_column": "ticker",
+            "time_column": "day",
+            "features": ["close"],
+            "length": 2,
+            "scale": "first_step",
+        },
+    }
+    with pytest.raises(DataError, match=r"prices\.csv, row 5: a series value derived from this row .* overflows"):
+        load_dataset(cfg)
+
+
+def test_request_series_values_must_be_finite_float32(tmp_path):
+    manifest = {"num_features": 2, "data": {"name": "prices"}, "model": {"series_encoder": {"max_steps": 4}}}
+    check_record({"series": [[1.0, -2.5], [3.4e38, 0]]}, manifest)
+    expected = "'series' step 1 value 0 is not a finite number within float32 range (at most 3.4e+38 in magnitude)"
+    for bad in (10**400, float("inf"), float("nan"), 1e39, True, "1"):
+        with pytest.raises(ValueError) as err:
+            check_record({"series": [[1.0, 2.0], [bad, 0.0]]}, manifest)
+        assert str(err.value) == expected  # where, not what: the value itself is never echoed
+
+
+def test_a_bank_refuses_to_start_on_a_jsonl_integer_of_10_to_the_400(tmp_path, capsys):
+    from fingpt_federated.client.cli import main as client_main
+    from fingpt_federated.federation.node_keys import generate_bank_keys
+
+    path = write_jsonl_with(tmp_path / "bank.jsonl", "s3", BIG_INT, row=2)
+    config = tmp_path / "bank.yaml"
+    config.write_text(json.dumps(config_for(path)))
+    private, _ = generate_bank_keys(tmp_path / "bank")
+    ca = tmp_path / "ca.crt"
+    ca.write_text("unused: the data is checked first\n")
+    code = client_main(
+        ["start", "--server", "127.0.0.1:9", "--ca", str(ca), "--key", str(private), "--data", str(config)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"{path}, row 2, column 's3': value '1000" in err
+
+
+def run_cli(executable: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name(executable)
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def write_credit_taiwan_jsonl(path: Path, column: str, token: str, row: int) -> Path:
+    """40 rows with the columns of conf/data/credit_taiwan.yaml, `token` verbatim as `column` of `row`."""
+    pay = [f"PAY_{i}" for i in (0, 2, 3, 4, 5, 6)]
+    amounts = [f"{kind}{i}" for kind in ("BILL_AMT", "PAY_AMT") for i in range(1, 7)]
+    lines = []
+    for i in range(1, 41):
+        record = {
+            "LIMIT_BAL": 10000 + i,
+            "SEX": 1 + i % 2,
+            "EDUCATION": 1 + i % 3,
+            "MARRIAGE": 1 + i % 2,
+            "AGE": 20 + i,
+        }
+        record.update({c: i % 3 for c in pay} | {c: 100 * i for c in amounts} | {"default.payment.next.month": i % 2})
+        if i == row:
+            record[column] = "__TOKEN__"
+        lines.append(json.dumps(record).replace('"__TOKEN__"', token))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_fingpt_partition_errors_are_one_line_with_exit_code_2(tmp_path):
+    bad = write_credit_taiwan_jsonl(tmp_path / "bank.jsonl", "PAY_AMT3", BIG_INT, row=7)
+    cases = {
+        "data": (
+            ["data=credit_taiwan", f"data.files.train={bad}"],
+            rf"{re.escape(str(bad))}, row 7, column 'PAY_AMT3'",
+        ),
+        "type": (
+            ["model.lora.r=abc"],
+            r"override model\.lora\.r=abc: Value 'abc' of type 'str' could not be converted",
+        ),
+        "group": (["data=nope"], r"Could not find 'data/nope': options: .*synthetic_credit"),
+    }
+    for case, (overrides, expected) in cases.items():
+        out = tmp_path / case
+        result = run_cli("fingpt-partition", f"hydra.run.dir={out}", *overrides, cwd=tmp_path)
+        assert result.returncode == 2, (case, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, (case, result.stderr)
+        assert re.match(rf"fingpt-partition: error: .*{expected}", result.stderr), (case, result.stderr)
+        assert not (out / "banks").exists()
+
+
+@pytest.mark.slow
+def test_fingpt_infer_predict_refuses_a_jsonl_integer_of_10_to_the_400_in_one_line(tmp_path, tiny_setting):
+    from infer_fixtures import train_and_publish, write_table
+
+    published = train_and_publish(tmp_path / "pub", ["fp32"], steps=1)
+    rows = pd.read_csv(write_table(tmp_path / "in.csv", 4, seed=3)).to_dict("records")
+    rows[1]["v2"] = "__TOKEN__"
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r).replace('"__TOKEN__"', BIG_INT) for r in rows) + "\n")
+    audit = tmp_path / "audit.jsonl"
+    result = run_cli("fingpt-infer", "predict", str(published), str(jsonl), "--audit-log", str(audit), cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert f"{jsonl}, row 2, column 'v2': value '1000" in result.stderr and not audit.exists()
