@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.records import BankDataset
 
 ARRAYS = "arrays.npz"
@@ -28,17 +30,46 @@ def save_records(data: BankDataset, folder: str | Path) -> Path:
 
 
 def load_records(folder: str | Path) -> BankDataset:
+    """A saved data set, checked as a data file is: a damaged or doctored folder is a one-line DataError."""
     folder = Path(folder)
     if not (folder / ARRAYS).is_file() or not (folder / META).is_file():
         raise FileNotFoundError(f"{folder} is not a saved data set (needs {ARRAYS} and {META})")
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    with np.load(folder / ARRAYS, allow_pickle=False) as arrays:
-        return BankDataset(
-            texts=meta["texts"],
-            series=arrays["series"] if "series" in arrays else None,
-            mask=arrays["mask"] if "mask" in arrays else None,
-            labels=arrays["labels"],
-            class_names=meta["class_names"],
-            feature_names=meta["feature_names"],
-            keys={name[len("key__") :]: arrays[name] for name in arrays.files if name.startswith("key__")},
-        )
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise TypeError("not a JSON object")
+    except (ValueError, TypeError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DataError(folder / META, f"not readable: {error}") from None
+    try:
+        with np.load(folder / ARRAYS, allow_pickle=False) as arrays:
+            data = BankDataset(
+                texts=meta["texts"],
+                series=arrays["series"] if "series" in arrays else None,
+                mask=arrays["mask"] if "mask" in arrays else None,
+                labels=arrays["labels"],
+                class_names=meta["class_names"],
+                feature_names=meta["feature_names"],
+                keys={name[len("key__") :]: arrays[name] for name in arrays.files if name.startswith("key__")},
+            )
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as error:
+        raise DataError(folder / ARRAYS, f"not a readable saved data set: {error}") from None
+    _check_values(data, folder / ARRAYS)
+    return data
+
+
+def _check_values(data: BankDataset, path: Path) -> None:
+    """What the loaders guarantee for a data file holds for a saved one too: finite float32 steps, known labels."""
+    if data.series is not None:
+        if not np.issubdtype(data.series.dtype, np.floating) or data.mask is None or data.mask.dtype != np.bool_:
+            raise DataError(path, f"series must be floats with a bool mask, got {data.series.dtype}")
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf: refused just below
+            data.series = data.series.astype(np.float32, copy=False)
+        bad = (~np.isfinite(data.series)).any(axis=(1, 2)).nonzero()[0]
+        if len(bad):
+            raise DataError(path, f"record {bad[0] + 1} has a NaN, infinite or beyond-float32 series value")
+    outside = ((data.labels < 0) | (data.labels >= data.num_classes)).nonzero()[0]
+    if len(outside):
+        label = data.labels[outside[0]]
+        raise DataError(path, f"record {outside[0] + 1} has label {label}, not one of the {data.num_classes} classes")
+    if data.texts is not None and not all(isinstance(text, str) for text in data.texts):
+        raise DataError(path.with_name(META), "texts must be strings")

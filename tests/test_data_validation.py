@@ -367,3 +367,37 @@ def test_fingpt_infer_predict_refuses_a_jsonl_integer_of_10_to_the_400_in_one_li
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert f"{jsonl}, row 2, column 'v2': value '1000" in result.stderr and not audit.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ({"series": "nan"}, r"arrays\.npz: record 2 has a NaN, infinite or beyond-float32 series value"),
+        ({"series": "big"}, r"arrays\.npz: record 2 has a NaN, infinite or beyond-float32 series value"),
+        ({"labels": 7}, r"arrays\.npz: record 2 has label 7, not one of the 2 classes"),
+        ({"labels": -1}, r"arrays\.npz: record 2 has label -1"),
+        ({"npz": b"PK\x03\x04 truncated"}, r"arrays\.npz: not a readable saved data set"),
+        ({"meta": b'{"texts": '}, r"meta\.json: not readable"),
+    ],
+)
+def test_a_doctored_prepared_bank_folder_is_refused_in_one_line(tmp_path, damage, problem):
+    from fingpt_federated.data.bank_data import BankData, save_bank
+
+    data = load_dataset(config_for(write_csv(tmp_path / "bank.csv", credit_rows())))
+    folder = save_bank(BankData("bank", data, None), tmp_path / "prepared")
+    arrays_path, meta_path = folder / "train" / "arrays.npz", folder / "train" / "meta.json"
+    with np.load(arrays_path) as saved:
+        arrays = dict(saved)
+    if "series" in damage:
+        arrays["series"] = arrays["series"].astype(np.float64)
+        arrays["series"][1, 0, 0] = np.nan if damage["series"] == "nan" else 1e300
+    if "labels" in damage:
+        arrays["labels"][1] = damage["labels"]
+    np.savez(arrays_path, **arrays)
+    if "npz" in damage:
+        arrays_path.write_bytes(damage["npz"])
+    if "meta" in damage:
+        meta_path.write_bytes(damage["meta"])
+    with pytest.raises(DataError, match=problem) as err:
+        load_bank(folder)
+    assert "\n" not in str(err.value)
