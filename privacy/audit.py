@@ -75,13 +75,10 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
-def _pii_in(redactor: Redactor, inputs: Any) -> dict[str, str]:
-    """Every piece of PII in the inputs (case-folded, without subword markers or accents) and its kind."""
-    found: dict[str, str] = {}
-    for text in _strings(inputs):
-        for match in redactor.find(text):
-            found[_surface(text[match.start : match.end])] = match.kind
-    return found
+def _pii_in(findings: Mapping[str, list[Match]]) -> dict[str, str]:
+    """Every piece of PII found in the input strings (case-folded, without subword markers or
+    accents) and its kind."""
+    return {_surface(text[m.start : m.end]): m.kind for text, matches in findings.items() for m in matches}
 
 
 def _surface(text: str) -> str:
@@ -182,10 +179,11 @@ class AuditLog:
 
         Explanation tokens with "start"/"end" offsets are placed in `inputs["text"]`.
         """
-        mask = _fragment_masker(_pii_in(self.redactor, inputs))
+        found = {string: self.redactor.find(string) for string in set(_strings(inputs))}
+        mask = _fragment_masker(_pii_in(found))
         text = inputs.get("text") if isinstance(inputs, Mapping) else None
         text = text if isinstance(text, str) else None
-        findings = self.redactor.find(text) if text is not None else []
+        findings = found[text] if text is not None else []
         explained = map_strings(explanation, self.redactor.redact)
         entry = {
             "time": self._timestamp(),

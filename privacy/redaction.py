@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import phonenumbers
@@ -55,6 +56,8 @@ GENERIC_NATIONAL_ID_PATTERNS: tuple[str, ...] = (
     r"\d{3}-\d{3}-\d{3}",  # Canadian SIN
 )
 
+SHORT_TEXT_CHARS = 24
+SHORT_TEXT_CACHE = 8192
 _KIND_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 _DIGIT = re.compile(r"\d")
 _AT = re.compile("@")
@@ -357,6 +360,7 @@ class Redactor:
         ]
         ordered = [*KINDS, *(kind for kind in extra if kind not in KINDS)]
         self._rank = {kind: index for index, kind in enumerate(ordered)}
+        self._redact_short = lru_cache(maxsize=SHORT_TEXT_CACHE)(self._redact)
 
     def find(self, text: str) -> list[Match]:
         """Non-overlapping findings in text order; a name found once is found wherever it recurs."""
@@ -366,7 +370,14 @@ class Redactor:
         return _resolve(found, self._rank)
 
     def redact(self, text: str) -> str:
-        """`text` with every finding replaced by its placeholder; everything else byte-identical."""
+        """`text` with every finding replaced by its placeholder; everything else byte-identical.
+
+        Short strings (explanation tokens and keys, which recur in every audit entry) are answered
+        from a bounded cache.
+        """
+        return self._redact_short(text) if len(text) <= SHORT_TEXT_CHARS else self._redact(text)
+
+    def _redact(self, text: str) -> str:
         pieces, position = [], 0
         for match in self.find(text):
             pieces += [text[position : match.start], placeholder(match.kind)]
