@@ -34,6 +34,7 @@ from fingpt_federated.conf import save_resolved_config
 from fingpt_federated.federation import protocol
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.state import NonFiniteState, federated_state, load_federated_state
+from fingpt_federated.privacy.dp_budget import PrivacyLedger, ledger_path
 from fingpt_federated.server.app import CHECKPOINTS, FINAL_STATE, run_federation
 from fingpt_federated.server.checkpoint import (
     ABANDONED,
@@ -266,3 +267,29 @@ def test_fingpt_server_run_names_the_corrupt_file_in_one_line_before_starting_an
     assert not (root / "op" / "logs").exists()  # no SuperLink was started
     missing = subprocess.run([*command, "--run-dir", str(run_dir), "--from-round", "5"], **run)
     assert missing.returncode == 2 and "no checkpoint of round 5 (rounds: [1, 2])" in missing.stderr
+
+
+DP = [
+    "privacy=dp",
+    "privacy.dp.logical_batch_size=16",
+    "privacy.dp.physical_batch_size=8",
+    "privacy.dp.accountant=rdp",
+    "privacy.dp.planned_rounds=3",  # noise for 3 rounds in a 2-round run: room for one round trained again
+]
+
+
+def test_going_back_a_round_under_dp_keeps_the_privacy_spent_in_the_abandoned_round(tmp_path):
+    """The banks' ledgers are not rolled back: a round trained again is charged again. (With the noise calibrated
+    for exactly the run's rounds, the default, the budget has no room for it and the banks decline instead.)"""
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=2", *DP)
+    run_federation(grid, cfg, spec, tmp_path / "run")
+    ledger = ledger_path(tmp_path / "data" / "bank_0" / "state", "run")
+    after_two = PrivacyLedger.load(ledger).epsilon_spent()
+
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=2", "federation.resume_from_round=1", *DP)
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    again = PrivacyLedger.load(ledger)
+    assert [r["round"] for r in again.rounds] == ["1", "2", "2"]
+    assert again.epsilon_spent() > after_two
+    retrained = next(r for r in history.select("train") if r.round == 2 and r.bank == "bank_0")
+    assert retrained.metrics["epsilon"] == pytest.approx(again.epsilon_spent(), abs=1e-9)
