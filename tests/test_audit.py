@@ -150,3 +150,19 @@ def test_concurrent_records_from_threads_give_whole_lines(tmp_path):
     assert {e["output"]["label"] for e in entries} == {f"t{t}-{i}" for t in range(threads) for i in range(per_thread)}
     assert all(e["explanation"]["summary"] == padding for e in entries)
     assert os.path.getsize(log.path) == sum(len(line) + 1 for line in lines[:-1])
+
+
+def test_pieces_of_names_ips_dates_of_birth_passports_and_sort_codes_are_masked(tmp_path):
+    """Issue 24, finding 6: these top tokens reached the log as written (tokens without offsets)."""
+    leaked = {
+        "acme surged, says Mr John Smith": (["smith", "john", "surged"], "PERSON"),
+        "acme plunged after login from 192.168.1.10": (["10", "168", "1", ".", "after"], "IP_ADDRESS"),
+        "acme held; client DOB 12/04/1985": (["12", "/", "198", "##5", "held"], "DATE_OF_BIRTH"),
+        "acme surged, passport number C01X00T47": (["##x", "##01", "##t", "surged"], "PASSPORT"),
+        "acme plunged, sort code 12-34-56 account 87654321": (["-", "56", "876", "##43", "sort"], "ACCOUNT"),
+    }
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for text, (pieces, kind) in leaked.items():
+        explanation = {"tokens": [{"token": piece, "score": 0.2} for piece in pieces]}
+        entry = log.record(MODEL_HASH, {"text": text}, {"label": "a", "probabilities": [1.0]}, explanation)
+        assert [t["token"] for t in entry["explanation"]["tokens"]] == [f"[{kind}]"] * (len(pieces) - 1) + pieces[-1:]
