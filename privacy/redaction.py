@@ -104,7 +104,7 @@ _ACCOUNT = re.compile(
     r"|:(?:50|59)[AFK]?:)"
     r"\s*[:#/,;]?\s*(?!\d{4}-\d{2}-\d{2}(?!\d))(?P<value>\d(?:[ -]?\d){5,33})" + _NUM_END
 )
-_SORT_CODE_AND_ACCOUNT = re.compile(r"(?<![\w-])\d{2}-\d{2}-\d{2}(?:\s*[,/;]\s*|\s+)\d{8}" + _NUM_END)
+_SORT_CODE_AND_ACCOUNT = re.compile(r"(?<![\w-])\d{2}([- ]?)\d{2}\1\d{2}(?:\s*[,/;]\s*|\s+)\d{8}" + _NUM_END)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ CORPUS = [
     ("sort code", "ACCOUNT", "20-00-00", "Use sort code {} and the usual reference"),
     ("sort code", "ACCOUNT", "12-34-56 12345678", "Pay GBP 1,250.50 to {} by Friday"),
     ("sort code", "ACCOUNT", "40-47-84, 87654321", "New payee details: {} (Q3 rent)"),
+    ("sort code", "ACCOUNT", "20 00 00 55779911", "Bank details {} (Barclays)"),
     ("account number", "ACCOUNT", "55779911", "Credit a/c {} with the EUR 3,200 proceeds"),
     ("account number", "ACCOUNT", "0012-3456-7890", "Acct #: {} is overdrawn by $1,250.50"),
     ("account number", "ACCOUNT", "87654321", "account number: {} (current account)"),

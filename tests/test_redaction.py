@@ -79,6 +79,7 @@ PII_CORPUS = [
     ("ACCOUNT", "4111 1111 1111 1112", "Debit account {} for the 25bp fee"),
     ("ACCOUNT", "12-34-56 12345678", "Pay GBP 1,250.50 to {} by Friday"),
     ("ACCOUNT", "40-47-84, 87654321", "New payee details: {} (Q3 rent)"),
+    ("ACCOUNT", "20 00 00 55779911", "Bank details {} (Barclays)"),
     ("PASSPORT", "123456789", "Passport No. {} seen at onboarding on 2024-03-15"),
     ("PASSPORT", "C01X00T47", "Reisepassnummer: {} (Deutschland)"),
     ("PASSPORT", "12AB34567", "passeport n° {} du client"),
