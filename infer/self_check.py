@@ -65,6 +65,9 @@ def run_self_check(predictor: Predictor) -> Capabilities:
     if problem:
         raise SelfCheckError(failed(published.folder, problem))
     explanation = prediction.explanation or {}
+    scores = [item["score"] for key in ("tokens", "series_steps") for item in explanation.get(key, [])]
+    if not all(math.isfinite(score) for score in scores):
+        raise SelfCheckError(failed(published.folder, f"non-finite explanation scores {scores}"))
     return Capabilities(
         classes=published.class_names,
         text="text" in record,
@@ -87,7 +90,9 @@ def distribution_problem(prediction: Prediction, classes: list[str]) -> str | No
     values = [*probabilities.values(), *prediction.uncertainty.values()]
     if not all(math.isfinite(v) for v in values):
         return f"non-finite output {prediction.output()}"
+    if min(probabilities.values()) < 0:
+        return f"a negative probability in {probabilities}"
     total = sum(probabilities.values())
-    if abs(total - 1.0) > SUM_TOLERANCE or min(probabilities.values()) < 0:
+    if abs(total - 1.0) > SUM_TOLERANCE:
         return f"probabilities sum to {total:.6f}, not 1"
     return None

@@ -8,6 +8,7 @@ published; `predict` failed with a JSON error and `serve` answered 500 to every 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -26,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from fingpt_federated.infer.cli import main as infer_main
 from fingpt_federated.infer.inputs import records_to_dataset
 from fingpt_federated.infer.loading import ModelFilesError, open_model
-from fingpt_federated.infer.predictor import NonFiniteOutputError, Predictor
-from fingpt_federated.infer.self_check import SelfCheckError, run_self_check, synthetic_record
+from fingpt_federated.infer.predictor import NonFiniteOutputError, Prediction, Predictor
+from fingpt_federated.infer.self_check import SelfCheckError, distribution_problem, run_self_check, synthetic_record
 from fingpt_federated.model.published import HYBRID_WEIGHTS, NonFiniteWeightsError, variant_files
 from fingpt_federated.server.model_card import CARD_JSON, file_hashes, model_hash, write_card
 
@@ -207,6 +208,21 @@ def test_the_self_check_request_fits_the_model(published):
     assert {len(step) for step in record["series"]} == {len(card["feature_names"])}
     capabilities = run_self_check(Predictor(model))
     assert capabilities.classes == CLASSES and capabilities.series and capabilities.text and capabilities.explain
+
+
+@pytest.mark.parametrize(
+    "probabilities, uncertainty, problem",
+    [
+        ({"bearish": 0.5, "bullish": 0.3, "neutral": 0.2}, {"entropy": 0.9}, None),
+        ({"bearish": 0.5, "bullish": 0.3, "neutral": 0.1}, {"entropy": 0.9}, "probabilities sum to 0.900000, not 1"),
+        ({"bearish": 1.2, "bullish": -0.2, "neutral": 0.0}, {"entropy": 0.9}, "a negative probability"),
+        ({"bearish": 1.0, "bullish": 0.0, "neutral": 0.0}, {"entropy": math.nan}, "non-finite output"),
+        ({"bearish": 0.5, "bullish": 0.5}, {"entropy": 0.9}, "expected the classes"),
+    ],
+)
+def test_a_self_check_prediction_must_be_a_distribution_over_the_classes(probabilities, uncertainty, problem):
+    found = distribution_problem(Prediction("bearish", probabilities, uncertainty, None), CLASSES)
+    assert found == problem if problem is None else problem in found
 
 
 def free_port() -> int:
