@@ -8,12 +8,14 @@ say exactly what is caught:
 - a name label: "name: Jane Doe", "account holder John Smith", "Dear Ms Li", "cardholder: J. Smith";
   after "name:" / "name =" lower-case words count too ("Name: jane doe"), at most two;
   "customer", "client", "beneficiary", "payee", "applicant" take two or more capitalised words;
-- a common first name (`FIRST_NAMES`) followed by a capitalised surname: "Sarah Connor";
+- a common first name (`FIRST_NAMES`) followed by a capitalised surname: "Sarah Connor", or both in
+  capitals as forms and payment messages write them: "JOHN DOE";
 - every further occurrence (as written, capitalised or in capitals) of a word of a name found by
   these rules: "Mrs Jane Doe ... Doe said" masks both.
 Not caught: a bare surname or a lone first name without a title or label, names in lower case
-outside a "name:" field, names in capitals ("JOHN DOE"), scripts other than Latin, and
-name words in `NOT_NAME_WORDS` (which keeps "Customer Service Team" and "Dr Copper" whole).
+outside a "name:" field ("jane doe called"), names in capitals that do not start with a common
+first name ("J SMITH"), scripts other than Latin, and name words in `NOT_NAME_WORDS` (which keeps
+"Customer Service Team" and "Dr Copper" whole).
 
 Dates of birth are full dates (day, month, year) after a birth label ("born", "DOB", "date of
 birth", "geboren", "né le", ...) within a short phrase, in ISO, numeric (12/04/1990, 12.04.1990,
@@ -94,6 +96,10 @@ NAME_FIELD = re.compile(r"(?i:\bname\s?[:=])\s*(?P<value>[^\W\d_]{2,}(?:\s[^\W\d
 PARTY_NAME = re.compile(rf"(?i:\b(?:{_PARTY_LABEL}))(?!\w)\s*[:=–-]?\s*(?P<value>{_NAME_SEQUENCE}){_END}")
 FIRST_NAME_SURNAME = re.compile(
     rf"(?<![\w'’-])(?P<value>(?:{'|'.join(sorted(FIRST_NAMES))})\s(?:{_INITIAL}\s)?{_NAME_WORD}){_END}"
+)
+CAPITALS_FIRST_NAME_SURNAME = re.compile(
+    rf"(?<![\w'’-])(?P<value>(?:{'|'.join(sorted(name.upper() for name in FIRST_NAMES))})"
+    rf"\s(?:[A-Z]\.\s)?[A-Z]{{2,}}(?:['’-][A-Z]{{2,}})?){_END}"
 )
 
 _MONTH = (

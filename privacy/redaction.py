@@ -241,6 +241,7 @@ def _builtin_detectors(national_id_patterns: Iterable[str | re.Pattern[str]]) ->
         _Detector("PERSON", personal.NAME_FIELD, personal.is_name, "value", _any_tail, None),
         _Detector("PERSON", personal.PARTY_NAME, personal.is_full_name, "value", _any_tail, None),
         _Detector("PERSON", personal.FIRST_NAME_SURNAME, personal.is_full_name, "value", _any_tail, None),
+        _Detector("PERSON", personal.CAPITALS_FIRST_NAME_SURNAME, personal.is_full_name, "value", _any_tail, None),
     ]
 
 

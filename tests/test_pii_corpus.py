@@ -32,6 +32,7 @@ CORPUS = [
     ("person", "PERSON", "Sarah Connor", "{} wired USD 10,000 on 2024-03-15"),
     ("person", "PERSON", "jane doe", "Name: {} (typed in lower case)"),
     ("person", "PERSON", "Müller", "Frau {} eröffnete ein Konto"),
+    ("person", "PERSON", "JOHN DOE", "BENEFICIARY {} LONDON, ref INV-2024-0042"),
     ("date of birth", "DATE_OF_BIRTH", "12/04/1985", "Applicant DOB {} per the KYC form"),
     ("date of birth", "DATE_OF_BIRTH", "1985-04-12", "date of birth: {}, income GBP 45,000"),
     ("date of birth", "DATE_OF_BIRTH", "12 April 1985", "Customer born on {} in Leeds"),

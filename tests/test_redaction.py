@@ -75,7 +75,7 @@ PII_CORPUS = [
     ("ACCOUNT", "20-00-00", "Use sort code {} and the usual reference"),
     ("ACCOUNT", "55779911", "Credit a/c {} with the EUR 3,200 proceeds"),
     ("ACCOUNT", "0532013000", "Beneficiary bank BIC DEUTDEFF {} in Frankfurt"),
-    ("ACCOUNT", "0532013001", "MT103 field :59:/{} JOHN DOE"),
+    ("ACCOUNT", "0532013001", "MT103 field :59:/{} ACME TRADING LTD"),
     ("ACCOUNT", "4111 1111 1111 1112", "Debit account {} for the 25bp fee"),
     ("ACCOUNT", "12-34-56 12345678", "Pay GBP 1,250.50 to {} by Friday"),
     ("ACCOUNT", "40-47-84, 87654321", "New payee details: {} (Q3 rent)"),
