@@ -5,7 +5,9 @@ multiplier, sample rate, steps) and recomputes epsilon through an Opacus account
 reloaded ledger (after a restart, a crash, a new process per round) continues exactly where the
 last one stopped. The run, accountant, delta and budget are fixed when the ledger is created;
 opening it with others, or opening a damaged or foreign file, is a `LedgerError` and never a
-silent reset: a reset would hand out the budget a second time.
+silent reset: a reset would hand out the budget a second time. A missing file is created fresh
+by `open`; in a federation the bank first checks that the operator has recorded no spend it would
+lose (privacy/ledger_check.py).
 
 Besides DP-SGD rounds a ledger records one-off releases (`record_release`): a statistic of the
 bank's records published once under the Gaussian mechanism, charged to the same history, and
