@@ -35,9 +35,20 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C; `signum` tells a caller which exit code to end with (128 + signum)."""
+
+    signum = signal.SIGTERM
+
+
 def raise_keyboard_interrupt(_signum: int, _frame: FrameType | None) -> None:
     """A SIGTERM handler that unwinds like Ctrl-C, so `finally` clauses that stop processes run."""
-    raise KeyboardInterrupt
+    raise Terminated
+
+
+def exit_code_of(stop: KeyboardInterrupt) -> int:
+    """The shell's exit code for a program stopped by Ctrl-C (130) or by `kill` (143)."""
+    return 128 + int(getattr(stop, "signum", signal.SIGINT))
 
 
 @contextmanager

@@ -55,6 +55,7 @@ from fingpt_federated.server.run_folder import (
     METRICS_JSON,
 )
 from fingpt_federated.server.strategy_config import check_strategy
+from fingpt_federated.server.superlink import exit_code_of, sigterm_as_interrupt
 from fingpt_federated.simulations import encryption
 from fingpt_federated.simulations.baselines import (
     CENTRALIZED,
@@ -294,11 +295,19 @@ def _f(value: float, digits: int = 4) -> str:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Returns the final test accuracy, so Hydra sweepers can optimise it."""
+    """Returns the final test accuracy, so Hydra sweepers can optimise it.
+
+    Ctrl-C or `kill` ends it with 130 or 143 and one line, once the simulation's SuperLink, Flower
+    processes and Ray are stopped (simulations/flower_run.py).
+    """
     try:
-        summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
+        with sigterm_as_interrupt():
+            summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
     except CheckpointError as error:  # the run folder's state, not a bug: one line, no traceback
         sys.exit(f"fingpt-sim: error: {error}")
+    except KeyboardInterrupt as stop:
+        print("fingpt-sim: stopped; the simulation's processes have been ended", file=sys.stderr)
+        sys.exit(exit_code_of(stop))
     print_summary(summary)
     return summary.final.test_accuracy
 

@@ -15,21 +15,9 @@ import psutil
 import pytest
 
 from fingpt_federated.server.app import CHECKPOINTS, FINAL_STATE, METRICS_JSON
-from tests.deployment_support import bank_env, free_port, synthetic_layout
+from tests.deployment_support import OVERRIDES, RUN_TIMEOUT_S, bank_env, free_port, rounds_in, synthetic_layout
 
 pytestmark = pytest.mark.slow
-
-# The same work as `fingpt-sim` with these overrides: 2 IID banks of generated news, tiny model.
-OVERRIDES = [
-    "model=tiny_encoder",
-    "federation=iid",
-    "federation.num_banks=2",
-    "data.synthetic.rows_per_bank=60",
-    "federation.rounds=2",
-    "strategy.local_steps=2",
-    "federation.fraction_evaluate=0",
-]
-RUN_TIMEOUT_S = 420
 
 
 def cli(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -132,15 +120,6 @@ def server_command(federation, run_dir: Path, *overrides: str) -> list[str]:
         str(run_dir),
         *overrides,
     ]
-
-
-def rounds_in(metrics_path: Path, phase: str) -> dict[int, set[str]]:
-    rows = json.loads(metrics_path.read_text())["rows"]
-    found: dict[int, set[str]] = {}
-    for row in rows:
-        if row["phase"] == phase and row["status"] == "ok":
-            found.setdefault(row["round"], set()).add(row["bank"])
-    return found
 
 
 def test_the_task_shape_comes_from_the_data_config_or_the_operators_test_set(tmp_path):

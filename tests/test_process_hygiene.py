@@ -8,9 +8,23 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
+import pytest
 
+from fingpt_federated.client.supernode import runtime_port_free
+from fingpt_federated.server.app import CHECKPOINTS, METRICS_JSON
+from tests.deployment_support import (
+    OVERRIDES,
+    RUN_TIMEOUT_S,
+    free_port,
+    module_cli,
+    registered_bank_key,
+    rounds_in,
+    start_bank,
+    synthetic_layout,
+)
 from tests.process_watch import leftovers, session_processes
 
 GUARD = [sys.executable, "-m", "fingpt_federated.federation.process_guard", "--"]
@@ -77,3 +91,126 @@ def test_the_leftover_check_finds_orphans_kills_them_and_ignores_what_ends_in_ti
     quick.wait()
     assert len(left) == 1 and f"pid {orphan}" in left[0] and "sleep 304" in left[0]
     assert wait_gone([orphan], timeout=5) == []
+
+
+def descendants_of(pid: int) -> list[int]:
+    root = psutil.Process(pid)
+    return [root.pid, *(p.pid for p in root.children(recursive=True))]
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the server ended before {path} was written"
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_bank_killed_with_sigkill_leaves_nothing_and_rejoins_the_run(tmp_path):
+    workdir = tmp_path / "operator"
+    init_ca = module_cli("fingpt_federated.server.cli", "init-ca", "--workdir", str(workdir), "--host", "localhost")
+    assert init_ca.returncode == 0, init_ca.stderr
+    layout = synthetic_layout(tmp_path / "data", 2)
+    fleet_port, control_port = free_port(), free_port()
+    banks = []
+    for number, data in enumerate(layout.bank_dirs):
+        key = registered_bank_key(workdir, tmp_path / f"bank{number}" / "bank.key", f"bank{number}")
+        args = (f"localhost:{fleet_port}", workdir / "tls" / "ca.crt", key, data, free_port())
+        banks.append((args, tmp_path / f"bank{number}" / "flwr-home", tmp_path / f"bank{number}.log"))
+    clients = [start_bank(*args, home, log) for args, home, log in banks]
+    run_dir = tmp_path / "run"
+    server_run = [
+        sys.executable,
+        "-m",
+        "fingpt_federated.server.cli",
+        "run",
+        "--workdir",
+        str(workdir),
+        "--fleet-host",
+        "127.0.0.1",
+        "--fleet-port",
+        str(fleet_port),
+        "--control-port",
+        str(control_port),
+        "--test-data",
+        str(layout.test_dir),
+        "--bank-wait",
+        "300",
+        "--run-dir",
+        str(run_dir),
+    ]
+    overrides = [o for o in OVERRIDES if not o.startswith("federation.rounds=")]
+    overrides += ["federation.rounds=3", "strategy.round_timeout=120"]
+    server = subprocess.Popen([*server_run, *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(run_dir / CHECKPOINTS / "round_0001" / "meta.json", server, RUN_TIMEOUT_S)
+        tree = descendants_of(clients[0].pid)
+        assert len(tree) >= 4, "fingpt-client, its guard, the SuperNode and its SuperExec"
+        killed_at = time.monotonic()
+        clients[0].kill()
+        clients[0].wait()
+        assert wait_gone(tree, timeout=15) == [], "the killed bank's SuperNode tree outlived it"
+        gone_after_s = time.monotonic() - killed_at
+        assert runtime_port_free(banks[0][0][4]), "the killed bank's runtime port is still taken"
+        clients[0] = start_bank(*banks[0][0], banks[0][1], banks[0][2])
+        out, _ = server.communicate(timeout=RUN_TIMEOUT_S)
+        if server.returncode != 0:  # the round the bank died in failed loudly (2 banks needed): resume the run
+            assert "round 2 train: 1 of 2 sampled banks succeeded" in out, out[-4000:]
+            resumed = subprocess.run(server_run, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+            assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+        train = rounds_in(run_dir / METRICS_JSON, "train")
+        assert all(len(train[r] - {"federation"}) == 2 for r in (2, 3)), f"the restarted bank did not rejoin: {train}"
+        print(f"killed bank's tree of {len(tree)} processes gone {gone_after_s:.1f}s after SIGKILL; rounds {train}")
+    finally:
+        for proc in [server, *clients]:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=60)
+
+
+def wait_for_descendant(proc: subprocess.Popen, marker: str, timeout: float) -> None:
+    """Until a descendant of `proc` has `marker` in its command line."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the process ended before any {marker} started"
+        assert time.monotonic() < deadline, f"no {marker} within {timeout:.0f}s"
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if marker in " ".join(child.cmdline()):
+                    return
+            except psutil.Error:
+                pass
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_fingpt_sim_stopped_mid_run_stops_flower_and_ray(tmp_path, signum):
+    before = session_processes(SESSION_START)
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fingpt_federated.simulations.sim",
+            *(o for o in OVERRIDES if not o.startswith("federation.rounds=")),
+            "federation.rounds=20",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for_descendant(sim, "ClientAppActor", RUN_TIMEOUT_S)
+        tree = descendants_of(sim.pid)
+        assert any("flwr-simulation" in " ".join(psutil.Process(pid).cmdline()) for pid in tree)
+        sim.send_signal(signum)
+        out, _ = sim.communicate(timeout=60)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait()
+    assert sim.returncode == 128 + signum, out[-3000:]
+    assert wait_gone(tree, timeout=10) == []
+    assert leftovers(before, SESSION_START, linger_s=10) == []
