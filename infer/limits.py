@@ -19,10 +19,10 @@ class Limits:
     """Each field is a `fingpt-infer serve` option of the same name (`max_body_bytes` is `--max-body-bytes`)."""
 
     max_body_bytes: int = 2 * 1024 * 1024
-    max_records: int = 64
+    max_records: int = 32
     max_text_chars: int = 4_000
     max_series_steps: int = 256
-    max_mc_samples: int = 16
+    max_mc_samples: int = 8
     max_in_progress: int = 8
     time_limit_s: float = 30.0
 

@@ -11,8 +11,8 @@ explanation on) one after another the whole time:
 - idle: ordinary requests alone (their latency without load);
 - the request of issue 24's finding 4 (256 records of 20,000 characters, 256-step series,
   mc_samples 32), alone and six at once;
-- the largest request the default limits accept (64 records of 4,000 characters, 256-step
-  series, mc_samples 16, explanation on), alone and six at once.
+- the largest request the default limits accept (infer.limits.Limits: 32 records of 4,000
+  characters, 256-step series, mc_samples 8, explanation on), alone and six at once.
 For each: the status and seconds of every abusive request, the ordinary requests' p50/p99 and
 statuses. The server's memory growth is its peak resident set (VmHWM) minus its resident set
 after warm-up. The server is stopped at the end (SIGTERM, then SIGKILL), whatever happens.
@@ -50,6 +50,7 @@ from fingpt_federated.data.bank_data import BankData, save_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.synthetic import SENTIMENTS, generate_news
 from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.infer.limits import Limits
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
@@ -59,7 +60,13 @@ from fingpt_federated.server.publish import publish
 FEATURES = ["price", "volume"]
 WORDS = "acme bank shares surged beat profits plunged losses missed held meeting quarterly results".split()
 FINDING = {"records": 256, "chars": 20_000, "steps": 256, "mc_samples": 32}
-LARGEST_ACCEPTED = {"records": 64, "chars": 4_000, "steps": 256, "mc_samples": 16}
+DEFAULTS = Limits()
+LARGEST_ACCEPTED = {
+    "records": DEFAULTS.max_records,
+    "chars": DEFAULTS.max_text_chars,
+    "steps": DEFAULTS.max_series_steps,
+    "mc_samples": DEFAULTS.max_mc_samples,
+}
 CONCURRENT = 6
 
 
@@ -213,6 +220,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results: dict[str, Any] = {
         "body_bytes": {"finding": len(finding), "largest_accepted": len(largest)},
         "serve_options": args.serve_options,
+        "cpus": os.cpu_count(),
+        "load_average_before": os.getloadavg()[0],
     }
     with served(model, workdir, args.threads, args.serve_options) as (url, pid):
         for _ in range(5):
@@ -230,11 +239,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results[name]["server_peak_growth_mib"] = round((memory_kib(pid, "VmHWM") - baseline) / 1024, 1)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
         results["server_rss_after_warmup_mib"] = round(baseline / 1024, 1)
+    results["load_average_after"] = os.getloadavg()[0]
     return results
 
 
 def print_summary(results: dict[str, Any]) -> None:
     print(f"\nserver RSS after warm-up {results['server_rss_after_warmup_mib']} MiB; bodies {results['body_bytes']}")
+    load = results["load_average_before"], results["load_average_after"]
+    print(f"{results['cpus']} CPUs, 1-minute load average {load[0]:.1f} before, {load[1]:.1f} after (other work)")
     columns = ("scenario", 22), ("abusive (status: seconds)", 52), ("ordinary p50/p99/max ms", 28), ("ordinary", 22)
     print("".join(f"{name:<{width}}" for name, width in columns) + "peak +MiB")
     for name in ("idle", "finding x1", "finding x6", "largest accepted x1", "largest accepted x6"):
