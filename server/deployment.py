@@ -162,7 +162,8 @@ def execute(settings: OperatorSettings, request: RunRequest) -> dict[str, Any]:
             print(f"stopped run {run_id}, left unfinished by a previous server process", flush=True)
         report = registry.sync(control)
         print(
-            f"banks: registered {report.registered}, unregistered {report.unregistered}, unchanged {report.unchanged}",
+            f"banks: registered {report.registered}, unregistered {report.unregistered}, unchanged {report.unchanged}"
+            + (f", renamed {report.renamed}" if report.renamed else ""),
             flush=True,
         )
 
