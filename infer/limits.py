@@ -39,24 +39,33 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def limit_problem(loc: list[str | int], what: str, name: str, value: float) -> dict[str, Any]:
+PHRASES = {
+    "max_records": "more records than the limit of {} per request",
+    "max_mc_samples": "mc_samples over the limit of {}",
+    "max_text_chars": "text longer than the limit of {} characters",
+    "max_series_steps": "series longer than the limit of {} steps",
+}
+
+
+def limit_problem(loc: list[str | int], limits: Limits, name: str) -> dict[str, Any]:
     """A problem that names the limit (and the serve option that sets it), never the offending value."""
-    return {"loc": loc, "msg": f"{what} over the limit of {value} ({option(name)})", "limit": {name: value}}
+    value = getattr(limits, name)
+    return {"loc": loc, "msg": f"{PHRASES[name].format(value)} ({option(name)})", "limit": {name: value}}
 
 
 def request_problems(records: list[dict[str, Any]], mc_samples: int, limits: Limits, batch: bool) -> list[dict]:
     """Every limit a parsed request exceeds (records: the request's records as PredictRequest.batch gives them)."""
     problems = []
     if len(records) > limits.max_records:
-        problems.append(limit_problem(["body", "records"], "records", "max_records", limits.max_records))
+        problems.append(limit_problem(["body", "records"], limits, "max_records"))
     if mc_samples > limits.max_mc_samples:
-        problems.append(limit_problem(["body", "mc_samples"], "mc_samples", "max_mc_samples", limits.max_mc_samples))
+        problems.append(limit_problem(["body", "mc_samples"], limits, "max_mc_samples"))
     for i, record in enumerate(records[: limits.max_records]):
         at: list[str | int] = ["body", "records", i] if batch else ["body"]
         if len(record.get("text") or "") > limits.max_text_chars:
-            problems.append(limit_problem([*at, "text"], "characters", "max_text_chars", limits.max_text_chars))
+            problems.append(limit_problem([*at, "text"], limits, "max_text_chars"))
         if len(record.get("series") or []) > limits.max_series_steps:
-            problems.append(limit_problem([*at, "series"], "steps", "max_series_steps", limits.max_series_steps))
+            problems.append(limit_problem([*at, "series"], limits, "max_series_steps"))
     return problems
 
 

@@ -91,7 +91,7 @@ def test_repeated_inputs_come_from_the_cache_and_are_still_audited(client, servi
         ({"text": "acme", "series": SERIES, "colour": "red"}, "unknown key; the keys accepted here are text, series"),
         ({"text": "acme", "series": SERIES, "mc_samples": 1000}, "over the limit of 8 (--max-mc-samples)"),
         ({"records": []}, "at least 1 item"),
-        ({"records": [{"text": "acme", "series": [[1.0] * 2] * 300}]}, "over the limit of 256 (--max-series-steps)"),
+        ({"records": [{"text": "acme", "series": [[1.0] * 2] * 300}]}, "limit of 256 steps (--max-series-steps)"),
         ({"text": 7, "series": SERIES}, "valid string"),
     ],
 )
