@@ -34,6 +34,7 @@ from fingpt_federated.server.app import FINAL_STATE, run_federation
 from fingpt_federated.server.bank_rounds import BankRounds, FederationRoundError
 from fingpt_federated.server.history import FEDERATION, History
 from fingpt_federated.simulations.encryption import bank_secrets, operator_paths
+from fingpt_federated.simulations.sim import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -217,3 +218,32 @@ def test_under_he_every_bank_refuses_a_tampered_aggregate_and_the_round_fails_lo
     message = str(error.value)
     assert "round 2 train: 0 of 3 sampled banks succeeded" in message
     assert message.count("the decrypted global aggregate drifts") == 3, message
+
+
+def test_fingpt_sim_refuses_an_unknown_behaviour_before_preparing_any_bank(tmp_path):
+    with pytest.raises(ValueError, match="simulation.hostile_banks.1: unknown hostile behaviour 'flip'"):
+        simulate(config("++simulation.hostile_banks={1: flip}"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_fingpt_sim_runs_the_hostile_banks_of_its_config_and_goes_on_with_the_honest_ones(tmp_path):
+    cfg = config(
+        "federation=iid",
+        "federation.num_banks=4",
+        "federation.rounds=1",
+        "strategy=fedavg",
+        "publish.enabled=false",
+        '++simulation.hostile_banks={0: nan, 2: "scale:100"}',
+    )
+    summary = simulate(cfg, tmp_path, echo=False)
+    assert summary.final.banks_ok == 2 and summary.final.banks_failed == 2
+    failed = {
+        row.bank: row.reason
+        for row in History.from_json((tmp_path / "metrics.json").read_text()).rows
+        if row.status == "failed"
+    }
+    assert set(failed) == {"bank_00", "bank_02"}
+    assert "non-finite values" in failed["bank_00"] and "max_norm_ratio=10" in failed["bank_02"]
+    assert "non-finite values" in (tmp_path / "report.md").read_text()
+    assert_finite(tmp_path)
