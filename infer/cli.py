@@ -162,7 +162,7 @@ def add_limit_options(serve: argparse.ArgumentParser) -> None:
         "max_series_steps": "steps of one series (the model's own maximum applies too)",
         "max_mc_samples": "Monte Carlo dropout passes one request may ask for",
         "max_in_progress": "requests running or waiting for the model; more get 503 with Retry-After",
-        "time_limit_s": "seconds a request may take from arrival (504 after), and a body may take to arrive (408)",
+        "time_limit_s": "seconds a request may take once its body is read (504 after), and its body to arrive (408)",
     }
     for name, text in helps.items():
         default = getattr(defaults, name)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -289,3 +290,32 @@ def test_no_500_and_no_echo_on_a_batch_of_malformed_requests(http):
         assert response.status_code < 500, (body[:80], response.text)
         assert response.status_code == 200 or SENTINEL not in response.text
     assert {400, 405, 422} & set(statuses) and 200 not in statuses[:13]
+
+
+RAW_REQUESTS = [
+    b"GARBAGE\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST /predict HTTP/1.1\r\nHost: x\r\nX-" + SENTINEL.encode() * 2000 + b": 1\r\n\r\n",
+    b"GET /" + SENTINEL.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"text": ',  # then the client goes
+]
+
+
+@pytest.mark.parametrize("raw", RAW_REQUESTS)
+def test_malformed_http_gets_no_500_and_the_server_stays_up(http, raw):
+    host, port = http.base_url.host, http.base_url.port
+    with socket.create_connection((host, port), timeout=10) as connection:
+        connection.sendall(raw)
+        connection.shutdown(socket.SHUT_WR)
+        reply = b""
+        with contextlib.suppress(OSError):
+            while chunk := connection.recv(65536):
+                reply += chunk
+    status_line = reply.split(b"\r\n", 1)[0]
+    assert not status_line.startswith(b"HTTP/1.1 5"), status_line
+    assert SENTINEL.encode() not in reply
+    assert http.get("/health").status_code == 200
