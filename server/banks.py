@@ -30,7 +30,7 @@ from fingpt_federated.privacy.atomic_file import atomic_write_bytes
 from fingpt_federated.privacy.update_binding import read_mac_key
 from fingpt_federated.server.control import ControlError, FlowerControl
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline in
 KEY_SUFFIXES = (".pub", ".binding")
 PUBLIC_MODE = 0o644
 REGISTRY_FORMAT = 2
@@ -61,6 +61,13 @@ class Recorded:
         return json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
 
 
+def checked_name(name: str) -> str:
+    """A bank name, which is also a file name in the banks folder: nothing that could leave it."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise RegistryError(f"bank name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    return name
+
+
 def revoked_message(key_fingerprint: str, entry: dict[str, Any]) -> str:
     return (
         f"key {key_fingerprint} was revoked at the SuperLink as bank {entry['name']!r} (node {entry['node_id']}), "
@@ -79,10 +86,7 @@ class BankRegistry:
     @staticmethod
     def name_for(public_key: Path, name: str | None) -> str:
         """The bank name a key is accepted under (default: the key file's name), checked."""
-        name = name or public_key.name.removesuffix(".pub")
-        if not NAME_PATTERN.match(name):
-            raise RegistryError(f"bank name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
-        return name
+        return checked_name(name or public_key.name.removesuffix(".pub"))
 
     def add(self, public_key: Path, name: str | None = None) -> tuple[str, str]:
         """Accept a bank's public key under `name`; return (name, fingerprint)."""
@@ -109,7 +113,7 @@ class BankRegistry:
         return target
 
     def remove(self, name: str) -> None:
-        path = self.folder / f"{name}.pub"
+        path = self.folder / f"{checked_name(name)}.pub"
         if not path.is_file():
             raise RegistryError(f"no bank named {name!r} in {self.folder}")
         path.unlink()
@@ -117,11 +121,9 @@ class BankRegistry:
 
     def rename(self, old: str, new: str) -> None:
         """Accept bank `old`'s key (and binding key) as `new`: the same key and node, no SuperLink call."""
-        if not NAME_PATTERN.match(new):
-            raise RegistryError(f"bank name {new!r}: use letters, digits, '.', '_' or '-' (at most 64)")
-        if not (self.folder / f"{old}.pub").is_file():
+        if not (self.folder / f"{checked_name(old)}.pub").is_file():
             raise RegistryError(f"no bank named {old!r} in {self.folder}")
-        if any((self.folder / f"{new}{suffix}").exists() for suffix in KEY_SUFFIXES):
+        if any((self.folder / f"{checked_name(new)}{suffix}").exists() for suffix in KEY_SUFFIXES):
             raise RegistryError(f"a bank named {new!r} already exists in {self.folder}")
         state = self.load()
         moved: list[tuple[Path, Path]] = []
@@ -271,7 +273,7 @@ def _parse(data: Any) -> Recorded:
     else:  # written before revoked keys were recorded: {name: {fingerprint, node_id}}
         recorded = Recorded(dict(data))
     for name, entry in recorded.banks.items():
-        if not NAME_PATTERN.match(name) or not isinstance(entry["fingerprint"], str):
+        if not NAME_PATTERN.fullmatch(name) or not isinstance(entry["fingerprint"], str):
             raise ValueError(f"bad entry for bank {name!r}")
         int(entry["node_id"])
     for key_fingerprint, entry in recorded.revoked.items():

@@ -80,10 +80,11 @@ def test_rename_moves_key_binding_and_record_and_refuses_a_taken_or_bad_name(tmp
     before = snapshot(folder)
     assert cli(workdir, "rename-bank", "bank-a", "bank-b") == 2
     assert cli(workdir, "rename-bank", "bank-a", "../evil") == 2
+    assert cli(workdir, "rename-bank", "bank-a", "bank-z\n") == 2
     assert cli(workdir, "rename-bank", "nobody", "bank-z") == 2
     assert snapshot(folder) == before
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and "already exists" in errors[0] and "bank name" in errors[1]
+    assert len(errors) == 4 and "already exists" in errors[0] and "bank name" in errors[1] and "bank name" in errors[2]
 
     assert cli(workdir, "rename-bank", "bank-a", "bank_a") == 0
     after = snapshot(folder)
