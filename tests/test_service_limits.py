@@ -319,3 +319,13 @@ def test_malformed_http_gets_no_500_and_the_server_stays_up(http, raw):
     assert not status_line.startswith(b"HTTP/1.1 5"), status_line
     assert SENTINEL.encode() not in reply
     assert http.get("/health").status_code == 200
+
+
+def test_a_body_that_does_not_arrive_within_the_time_limit_gets_408(service):
+    with serving(service, Limits(time_limit_s=0.5)) as http:
+        host, port = http.base_url.host, http.base_url.port
+        with socket.create_connection((host, port), timeout=10) as connection:
+            connection.sendall(b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"text": ')
+            reply = connection.recv(65536)  # the client keeps the connection open and sends nothing more
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:80]
+        assert b"did not arrive within 0.5 s" in reply
