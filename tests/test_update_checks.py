@@ -13,7 +13,10 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fingpt_federated.client.encryption import AggregateRefused, check_aggregate
 from fingpt_federated.client.hostile import Misbehaviour, misbehave
+from fingpt_federated.conf import compose_config
 from fingpt_federated.federation import protocol
+from fingpt_federated.server.history import History
+from fingpt_federated.server.strategy_config import build_strategy, check_strategy
 from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate, non_finite
 
 SENT = {"a.weight": np.ones((4, 3), dtype=np.float32), "b.bias": np.zeros(5, dtype=np.float32)}
@@ -167,3 +170,19 @@ def test_a_bank_refuses_a_decrypted_aggregate_that_is_not_finite_or_out_of_bound
         check_aggregate({**fine, "b.bias": np.full(5, 17.0, np.float32)}, initial, 16.0, "bank a round 2")
     with pytest.raises(AggregateRefused, match="holds 1 non-finite values"):
         check_aggregate({**fine, "b.bias": np.array([0, 0, np.nan, 0, 0], np.float32)}, initial, 16.0, "bank a")
+
+
+def test_the_strategy_config_sets_the_limits_and_robust_rules_are_plaintext_only():
+    cfg = compose_config(
+        ["model=tiny_encoder", "strategy.update_checks.max_norm=3", "strategy.update_checks.max_norm_ratio=null"]
+    )
+    rounds = build_strategy(cfg, History())
+    assert rounds.update_gate is not None and rounds.update_gate.limits == UpdateChecks(
+        max_norm=3.0, max_norm_ratio=None
+    )
+    with pytest.raises(ValueError, match="strategy.update_checks.max_norm_ratio must be a positive number"):
+        check_strategy(compose_config(["strategy.update_checks.max_norm_ratio=-1"]), encrypted=False)
+    for strategy, flower in (("fedmedian", "FedMedian"), ("krum", "Krum")):
+        assert type(build_strategy(compose_config([f"strategy={strategy}"]), History()).strategy).__name__ == flower
+        with pytest.raises(ValueError, match=f"strategy={strategy} needs the plaintext global state"):
+            check_strategy(compose_config([f"strategy={strategy}"]), encrypted=True)
