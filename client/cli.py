@@ -19,9 +19,9 @@ from fingpt_federated.client.supernode import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_RUNTIME_PORT,
-    RUNTIME_HOST,
     NodeSettings,
     NodeStartError,
+    port_taken_message,
     probe_server,
     run_supernode,
     runtime_port_free,
@@ -146,11 +146,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             return fail(str(exc), EXIT_INVALID)
         print(f"node key fingerprint: {fingerprint(key.public_key())}")
     if not runtime_port_free(args.runtime_port):
-        return fail(
-            f"runtime port {args.runtime_port} on {RUNTIME_HOST} is already in use (another bank's node on this "
-            "machine?); choose a free one with --runtime-port",
-            EXIT_INVALID,
-        )
+        return fail(port_taken_message(args.runtime_port), EXIT_INVALID)
     settings = NodeSettings(
         server=args.server,
         ca_cert=None if args.insecure else args.ca,

@@ -35,6 +35,7 @@ DEFAULT_MAX_WAIT_S = 120.0
 TAIL_LINES = 200
 OUTPUT_DRAIN_S = 10.0
 PROBE_BACKOFF_CAP_S = 5.0
+RUNTIME_PORT_TAKEN_MARKER = "SuperNode Runtime HTTP API failed to start"
 KEY_REFUSED_MARKER = "[code: 2004]"  # Flower's FLEET_NODE_ACTIVATION_FAILED: no node has this public key
 
 
@@ -54,6 +55,10 @@ class KeyRefused(NodeStartError):
 
 class TlsRejected(NodeStartError):
     exit_code = 5
+
+
+class PortTaken(NodeStartError):
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -181,8 +186,17 @@ def supernode_command(settings: NodeSettings) -> list[str]:
     ]
 
 
+def port_taken_message(port: int) -> str:
+    return (
+        f"runtime port {port} on {RUNTIME_HOST} is already in use (another bank's node on this machine?); "
+        "choose a free one with --runtime-port"
+    )
+
+
 def classify_exit(settings: NodeSettings, returncode: int, tail: list[str]) -> NodeStartError:
     text = "\n".join(tail)
+    if RUNTIME_PORT_TAKEN_MARKER in text:  # taken between the check in `start` and the SuperNode's bind
+        return PortTaken(port_taken_message(settings.runtime_port))
     if KEY_REFUSED_MARKER in text:
         return KeyRefused(
             f"the SuperLink at {settings.server} refused this bank's key {settings.private_key}: the "

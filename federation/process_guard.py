@@ -81,8 +81,9 @@ def _stop_tree(head: int, head_status: int | None, deadline: float) -> int:
         time.sleep(POLL_S)
         head_status = _reap(head, head_status)
         procs = _descendants()
-    # A head not reaped by now died of the SIGKILL above; a wait status of 9 says "killed by signal 9".
-    return _reap(head, head_status) if head_status is not None else int(signal.SIGKILL)
+    head_status = _reap(head, head_status)
+    # A head reaped by nobody here died of the SIGKILL above; a wait status of 9 says "killed by signal 9".
+    return int(signal.SIGKILL) if head_status is None else head_status
 
 
 def guard(command: list[str]) -> int:

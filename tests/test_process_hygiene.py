@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fingpt_federated.client.supernode import runtime_port_free
+from fingpt_federated.client.supernode import NodeSettings, PortTaken, classify_exit, runtime_port_free
 from fingpt_federated.server.app import CHECKPOINTS, METRICS_JSON
 from tests.deployment_support import (
     OVERRIDES,
@@ -214,3 +215,28 @@ def test_fingpt_sim_stopped_mid_run_stops_flower_and_ray(tmp_path, signum):
     assert sim.returncode == 128 + signum, out[-3000:]
     assert wait_gone(tree, timeout=10) == []
     assert leftovers(before, SESSION_START, linger_s=10) == []
+
+
+def test_a_taken_runtime_port_is_one_line_naming_the_port_and_the_option(tmp_path, capsys):
+    from fingpt_federated.client.cli import main
+
+    bank = synthetic_layout(tmp_path / "data", 2).bank_dirs[0]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(
+            ["start", "--insecure", "--server", "127.0.0.1:9", "--data", str(bank), "--runtime-port", str(port)]
+        )
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err == (
+        f"fingpt-client: error: runtime port {port} on 127.0.0.1 is already in use (another bank's node on this "
+        "machine?); choose a free one with --runtime-port"
+    )
+    # taken between that check and the SuperNode's own bind: Flower's traceback becomes the same line
+    settings = NodeSettings("127.0.0.1:9", None, None, bank, "bank_00", runtime_port=port)
+    failure = classify_exit(
+        settings, 1, ["ERROR: [Errno 98] ...", "RuntimeError: SuperNode Runtime HTTP API failed to start."]
+    )
+    assert isinstance(failure, PortTaken) and failure.exit_code == 2 and str(failure) in err
