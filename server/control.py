@@ -8,6 +8,8 @@ even when a call fails, so success is read from the JSON it prints.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from typing import Any
 
 import tomli_w
 
+from fingpt_federated.federation.process_guard import die_with_parent
 from fingpt_federated.server.superlink import LOOPBACK, bin_path, flower_env
 
 CONNECTION = "fingpt"
@@ -102,12 +105,14 @@ class FlowerControl:
 
     def stream_logs(self, run_id: int) -> Iterator[str]:
         """The run's log lines as the ServerApp writes them; ends when the run finishes."""
+        parent = os.getpid()
         with subprocess.Popen(
             [bin_path("flwr"), "log", str(run_id), CONNECTION, "--stream"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env=flower_env(self.flwr_home),
+            preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM),  # a killed caller leaves no stream behind
         ) as proc:
             assert proc.stdout is not None
             try:

@@ -2,14 +2,15 @@
 
 The SuperLink binds 127.0.0.1 only (its Control and Runtime APIs have no authentication in Flower's
 open-source edition); banks reach the Fleet API through `server.fleet_gateway`. Every process is
-started in its own session and stopped with its whole process tree, because Flower's SuperLink
-launches a detached SuperExec that in turn launches the ServerApp: stopping only the parent would
-leave them running.
+started in its own session under a process guard (federation/process_guard.py) and stopped with its
+whole process tree, because Flower's SuperLink launches a detached SuperExec that in turn launches
+the ServerApp (or the simulation and Ray): stopping only the parent would leave them running. Linux
+signals the guard when this process dies, even by SIGKILL, so a killed `fingpt-server` or
+`fingpt-sim` leaves nothing that holds the ports.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from types import FrameType, TracebackType
 import psutil
 
 from fingpt_federated.federation.flower_env import node_env
+from fingpt_federated.federation.process_guard import STOP_GRACE_S, die_with_parent
 from fingpt_federated.server.certificates import TlsFiles
 
 LOOPBACK = "127.0.0.1"
@@ -86,18 +88,6 @@ def dialable(bind_host: str) -> str:
     return {"0.0.0.0": LOOPBACK, "::": "::1", "": LOOPBACK}.get(bind_host, bind_host)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGTERM this child when its parent dies, even by SIGKILL.
-
-    Without it, a killed `fingpt-server` would leave its SuperLink holding the ports, and the
-    restart that should resume the run would find them taken.
-    """
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -121,13 +111,13 @@ class ManagedProcess:
         parent = os.getpid()
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.command,
+                [sys.executable, "-m", "fingpt_federated.federation.process_guard", "--", *self.command],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 start_new_session=True,
-                preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform == "linux" else None,
+                preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM),
             )
 
     @property
@@ -151,9 +141,16 @@ class ManagedProcess:
         raise TimeoutError(f"{self.name} did not listen on port {port} within {timeout:.0f}s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM the process and every descendant (detached ones included), SIGKILL what remains."""
+        """Have the guard stop the process tree; if it cannot, SIGTERM every descendant (detached ones
+        included) and SIGKILL what remains."""
         if self.process is None:
             return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=STOP_GRACE_S + timeout)
+            return
+        except subprocess.TimeoutExpired:
+            pass
         try:
             tree = [psutil.Process(self.process.pid)]
             tree += tree[0].children(recursive=True)

@@ -92,7 +92,8 @@ def fingpt_client(
 
 
 def test_control_and_runtime_apis_are_on_loopback_only(consortium):
-    superlink = psutil.Process(consortium["services"].superlink.process.pid)
+    guard = psutil.Process(consortium["services"].superlink.process.pid)
+    superlink = next(p for p in guard.children() if "flower-superlink" in " ".join(p.cmdline()))
     listening = {conn.laddr for conn in superlink.net_connections("inet") if conn.status == psutil.CONN_LISTEN}
     assert listening and {addr.ip for addr in listening} == {LOOPBACK}
 
