@@ -175,5 +175,6 @@ def test_stopping_the_services_leaves_no_process_behind(tmp_path):
         assert any("flower-superexec" in " ".join(p.cmdline()) for p in tree)
     for proc in tree:
         assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    with socket.socket() as sock:
+    with socket.socket() as sock:  # as a restarted SuperLink binds it: connections it closed may be in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((LOOPBACK, settings.control_port))

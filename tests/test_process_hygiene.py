@@ -186,7 +186,7 @@ def wait_for_descendant(proc: subprocess.Popen, marker: str, timeout: float) -> 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_fingpt_sim_stopped_mid_run_stops_flower_and_ray(tmp_path, signum):
     before = session_processes(SESSION_START)
     sim = subprocess.Popen(
