@@ -118,8 +118,9 @@ def create_app(service: PredictionService, limits: Limits | None = None, api_key
 
         def admitted() -> list[dict[str, Any]]:
             try:
-                options = {"explain": request.explain, "mc_samples": request.mc_samples}
-                return service.predict_records(records, deadline=deadline, job=job, **options)
+                return service.predict_records(
+                    records, explain=request.explain, mc_samples=request.mc_samples, deadline=deadline, job=job
+                )
             finally:
                 scheduler.leave(job)  # when the work stops, not when the caller stops waiting
 

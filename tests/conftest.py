@@ -7,9 +7,9 @@ import time
 
 import pytest
 import torch
+from process_watch import leftovers, mark_session, session_processes
 
 from fingpt_federated.conf import CONFIG_DIR, shared_data_root
-from tests.process_watch import leftovers, mark_session, session_processes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
