@@ -42,6 +42,7 @@ from safetensors.numpy import load_file
 from fingpt_federated.client.hostile import Misbehaviour
 from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
 from fingpt_federated.conf.schema import SimulationConfig
+from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.privacy.dp_settings import DPSettings
@@ -303,7 +304,7 @@ def main(cfg: DictConfig) -> float:
     try:
         with sigterm_as_interrupt():
             summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except CheckpointError as error:  # the run folder's state, not a bug: one line, no traceback
+    except (CheckpointError, DataError) as error:  # the run folder's state or bad data, not a bug: one line
         sys.exit(f"fingpt-sim: error: {error}")
     except KeyboardInterrupt as stop:
         print("fingpt-sim: stopped; the simulation's processes have been ended", file=sys.stderr)
