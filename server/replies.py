@@ -6,6 +6,7 @@ count; nothing here knows about strategies.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -61,3 +62,11 @@ def reply_metrics(reply: Message) -> Mapping[str, Any]:
     """The bank's metrics ({} when the reply carries none)."""
     records = reply.content.metric_records
     return dict(records[protocol.METRICS]) if protocol.METRICS in records else {}
+
+
+def non_finite_metrics(metrics: Mapping[str, Any]) -> str:
+    """Why an evaluate reply's `metrics` must not be averaged ("" if they may): one NaN or infinite value
+    would make the federation's validation metrics NaN (a train reply's loss is NaN under DP on purpose,
+    and its state is checked by server/update_checks.py instead)."""
+    bad = sorted(name for name, value in metrics.items() if isinstance(value, int | float) and not math.isfinite(value))
+    return f"non-finite evaluation metric(s) {', '.join(bad)}" if bad else ""

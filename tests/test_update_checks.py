@@ -16,6 +16,7 @@ from fingpt_federated.client.hostile import Misbehaviour, misbehave
 from fingpt_federated.conf import compose_config
 from fingpt_federated.federation import protocol
 from fingpt_federated.server.history import History
+from fingpt_federated.server.replies import non_finite_metrics
 from fingpt_federated.server.strategy_config import build_strategy, check_strategy
 from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate, non_finite
 
@@ -186,3 +187,17 @@ def test_the_strategy_config_sets_the_limits_and_robust_rules_are_plaintext_only
         assert type(build_strategy(compose_config([f"strategy={strategy}"]), History()).strategy).__name__ == flower
         with pytest.raises(ValueError, match=f"strategy={strategy} needs the plaintext global state"):
             check_strategy(compose_config([f"strategy={strategy}"]), encrypted=True)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"),
+    [
+        ({"accuracy": 0.5, "loss": 1.2, protocol.NUM_EXAMPLES: 40}, ""),
+        ({"accuracy": math.nan, "loss": 1.2, protocol.NUM_EXAMPLES: 40}, "accuracy"),
+        ({"accuracy": 0.5, "loss": math.inf, protocol.NUM_EXAMPLES: 40}, "loss"),
+    ],
+)
+def test_an_evaluate_reply_with_non_finite_metrics_is_refused(metrics, expected):
+    reason = non_finite_metrics(MetricRecord(metrics))
+    assert (reason == "") == (expected == "")
+    assert expected in reason
