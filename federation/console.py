@@ -31,7 +31,10 @@ class WithoutFlowerInfo(logging.Filter):
     """Drops records below WARNING that Flower's own modules logged; passes every other record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or not record.pathname.startswith(FLOWER_SOURCE)
+        if not record.pathname.startswith(FLOWER_SOURCE):
+            return True
+        # An actor ended by the simulation's own shutdown (the process guard) is not news.
+        return record.levelno >= logging.WARNING and "Manually terminating" not in record.getMessage()
 
 
 WITHOUT_FLOWER_INFO = WithoutFlowerInfo()
