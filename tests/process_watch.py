@@ -23,8 +23,16 @@ Key = tuple[int, float]
 
 
 def mark_session() -> str:
-    """Put the session's mark in this process's environment, inherited by every process it starts."""
-    return os.environ.setdefault(MARK_VARIABLE, uuid.uuid4().hex)
+    """Put the session's mark in this process's environment, inherited by every process it starts.
+
+    Under pytest-xdist each worker is a session of its own: the workers inherit the controller's
+    mark, so each appends its name, or one worker's check would kill the processes of the other's
+    running test."""
+    mark = os.environ.setdefault(MARK_VARIABLE, uuid.uuid4().hex)
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and not mark.endswith(f"-{worker}"):
+        mark = os.environ[MARK_VARIABLE] = f"{mark}-{worker}"
+    return mark
 
 
 def _alive(proc: psutil.Process) -> bool:

@@ -26,7 +26,7 @@ from tests.deployment_support import (
     start_bank,
     synthetic_layout,
 )
-from tests.process_watch import leftovers, session_processes
+from tests.process_watch import MARK_VARIABLE, leftovers, mark_session, session_processes
 
 GUARD = [sys.executable, "-m", "fingpt_federated.federation.process_guard", "--"]
 SESSION_START = time.time() - 60
@@ -105,6 +105,16 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
         assert proc.poll() is None, f"the server ended before {path} was written"
         assert time.monotonic() < deadline, f"{path} was never written"
         time.sleep(0.5)
+
+
+def test_each_xdist_worker_marks_its_processes_as_its_own_session(monkeypatch):
+    """Workers inherit the controller's mark; without their own, one worker's leftover check would
+    count (and kill) the processes of the test running in the other."""
+    monkeypatch.setenv(MARK_VARIABLE, "controller")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    assert mark_session() == "controller-gw1"
+    assert mark_session() == "controller-gw1"
+    assert os.environ[MARK_VARIABLE] == "controller-gw1"
 
 
 @pytest.mark.slow
