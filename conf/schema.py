@@ -97,8 +97,9 @@ class SimulationConfig:
     """`simulation:`: fingpt-sim only (Flower's simulation engine)."""
 
     client_cpus: int = 1  # CPUs Ray reserves per simulated bank
-    client_gpus: float = 0.0
-    total_cpus: int | None = None  # None = all of this machine's
+    client_gpus: float = 0.0  # GPU share per simulated bank (0.25 = four banks per GPU)
+    total_cpus: int | None = None  # private Ray: None = all of this machine's
+    ray_address: str | None = None  # HOST:PORT of a running Ray cluster's head to run the banks on (docs/scale.md)
     stragglers: float = 0.0  # share of banks that do only part of each round's work (systems heterogeneity)
     straggler_work: float = 0.5  # the part of the local steps a straggler does
     fail_banks: list[int] = field(default_factory=list)  # fault injection: indices of banks whose ClientApp raises

@@ -37,6 +37,7 @@ from fingpt_federated.server.superlink import (
     flower_env,
     sigterm_as_interrupt,
 )
+from fingpt_federated.simulations.ray_cluster import RayClusterError, ray_env
 
 APP_NAME = "fingpt-federated-simulation"
 
@@ -58,11 +59,21 @@ class SimulationFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class SimulationResources:
-    """How Ray shares the machine: CPUs (and GPU share) per simulated bank, CPUs in all (None = every core)."""
+    """Where the banks run and what each takes: CPUs (and GPU share) per simulated bank; CPUs in all for a
+    private Ray (None = every core); or `ray_address`, a running Ray cluster to join, whose own resources
+    decide how many banks run at once (simulations/ray_cluster.py)."""
 
     client_cpus: int = 1
     client_gpus: float = 0.0
     total_cpus: int | None = None
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ray_address and self.total_cpus is not None:
+            raise RayClusterError(
+                "simulation.total_cpus applies to a private Ray only: a cluster at simulation.ray_address "
+                "offers the CPUs its nodes were started with"
+            )
 
     def federation_config(self, num_banks: int) -> str:
         items = {
@@ -116,6 +127,7 @@ def run_flower_simulation(
     # as Ray gives every ClientApp actor: torch's default of a thread per core was measured 7x
     # slower on a shared 2-core machine.
     env["OMP_NUM_THREADS"] = str(resources.client_cpus)
+    env.update(ray_env(resources.ray_address))
     superlink = ManagedProcess(
         "simulation SuperLink",
         [

@@ -12,6 +12,7 @@ on Flower's simulation engine (simulations/flower_run.py): no network, no open p
 
 Simulation-only settings, read with these defaults when the config lacks them:
 `simulation.client_cpus` (1), `simulation.client_gpus` (0), `simulation.total_cpus` (all),
+`simulation.ray_address` (none: a private Ray; HOST:PORT: join that running Ray cluster, docs/scale.md),
 `simulation.stragglers` (share of banks that do only part of each round's work, 0),
 `simulation.straggler_work` (the part they do, 0.5), `simulation.fail_banks` (indices of banks
 whose ClientApp raises, []), `simulation.hostile_banks` (bank index -> misbehaviour of its train
@@ -73,6 +74,7 @@ from fingpt_federated.simulations.privacy_report import (
     epsilon_section,
     plot_epsilon,
 )
+from fingpt_federated.simulations.ray_cluster import RayClusterError, check_reachable
 from fingpt_federated.simulations.report import (
     BANKS_PLOT,
     GLOBAL_PLOT,
@@ -127,6 +129,17 @@ def simulation_settings(cfg: DictConfig) -> dict:
     return checked_dict(SimulationConfig, cfg.get("simulation"), "simulation")
 
 
+def simulation_resources(cfg: DictConfig) -> SimulationResources:
+    """Each bank's CPUs and GPU share, and the Ray to run on: a private one, or the reachable cluster at
+    `simulation.ray_address` (RayClusterError otherwise)."""
+    sim = simulation_settings(cfg)
+    address = sim["ray_address"] or None
+    resources = SimulationResources(int(sim["client_cpus"]), float(sim["client_gpus"]), sim["total_cpus"], address)
+    if address:
+        check_reachable(address)
+    return resources
+
+
 def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec:
     """The simulated banks, with the stragglers (seeded choice), failing and hostile banks the config asks for."""
     sim = simulation_settings(cfg)
@@ -172,6 +185,7 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     # a corrupt checkpoint to resume from stops the run here, before Ray starts (the ServerApp checks it again)
     Checkpointer(run_dir / CHECKPOINTS, None).check_resume(cfg.federation.get("resume_from_round"))
     hostile_banks(simulation_settings(cfg)["hostile_banks"])
+    resources = simulation_resources(cfg)  # a cluster that cannot be reached stops the run here
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = encryption.operator_paths(cfg, run_dir) if encrypted else cfg
     config_path = save_resolved_config(cfg, run_dir)
@@ -180,8 +194,6 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     if encrypted:
         spec = encryption.bank_secrets(cfg, run_dir, spec)
     spec_path = spec.save(run_dir / FEDERATION_SPEC)
-    sim = simulation_settings(cfg)
-    resources = SimulationResources(int(sim["client_cpus"]), float(sim["client_gpus"]), sim["total_cpus"])
     run_flower_simulation(run_dir, config_path, spec_path, len(spec.banks), resources, echo=echo)
     history = History.from_json((run_dir / METRICS_JSON).read_text(encoding="utf-8"))
     if encrypted:
@@ -304,7 +316,7 @@ def main(cfg: DictConfig) -> float:
     try:
         with sigterm_as_interrupt():
             summary = simulate(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except (CheckpointError, DataError) as error:  # the run folder's state or bad data, not a bug: one line
+    except (CheckpointError, DataError, RayClusterError) as error:  # the run folder, data or cluster: one line
         sys.exit(f"fingpt-sim: error: {error}")
     except KeyboardInterrupt as stop:
         print("fingpt-sim: stopped; the simulation's processes have been ended", file=sys.stderr)
