@@ -46,16 +46,22 @@ class UpdateChecks:
     Names, shapes, dtypes, finite values and replays are always checked. `max_norm`: an absolute bound
     (null: none). `max_norm_ratio`: a bound relative to the median norm of the round's replies (null:
     none); 10 leaves room for honest non-IID banks and DP noise, and refuses a scaled or constant state.
+    `replay_memory`: how many states (globals sent, updates accepted) the replay check remembers, the
+    oldest forgotten first: it grows by the sampled banks every round, so a long run would grow without
+    end (10,000: 500 rounds of 20 banks, about 2 MB; a forgotten state is old and far from the global).
     """
 
     max_norm: float | None = None
     max_norm_ratio: float | None = 10.0
+    replay_memory: int = 10_000
 
     def __post_init__(self) -> None:
         for key in ("max_norm", "max_norm_ratio"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"strategy.update_checks.{key} must be a positive number or null, got {value}")
+        if self.replay_memory < 1:
+            raise ValueError(f"strategy.update_checks.replay_memory must be at least 1, got {self.replay_memory}")
 
 
 class UpdateGate:
@@ -69,12 +75,18 @@ class UpdateGate:
     def sent(self, server_round: int, arrays: ArrayRecord) -> None:
         """Remember the global state sent for training in `server_round`."""
         self._sent = {name: array.numpy() for name, array in arrays.items()}
-        self._seen.setdefault(protocol.record_hash(arrays), f"the global state sent in round {server_round}")
+        self._remember(protocol.record_hash(arrays), f"the global state sent in round {server_round}")
 
     def accepted(self, content: RecordDict, bank: str, server_round: int) -> None:
         """Remember an aggregated update, so that it cannot be sent again."""
         arrays = content.array_records[protocol.ARRAYS]
-        self._seen.setdefault(protocol.record_hash(arrays), f"the update of {bank} in round {server_round}")
+        self._remember(protocol.record_hash(arrays), f"the update of {bank} in round {server_round}")
+
+    def _remember(self, state_hash: str, what: str) -> None:
+        """Keep the newest `replay_memory` states (a dict keeps insertion order: the first is the oldest)."""
+        self._seen.setdefault(state_hash, what)
+        while len(self._seen) > self.limits.replay_memory:
+            del self._seen[next(iter(self._seen))]
 
     def check(self, content: RecordDict) -> tuple[str, float]:
         """Why this train reply must not be aggregated ("" if it may), and the norm of its update."""

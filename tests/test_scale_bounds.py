@@ -1,0 +1,50 @@
+"""What the operator keeps grows with rounds and banks: each thing that would grow without end has a bound.
+
+docs/scale.md lists what grows with the number of banks and rounds and how each is bounded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fingpt_federated.conf import compose_config
+from fingpt_federated.federation import protocol
+from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate
+
+SENT = {"w": np.zeros(3, dtype=np.float32)}
+
+
+def state(value: float) -> ArrayRecord:
+    return ArrayRecord({name: Array(array + np.float32(value)) for name, array in SENT.items()})
+
+
+def reply(value: float) -> RecordDict:
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: 10, "train_loss": 0.5})
+    return RecordDict({protocol.ARRAYS: state(value), protocol.METRICS: metrics})
+
+
+def test_the_replay_check_remembers_the_newest_states_only():
+    """Every round adds the global sent and each accepted update: 6 rounds of 2 banks would be 18 states."""
+    gate = UpdateGate(UpdateChecks(replay_memory=4))
+    for server_round in range(1, 7):
+        gate.sent(server_round, state(server_round))
+        for bank in (1, 2):
+            gate.accepted(reply(server_round + bank / 10), f"bank_{bank}", server_round)
+    assert len(gate._seen) == 4
+    newest = gate.check(reply(6.2))[0]
+    assert newest == "replayed state: it is the update of bank_2 in round 6"
+    assert gate.check(reply(5.2))[0] == "replayed state: it is the update of bank_2 in round 5"
+    assert gate.check(reply(1.1))[0] == ""  # forgotten: round 1 is 5 rounds and 14 states back
+
+
+def test_the_default_replay_memory_covers_hundreds_of_rounds_of_20_banks():
+    assert UpdateChecks().replay_memory >= 21 * 100
+    assert compose_config(["strategy.update_checks.replay_memory=50"]).strategy.update_checks.replay_memory == 50
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_the_replay_memory_must_hold_a_state(bad):
+    with pytest.raises(ValueError, match="strategy.update_checks.replay_memory must be at least 1"):
+        UpdateChecks(replay_memory=bad)
