@@ -1,360 +1,61 @@
-"""The bank's ClientApp: train the global model on the bank's own data, or evaluate it there.
+"""The bank's ClientApp, kept thin: it imports no torch, no transformers and no model code.
 
-The same app runs in a deployment (a bank's SuperNode, node config `data-path`) and in a
-simulation (a Ray actor standing in for many banks, found through `partition-id` in the run's
-FederationSpec). Data and the model are cached per process: a simulation actor serves many
-messages and rebuilding the backbone for each would dominate a round; a deployment SuperNode
-starts a fresh process per message, where the caches simply stay cold.
+In a deployment Flower (1.41) starts a fresh `flwr-clientapp` process for every message, which
+serves that one message and exits, in either isolation mode. What is heavy therefore lives
+elsewhere:
 
-One cached model serves every bank of an actor: each message loads the global state into it
-and refits the series normaliser on that bank's own train split, so nothing of one bank stays
-behind for the next.
+- a deployed bank started with `fingpt-client start` (the default, `--worker`) has a long-lived
+  worker process (client/worker.py) that holds torch, the backbone and the bank's validated data;
+  `fingpt-client` passes its socket in the node config (`worker-socket`), and this app hands the
+  message to it over that private Unix socket (client/worker_channel.py) and returns its reply;
+- otherwise (a simulation, whose Ray actors live for the whole run, or `fingpt-client start
+  --no-worker`) the work runs here, in this process (client/worker_task.py, imported only then).
 
-Differential privacy: when the round config carries a `dp-config`, the bank trains with Opacus
-DP-SGD against its own privacy ledger in its state folder (node config `state-dir`, else
-`state` beside its data), with its own budget when it sets one (`dp-target-epsilon`, ... in its
-node config). A bank whose next round would exceed its budget declines: it replies with a
-`status` record instead of a state, the server logs it and goes on with the others. A bank whose
-ledger is missing or behind the operator's record of its spend (sent with every train message)
-fails the round with how to restore it (privacy/ledger_check.py), never trains on a fresh
-budget. Under DP the train loss stays at the bank (it is computed from the records without
-noise) and the reply reports epsilon, delta and the noise multiplier instead; for the same reason
-an evaluate reply carries metrics of the validation split only where `dp.report_validation`
-allows it.
-
-Encryption: when the round config names a CKKS ceremony (`he-fingerprint`), the bank decrypts
-the global state it receives onto the initial state it rebuilt, and its train reply carries the
-encrypted drift instead of arrays (client/encryption.py).
+Either way the bank's work is the same code, `worker_task.handle`; a failure there raises here,
+and Flower counts it as this bank's failure of the round.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections import OrderedDict
-from dataclasses import dataclass, replace
-from functools import lru_cache
-from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common import log
-from transformers import PreTrainedTokenizerBase
 
-from fingpt_federated.client import encryption, hostile
-from fingpt_federated.client.training import private_config, train_local
-from fingpt_federated.data.bank_data import BankData, load_bank
-from fingpt_federated.federation import protocol, run_inputs
-from fingpt_federated.federation.console import quiet_console
-from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
-from fingpt_federated.federation.protocol import Receipt, RoundTask
-from fingpt_federated.model.build import build_model
-from fingpt_federated.model.evaluation import evaluate
-from fingpt_federated.model.hybrid import HybridFinGPT
-from fingpt_federated.model.state import federated_state, load_federated_state
-from fingpt_federated.model.train_config import TrainConfig
-from fingpt_federated.privacy.dp_budget import BudgetExceeded, ledger_path
-from fingpt_federated.privacy.dp_settings import DPSettings, budget_from_flat
-from fingpt_federated.privacy.dp_training import DPTask
-from fingpt_federated.privacy.ledger_check import open_checked
+from fingpt_federated.client import worker_channel
+
+if TYPE_CHECKING:
+    from fingpt_federated.model.train_config import TrainConfig
 
 app = ClientApp()
 
 
-class SimulatedBankFailure(RuntimeError):
-    """Raised by a bank marked `fail` in a simulation's FederationSpec."""
-
-
-@dataclass
-class _Worker:
-    """A built model, its tokenizer and its initial federated state, for one (model config, task shape)."""
-
-    key: str
-    model: HybridFinGPT
-    tokenizer: PreTrainedTokenizerBase
-    initial: OrderedDict[str, torch.Tensor]
-    initial_hash: str
-
-
-_worker: _Worker | None = None
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Load the global state, train locally (FedProx when proximal-mu > 0), reply with the new state."""
-    task, site, bank, worker = _prepare(msg, context)
-    cfg = local_train_config(task)
-    privacy = bank_privacy(task, site, context)
-    if privacy is not None:
-        cfg = private_config(cfg, privacy.settings, privacy.server_round)
-    planned = planned_steps(len(bank.train), cfg, task.local_steps)
-    steps = max(1, math.ceil(site.work * planned))
-    anchor = federated_state(worker.model)
-    try:
-        result = train_local(
-            worker.model,
-            worker.tokenizer,
-            bank.train,
-            cfg,
-            global_state=anchor,
-            proximal_mu=task.proximal_mu,
-            max_steps=steps,
-            privacy=privacy,
-        )
-    except BudgetExceeded as refused:
-        log(WARNING, "bank %s round %d: declines to train: %s", site.name, task.server_round, refused)
-        return _declined(msg, site, task, str(refused))
-    log(
-        INFO,
-        "bank %s round %d: %d/%d local steps, loss %.4f",
-        site.name,
-        task.server_round,
-        result.steps,
-        planned,
-        result.loss,
-    )
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: result.examples,
-            "train_loss": result.loss if privacy is None else math.nan,
-            "local_steps": result.steps,
-            "planned_steps": planned,
-            "straggler": float(result.steps < planned),
-            "seconds": result.seconds,
-        }
-    )
-    if privacy is not None:
-        assert result.epsilon is not None and result.noise_multiplier is not None  # train_local's, under privacy
-        log(
-            INFO,
-            "bank %s round %d: epsilon %.4f (delta %g) of its budget %s",
-            site.name,
-            task.server_round,
-            result.epsilon,
-            privacy.settings.delta,
-            privacy.settings.target_epsilon,
-        )
-        metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
-    content = RecordDict(
-        {
-            **_update(task, site, context, worker, result.examples, anchor),
-            protocol.METRICS: metrics,
-            protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
-        }
-    )
-    return Message(content=content, reply_to=msg)
-
-
-def _update(
-    task: RoundTask,
-    site: BankSite,
-    context: Context,
-    worker: _Worker,
-    examples: int,
-    sent: OrderedDict[str, torch.Tensor],
-) -> dict:
-    """The reply's state: the local state as arrays, or in an encrypted round only its encrypted drift."""
-    local = hostile.misbehave(site.hostile, federated_state(worker.model), sent, worker.initial)
-    if not task.encrypted:
-        return {protocol.ARRAYS: protocol.state_to_record(local)}
-    secrets = encryption.bank_secrets(site, context)
-    return {protocol.HE_UPDATE: encryption.encrypted_update(task, secrets, site.name, local, worker.initial, examples)}
-
-
-def _global_state(task: RoundTask, site: BankSite, context: Context, worker: _Worker, arrays: ArrayRecord) -> dict:
-    """The received global state in plaintext (decrypted onto the rebuilt initial state when encrypted)."""
-    if not task.encrypted:
-        return protocol.record_to_state(arrays)
-    encryption.check_initial(task, worker.initial_hash, site.name)
-    secrets = encryption.bank_secrets(site, context)
-    return encryption.decrypt_received(task, secrets, site.name, worker.initial, arrays)
-
-
-def _declined(msg: Message, site: BankSite, task: RoundTask, reason: str) -> Message:
-    """A train reply without a state: the bank did not train this round, and why."""
-    content = RecordDict(
-        {
-            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 0}),
-            protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
-            protocol.STATUS: ConfigRecord({"status": protocol.DECLINED, "reason": reason}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
-
-
-def bank_privacy(task: RoundTask, site: BankSite, context: Context) -> DPTask | None:
-    """The round's DP task for this bank: its settings (`bank_dp_settings`) and its ledger; None without DP.
-
-    A ledger missing or behind the operator's record of the bank's spend (`task.dp_spent`) is a
-    LedgerBehindRecord error, not a decline: the round counts it as this bank's failure (the run
-    stops when too few banks remain), and the bank trains again once its ledger is restored.
-    """
-    settings = bank_dp_settings(task, site, context)
-    if settings is None:
-        return None
-    run = task.dp_run or "run"
-    ledger = open_checked(
-        ledger_path(state_dir(site, context), run),
-        task.dp_spent.get(site.name),
-        bank=site.name,
-        run=run,
-        accountant=settings.accountant,
-        delta=settings.delta,
-        target_epsilon=settings.target_epsilon,
-    )
-    return DPTask(settings, ledger, round_label=str(task.server_round), server_round=task.server_round)
-
-
-def bank_dp_settings(task: RoundTask, site: BankSite, context: Context) -> DPSettings | None:
-    """The round's DP settings with the bank's own budget laid over them (its `banks:` entry, then
-    its node config); None without DP."""
-    if not task.dp or not task.dp.get("enabled", False):
-        return None
-    return DPSettings.from_mapping(task.dp, bank=site.name, overrides=budget_from_flat(context.node_config))
-
-
-def reports_validation(task: RoundTask, site: BankSite, context: Context) -> bool:
-    """Whether this bank's evaluate reply may carry metrics: always without DP, under DP if it allows."""
-    settings = bank_dp_settings(task, site, context)
-    return settings is None or settings.report_validation
-
-
-def state_dir(site: BankSite, context: Context) -> Path:
-    """Node config `state-dir`, else `state` inside a prepared bank folder or beside a data config."""
-    configured = context.node_config.get(protocol.NODE_STATE_DIR)
-    if configured:
-        return Path(str(configured)).expanduser()
-    data = Path(site.path).expanduser()
-    return (data if data.is_dir() else data.parent) / "state"
+    """Train the global state on the bank's data (FedProx when proximal-mu > 0); reply with the new state."""
+    return Message(content=handle("train", msg, context), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Metrics of the global model on this bank's validation split (never used for training).
-
-    Under DP only with `dp.report_validation` (the bank's own setting wins): otherwise the reply
-    holds just the row count, since the metrics would release its validation customers un-noised.
-    """
-    task, site, bank, worker = _prepare(msg, context)
-    if bank.valid is None or len(bank.valid) == 0:
-        raise ValueError(f"bank {site.name} has no validation rows to evaluate on")
-    metrics: dict[str, float] = {}
-    if reports_validation(task, site, context):
-        metrics = evaluate(worker.model, worker.tokenizer, bank.valid, local_train_config(task).eval_batch_size)
-    content = RecordDict(
-        {
-            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(bank.valid), **metrics}),
-            protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    """Metrics of the global model on this bank's validation split (never used for training)."""
+    return Message(content=handle("evaluate", msg, context), reply_to=msg)
 
 
-def local_train_config(task: RoundTask) -> TrainConfig:
-    """The model config's `train:` block with the round's local epochs; no progress bars in a federation."""
-    cfg = TrainConfig.from_mapping(task.model_config.get("train") or {})
-    return replace(cfg, epochs=task.local_epochs, max_steps=task.local_steps, progress=False)
+def handle(kind: str, msg: Message, context: Context) -> RecordDict:
+    """The reply content: from the bank's worker when the node config names one, else computed here."""
+    socket_path = context.node_config.get(worker_channel.NODE_WORKER_SOCKET)
+    if socket_path:
+        meta = {"run_id": context.run_id, "node_id": context.node_id, "run_config": dict(context.run_config)}
+        return worker_channel.request(Path(str(socket_path)), kind, msg.content, meta)
+    from fingpt_federated.client import worker_task  # torch and the model: only where the work runs here
+
+    return worker_task.handle(kind, msg.content, context)
 
 
 def planned_steps(num_rows: int, cfg: TrainConfig, local_steps: int | None) -> int:
     """Optimizer steps of a full round's local work: `epochs` passes, capped at `local_steps`."""
     full = cfg.epochs * math.ceil(num_rows / cfg.batch_size)
     return full if local_steps is None else min(full, local_steps)
-
-
-def bank_site(context: Context) -> BankSite:
-    """Where this node's data is: node config `data-path` (deployment) or the run's FederationSpec.
-
-    A deployed bank is named by its node config `bank-name`, else by its data (BankData.name).
-    """
-    node = context.node_config
-    if protocol.NODE_DATA_PATH in node:
-        path = str(node[protocol.NODE_DATA_PATH])
-        name = str(node.get(protocol.NODE_BANK_NAME, ""))
-        return BankSite(path=path, name=name, work=float(node.get(protocol.NODE_LOCAL_WORK, 1.0)))
-    spec_path = context.run_config.get(protocol.RUN_SPEC_PATH)
-    values = run_inputs.uses_values(context.run_config)
-    if protocol.NODE_PARTITION_ID not in node or not (spec_path or values):
-        raise ValueError(
-            f"this node has no `{protocol.NODE_DATA_PATH}` in its node config and the run has no "
-            f"`{protocol.RUN_SPEC_PATH}` for simulated banks: start the SuperNode with "
-            f"--node-config '{protocol.NODE_DATA_PATH}=\"/path/to/bank.yaml\"'"
-        )
-    banks = _spec(str(spec_path)).banks if spec_path else _values_spec(context).banks
-    partition = int(node[protocol.NODE_PARTITION_ID])
-    if not 0 <= partition < len(banks):
-        raise ValueError(f"partition-id {partition} but the federation spec lists {len(banks)} banks")
-    return banks[partition]
-
-
-def _prepare(msg: Message, context: Context) -> tuple[RoundTask, BankSite, BankData, _Worker]:
-    """Parse the task, find and check the bank's data, and load the global state into the model."""
-    quiet_console()
-    task = RoundTask.from_config(msg.content.config_records[protocol.CONFIG])
-    site = bank_site(context)
-    if site.fail:
-        raise SimulatedBankFailure(f"bank {site.name}: simulated failure (listed in the federation's fail_banks)")
-    arrays = msg.content.array_records[protocol.ARRAYS]
-    received = protocol.record_hash(arrays)
-    if received != task.state_hash:
-        raise ValueError(
-            f"bank {site.name}: global state hash {received[:12]} differs from the announced {task.state_hash[:12]}"
-        )
-    bank = _bank(site.path)
-    if not site.name:
-        site = replace(site, name=bank.name)
-    if list(bank.train.class_names) != task.class_names:
-        raise ValueError(
-            f"bank {site.name} has classes {bank.train.class_names}, the federation trains {task.class_names}"
-        )
-    worker = _model_for(task)
-    load_federated_state(worker.model, _global_state(task, site, context, worker, arrays))
-    if bank.train.series is not None and bank.train.mask is not None:  # BankDataset: a series has its mask
-        worker.model.fit_normalizer(bank.train.series, bank.train.mask)
-    return task, site, bank, worker
-
-
-def _model_for(task: RoundTask) -> _Worker:
-    """The cached model when the task asks for the same one, else a freshly built one (only one is kept)."""
-    global _worker
-    architecture = {name: value for name, value in task.model_config.items() if name != "train"}
-    key = json.dumps([architecture, task.class_names, task.num_features], sort_keys=True)
-    if _worker is None or _worker.key != key:
-        _worker = None
-        model, tokenizer = build_model(task.model_config, task.num_classes, task.num_features)
-        initial = federated_state(model)
-        _worker = _Worker(key, model, tokenizer, initial, protocol.record_hash(protocol.state_to_record(initial)))
-    return _worker
-
-
-@lru_cache(maxsize=256)
-def _bank(path: str) -> BankData:
-    return load_bank(path)
-
-
-@lru_cache(maxsize=8)
-def _spec(path: str) -> FederationSpec:
-    return FederationSpec.load(path)
-
-
-def _values_spec(context: Context) -> FederationSpec:
-    """`flwr run .`: the banks prepared from the run config's values, one per simulated SuperNode."""
-    num_banks = int(context.node_config[protocol.NODE_NUM_PARTITIONS])
-    key = json.dumps({**context.run_config, "num-banks": num_banks}, sort_keys=True, default=str)
-    return _prepared_spec(key)
-
-
-@lru_cache(maxsize=8)
-def _prepared_spec(run_config_json: str) -> FederationSpec:
-    run_config = json.loads(run_config_json)
-    num_banks = int(run_config.pop("num-banks"))
-    return run_inputs.prepared_spec(run_inputs.config_from_run(run_config, num_banks), num_banks)

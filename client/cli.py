@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from fingpt_federated.client.supernode import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_MAX_WAIT_S,
     DEFAULT_RUNTIME_PORT,
+    DEFAULT_TASK_POLL_S,
     NodeSettings,
     NodeStartError,
+    node_config_values,
     port_taken_message,
     probe_server,
     run_supernode,
@@ -145,6 +148,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as exc:
             return fail(str(exc), EXIT_INVALID)
         print(f"node key fingerprint: {fingerprint(key.public_key())}")
+    if not 0.01 <= args.task_poll_s <= 60:
+        return fail(f"--task-poll-s {args.task_poll_s} must be between 0.01 and 60 seconds", EXIT_INVALID)
     if not runtime_port_free(args.runtime_port):
         return fail(port_taken_message(args.runtime_port), EXIT_INVALID)
     settings = NodeSettings(
@@ -157,16 +162,31 @@ def cmd_start(args: argparse.Namespace) -> int:
         max_retries=args.max_retries,
         max_wait_s=args.max_wait,
         node_options=node_options(args),
+        task_poll_s=args.task_poll_s,
     )
     try:
         probe_server(settings)
-        print(f"reached the SuperLink at {args.server}; starting the SuperNode")
-        run_supernode(settings)
+        if args.worker:
+            run_with_worker(settings)
+        else:
+            print(f"reached the SuperLink at {args.server}; starting the SuperNode (no worker)")
+            run_supernode(settings)
     except ValueError as exc:
         return fail(str(exc), EXIT_INVALID)
     except NodeStartError as exc:
         return fail(str(exc), exc.exit_code)
     return 0
+
+
+def run_with_worker(settings: NodeSettings) -> None:
+    """Start the bank's worker (supervised, restarted if it crashes), then the SuperNode that feeds it."""
+    from fingpt_federated.client.worker_supervisor import WorkerSupervisor
+
+    with WorkerSupervisor(node_config_values(settings)) as worker:
+        print(
+            f"reached the SuperLink at {settings.server}; bank worker on {worker.socket_path}; starting the SuperNode"
+        )
+        run_supernode(replace(settings, worker_socket=worker.socket_path))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="under DP, whether this bank reports the global model's (un-noised) metrics on its "
         "validation split (default: the federation's privacy.dp.report_validation, off)",
+    )
+    start.add_argument(
+        "--worker",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep torch, the model and the data in one long-lived worker process of this bank, which "
+        "Flower's per-message ClientApp processes hand their messages to over a private Unix socket "
+        "(default); --no-worker: every ClientApp process imports torch and builds the model itself",
+    )
+    start.add_argument(
+        "--task-poll-s",
+        type=float,
+        default=DEFAULT_TASK_POLL_S,
+        help="how often Flower's SuperExec asks the SuperNode for a message to run (Flower's default 1.0)",
     )
     start.add_argument("--he-context", type=Path, help="the federation's SECRET CKKS context (encrypted runs)")
     start.add_argument("--binding-key", type=Path, help="this bank's update-binding key, KEY.binding (encrypted runs)")

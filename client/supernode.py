@@ -25,6 +25,7 @@ from typing import IO
 
 import httpx
 
+from fingpt_federated.client.worker_channel import NODE_WORKER_SOCKET
 from fingpt_federated.federation.flower_env import node_env
 from fingpt_federated.federation.process_guard import STOP_GRACE_S, die_with_parent
 
@@ -37,6 +38,12 @@ OUTPUT_DRAIN_S = 10.0
 PROBE_BACKOFF_CAP_S = 5.0
 RUNTIME_PORT_TAKEN_MARKER = "SuperNode Runtime HTTP API failed to start"
 KEY_REFUSED_MARKER = "[code: 2004]"  # Flower's FLEET_NODE_ACTIVATION_FAILED: no node has this public key
+# How often the SuperNode's SuperExec asks it for a message to start a ClientApp for: Flower's
+# default is 1.0 s, its minimum 0.01 s; the only one of Flower 1.41's polling intervals that a
+# setting reaches (the SuperNode's 3 s wait for the SuperLink and the ServerApp's 3 s wait for
+# replies are constants in its code). Lowering it shortens every message; docs/benchmarks.md.
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+DEFAULT_TASK_POLL_S = 0.1
 
 
 class NodeStartError(RuntimeError):
@@ -76,6 +83,9 @@ class NodeSettings:
     node_options: tuple[tuple[str, str | float | bool], ...] = ()
     """More node config for the ClientApp (state-dir, dp-target-epsilon, he-context, ...): a
     string value is a path (made absolute), a number stays a number, a bool a TOML bool."""
+    worker_socket: Path | None = None
+    """The bank's worker (client/worker.py); None: every ClientApp process does the work itself."""
+    task_poll_s: float = DEFAULT_TASK_POLL_S
 
     @property
     def insecure(self) -> bool:
@@ -145,20 +155,45 @@ def toml_literal(value: str) -> str:
     return f"'{value}'"
 
 
-def node_config(settings: NodeSettings) -> str:
-    """The `--node-config` value: data path and bank name, then the node options, as TOML values."""
-    items = [
-        f"data-path={toml_literal(str(settings.data_path.resolve()))}",
-        f"bank-name={toml_literal(settings.bank_name)}",
-    ]
+def node_config_values(settings: NodeSettings) -> dict[str, str | float | bool]:
+    """The node config: data path and bank name, then the node options (paths made absolute).
+
+    The bank's worker gets these values at start; the SuperNode gets them as `--node-config`,
+    with the worker's socket added when there is one.
+    """
+    values: dict[str, str | float | bool] = {
+        "data-path": str(settings.data_path.resolve()),
+        "bank-name": settings.bank_name,
+    }
     for key, value in settings.node_options:
         if isinstance(value, str):
-            items.append(f"{key}={toml_literal(str(Path(value).expanduser().resolve()))}")
+            values[key] = str(Path(value).expanduser().resolve())
+        elif isinstance(value, bool):
+            values[key] = value
+        else:
+            values[key] = float(value)
+    return values
+
+
+def node_config(settings: NodeSettings) -> str:
+    """The `--node-config` value: the node config as TOML values, and the worker's socket."""
+    values = node_config_values(settings)
+    if settings.worker_socket is not None:
+        values[NODE_WORKER_SOCKET] = str(settings.worker_socket)
+    items = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            items.append(f"{key}={toml_literal(value)}")
         elif isinstance(value, bool):
             items.append(f"{key}={str(value).lower()}")
         else:
             items.append(f"{key}={float(value)!r}")
     return " ".join(items)
+
+
+def supernode_env(settings: NodeSettings) -> dict[str, str]:
+    """Flower's environment (federation/flower_env.py) with the SuperExec's task poll interval."""
+    return {**node_env(), TASK_POLL_ENV: repr(float(settings.task_poll_s))}
 
 
 def supernode_command(settings: NodeSettings) -> list[str]:
@@ -250,7 +285,7 @@ def run_supernode(settings: NodeSettings) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=node_env(),
+        env=supernode_env(settings),
         start_new_session=True,
         preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM),
     )

@@ -8,15 +8,24 @@ Nothing is ever downloaded. Three names are shortcuts:
   bank (and every process) gets bit-identical weights.
 Anything else is a path to a saved checkpoint.
 
+Per process, the module counts its backbone loads (`backbone_loads`) and names a backbone by its
+folder and a SHA-256 of its files (`backbone_fingerprint`): the key under which a long-lived
+process (a bank's worker, a simulation's Ray actor) caches the model built on it
+(client/worker_task.py). The hash is computed once per folder and recomputed only when a file's
+size, mtime or inode changes, so asking again every message costs a few `stat` calls.
+
 The decoder is loaded with `AutoModel` (no LM head): the classifier needs hidden states only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import logging
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -50,6 +59,10 @@ DECODER_TYPES = {
 }
 
 _TINY_SEED = 1234
+_HASH_CHUNK = 1 << 24
+_log = logging.getLogger(__name__)
+_loads = 0
+_hashes: dict[tuple, str] = {}
 
 
 def cache_dir() -> Path:
@@ -87,8 +100,37 @@ def detect_family(config: PretrainedConfig) -> str:
     raise ValueError(f"cannot tell whether {config.model_type!r} is an encoder or a decoder: set model.family")
 
 
+def backbone_loads() -> int:
+    """How many times this process has loaded a backbone from disk."""
+    return _loads
+
+
+def backbone_fingerprint(name: str) -> tuple[str, str]:
+    """(resolved folder, SHA-256 of its files): what a cache of models built on it is keyed by."""
+    path = resolve_backbone(name).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    signature = tuple((str(p.relative_to(path)), *_stat_key(p)) for p in files)
+    key = (str(path), signature)
+    if key not in _hashes:
+        digest = hashlib.sha256()
+        for file, entry in zip(files, signature, strict=True):
+            digest.update(f"{entry[0]}\0{entry[1]}\0".encode())
+            with open(file, "rb") as handle:
+                while chunk := handle.read(_HASH_CHUNK):
+                    digest.update(chunk)
+        _hashes[key] = digest.hexdigest()
+    return str(path), _hashes[key]
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
 def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """Frozen backbone, its tokenizer (with a pad token) and its family."""
+    global _loads
+    started = time.perf_counter()
     path = resolve_backbone(cfg.backbone)
     config = AutoConfig.from_pretrained(path)
     family = cfg.family or detect_family(config)
@@ -98,6 +140,8 @@ def load_backbone(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenize
     tokenizer.padding_side = "right"
     backbone = AutoModel.from_pretrained(path, **(_quantization_kwargs(cfg) or {"dtype": torch.float32}))
     backbone.requires_grad_(False)
+    _loads += 1
+    _log.info("backbone %s loaded in %.1f s (load %d of this process)", path, time.perf_counter() - started, _loads)
     return backbone, tokenizer, family
 
 
