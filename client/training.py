@@ -52,6 +52,7 @@ from fingpt_federated.client.proximal import add_proximal_correction
 from fingpt_federated.data.batching import Batch, make_loader
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.evaluation import check_compatible, evaluate, resolve_device
+from fingpt_federated.model.features import fit_features_on
 from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.state import (
     federated_state,
@@ -159,6 +160,7 @@ def train_local(
     model.to(device)
     if train.series is not None and train.mask is not None and not model.normalizer_fitted:  # a series has its mask
         model.fit_normalizer(train.series, train.mask)
+    fit_features_on(model, train)
     loader = make_loader(train, tokenizer, model.config.max_length, cfg.batch_size, shuffle=True, seed=cfg.seed)
     budget = max_steps if max_steps is not None else cfg.max_steps
     total = cfg.epochs * len(loader) if budget is None else min(budget, cfg.epochs * len(loader))

@@ -1,8 +1,9 @@
 """From a bank's column-wise data to padded model batches.
 
 Texts are tokenised once, up front. Items are plain tuples of tensors
-(token ids, series, series mask, label) so that a torch DataLoader, and later Opacus's
-Poisson-sampling DPDataLoader (which inspects the first item's tensors), can use them as they are.
+(token ids, series, series mask, numeric features, categorical hashes, label) so that a torch
+DataLoader, and later Opacus's Poisson-sampling DPDataLoader (which inspects the first item's
+tensors), can use them as they are.
 The collator pads token ids to the longest text of the batch and cuts the series after the last
 real step of the batch.
 """
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fingpt_federated.data.records import BankDataset
 
-Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Batch:
     series: torch.Tensor | None
     series_mask: torch.Tensor | None
     labels: torch.Tensor
+    numeric: torch.Tensor | None = None  # (B, Fn) raw static numbers
+    categorical: torch.Tensor | None = None  # (B, Fc) int64 category hashes
 
     def to(self, device: torch.device) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -38,6 +41,8 @@ class Batch:
             move(self.series),
             move(self.series_mask),
             self.labels.to(device, non_blocking=True),
+            move(self.numeric),
+            move(self.categorical),
         )
 
     def inputs(self) -> dict[str, torch.Tensor | None]:
@@ -47,6 +52,8 @@ class Batch:
             "attention_mask": self.attention_mask,
             "series": self.series,
             "series_mask": self.series_mask,
+            "numeric": self.numeric,
+            "categorical": self.categorical,
         }
 
     def __len__(self) -> int:
@@ -65,6 +72,9 @@ class EncodedBank(Dataset):
         self.series = None if data.series is None else torch.tensor(data.series, dtype=torch.float32)
         self.mask = None if data.mask is None else torch.tensor(data.mask, dtype=torch.bool)
         self.labels = torch.tensor(data.labels, dtype=torch.long)
+        static = data.features
+        self.numeric = None if static is None else torch.tensor(static.numeric, dtype=torch.float32)
+        self.categorical = None if static is None else torch.tensor(static.categorical, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,6 +85,8 @@ class EncodedBank(Dataset):
             empty.long() if self.token_ids is None else torch.tensor(self.token_ids[i], dtype=torch.long),
             empty if self.series is None else self.series[i],
             empty.bool() if self.mask is None else self.mask[i],
+            empty if self.numeric is None else self.numeric[i],
+            empty.long() if self.categorical is None else self.categorical[i],
             self.labels[i],
         )
 
@@ -82,13 +94,14 @@ class EncodedBank(Dataset):
 class Collator:
     """Stacks items into a Batch, padding token ids with the tokenizer's pad id."""
 
-    def __init__(self, pad_id: int, has_text: bool, has_series: bool) -> None:
+    def __init__(self, pad_id: int, has_text: bool, has_series: bool, has_features: bool = False) -> None:
         self.pad_id = pad_id
         self.has_text = has_text
         self.has_series = has_series
+        self.has_features = has_features
 
     def __call__(self, items: list[Item]) -> Batch:
-        ids, series, masks, labels = zip(*items, strict=True)
+        ids, series, masks, numeric, categorical, labels = zip(*items, strict=True)
         input_ids = attention_mask = batch_series = series_mask = None
         if self.has_text:
             longest = max(len(t) for t in ids)
@@ -102,7 +115,9 @@ class Collator:
             real_steps = series_mask.any(dim=0).nonzero()
             steps = int(real_steps.max()) + 1 if len(real_steps) else 1
             batch_series, series_mask = torch.stack(series)[:, :steps], series_mask[:, :steps]
-        return Batch(input_ids, attention_mask, batch_series, series_mask, torch.stack(labels))
+        numbers = torch.stack(numeric) if self.has_features else None
+        hashes = torch.stack(categorical) if self.has_features else None
+        return Batch(input_ids, attention_mask, batch_series, series_mask, torch.stack(labels), numbers, hashes)
 
 
 def make_loader(
@@ -115,7 +130,9 @@ def make_loader(
     seed: int = 0,
 ) -> DataLoader:
     """A DataLoader of Batches; shuffling is seeded so that a run can be repeated exactly."""
-    collate = Collator(tokenizer.pad_token_id, data.texts is not None, data.series is not None)
+    collate = Collator(
+        tokenizer.pad_token_id, data.texts is not None, data.series is not None, data.features is not None
+    )
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         EncodedBank(data, tokenizer, max_length),

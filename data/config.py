@@ -10,11 +10,13 @@ bank loads itself. A new option is one field here, with its default.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_args, get_type_hints
 
 from omegaconf import MISSING
 
+from fingpt_federated.data.errors import DataConfigError
+from fingpt_federated.data.features import Features
 from fingpt_federated.structured_config import checked_dict
 
 
@@ -32,6 +34,24 @@ class SyntheticData:
 class Files:
     train: str | None = None  # None with `synthetic`: filled in with the generated file
     test: str | None = None  # None: split.test_fraction of the train rows is the global test set
+
+
+@dataclass
+class TableOptions:
+    """How a delimited text file (`format: csv`, or a .csv file) is read; data/tables.py applies them.
+
+    `delimiter`: one character, or `whitespace` (runs of spaces and tabs). `header`: the first line
+    (after `skip_rows`) names the columns; without one `columns` is required; with one, `columns`
+    renames them. `quote`: the quote character, or null for none. `comment`: lines starting with it
+    are skipped. `skip_rows`: lines skipped at the top of the file, before the header.
+    """
+
+    delimiter: str = ","
+    header: bool = True
+    columns: list[str] | None = None
+    quote: str | None = '"'
+    comment: str | None = None
+    skip_rows: int = 0
 
 
 @dataclass
@@ -98,14 +118,37 @@ class DataConfig:
     synthetic: SyntheticData | None = None
     format: str | None = None  # csv | parquet | jsonl; None = from the file suffix
     encoding: str = "utf-8"
+    table: TableOptions = field(default_factory=TableOptions)
     files: Files = field(default_factory=Files)
     text: Text = field(default_factory=Text)
     label: Label = field(default_factory=Label)
     series: Series | None = None
+    features: Features | None = None  # static numeric / categorical columns (data/features.py)
     keep_columns: list[str] = field(default_factory=list)  # kept beside the records, e.g. a natural bank key
     split: Split = field(default_factory=Split)
 
 
 def data_config(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A data config over the defaults, checked against the schema, resolved, as a plain dict."""
-    return checked_dict(DataConfig, cfg, "data")
+    """A data config over the defaults, checked against the schema, resolved, as a plain dict.
+
+    An unknown key (`sep:` instead of `table.delimiter:`) or a wrong type is a DataConfigError naming
+    the key, so every command reports it in one line as it does bad data.
+    """
+    try:
+        return checked_dict(DataConfig, cfg, "data")
+    except ValueError as error:
+        key, _, reason = str(error).partition(": ")
+        if reason.startswith("Key ") and " not in " in reason:
+            reason = f"unknown key; {key.rpartition('.')[0] or 'data'} takes {', '.join(_known_keys(key))}"
+        raise DataConfigError(key, reason) from None
+
+
+def _known_keys(key: str) -> list[str]:
+    """The keys the schema has beside an unknown `key` (e.g. data.table.sep: those of TableOptions)."""
+    node: Any = DataConfig
+    for part in key.split(".")[1:-1]:
+        hint = get_type_hints(node).get(part)
+        node = next((t for t in (hint, *get_args(hint)) if is_dataclass(t)), None)
+        if node is None:
+            return []
+    return [f.name for f in fields(node)]

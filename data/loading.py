@@ -22,6 +22,7 @@ from fingpt_federated.data.columns import (
 )
 from fingpt_federated.data.config import data_config
 from fingpt_federated.data.errors import DataError
+from fingpt_federated.data.features import features_from
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.series import Series, long_series, wide_series, window_series
 from fingpt_federated.data.splits import split_train_valid, time_split_indices
@@ -50,7 +51,7 @@ def load_dataset(data_cfg: Mapping[str, Any] | DictConfig, which: str = "train")
     path = cfg["files"][which]
     if not path:
         raise ValueError(f"data config {cfg['name']!r} has no files.{which}")
-    table = read_table(path, cfg["format"], cfg["encoding"])
+    table = read_table(path, cfg["format"], cfg["encoding"], cfg["table"])
     return table_to_dataset(table, cfg)
 
 
@@ -109,8 +110,9 @@ def table_to_dataset(table: pd.DataFrame, data_cfg: Mapping[str, Any]) -> BankDa
     if series is not None:
         _refuse_overflow(table, series)
     texts = texts_from(table, cfg["text"], extra)
-    if texts is None and series is None:
-        raise ValueError(f"data config {cfg['name']!r} maps neither text nor series")
+    features = features_from(table, cfg["features"])
+    if texts is None and series is None and features is None:
+        raise ValueError(f"data config {cfg['name']!r} maps no text, series or features")
     return BankDataset(
         texts=texts,
         series=None if series is None else series.values,
@@ -119,6 +121,7 @@ def table_to_dataset(table: pd.DataFrame, data_cfg: Mapping[str, Any]) -> BankDa
         class_names=class_names,
         feature_names=[] if series is None else series.feature_names,
         keys=_kept_columns(table, _columns_to_keep(cfg)),
+        features=features,
     )
 
 

@@ -1,6 +1,7 @@
 """The one record type of a bank's data, and the column-wise data set that holds many of them.
 
-A record may carry text, a numeric sequence (time steps x features) or both, plus a label.
+A record may carry text, a numeric sequence (time steps x features), static features (numeric and
+categorical, data/features.py) or any mix of them, plus a label.
 Sequences of different lengths are padded at the end and carry a boolean mask (True = real step).
 """
 
@@ -11,15 +12,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fingpt_federated.data.features import StaticFeatures
+
 
 @dataclass(frozen=True)
 class Record:
-    """One example: optional text, optional series (T x F) with its step mask, and a class index."""
+    """One example: optional text, optional series (T x F) with its step mask, optional static features, a class."""
 
     text: str | None
     series: np.ndarray | None
     mask: np.ndarray | None
     label: int
+    numeric: np.ndarray | None = None  # (Fn,) float32 raw values
+    categorical: np.ndarray | None = None  # (Fc,) int64 category hashes
 
 
 @dataclass
@@ -28,6 +33,7 @@ class BankDataset:
 
     `series` is float32 (N, T, F), `mask` bool (N, T); both are None for text-only data.
     `keys` keeps extra table columns (e.g. a customer segment) for natural-key partitioning.
+    `features` holds the static numeric and categorical features, None when the config has none.
     """
 
     texts: list[str] | None
@@ -37,12 +43,15 @@ class BankDataset:
     class_names: list[str]
     feature_names: list[str] = field(default_factory=list)
     keys: dict[str, np.ndarray] = field(default_factory=dict)
+    features: StaticFeatures | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
         self.labels = np.asarray(self.labels, dtype=np.int64)
-        if self.texts is None and self.series is None:
-            raise ValueError("a data set needs text, a series, or both")
+        if self.texts is None and self.series is None and self.features is None:
+            raise ValueError("a data set needs text, a series or static features")
+        if self.features is not None and len(self.features) != n:
+            raise ValueError(f"{len(self.features)} rows of static features for {n} labels")
         if self.texts is not None and len(self.texts) != n:
             raise ValueError(f"{len(self.texts)} texts for {n} labels")
         if self.series is not None:
@@ -63,6 +72,8 @@ class BankDataset:
             series=None if self.series is None else self.series[i],
             mask=None if self.mask is None else self.mask[i],
             label=int(self.labels[i]),
+            numeric=None if self.features is None else self.features.numeric[i],
+            categorical=None if self.features is None else self.features.categorical[i],
         )
 
     @property
@@ -84,6 +95,7 @@ class BankDataset:
             class_names=list(self.class_names),
             feature_names=list(self.feature_names),
             keys={name: values[idx] for name, values in self.keys.items()},
+            features=None if self.features is None else self.features.subset(idx),
         )
 
     def label_counts(self) -> np.ndarray:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fingpt_federated.data.errors import DataError
+from fingpt_federated.data.features import StaticFeatures
 from fingpt_federated.data.records import BankDataset
 
 ARRAYS = "arrays.npz"
@@ -22,9 +24,14 @@ def save_records(data: BankDataset, folder: str | Path) -> Path:
     if data.series is not None and data.mask is not None:  # BankDataset refuses a series without its mask
         arrays.update(series=data.series, mask=data.mask)
     arrays.update({f"key__{name}": values.astype(str) for name, values in data.keys.items()})
+    if data.features is not None:
+        arrays.update(static_numeric=data.features.numeric, static_categorical=data.features.categorical)
     # allow_pickle spelled out (numpy's default): otherwise mypy matches **arrays against it
     np.savez_compressed(folder / ARRAYS, allow_pickle=True, **arrays)
     meta = {"class_names": data.class_names, "feature_names": data.feature_names, "texts": data.texts}
+    if data.features is not None:
+        static = data.features
+        meta["static_features"] = {"numeric": static.numeric_names, "categorical": static.categorical_names}
     (folder / META).write_text(json.dumps(meta), encoding="utf-8")
     return folder
 
@@ -50,11 +57,25 @@ def load_records(folder: str | Path) -> BankDataset:
                 class_names=meta["class_names"],
                 feature_names=meta["feature_names"],
                 keys={name[len("key__") :]: arrays[name] for name in arrays.files if name.startswith("key__")},
+                features=_static_features(meta, arrays),
             )
     except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as error:
         raise DataError(folder / ARRAYS, f"not a readable saved data set: {error}") from None
     _check_values(data, folder / ARRAYS)
     return data
+
+
+def _static_features(meta: dict, arrays: Any) -> StaticFeatures | None:
+    names = meta.get("static_features")
+    if names is None:
+        return None
+    numeric, categorical = arrays["static_numeric"], arrays["static_categorical"]
+    if not np.issubdtype(numeric.dtype, np.floating) or categorical.dtype != np.int64:
+        raise TypeError(f"static features must be floats and int64 hashes, got {numeric.dtype}, {categorical.dtype}")
+    if numeric.shape[1:] != (len(names["numeric"]),) or categorical.shape[1:] != (len(names["categorical"]),):
+        raise ValueError("static feature arrays do not match their names")
+    with np.errstate(over="ignore"):  # beyond float32 becomes inf: refused in _check_values
+        return StaticFeatures(numeric, categorical, list(names["numeric"]), list(names["categorical"]))
 
 
 def _check_values(data: BankDataset, path: Path) -> None:
@@ -67,6 +88,10 @@ def _check_values(data: BankDataset, path: Path) -> None:
         bad = (~np.isfinite(data.series)).any(axis=(1, 2)).nonzero()[0]
         if len(bad):
             raise DataError(path, f"record {bad[0] + 1} has a NaN, infinite or beyond-float32 series value")
+    if data.features is not None:
+        bad = (~np.isfinite(data.features.numeric)).any(axis=1).nonzero()[0]
+        if len(bad):
+            raise DataError(path, f"record {bad[0] + 1} has a NaN, infinite or beyond-float32 static feature")
     outside = ((data.labels < 0) | (data.labels >= data.num_classes)).nonzero()[0]
     if len(outside):
         label = data.labels[outside[0]]

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from fingpt_federated.data.features import Features
 from fingpt_federated.structured_config import build
 
 QUANTIZATIONS = ("none", "4bit")
@@ -55,6 +56,18 @@ class FusionSettings:
 
 
 @dataclass
+class FeatureEncoderSettings:
+    """Static features as tokens (model/features.py); the width is `series_encoder.d_model`.
+
+    `slots`: vocabulary entries per categorical feature (a value hashing to a taken entry is "unknown").
+    """
+
+    slots: int = 128
+    layers: int = 1
+    dropout: float = 0.1
+
+
+@dataclass
 class VocabularySettings:
     """Finance terms as whole tokens; `trainable_delta` adds a learned offset per term."""
 
@@ -83,8 +96,17 @@ class ModelConfig:
     series_encoder: SeriesEncoderSettings = field(default_factory=SeriesEncoderSettings)
     fusion: FusionSettings = field(default_factory=FusionSettings)
     vocabulary: VocabularySettings = field(default_factory=VocabularySettings)
+    # the data's static features, {numeric: [...], categorical: [...]} (conf/config.yaml: ${data.features});
+    # None: none. Typed Any so that the interpolation is resolved once the data group is in; checked below.
+    features: Any = None
+    feature_encoder: FeatureEncoderSettings = field(default_factory=FeatureEncoderSettings)
 
     def __post_init__(self) -> None:
+        if self.features is not None and not isinstance(self.features, Features):
+            try:
+                self.features = Features(**dict(self.features))
+            except TypeError as error:
+                raise ValueError(f"model.features: {error}") from None
         if self.family not in (None, *FAMILIES):
             raise ValueError(f"model.family must be one of {FAMILIES} or null, got {self.family!r}")
         if self.quantization not in QUANTIZATIONS:

@@ -2,12 +2,16 @@
 
     text ──tokens──> backbone (+LoRA) ──token states──┐
                                                       ├─> gated cross-attention ─> pool ─> head
-    series ──steps──> normaliser ─> causal encoder ───┘
+    series ──steps──> normaliser ─> causal encoder ───┤
+    static features ──> feature tokens (model.features)┘
 
-Inputs may be text only, series only, or both:
-- both: text tokens attend to the series (model.fusion), then the text is pooled;
+Inputs may be text only, series only, static features only, or any mix:
+- text with a series and/or features: text tokens attend to the series states and the feature
+  tokens together (model.fusion), then the text is pooled;
 - text only: the backbone's pooled states go straight to the head;
-- series only: the masked mean of the series states, projected to the text width, goes to the head.
+- no text: the masked mean of the series states and feature tokens, projected to the text width,
+  goes to the head.
+A model built without `config.features` has no feature tensors at all (older checkpoints load).
 Pooling follows the backbone family: mean over tokens for encoders (what MiniLM was trained
 for), the last real token for causal decoders (the only one that has seen the whole text).
 
@@ -25,6 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from fingpt_federated.model.config import ModelConfig
+from fingpt_federated.model.features import FeatureEncoder
 from fingpt_federated.model.fusion import Fusion
 from fingpt_federated.model.series import SeriesEncoder
 from fingpt_federated.model.vocabulary import TermEmbeddingDelta
@@ -57,9 +62,16 @@ class HybridFinGPT(nn.Module):
         self.series_encoder: SeriesEncoder | None = None
         self.fusion: Fusion | None = None
         self.series_proj: nn.Linear | None = None
+        self.features: FeatureEncoder | None = None
+        d_series = config.series_encoder.d_model
         if num_features > 0:
-            d_series = config.series_encoder.d_model
             self.series_encoder = SeriesEncoder(num_features, config.series_encoder)
+        if config.features is not None:
+            static = config.features
+            self.features = FeatureEncoder(
+                static.numeric, static.categorical, d_series, config.series_encoder.heads, config.feature_encoder
+            )
+        if num_features > 0 or self.features is not None:
             self.fusion = Fusion(d_text, d_series, config.fusion)
             self.series_proj = nn.Linear(d_series, d_text)
         self.head = nn.Sequential(nn.Dropout(config.head_dropout), nn.Linear(d_text, num_classes))
@@ -70,19 +82,16 @@ class HybridFinGPT(nn.Module):
         attention_mask: torch.Tensor | None = None,
         series: torch.Tensor | None = None,
         series_mask: torch.Tensor | None = None,
+        numeric: torch.Tensor | None = None,
+        categorical: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Class logits (B, num_classes) from token ids (B, L) and/or a series (B, T, F) with mask (B, T)."""
-        if input_ids is None and series is None:
-            raise ValueError("the model needs text, a series, or both")
-        series_states = None
-        if series is not None:
-            if self.series_encoder is None:
-                raise ValueError("this model was built without a series encoder (num_features=0)")
-            if series_mask is None:
-                series_mask = torch.ones(series.shape[:2], dtype=torch.bool, device=series.device)
-            series_states = self.series_encoder(series, series_mask)
+        """Class logits (B, num_classes) from token ids (B, L), a series (B, T, F) with mask (B, T) and/or
+        static features: raw numbers (B, Fn) and category hashes (B, Fc)."""
+        if input_ids is None and series is None and numeric is None and categorical is None:
+            raise ValueError("the model needs text, a series or static features")
+        series_states, series_mask = self._context(series, series_mask, numeric, categorical)
         if input_ids is None:
-            # series only: encoded above, by a model that was built with its series parts
+            # no text: the context was encoded above, by a model built with its series or feature parts
             assert self.series_proj is not None and series_states is not None and series_mask is not None
             pooled = self.series_proj(_masked_mean(series_states, series_mask))
         else:
@@ -94,6 +103,37 @@ class HybridFinGPT(nn.Module):
                 text = self.fusion(text, series_states, series_mask)
             pooled = self._pool_text(text, attention_mask.bool())
         return self.head(pooled)
+
+    def _context(
+        self,
+        series: torch.Tensor | None,
+        series_mask: torch.Tensor | None,
+        numeric: torch.Tensor | None,
+        categorical: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the text attends to: series states then feature tokens (B, T + F, d), and their mask."""
+        states, masks = [], []
+        if series is not None:
+            if self.series_encoder is None:
+                raise ValueError("this model was built without a series encoder (num_features=0)")
+            if series_mask is None:
+                series_mask = torch.ones(series.shape[:2], dtype=torch.bool, device=series.device)
+            states.append(self.series_encoder(series, series_mask))
+            masks.append(series_mask)
+        if numeric is not None or categorical is not None:
+            if self.features is None:
+                raise ValueError("this model was built without static features (model.features is null)")
+            reference = numeric if numeric is not None else categorical
+            assert reference is not None
+            empty = reference.new_zeros((len(reference), 0))
+            tokens = self.features(
+                empty.float() if numeric is None else numeric, empty.long() if categorical is None else categorical
+            )
+            states.append(tokens)
+            masks.append(torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+        if not states:
+            return None, None
+        return torch.cat(states, dim=1), torch.cat(masks, dim=1)
 
     def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         kwargs: dict[str, torch.Tensor | bool] = {"attention_mask": attention_mask}
@@ -118,9 +158,19 @@ class HybridFinGPT(nn.Module):
             raise ValueError("this model has no series encoder (num_features=0)")
         self.series_encoder.normalizer.fit(series, mask)
 
+    def fit_features(self, numeric: np.ndarray, categorical: np.ndarray) -> None:
+        """Fit the static features' statistics and vocabulary on this bank's training rows (only)."""
+        if self.features is None:
+            raise ValueError("this model has no static features (model.features is null)")
+        self.features.fit(numeric, categorical)
+
     @property
     def normalizer_fitted(self) -> bool:
         return self.series_encoder is None or bool(self.series_encoder.normalizer.fitted)
+
+    @property
+    def features_fitted(self) -> bool:
+        return self.features is None or bool(self.features.fitted)
 
     def own_state(self) -> dict[str, torch.Tensor]:
         """Every tensor that is not a frozen backbone weight: what `save_model` writes."""

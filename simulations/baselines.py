@@ -4,7 +4,9 @@ Both start from the same initial model as the federation and get the same optimi
 budget as the work the federation asked of its banks:
 - local-only: a bank trains alone for `rounds` x its per-round local steps;
 - centralized: one model trains on the pooled train splits of all banks for as many steps as
-  all sampled banks together do over all rounds.
+  all sampled banks together do over all rounds;
+- with static features, classical models on the same rows (simulations/classical_baseline.py):
+  logistic regression and gradient boosting, pooled and each bank alone (kind = the model's name).
 Every model is scored on the global test set, as the federated model is.
 """
 
@@ -21,12 +23,15 @@ from fingpt_federated.client.app import planned_steps
 from fingpt_federated.client.training import train_local
 from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.features import StaticFeatures
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.features import fit_features_on
 from fingpt_federated.model.state import federated_state, load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.simulations.classical_baseline import classical_results
 
 CENTRALIZED = "centralized"
 LOCAL = "local-only"
@@ -56,6 +61,19 @@ def pooled(datasets: list[BankDataset]) -> BankDataset:
         labels=np.concatenate([data.labels for data in datasets]),
         class_names=list(first.class_names),
         feature_names=list(first.feature_names),
+        features=None if first.features is None else _pooled_features(datasets),
+    )
+
+
+def _pooled_features(datasets: list[BankDataset]) -> StaticFeatures:
+    parts = [data.features for data in datasets if data.features is not None]
+    if len(parts) != len(datasets):
+        raise ValueError("cannot pool a data set without static features with data sets that have them")
+    return StaticFeatures(
+        np.concatenate([part.numeric for part in parts]),
+        np.concatenate([part.categorical for part in parts]),
+        parts[0].numeric_names,
+        parts[0].categorical_names,
     )
 
 
@@ -106,6 +124,9 @@ def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult
         load_federated_state(model, initial)
         if train.series is not None and train.mask is not None:  # BankDataset: a series has its mask
             model.fit_normalizer(train.series, train.mask)
+        if model.features is not None:
+            model.features.fitted.fill_(False)  # refitted on this bank's rows
+        fit_features_on(model, train)
         epochs = math.ceil(steps / math.ceil(len(train) / base.batch_size))
         result = train_local(model, tokenizer, train, replace(base, epochs=epochs, progress=False), max_steps=steps)
         metrics = evaluate(model, tokenizer, test, base.eval_batch_size)
@@ -113,6 +134,10 @@ def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult
 
     results = [train_alone(CENTRALIZED, "all banks", pooled([train for _, train in banks]), central_steps)]
     results += [train_alone(LOCAL, name, train, rounds * per_round[name]) for name, train in banks]
+    if test.features is not None:
+        pool = pooled([train for _, train in banks])
+        for kind, bank, rows, seconds, metrics in classical_results(banks, pool, test, int(cfg.get("seed", 0))):
+            results.append(BaselineResult(kind, bank, 0, rows, seconds, metrics))
     return results
 
 

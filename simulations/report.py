@@ -268,7 +268,7 @@ def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> st
             ]
         )
     for b in baselines:
-        label = "centralized" if b.kind == CENTRALIZED else f"local-only: {b.bank}"
+        label = "centralized" if b.kind == CENTRALIZED else f"{b.kind}: {b.bank}"  # local-only, or a classical model
         rows.append(
             [
                 label,
