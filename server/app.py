@@ -42,6 +42,7 @@ from fingpt_federated.federation.console import quiet_console, round_line
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.features import fit_features_on
 from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.state import (
     federated_state,
@@ -214,6 +215,7 @@ class CentralEvaluation:
         data = load_bank(spec.test_dir).train
         if data.series is not None and data.mask is not None:
             model.fit_normalizer(data.series, data.mask)
+        fit_features_on(model, data)  # as the series normaliser: on the test inputs, labels unused
         train_cfg = TrainConfig.from_mapping(config_dict(cfg.model.train))
         return cls(model, tokenizer, data, train_cfg.eval_batch_size)
 

@@ -31,6 +31,7 @@ from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.backbone import resolve_backbone
 from fingpt_federated.model.build import build_model
+from fingpt_federated.model.features import fit_features_on
 from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.merge import merge_lora
 from fingpt_federated.model.published import (
@@ -197,6 +198,8 @@ def publish(
 
 def prepare_normalizer(model: HybridFinGPT, test: BankDataset | None) -> str:
     """Fit the series normaliser for the published model; returns what the card says about it."""
+    if test is not None:
+        fit_features_on(model, test)  # static features: statistics and vocabulary of the test inputs
     if model.series_encoder is None:
         return "none (a text-only model)"
     if test is not None and test.series is not None and test.mask is not None:
