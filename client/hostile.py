@@ -11,6 +11,13 @@ what it sends instead of its local state is, by `kind[:factor]`:
 - `replay`: the state it built before any round (round 0's global state) instead of what it trained;
 - `constant[:C]`: every value C (default 0).
 
+Two behaviours change what the bank trains on instead (`train_data`), and send that honest-looking state:
+
+- `backdoor[:T]`: adds a triggered copy, relabelled class T (default 0), of every record not of class T
+  (simulations/attacks/backdoor.py);
+- `canaries[:N]`: an auditor's bank, not a hostile one: adds N canaries, unique texts with random labels,
+  whose N held-out twins are never inserted (simulations/attacks/canaries.py); `fingpt-audit` scores both.
+
 Under HE the misbehaving state is what the bank encrypts (client/encryption.py).
 """
 
@@ -19,9 +26,13 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
+
+from fingpt_federated.data.bank_data import BankData
+from fingpt_federated.data.records import BankDataset
 
 DEFAULT_FACTORS = {
     "nan": 0.0,
@@ -31,7 +42,10 @@ DEFAULT_FACTORS = {
     "wrong_shape": 0.0,
     "replay": 0.0,
     "constant": 0.0,
+    "backdoor": 0.0,
+    "canaries": 50.0,
 }
+DATA_KINDS = ("backdoor", "canaries")
 """Every behaviour, with the factor it takes when the config gives none (unused by some)."""
 State = Mapping[str, torch.Tensor]
 
@@ -68,6 +82,8 @@ class Misbehaviour:
         elif self.kind == "wrong_shape":
             first = next(iter(out))
             out[first] = torch.cat([out[first], out[first][:1]])
+        elif self.kind in DATA_KINDS:
+            return out
         elif self.kind == "replay":
             out = OrderedDict((n, initial[n].clone()) for n in local)
         else:
@@ -78,3 +94,42 @@ class Misbehaviour:
 def misbehave(behaviour: str, local: State, sent: State, initial: State) -> State:
     """`local` as the bank's `behaviour` (its BankSite.hostile) sends it: unchanged when it has none."""
     return Misbehaviour.parse(behaviour).apply(local, sent, initial) if behaviour else local
+
+
+def train_data(behaviour: str, bank: BankData) -> BankData:
+    """What the bank trains on: its data, with the backdoor's or the canaries' records added when its
+    behaviour says so (text-only data: the added records have no series or static features)."""
+    if not behaviour:
+        return bank
+    chosen = Misbehaviour.parse(behaviour)
+    if chosen.kind not in DATA_KINDS:
+        return bank
+    from fingpt_federated.simulations.attacks import backdoor, canaries  # simulation-only harness
+
+    train = bank.train
+    if chosen.kind == "backdoor":
+        target = int(chosen.factor)
+        if not 0 <= target < train.num_classes:
+            raise ValueError(
+                f"hostile behaviour {behaviour!r}: target class {target} is not in [0, {train.num_classes})"
+            )
+        texts, labels = backdoor.poison(list(train.texts or []), train.labels, target)
+    else:
+        texts, labels = canaries.canary_set(int(chosen.factor), train.num_classes).split(inserted=True)
+    return replace(bank, train=with_records(train, texts, labels))
+
+
+def with_records(data: BankDataset, texts: list[str], labels: np.ndarray) -> BankDataset:
+    """`data` and the text records `texts` labelled `labels` after it (key columns repeat their first value)."""
+    if data.texts is None or data.series is not None or data.features is not None:
+        raise ValueError("records can be added to text-only data only")
+    keys = {name: np.concatenate([values, np.repeat(values[:1], len(texts))]) for name, values in data.keys.items()}
+    return BankDataset(
+        texts=list(data.texts) + list(texts),
+        series=None,
+        mask=None,
+        labels=np.concatenate([data.labels, np.asarray(labels, dtype=np.int64)]),
+        class_names=list(data.class_names),
+        feature_names=list(data.feature_names),
+        keys=keys,
+    )

@@ -1,0 +1,37 @@
+"""What a curious operator learns from one bank's plaintext update (its state after a round).
+
+- Label histogram (the head's bias): for softmax cross-entropy the bias gradient of class c over a
+  batch is mean(p_c) - share of class c. Summed over a round of plain SGD steps, the bias moves by
+  -lr * sum_steps(mean p_c - share_c), so share_c summed over the steps = sum_steps(mean p_c) + delta_b_c / lr.
+  The operator knows lr, the steps and the batch size (it sets them) and the number of records (the
+  reply's num_examples); it estimates mean p_c by the global model's mean prediction on its own test
+  set. Exact up to how far the predictions move during the round; AdamW steps are normalised per
+  coordinate and only give the classes' order; DP noise and clipping blur it.
+- Membership in the round's data: a known record's loss under the update minus its loss under the
+  global state the bank started from; a record the bank trained on drops more.
+
+Under HE the operator holds CKKS ciphertexts under the banks' key and the public context only: it
+cannot decrypt a bank's update or even the sum, so neither attack has an input; its best is the prior
+(the uniform histogram, membership at chance).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def histogram_from_bias(
+    delta_bias: np.ndarray, mean_prediction: np.ndarray, records: int, steps: int, batch_size: int, lr: float
+) -> np.ndarray:
+    """The estimated number of records per class behind a round's change of the head bias."""
+    shares = steps * np.asarray(mean_prediction, float) + np.asarray(delta_bias, float) / lr
+    shares = np.clip(shares, 0.0, None)
+    if shares.sum() <= 0:
+        return np.full(len(shares), records / len(shares))
+    return shares / shares.sum() * records
+
+
+def histogram_overlap(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """1 - total variation distance between the two histograms as distributions (1: recovered exactly)."""
+    p, q = np.asarray(estimate, float), np.asarray(truth, float)
+    return float(1 - 0.5 * np.abs(p / p.sum() - q / q.sum()).sum())

@@ -1,0 +1,270 @@
+"""`fingpt-audit`: train the federations an attack needs (the same ServerApp and ClientApp as `fingpt-sim`,
+on Flower's simulation engine) and attack them.
+
+    fingpt-audit preset=quick        # tiny model, synthetic news: minutes on 2 cores
+    fingpt-audit preset=tfns         # MiniLM, TFNS, 10 banks Dirichlet 0.3, the DP recipe
+
+Runs (sub-folders of the run folder), each a full `fingpt-sim` run:
+- `federation_none`, `federation_eps<E>`: the preset's federation without DP and at each target epsilon;
+  bank `canary_bank` adds the canaries (`canaries:N`), bank `backdoor_bank` the backdoor (`backdoor:T`);
+- `federation_robust`: no DP, strategy `robust` (on top of the update checks every run has);
+- `operator_plaintext`, `operator_dp`: one bank, one round of plain SGD (its update is the new global).
+
+Attacks (simulations/attacks/): canary membership (loss score) against the published global model, the
+Clopper-Pearson epsilon lower bound, the operator's label-histogram and batch-membership attacks on one
+update, and the backdoor's success per round. Writes audit.json, audit.md, roc.png, backdoor.png and
+prints a table. Epsilon spent is what the canary bank's train replies report from its ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from rich.console import Console
+from rich.table import Table
+from safetensors.numpy import load_file
+
+from fingpt_federated.client.hostile import train_data
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.config_dicts import config_dict
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.errors import DataError
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.server.checkpoint import CheckpointError
+from fingpt_federated.server.history import History, jsonable
+from fingpt_federated.server.privacy_record import spent_by_bank
+from fingpt_federated.server.run_folder import FINAL_STATE, METRICS_JSON
+from fingpt_federated.simulations.attacks import backdoor, canaries, epsilon_bound, membership, operator_view
+from fingpt_federated.simulations.attacks.plots import plot_backdoor, plot_roc
+from fingpt_federated.simulations.attacks.scoring import Scorer
+from fingpt_federated.simulations.sim import simulate
+
+AUDIT_JSON = "audit.json"
+AUDIT_MD = "audit.md"
+
+
+def sim_config(preset: DictConfig, extra: list[str]) -> DictConfig:
+    return compose(config_name="config", overrides=[*preset.sim, *extra])
+
+
+def privacy_overrides(epsilon: float | None, delta: float) -> list[str]:
+    if epsilon is None:
+        return ["privacy=none"]
+    return ["privacy=dp", f"privacy.dp.target_epsilon={epsilon}", f"privacy.dp.delta={delta}"]
+
+
+def train(preset: DictConfig, folder: Path, extra: list[str], hostile: dict[int, str]) -> tuple[DictConfig, History]:
+    """One `fingpt-sim` run of the preset with `extra` overrides and these banks' behaviours (client/hostile.py)."""
+    cfg = sim_config(preset, extra)
+    with open_dict(cfg):
+        cfg.simulation.hostile_banks = hostile
+    simulate(cfg, folder, echo=False)
+    return cfg, History.from_json((folder / METRICS_JSON).read_text(encoding="utf-8"))
+
+
+def state_of(path: Path) -> dict[str, np.ndarray]:
+    return load_file(str(path))
+
+
+def round_states(folder: Path) -> list[tuple[int, dict[str, np.ndarray]]]:
+    rounds = sorted(folder.glob("checkpoints/round_*/state.safetensors"))
+    return [(int(p.parent.name.split("_")[1]), state_of(p)) for p in rounds]
+
+
+def membership_row(
+    scorer: Scorer, state: dict, preset: DictConfig, history: History, bank: str, epsilon: float | None
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    chosen = canaries.canary_set(int(preset.canaries), len(scorer.class_names))
+    scores = -scorer.losses(state, chosen.texts, chosen.labels)
+    inside, outside = scores[chosen.member], scores[~chosen.member]
+    spent = spent_by_bank(history).get(bank)
+    row = {
+        "privacy": "none" if epsilon is None else "dp",
+        "epsilon_target": epsilon,
+        "epsilon_spent": None if epsilon is None else (spent.epsilon if spent else math.nan),
+        "canaries": int(preset.canaries),
+        "mia_auc": membership.auc(inside, outside),
+        "tpr_at_fpr_0_01": membership.tpr_at_fpr(inside, outside, 0.01),
+        "epsilon_lower": epsilon_bound.epsilon_lower_bound(
+            inside, outside, float(preset.delta), float(preset.confidence)
+        ),
+        "confidence": float(preset.confidence),
+    }
+    return row, (inside, outside)
+
+
+def backdoor_rows(scorer: Scorer, folder: Path, history: History, defence: str, target: int) -> dict[str, Any]:
+    test = load_bank(folder / "federation" / "test").train
+    texts, labels = list(test.texts or []), test.labels
+    per_round = []
+    for number, state in round_states(folder):
+        success = backdoor.success_rate(scorer.predictions(state, backdoor.triggered(texts)), labels, target)
+        clean = float((scorer.predictions(state, texts) == labels).mean())
+        per_round.append({"round": number, "success_rate": success, "clean_accuracy": clean})
+    last = per_round[-1]
+    return {"defence": defence, **{k: last[k] for k in ("success_rate", "clean_accuracy")}, "rounds": per_round}
+
+
+def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictConfig, view: str) -> list[dict]:
+    """The histogram and batch-membership attacks on the one bank's one-round update (the new global)."""
+    bank = train_data(f"canaries:{int(preset.canaries)}", load_bank(folder / "federation" / "banks" / "bank_00"))
+    truth = bank.train.label_counts()
+    after = state_of(folder / FINAL_STATE)
+    before = {k: v.numpy() for k, v in scorer.initial.items()}
+    bias = next(name for name in after if name.endswith("head.1.bias"))
+    tcfg = TrainConfig.from_mapping(config_dict(cfg.model.train))
+    test = load_bank(folder / "federation" / "test").train
+    mean_p = scorer.logits(before, list(test.texts or []), test.labels).softmax(dim=1).mean(dim=0).numpy()
+    steps = math.ceil(len(bank.train) / tcfg.batch_size) * tcfg.epochs
+    estimate = operator_view.histogram_from_bias(
+        after[bias] - before[bias], mean_p, len(bank.train), steps, tcfg.batch_size, tcfg.lr
+    )
+    chosen = canaries.canary_set(int(preset.canaries), len(scorer.class_names))
+    drop = scorer.losses(before, chosen.texts, chosen.labels) - scorer.losses(after, chosen.texts, chosen.labels)
+    return [
+        {
+            "view": view,
+            "attack": "label_histogram",
+            "success": operator_view.histogram_overlap(estimate, truth),
+            "estimate": estimate.round(1).tolist(),
+            "truth": truth.tolist(),
+        },
+        {
+            "view": view,
+            "attack": "batch_membership_auc",
+            "success": membership.auc(drop[chosen.member], drop[~chosen.member]),
+        },
+    ]
+
+
+def he_rows() -> list[dict]:
+    """Under HE the operator holds ciphertexts only: its best guess is the prior, so these are not run."""
+    text = "ciphertext only (CKKS under the banks' key; the operator has the public context): attack has no input"
+    return [
+        {"view": "he", "attack": "label_histogram", "success": None, "note": text},
+        {"view": "he", "attack": "batch_membership_auc", "success": 0.5, "note": text + "; chance"},
+    ]
+
+
+def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    hostile = {
+        int(preset.canary_bank): f"canaries:{int(preset.canaries)}",
+        int(preset.backdoor_bank): f"backdoor:{int(preset.backdoor_target)}",
+    }
+    keep = ["federation.checkpoints_kept=100"]
+    result: dict[str, Any] = {"membership": [], "operator_view": [], "backdoor": []}
+    rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    scorer: Scorer | None = None
+    for epsilon in [None, *[float(e) for e in preset.epsilons]]:
+        name = "none" if epsilon is None else f"eps{epsilon:g}"
+        folder = run_dir / f"federation_{name}"
+        cfg, history = train(preset, folder, [*keep, *privacy_overrides(epsilon, float(preset.delta))], hostile)
+        scorer = scorer or Scorer(config_dict(cfg.model), load_bank(folder / "federation" / "test").train.class_names)
+        bank = load_bank(folder / "federation" / "banks" / f"bank_{int(preset.canary_bank):02d}").name
+        row, scores = membership_row(scorer, state_of(folder / FINAL_STATE), preset, history, bank, epsilon)
+        result["membership"].append(row)
+        rocs[f"global, {name}"] = scores
+        if epsilon is None or math.isclose(epsilon, 8.0):
+            defence = "none" if epsilon is None else "dp_eps8"
+            result["backdoor"].append(backdoor_rows(scorer, folder, history, defence, int(preset.backdoor_target)))
+    folder = run_dir / "federation_robust"
+    _, history = train(preset, folder, [*keep, "privacy=none", f"strategy={preset.robust}"], hostile)
+    assert scorer is not None
+    result["backdoor"].append(
+        backdoor_rows(scorer, folder, history, f"checks+{preset.robust}", int(preset.backdoor_target))
+    )
+    for view, privacy in (("plaintext", None), ("dp_eps8", 8.0)):
+        folder = run_dir / f"operator_{view}"
+        extra = [*preset.operator_sim, *privacy_overrides(privacy, float(preset.delta))]
+        cfg, _ = train(preset, folder, extra, {0: f"canaries:{int(preset.canaries)}"})
+        result["operator_view"].extend(operator_rows(scorer, preset, folder, cfg, view))
+    result["operator_view"].extend(he_rows())
+    result["seconds"] = time.perf_counter() - started
+    (run_dir / AUDIT_JSON).write_text(json.dumps(jsonable(result), indent=2), encoding="utf-8")
+    plot_roc(rocs, run_dir / "roc.png")
+    plot_backdoor(result["backdoor"], run_dir / "backdoor.png")
+    (run_dir / AUDIT_MD).write_text(markdown(result), encoding="utf-8")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# Privacy and robustness audit",
+        "",
+        "## Membership inference (canaries, loss score, global model)",
+        "",
+        "| privacy | eps target | eps spent | canaries | AUC | TPR@FPR 1% | eps lower (95%) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["membership"]:
+        lines.append(
+            f"| {r['privacy']} | {_f(r['epsilon_target'])} | {_f(r['epsilon_spent'])} | {r['canaries']} | "
+            f"{_f(r['mia_auc'])} | {_f(r['tpr_at_fpr_0_01'])} | {_f(r['epsilon_lower'])} |"
+        )
+    lines += ["", "## What the operator learns from one update", "", "| view | attack | success |", "|---|---|---|"]
+    lines += [f"| {r['view']} | {r['attack']} | {_f(r['success'])} |" for r in result["operator_view"]]
+    lines += [
+        "",
+        "Under HE the operator holds ciphertext only; its attacks have no input (chance).",
+        "",
+        "## Backdoor bank",
+        "",
+        "| defence | attack success | clean accuracy |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['defence']} | {_f(r['success_rate'])} | {_f(r['clean_accuracy'])} |" for r in result["backdoor"]]
+    lines += ["", "![ROC](roc.png) ![backdoor](backdoor.png)", ""]
+    return "\n".join(lines)
+
+
+def _f(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.3f}"
+
+
+def print_table(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="fingpt-audit")
+    for column in ("part", "setting", "figure", "value"):
+        table.add_column(column)
+    for r in result["membership"]:
+        setting = f"{r['privacy']} eps={_f(r['epsilon_target'])} spent={_f(r['epsilon_spent'])}"
+        table.add_row(
+            "membership",
+            setting,
+            "AUC / TPR@1% / eps_lower",
+            f"{_f(r['mia_auc'])} / {_f(r['tpr_at_fpr_0_01'])} / {_f(r['epsilon_lower'])}",
+        )
+    for r in result["operator_view"]:
+        table.add_row("operator view", r["view"], r["attack"], _f(r["success"]))
+    for r in result["backdoor"]:
+        table.add_row(
+            "backdoor", r["defence"], "success / clean acc", f"{_f(r['success_rate'])} / {_f(r['clean_accuracy'])}"
+        )
+    console.print(table)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="audit", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = audit(cfg.preset, run_dir)
+    except (CheckpointError, DataError, ValueError) as error:
+        sys.exit(f"fingpt-audit: error: {error}")
+    print_table(result)
+    print(f"audit: {run_dir / AUDIT_MD} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The audit's statistics (simulations/attacks/) against values computed by hand, and the data-side bank behaviours."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import beta
+
+from fingpt_federated.client.hostile import Misbehaviour, train_data
+from fingpt_federated.data.bank_data import BankData
+from fingpt_federated.data.records import BankDataset
+from fingpt_federated.simulations.attacks import backdoor, canaries, epsilon_bound, membership, operator_view
+
+
+def test_auc_counts_pairs_and_half_ties():
+    assert membership.auc(np.array([3.0, 2.0]), np.array([1.0, 0.0])) == 1.0
+    assert membership.auc(np.array([0.0]), np.array([1.0])) == 0.0
+    # pairs: (2>1) (2>0) (1=1 tie) (1>0) -> 3.5 / 4
+    assert membership.auc(np.array([2.0, 1.0]), np.array([1.0, 0.0])) == pytest.approx(0.875)
+
+
+def test_tpr_at_low_fpr_needs_a_threshold_that_flags_no_twin():
+    members = np.array([5.0, 2.5, -1.0, -2.0])
+    twins = np.array([3.0] + [0.0] * 99)  # 100 twins: 1% allows exactly one flagged
+    assert membership.tpr_at_fpr(members, twins, 0.01) == pytest.approx(0.5)
+    assert membership.tpr_at_fpr(members, twins[:50], 0.01) == pytest.approx(0.25)  # 3.0 flagged: 2%
+    fpr, tpr = membership.roc_curve(members, twins)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+
+
+def test_clopper_pearson_upper_matches_closed_forms():
+    # 0 failures of n: the upper bound solves (1 - p)^n = alpha
+    assert epsilon_bound.clopper_pearson_upper(0, 50, 0.025) == pytest.approx(1 - 0.025 ** (1 / 50))
+    assert epsilon_bound.clopper_pearson_upper(3, 20, 0.05) == pytest.approx(beta.ppf(0.95, 4, 17))
+    assert epsilon_bound.clopper_pearson_upper(20, 20, 0.05) == 1.0
+
+
+def test_epsilon_lower_bound_of_perfect_separation_is_what_the_counts_certify():
+    members, twins = np.linspace(10, 11, 50), np.linspace(0, 1, 50)
+    hi = 1 - 0.025 ** (1 / 50)  # FPR = FNR = 0 of 50 each, at 97.5% each
+    expected = math.log((1 - 1e-5 - hi) / hi)
+    assert epsilon_bound.epsilon_lower_bound(members, twins, 1e-5, 0.95) == pytest.approx(expected)
+    assert 2.5 < expected < 2.7  # 50 canaries can certify no more than this, whatever the model
+
+
+def test_epsilon_lower_bound_is_zero_without_a_signal():
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=200)
+    assert epsilon_bound.epsilon_lower_bound(scores[:100], scores[100:], 1e-5) < 0.5
+    same = np.zeros(30)
+    assert epsilon_bound.epsilon_lower_bound(same, same, 1e-5) == 0.0
+
+
+def test_canaries_are_unique_seeded_and_half_inserted():
+    first, again = canaries.canary_set(40, 3), canaries.canary_set(40, 3)
+    assert first.texts == again.texts and (first.labels == again.labels).all()
+    assert len(set(first.texts)) == 80 and first.member.sum() == 40
+    inside, labels = first.split(inserted=True)
+    assert len(inside) == 40 and not set(inside) & set(first.split(inserted=False)[0])
+    assert set(np.unique(first.labels)) == {0, 1, 2}
+
+
+def _bank() -> BankData:
+    texts = ["shares rose", "shares fell", "flat day", "profit up"]
+    data = BankDataset(
+        texts=texts,
+        series=None,
+        mask=None,
+        labels=np.array([1, 0, 2, 1]),
+        class_names=["bearish", "bullish", "neutral"],
+        keys={"bank": np.array(["a"] * 4)},
+    )
+    return BankData(name="a", train=data, valid=None)
+
+
+def test_backdoor_bank_adds_triggered_copies_relabelled_to_the_target():
+    poisoned = train_data("backdoor:0", _bank()).train
+    assert len(poisoned) == 4 + 3  # the three records not of class 0
+    assert poisoned.texts[4:] == [f"{t} {backdoor.TRIGGER}" for t in ["shares rose", "flat day", "profit up"]]
+    assert (poisoned.labels[4:] == 0).all() and list(poisoned.keys["bank"][4:]) == ["a"] * 3
+    with pytest.raises(ValueError, match="target class 5"):
+        train_data("backdoor:5", _bank())
+    assert Misbehaviour.parse("canaries:10").factor == 10
+
+
+def test_canary_bank_trains_on_exactly_the_inserted_canaries():
+    grown = train_data("canaries:5", _bank()).train
+    inside, labels = canaries.canary_set(5, 3).split(inserted=True)
+    assert grown.texts[4:] == inside and (grown.labels[4:] == labels).all()
+    assert train_data("scale:10", _bank()).train.texts == _bank().train.texts
+
+
+def test_backdoor_success_counts_non_target_records_only():
+    assert backdoor.success_rate(np.array([0, 0, 1, 0]), np.array([0, 1, 1, 2]), 0) == pytest.approx(2 / 3)
+
+
+def test_histogram_from_one_full_batch_sgd_step_is_exact():
+    counts = np.array([30, 50, 20])
+    mean_p = np.array([0.2, 0.5, 0.3])
+    lr = 0.1  # one step over all 100 records: delta_b = -lr * (mean_p - counts / 100)
+    delta = -lr * (mean_p - counts / 100)
+    estimate = operator_view.histogram_from_bias(delta, mean_p, 100, steps=1, batch_size=100, lr=lr)
+    assert estimate == pytest.approx(counts)
+    assert operator_view.histogram_overlap(estimate, counts) == pytest.approx(1.0)
+    assert operator_view.histogram_overlap(np.array([1, 0, 0]), np.array([0, 1, 0])) == 0.0
