@@ -48,7 +48,8 @@ def test_train_reply_carries_state_metrics_and_receipt(bank, initial):
     assert list(state) == list(initial)
     assert state_distance(state, initial) > 0
     assert metrics[protocol.NUM_EXAMPLES] == 48
-    assert set(metrics) == {protocol.NUM_EXAMPLES, "train_loss", "local_steps", "planned_steps", "straggler", "seconds"}
+    expected = {protocol.NUM_EXAMPLES, "train_loss", "local_steps", "planned_steps", "straggler", "seconds"}
+    assert set(metrics) == expected | {"backbone_loads"}
     assert metrics["local_steps"] == 6 and metrics["straggler"] == 0.0
     receipt = protocol.Receipt.from_config(reply.content[protocol.RECEIPT])
     assert receipt.server_round == 1 and receipt.bank == "bank_a"
