@@ -22,6 +22,7 @@ from fingpt_federated.model.config import ModelConfig
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.privacy.dp_settings import DPConfig
 from fingpt_federated.privacy.he_config import HEConfig
+from fingpt_federated.server.best_round import RoundSelection
 from fingpt_federated.server.update_checks import UpdateChecks
 from fingpt_federated.structured_config import build
 
@@ -90,6 +91,12 @@ class PublishConfig:
     enabled: bool = True
     variants: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8_dynamic", "bnb_int8", "bnb_nf4"])
     out: str | None = None  # None = RUN_DIR/model
+    select: str = "best"  # best: the round best by `monitor` on the banks' validation (server/best_round.py) | last
+    monitor: str | None = None  # loss | accuracy | macro_f1 | roc_auc; None = model.train.monitor
+    mode: str | None = None  # max | min; None = min for loss, max for the others
+
+    def __post_init__(self) -> None:
+        RoundSelection(self.select, self.monitor or "loss", self.mode or "min")  # raises naming the bad setting
 
 
 @dataclass

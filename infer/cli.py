@@ -36,8 +36,8 @@ def fail(message: str) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from fingpt_federated.server.publish import publish_run
 
-    out, card = publish_run(args.run_dir, state=args.state, out=args.out, variants=args.variants)
-    print(f"published {out} (model hash {card['model_hash']})")
+    out, card = publish_run(args.run_dir, state=args.state, out=args.out, variants=args.variants, select=args.select)
+    print(f"published {out} (model hash {card['model_hash']}), round {card['selection']['round']}")
     for name, variant in card["variants"].items():
         print(f"  {name:<13} {variant['bytes']:>14,} bytes  {variant['ratio_to_fp32']:.2f} x fp32")
     return 0
@@ -119,6 +119,9 @@ def parser() -> argparse.ArgumentParser:
     )
     pub.add_argument("--out", type=Path, help="model folder (default: publish.out of the run, else RUN_DIR/model)")
     pub.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: publish.variants of the run")
+    pub.add_argument(
+        "--select", choices=("best", "last"), help="which round (default: publish.select of the run, best)"
+    )
     pub.set_defaults(run=cmd_publish)
     for name, run, help_text in (
         ("predict", cmd_predict, "predict every record of a file"),

@@ -25,7 +25,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 def evaluate(
     model: HybridFinGPT, tokenizer: PreTrainedTokenizerBase, data: BankDataset, batch_size: int = 64
 ) -> dict[str, float]:
-    """loss, accuracy and macro_f1; roc_auc too for binary tasks (NaN if only one class is present)."""
+    """loss, accuracy, macro_f1 and roc_auc (model/task_metrics.py; NaN where the split cannot define it)."""
     check_compatible(model, data)
     device = next(model.parameters()).device
     was_training = model.training
@@ -43,12 +43,20 @@ def evaluate(
         "macro_f1": float(
             f1_score(data.labels, predicted, labels=list(range(model.num_classes)), average="macro", zero_division=0)
         ),
+        "roc_auc": roc_auc(data.labels, all_logits.softmax(dim=1).numpy()),
     }
-    if model.num_classes == 2:
-        positive = all_logits.softmax(dim=1)[:, 1].numpy()
-        both = len(np.unique(data.labels)) == 2
-        metrics["roc_auc"] = float(roc_auc_score(data.labels, positive)) if both else math.nan
     return metrics
+
+
+def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Binary: the AUC of the positive class's probability. More classes: the one-vs-rest macro AUC over
+    the classes that have both positive and negative rows (so a split missing a class still has one).
+    NaN when no class has both (a split of one class)."""
+    classes = [1] if probabilities.shape[1] == 2 else range(probabilities.shape[1])
+    scores = [
+        float(roc_auc_score(labels == c, probabilities[:, c])) for c in classes if 0 < (labels == c).sum() < len(labels)
+    ]
+    return float(np.mean(scores)) if scores else math.nan
 
 
 def check_compatible(model: HybridFinGPT, data: BankDataset) -> None:

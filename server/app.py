@@ -52,14 +52,14 @@ from fingpt_federated.model.state import (
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.privacy.atomic_file import atomic_write_bytes
 from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.server.best_round import RoundSelection
 from fingpt_federated.server.checkpoint import Checkpointer, save_state
 from fingpt_federated.server.encrypted_run import EncryptedRun, he_enabled
 from fingpt_federated.server.history import CENTRAL, History
 from fingpt_federated.server.publish import publish_after_run
-from fingpt_federated.server.run_folder import FINAL_STATE, METRICS_CSV, METRICS_JSON
+from fingpt_federated.server.run_folder import CHECKPOINTS, FINAL_STATE, METRICS_CSV, METRICS_JSON
 from fingpt_federated.server.strategy_config import build_strategy, check_strategy
 
-CHECKPOINTS = "checkpoints"
 DEFAULT_ROUND_TIMEOUT_S = 3600.0
 
 app = ServerApp()
@@ -113,7 +113,8 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     initial = federated_state(model)
     encryption = EncryptedRun.from_config(cfg, run_dir, initial)
     schema = state_schema_hash(initial)
-    checkpointer = Checkpointer(run_dir / CHECKPOINTS, schema, keep=int(cfg.federation.get("checkpoints_kept", 2)))
+    keep = int(cfg.federation.get("checkpoints_kept", 2))
+    checkpointer = Checkpointer(run_dir / CHECKPOINTS, schema, keep, pin=RoundSelection.from_config(cfg).pinned)
     from_round = cfg.federation.get("resume_from_round")
     resumed = checkpointer.resume(None if from_round is None else int(from_round))
     rounds = int(cfg.federation.rounds)
@@ -134,6 +135,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
         rounds=rounds,
         arrays=arrays,
         central=None if encryption else CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
+        public_start=_public_start(encryption, spec, model, tokenizer, cfg, initial),
         server_state=strategy.server_state,
     )
     if done < rounds:
@@ -193,6 +195,18 @@ def dp_round_config(cfg: DictConfig) -> dict[str, Any] | None:
     return block
 
 
+def _public_start(
+    encryption: EncryptedRun | None, spec: FederationSpec, model: Any, tokenizer: Any, cfg: DictConfig, initial: Any
+) -> Callable[[], dict[str, float]] | None:
+    """Under HE, round 0's test of the initial state: it is public (built from the model config), so the
+    operator evaluates it as in a plaintext run, and the report starts where a plaintext run's does."""
+    central = CentralEvaluation.for_spec(spec, model, tokenizer, cfg) if encryption else None
+    if central is None:
+        return None
+    record = protocol.state_to_record(initial)
+    return lambda: central(record)
+
+
 @dataclass
 class CentralEvaluation:
     """The ServerApp's own test of the global model on a held-out set (simulations have one).
@@ -237,6 +251,7 @@ class RoundEnd:
     central: CentralEvaluation | None = None
     server_state: Callable[[], dict[str, np.ndarray]] = dict  # the strategy's own, checkpointed with the state
     started: float = field(default_factory=time.perf_counter)
+    public_start: Callable[[], dict[str, float]] | None = None  # HE: round 0 on the public initial state
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         round_number = server_round + self.offset
@@ -246,6 +261,8 @@ class RoundEnd:
             self.started = time.perf_counter()
             return None
         metrics = self.central(arrays) if self.central is not None else {}
+        if server_round == 0 and self.public_start is not None:
+            metrics = self.public_start()
         if server_round > 0:
             metrics["round_seconds"] = seconds
         if metrics:

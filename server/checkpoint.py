@@ -4,7 +4,9 @@ A checkpoint is a folder `round_NNNN/`: state.safetensors, history.json, server_
 the strategy keeps state of its own (FedAvgM's momentum), and meta.json, written last, which records
 the sha256 of every other file. The folder is written under a temporary name and renamed into place,
 so a server killed mid-write leaves either the previous checkpoint or the new one, never half of one.
-The newest `keep` rounds are kept.
+The newest `keep` rounds are kept, and with them the round `pin` names in the history of each of them
+(the best round so far, which publishing takes: server/best_round.py), whatever its age: a run resumed
+from any kept round still finds its best round on disk.
 
 Nothing read back is trusted: every file meta.json lists must be there with its recorded hash and no
 other file may be, the tensors must parse and be finite, and the state schema must be the model's
@@ -23,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import WARNING
 from pathlib import Path
@@ -92,13 +95,21 @@ def file_sha256(path: Path) -> str:
 
 
 class Checkpointer:
-    def __init__(self, folder: str | Path, schema: str | None, keep: int = 2) -> None:
-        """`schema`: the state schema hash of the model being trained (None: integrity checks only)."""
+    def __init__(
+        self,
+        folder: str | Path,
+        schema: str | None,
+        keep: int = 2,
+        pin: Callable[[History], int | None] | None = None,
+    ) -> None:
+        """`schema`: the state schema hash of the model being trained (None: integrity checks only); `pin`: the
+        round never pruned, out of the history saved (None: only the newest `keep`)."""
         if keep < 1:
             raise ValueError(f"keep must be at least 1, got {keep}")
         self.folder = Path(folder)
         self.schema = schema
         self.keep = keep
+        self.pin = pin
         self.resumed_from: int | None = None  # recorded in the meta.json of every checkpoint saved
 
     def save(
@@ -128,7 +139,7 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._prune()
+        self._prune(history)
         return final
 
     def latest(self) -> Checkpoint | None:
@@ -256,9 +267,14 @@ class Checkpointer:
                 found.append(int(suffix))
         return sorted(found)
 
-    def _prune(self) -> None:
-        for old in self._rounds()[: -self.keep]:
-            shutil.rmtree(self.path(old), ignore_errors=True)
+    def _prune(self, history: History) -> None:
+        rounds = self._rounds()
+        kept = rounds[-self.keep :]
+        pin = self.pin
+        pinned = {pin(history.up_to(r)) for r in kept} if pin is not None else set()
+        for old in rounds[: -self.keep]:
+            if old not in pinned:
+                shutil.rmtree(self.path(old), ignore_errors=True)
 
 
 def _resumed_from(meta: dict) -> int | None:

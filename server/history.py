@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fingpt_federated.model.task_metrics import resolve_shares
+
 FEDERATION = "federation"
 CENTRAL = "central"
 PHASES = ("train", "evaluate", CENTRAL)
@@ -50,6 +52,7 @@ class History:
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         values = {name: float(value) for name, value in (metrics or {}).items() if isinstance(value, (int, float))}
+        values = resolve_shares(values)  # a reply's ROC-AUC comes with its share (model/task_metrics.py)
         self.rows.append(MetricRow(server_round, phase, bank, status, node_id, values, reason))
 
     def up_to(self, last_round: int) -> History:
@@ -58,6 +61,14 @@ class History:
 
     def select(self, phase: str, bank: str | None = None, status: str = "ok") -> list[MetricRow]:
         return [r for r in self.rows if r.phase == phase and r.status == status and (bank is None or r.bank == bank)]
+
+    def validation(self, metric: str) -> dict[int, float]:
+        """Round -> the federation's validation `metric` of the global model (rounds where it is finite)."""
+        return {
+            row.round: row.metrics[metric]
+            for row in self.select("evaluate", FEDERATION)
+            if math.isfinite(row.metrics.get(metric, math.nan))
+        }
 
     def banks(self) -> list[str]:
         """Names of the banks that appear in the history, in order of first appearance."""

@@ -55,6 +55,16 @@ def final_metrics(history: History) -> dict[str, Any]:
     return result
 
 
+def round_metrics(history: History, server_round: int) -> dict[str, Any]:
+    """The metrics of one round: the operator's test set (pooled) and the banks' aggregated validation."""
+    result: dict[str, Any] = {}
+    for key, phase, bank in (("test", CENTRAL, CENTRAL), ("banks_validation", "evaluate", FEDERATION)):
+        rows = [row for row in history.select(phase, bank) if row.round == server_round]
+        if rows:
+            result[key] = {"round": server_round, **rows[-1].metrics}
+    return result
+
+
 def privacy_spent(history: History) -> dict[str, dict[str, float]]:
     """Per bank, (epsilon, delta) after its last trained round, from the banks' DP metrics."""
     spent: dict[str, dict[str, float]] = {}
@@ -100,6 +110,7 @@ def markdown(card: Mapping[str, Any]) -> str:
         f"| series normaliser | {card['normalizer']} |",
         f"| state | {card['state_source']} |",
         "",
+        *_selection_lines(card),
         "## Final metrics",
         "",
         *_metric_lines(card["metrics"]),
@@ -120,6 +131,24 @@ def markdown(card: Mapping[str, Any]) -> str:
         *(f"| {path} | {f['bytes']:,} | `{f['sha256']}` |" for path, f in card["files"].items()),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _selection_lines(card: Mapping[str, Any]) -> list[str]:
+    """Which round was published and why, with that round's metrics (cards written before the selection: none)."""
+    selection = card.get("selection")
+    if not selection:
+        return []
+    line = (
+        f"Round {selection['round']} of {selection['last_round']} (publish.select={selection['select']}): "
+        f"{selection['monitor']} {_value(selection['value'])} ({selection['mode']} is best), "
+        f"last round {_value(selection['last_value'])}."
+    )
+    note = [selection["note"], ""] if selection.get("note") else []
+    return ["## Published round", "", line, "", *note, *_metric_lines(card.get("selected_metrics") or {}), ""]
+
+
+def _value(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "not measured"
 
 
 def _strategy(strategy: Mapping[str, Any]) -> str:

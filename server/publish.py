@@ -1,9 +1,16 @@
 """Publishing a run's global model: load the final state, merge LoRA, write the variants and a model card.
 
-The ServerApp publishes at the end of every plaintext run (`publish:` in conf/config.yaml). Under
-homomorphic encryption the operator holds only ciphertexts: a key-holding bank decrypts the final
-state (`fingpt-client he-decrypt`) and publishes that plaintext file with
-`fingpt-infer publish RUN_DIR --state FILE`, which reads the same run folder.
+The ServerApp publishes at the end of every plaintext run (`publish:` in conf/config.yaml). It
+publishes the round `publish.select` chooses (server/best_round.py): by default the best round by the
+monitored validation metric, loaded from its checkpoint (verified; the checkpointer never prunes it),
+and the model card records which round, by which metric, its value and the last round's.
+
+Under homomorphic encryption the operator holds only ciphertexts: a key-holding bank decrypts the
+final state (`fingpt-client he-decrypt`, the LAST round's aggregate) and publishes that plaintext file
+with `fingpt-infer publish RUN_DIR --state FILE`, which reads the same run folder. A handed-over state
+is the last round's, so when `publish.select=best` chooses an earlier round, publishing it is refused
+with the rounds and values, and `--select last` (or `publish.select=last` in the run's config)
+publishes the last round knowingly.
 
 The series normaliser is a per-bank buffer that never travels. The published model gets it fitted
 on the operator's test inputs when the run has a test set (labels unused, as the ServerApp's own
@@ -15,7 +22,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from safetensors.torch import load_file
 from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.records import BankDataset
+from fingpt_federated.federation import protocol
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.backbone import resolve_backbone
 from fingpt_federated.model.build import build_model
@@ -49,15 +57,19 @@ from fingpt_federated.model.quantize import (
     stored_folder,
 )
 from fingpt_federated.model.state import check_finite, load_federated_state
+from fingpt_federated.server.best_round import RoundChoice, RoundSelection
+from fingpt_federated.server.checkpoint import Checkpointer
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History
 from fingpt_federated.server.model_card import (
     final_metrics,
     participating_banks,
     privacy_spent,
+    round_metrics,
     write_card,
 )
 from fingpt_federated.server.run_folder import (
+    CHECKPOINTS,
     FEDERATION_SPEC,
     FINAL_STATE,
     METRICS_JSON,
@@ -77,14 +89,51 @@ class PublishSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> PublishSettings:
+        """The settings; the round selection (`select`, `monitor`, `mode`) is RoundSelection.from_config's."""
         block = cfg.get("publish")
         values = {} if block is None else config_dict(block)
-        unknown = sorted(set(values) - {"enabled", "variants", "out"})
+        unknown = sorted(set(values) - {"enabled", "variants", "out", *SELECTION_KEYS})
         if unknown:
-            raise ValueError(f"unknown publish setting(s) {unknown}; known: enabled, variants, out")
+            raise ValueError(
+                f"unknown publish setting(s) {unknown}; known: enabled, variants, out, select, monitor, mode"
+            )
         if "variants" in values:
             values["variants"] = tuple(values["variants"])
-        return cls(**values)
+        return cls(**{key: value for key, value in values.items() if key not in SELECTION_KEYS})
+
+
+SELECTION_KEYS = ("select", "monitor", "mode")
+
+
+def selection(cfg: DictConfig, select: str | None = None) -> RoundSelection:
+    """The config's round selection, `select` (best | last) replacing `publish.select` when given."""
+    chosen = RoundSelection.from_config(cfg)
+    return chosen if select is None else replace(chosen, select=select)
+
+
+def chosen_state(choice: RoundChoice, run_dir: Path, final_state: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The plaintext state of the chosen round and where it came from: the final state when it is the last
+    round, else that round's checkpoint (verified as a resume would verify it)."""
+    if choice.round == choice.last_round:
+        return load_state_file(final_state), f"the ServerApp's final global state ({final_state.name})"
+    checkpoint = Checkpointer(run_dir / CHECKPOINTS, None).load(choice.round)
+    source = f"the checkpoint of round {choice.round} ({checkpoint_name(choice.round)}), chosen by {choice.line()}"
+    return protocol.record_to_state(checkpoint.arrays), source
+
+
+def checkpoint_name(server_round: int) -> str:
+    return f"{CHECKPOINTS}/{Checkpointer(CHECKPOINTS, None).path(server_round).name}"
+
+
+def check_handed_over(choice: RoundChoice, state: Path) -> None:
+    """A handed-over state (a bank's decryption of global_state.he) is the last round's: refuse it when the
+    selection chose another round, saying how to publish it anyway."""
+    if choice.round != choice.last_round:
+        raise ValueError(
+            f"publish.select={choice.select} chooses {choice.line()}, but {state} is a handed-over state, i.e. the "
+            f"last round's ({choice.last_round}; under HE the operator keeps only ciphertexts and a bank decrypts "
+            "the last aggregate): publish the last round with `--select last` (or publish.select=last)"
+        )
 
 
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
@@ -108,31 +157,39 @@ def publish_after_run(cfg: DictConfig, spec: FederationSpec, history: History, r
     settings = PublishSettings.from_config(cfg)
     if not settings.enabled:
         return "Publishing is off (publish.enabled=false)"
+    choice = selection(cfg).choose(history)
     if he_enabled(cfg):
-        return (
+        line = (
             "Not publishing: under HE the server holds only ciphertexts. A key-holding bank publishes with "
             f"`fingpt-client he-decrypt` then `fingpt-infer publish {run_dir} --state DECRYPTED.safetensors`"
         )
+        if choice.round != choice.last_round:
+            line += (
+                f". publish.select={choice.select} chooses {choice.line()}, which a decrypted last aggregate is not: "
+                "add `--select last` to publish the last round"
+            )
+        return line
     out = Path(settings.out) if settings.out else run_dir / MODEL_DIR
+    state, source = chosen_state(choice, run_dir, state_path)
     card = publish(
-        load_state_file(state_path),
-        cfg,
-        spec,
-        history,
-        out,
-        settings.variants,
-        run=str(run_dir),
-        state_source=f"the ServerApp's final global state ({state_path.name})",
+        state, cfg, spec, history, out, settings.variants, run=str(run_dir), state_source=source, choice=choice
     )
     return (
-        f"Published the global model to {out} (variants {', '.join(card['variants'])}, hash {card['model_hash'][:12]})"
+        f"Published the global model of {choice.line()} to {out} (variants {', '.join(card['variants'])}, "
+        f"hash {card['model_hash'][:12]})"
     )
 
 
 def publish_run(
-    run_dir: Path, *, state: Path | None = None, out: Path | None = None, variants: Sequence[str] | None = None
+    run_dir: Path,
+    *,
+    state: Path | None = None,
+    out: Path | None = None,
+    variants: Sequence[str] | None = None,
+    select: str | None = None,
 ) -> tuple[Path, dict[str, Any]]:
-    """Publish from a run folder (its resolved config, spec and metrics); `state` replaces its final state."""
+    """Publish from a run folder (its resolved config, spec and metrics) the round `select` (default: the
+    config's publish.select) chooses; `state` (a handed-over last round) replaces its final state."""
     cfg = OmegaConf.load(run_dir / RESOLVED_CONFIG)
     if not isinstance(cfg, DictConfig):
         raise ValueError(f"{run_dir / RESOLVED_CONFIG} does not hold a config mapping")
@@ -141,22 +198,14 @@ def publish_run(
     history = History.from_json(metrics.read_text(encoding="utf-8")) if metrics.is_file() else History()
     settings = PublishSettings.from_config(cfg)
     out = out or (Path(settings.out) if settings.out else run_dir / MODEL_DIR)
-    state_path = state or run_dir / FINAL_STATE
-    source = (
-        f"a state handed over for publishing ({state_path.name})"
-        if state
-        else f"the ServerApp's final global state ({state_path.name})"
-    )
-    card = publish(
-        load_state_file(state_path),
-        cfg,
-        spec,
-        history,
-        out,
-        tuple(variants or settings.variants),
-        run=str(run_dir),
-        state_source=source,
-    )
+    choice = selection(cfg, select).choose(history)
+    if state is not None:
+        check_handed_over(choice, state)
+        tensors, source = load_state_file(state), f"a state handed over for publishing ({state.name})"
+    else:
+        tensors, source = chosen_state(choice, run_dir, run_dir / FINAL_STATE)
+    names = tuple(variants or settings.variants)
+    card = publish(tensors, cfg, spec, history, out, names, run=str(run_dir), state_source=source, choice=choice)
     return out, card
 
 
@@ -170,6 +219,7 @@ def publish(
     *,
     run: str,
     state_source: str,
+    choice: RoundChoice | None = None,
 ) -> dict[str, Any]:
     """Write the published model folder `out` (replaced atomically if it exists); returns its card."""
     model, tokenizer = build_model(config_dict(cfg.model), spec.num_classes, spec.num_features)
@@ -185,7 +235,8 @@ def publish(
         written = write_published(model, tokenizer, staging, list(variants), manifest_info(cfg, spec, names))
         card = write_card(
             staging,
-            card_content(cfg, spec, names, history, run, state_source, normalizer, variant_sizes(staging, written)),
+            card_content(cfg, spec, names, history, run, state_source, normalizer, variant_sizes(staging, written))
+            | selection_content(history, choice),
         )
         if out.exists():
             shutil.rmtree(out)
@@ -244,6 +295,13 @@ def variant_sizes(folder: Path, variants: Sequence[str]) -> dict[str, dict[str, 
     for entry in sizes.values():
         entry["ratio_to_fp32"] = entry["bytes"] / sizes["fp32"]["bytes"]
     return sizes
+
+
+def selection_content(history: History, choice: RoundChoice | None) -> dict[str, Any]:
+    """The card's `selection` (which round, by which metric, its value, the last round's) and that round's metrics."""
+    if choice is None:
+        return {}
+    return {"selection": choice.to_dict(), "selected_metrics": round_metrics(history, choice.round)}
 
 
 def card_content(
