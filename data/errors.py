@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 class DataError(ValueError):
-    """Invalid input data. Rows are counted from 1 over data rows (a CSV header is not a row)."""
+    """Invalid input data. Rows are counted from 1 over data rows (a CSV header is not a row); in a
+    delimited file row R is line R + 1 when it has a header line, line R without (data/delimited.py)."""
 
     def __init__(self, path: str | Path, message: str, *, row: int | None = None, column: str | None = None):
         self.path = str(path)
@@ -19,3 +20,10 @@ class DataError(ValueError):
         if column is not None:
             where.append(f"column {column!r}")
         super().__init__(f"{', '.join(where)}: {message}")
+
+
+class DataConfigError(DataError):
+    """A data config that cannot be applied, named by its key instead of a file: `data.table.delimiter: ...`."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(key, message)

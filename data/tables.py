@@ -1,7 +1,8 @@
-"""Reading a bank's tables (CSV, Parquet, JSONL) into string-typed frames, refusing unreadable files.
+"""Reading a bank's tables (delimited text, Parquet, JSONL) into string-typed frames, refusing unreadable files.
 
-Every cell of a CSV file is kept as text so that the data layer, not pandas, decides what is
-numeric and can name the exact row and column of a bad value. JSONL numbers stay numbers, except an
+Every cell of a delimited file is kept as text so that the data layer, not pandas, decides what is
+numeric and can name the exact row and column of a bad value. Delimited files are read by
+data/delimited.py under the data config's `table:` options. JSONL numbers stay numbers, except an
 integer too long to be a float (10**400): it stays its digits, which the data layer then refuses by row
 and column instead of overflowing.
 """
@@ -9,12 +10,14 @@ and column instead of overflowing.
 from __future__ import annotations
 
 import glob
-import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
+from fingpt_federated.data.delimited import TableReading, read_delimited
 from fingpt_federated.data.errors import DataError
 
 FLOAT_DIGITS = 308  # an integer with more digits is beyond float64 (and far beyond float32)
@@ -33,13 +36,21 @@ def resolve_paths(pattern: str | Path) -> list[Path]:
     return paths
 
 
-def read_table(pattern: str | Path, fmt: str | None = None, encoding: str = "utf-8") -> pd.DataFrame:
-    """All files of `pattern` stacked into one frame; `_source` and `_row` say where each row came from."""
+def read_table(
+    pattern: str | Path, fmt: str | None = None, encoding: str = "utf-8", table: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
+    """All files of `pattern` stacked into one frame; `_source` and `_row` say where each row came from.
+
+    `table` is the data config's `table:` block (delimited files only; None = comma-separated with a
+    header). `_row` of a delimited file counts the file's lines (data/delimited.py); of JSONL, its records.
+    """
+    reading = TableReading.of(table)
     frames = []
     for path in resolve_paths(pattern):
-        frame = _read_one(path, fmt or _format_of(path), encoding)
+        frame = _read_one(path, fmt or _format_of(path), encoding, reading)
         frame["_source"] = str(path)
-        frame["_row"] = range(1, len(frame) + 1)
+        if "_row" not in frame:
+            frame["_row"] = range(1, len(frame) + 1)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
@@ -53,14 +64,16 @@ def _format_of(path: Path) -> str:
         ) from None
 
 
-def _read_one(path: Path, fmt: str, encoding: str) -> pd.DataFrame:
+def _read_one(path: Path, fmt: str, encoding: str, reading: TableReading) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
+    if fmt != "csv" and not reading.is_default():
+        raise DataError(path, f"data.table options apply to delimited text (format csv), not {fmt}")
     if fmt == "parquet":
         frame = _read_parquet(path)
     elif fmt in ("csv", "jsonl"):
         text = _decode(path, encoding)
-        frame = _read_csv(path, text) if fmt == "csv" else _read_jsonl(path, text)
+        frame = read_delimited(path, text, reading) if fmt == "csv" else _read_jsonl(path, text)
     else:
         raise DataError(path, f"unknown format {fmt!r}; use csv, parquet or jsonl")
     if frame.empty:
@@ -81,15 +94,6 @@ def _decode(path: Path, encoding: str) -> str:
         ) from None
     except LookupError:
         raise DataError(path, f"unknown encoding {encoding!r} in data.encoding") from None
-
-
-def _read_csv(path: Path, text: str) -> pd.DataFrame:
-    try:
-        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise DataError(path, "file has no header and no data rows") from None
-    except pd.errors.ParserError as err:
-        raise DataError(path, f"not a valid CSV table: {err}") from None
 
 
 def _json_int(digits: str) -> int | str:
