@@ -10,7 +10,9 @@ of that code; the rest are here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
@@ -144,7 +146,13 @@ class SchemaCheck(Callback):
     """conf/config.yaml's `hydra.callbacks`: every @hydra.main command checks its config before it starts."""
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_config(config)
+        """Hydra turns a callback's exception into a warning and runs the job anyway, so a config that
+        fails the schema ends the command here, in one line (`fingpt-sim: error: data.sep: ...`), exit 2."""
+        try:
+            check_config(config)
+        except ValueError as error:
+            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+            sys.exit(2)
 
 
 ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
