@@ -19,6 +19,7 @@ from typing import Any
 
 from fingpt_federated.model.published import file_sha256, folder_files
 from fingpt_federated.server.history import CENTRAL, FEDERATION, History, jsonable
+from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
 
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
@@ -85,7 +86,8 @@ def participating_banks(history: History) -> list[str]:
 def write_card(folder: Path, card: Mapping[str, Any]) -> dict[str, Any]:
     """Add the file hashes and model hash to `card`, write both card files, return the JSON card."""
     files = file_hashes(folder)
-    full = jsonable({**card, "model_hash": model_hash(files), "files": files})
+    audit = audit_of_run(card.get("run"))  # fingpt-audit of this run, when there is one
+    full = jsonable({**card, **({"audit": audit} if audit else {}), "model_hash": model_hash(files), "files": files})
     (folder / CARD_JSON).write_text(json.dumps(full, indent=2, sort_keys=True), encoding="utf-8")
     (folder / CARD_MD).write_text(markdown(full), encoding="utf-8")
     return full
@@ -115,6 +117,7 @@ def markdown(card: Mapping[str, Any]) -> str:
         "",
         *_metric_lines(card["metrics"]),
         "",
+        *audit_lines(card.get("audit")),
         "## Variants",
         "",
         "| variant | loads from | bytes | vs fp32 |",
