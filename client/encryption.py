@@ -6,8 +6,10 @@ entry. The secret context must come from the ceremony whose fingerprint the roun
 announces; another ceremony's context is refused with `ContextMismatchError`.
 
 What leaves the bank in a train reply is one ConfigRecord: the ciphertext of
-`examples * (local - initial)` (privacy/he_global.py), its binding (run, round, bank name, hash of
-the global state it trained from, hash of the ciphertext) and the HMAC tag over that binding.
+`examples * (local - initial)` (privacy/he_global.py; BFV clips and quantizes it first and the
+bank logs how many values were clipped), its binding (run, round, bank name, the bank's Flower
+node id, hash of the global state it trained from, hash of the ciphertext) and the HMAC tag over
+that binding.
 No plaintext array of the state is sent.
 
 The operator cannot look inside a ciphertext, so every bank checks the global state it decrypts
@@ -24,11 +26,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
 
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.federation_spec import BankSite
@@ -38,7 +42,7 @@ from fingpt_federated.privacy.he_context import (
     HEContext,
     load_secret_context,
 )
-from fingpt_federated.privacy.he_global import decrypt_global, encrypt_drift
+from fingpt_federated.privacy.he_global import decrypt_global, encrypt_drift_counting
 from fingpt_federated.privacy.he_packing import flatten
 from fingpt_federated.privacy.update_binding import (
     UpdateBinding,
@@ -126,13 +130,23 @@ def encrypted_update(
     local: Mapping[str, torch.Tensor],
     initial: Mapping[str, torch.Tensor],
     examples: int,
+    flower_node: int,
 ) -> ConfigRecord:
-    """The reply's only state: the encrypted weighted drift, bound to this round and tagged."""
+    """The reply's only state: the encrypted weighted drift, bound to this round and node, and tagged."""
     he = secret_context(secrets.context, task.he_fingerprint)
     try:
-        blob = encrypt_drift(local, initial, float(examples), he)
+        blob, clipped = encrypt_drift_counting(local, initial, float(examples), he)
     except ValueError as error:
         raise ValueError(f"bank {bank} round {task.server_round}: its update cannot be encrypted: {error}") from None
-    binding = UpdateBinding.for_blob(task.he_run, task.server_round, bank, task.state_hash, blob)
+    if clipped:
+        log(
+            WARNING,
+            "bank %s round %d: %d values of examples x drift exceeded privacy.he.quantization_bound %g: clipped",
+            bank,
+            task.server_round,
+            clipped,
+            he.params.quantization_bound,
+        )
+    binding = UpdateBinding.for_blob(task.he_run, task.server_round, bank, task.state_hash, blob, flower_node)
     tag = tag_update(read_mac_key(secrets.binding_key), binding)
     return ConfigRecord({**binding.to_dict(), protocol.HE_CIPHERTEXT: blob, protocol.HE_TAG: tag})

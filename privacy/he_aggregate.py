@@ -1,6 +1,6 @@
 """The operator's only homomorphic operation: add encrypted updates, never decrypt them.
 
-CKKS addition needs no key at all, so the operator runs this with the public context and
+Addition (BFV or CKKS) needs no key at all, so the operator runs this with the public context and
 refuses a secret one: holding the key would let it read every bank's update. The result is an
 encrypted update blob of the same layout whose weight is the sum of the participants' example
 counts, so the banks' decryption divides by exactly the weight of whoever took part (partial
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import tenseal as ts
 
 from fingpt_federated.privacy.he_context import HEContext, SecretKeyRefused
-from fingpt_federated.privacy.he_packing import EncryptedUpdate
+from fingpt_federated.privacy.he_packing import EncryptedUpdate, load_vector
 
 
 def aggregate(blobs: Sequence[bytes], he: HEContext) -> bytes:
@@ -69,9 +69,11 @@ def _sum_chunk(updates: Sequence[EncryptedUpdate], position: int, he: HEContext)
     return total.serialize()
 
 
-def _load_chunk(update: EncryptedUpdate, index: int, position: int, size: int, he: HEContext) -> ts.CKKSVector:
+def _load_chunk(
+    update: EncryptedUpdate, index: int, position: int, size: int, he: HEContext
+) -> ts.CKKSVector | ts.BFVVector:
     try:
-        vector = ts.ckks_vector_from(he.context, update.chunks[position])
+        vector = load_vector(he, update.chunks[position])
     except (ValueError, RuntimeError) as error:
         raise ValueError(f"encrypted update #{index}, ciphertext {position}: unreadable ({error})") from None
     if vector.size() != size:

@@ -1,6 +1,6 @@
 """The encrypted global model: a public starting point plus an encrypted mean of the drift from it.
 
-CKKS with the add-only parameters of he.yaml cannot divide a ciphertext by the total weight
+BFV or CKKS with the add-only parameters of he.yaml cannot divide a ciphertext by the total weight
 (that would need a multiplication and a rescale, i.e. a second data modulus and bigger
 ciphertexts), so the operator cannot fold a round's mean into an encrypted global state. The
 global model is therefore kept as
@@ -30,19 +30,36 @@ import numpy as np
 from fingpt_federated.privacy.he_context import HEContext
 from fingpt_federated.privacy.he_packing import (
     decrypt_mean,
-    encrypt_update,
+    encrypt_update_counting,
     flatten,
     schema_of,
     unflatten,
 )
 
 
-def encrypt_drift(local: Mapping[str, Any], initial: Mapping[str, Any], weight: float, he: HEContext) -> bytes:
+def encrypt_drift(
+    local: Mapping[str, Any],
+    initial: Mapping[str, Any],
+    weight: float,
+    he: HEContext,
+    rng: np.random.Generator | None = None,
+) -> bytes:
     """Encrypt `weight * (local - initial)`, tensors in the order of `initial`."""
+    return encrypt_drift_counting(local, initial, weight, he, rng)[0]
+
+
+def encrypt_drift_counting(
+    local: Mapping[str, Any],
+    initial: Mapping[str, Any],
+    weight: float,
+    he: HEContext,
+    rng: np.random.Generator | None = None,
+) -> tuple[bytes, int]:
+    """`encrypt_drift`, and how many values BFV clipped to its bound."""
     if list(local) != list(initial):
         raise ValueError("the local state and the initial state list different tensors (or orders)")
     drift = unflatten(flatten(local) - flatten(initial), schema_of(initial), np.float64)
-    return encrypt_update(drift, weight, he)
+    return encrypt_update_counting(drift, weight, he, rng)
 
 
 def decrypt_global(initial: Mapping[str, Any], aggregate: bytes | None, he: HEContext) -> OrderedDict[str, np.ndarray]:
@@ -60,7 +77,7 @@ def round_to_bfloat16(values: np.ndarray) -> np.ndarray:
     """float32 values rounded to the nearest bfloat16 (ties to even), returned as float32.
 
     What a key-holding bank hands over for publishing: 8 significant bits leave nothing of the
-    CKKS decryption noise (~2^-25 here) in what leaves the bank.
+    CKKS decryption noise (~2^-25 here) in what leaves the bank (BFV decryptions hold no noise).
     """
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000

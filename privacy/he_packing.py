@@ -1,8 +1,11 @@
-"""A bank's update as CKKS ciphertexts: flatten, weight, pack, encrypt; and the way back.
+"""A bank's update as BFV or CKKS ciphertexts: flatten, weight, pack, encrypt; and the way back.
 
 All federated tensors are flattened in their canonical order into ONE vector, multiplied by
 the bank's example count (so that the operator's plain sum of ciphertexts is the numerator of
-FedAvg) and cut into chunks of N/2 slots, one ciphertext each, packing across tensor borders.
+FedAvg) and cut into chunks of `slots` values (BFV: N, CKKS: N/2), one ciphertext each, packing
+across tensor borders. BFV first clips and quantizes the weighted vector to integers with
+stochastic rounding (privacy/bfv_quantize.py); its sums are exact, so its decrypted mean is the
+integer sum times the step over the total weight, with no encryption noise to round away.
 
 An encrypted update travels as one blob:
 
@@ -13,7 +16,7 @@ The header is public metadata (which ceremony, which model layout, how many para
 example count that Flower reports in plaintext anyway, and how many updates a sum holds);
 everything after it is ciphertext. Aggregates use the same layout with the summed weight.
 
-Decryption divides by the total weight and rounds to a grid of 2^-round_bits before any value
+CKKS decryption divides by the total weight and rounds to a grid of 2^-round_bits before any value
 leaves the function: exact CKKS decryptions carry the encryption noise, and handing those out
 can leak the secret key (Li-Micciancio, IND-CPA-D). The grid sits several bits above the noise
 of the chosen parameters, so rounding removes it except for values that fall near a grid edge.
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import tenseal as ts
 
+from fingpt_federated.privacy import bfv_quantize
 from fingpt_federated.privacy.he_context import ContextMismatchError, HEContext
 
 Schema = tuple[tuple[str, tuple[int, ...]], ...]
@@ -146,13 +150,24 @@ def round_to_grid(values: np.ndarray, bits: int) -> np.ndarray:
     return np.ldexp(np.rint(np.ldexp(values, bits)), -bits) + 0.0
 
 
-def encrypt_update(state: Mapping[str, Any], weight: float, he: HEContext) -> bytes:
+def encrypt_update(
+    state: Mapping[str, Any], weight: float, he: HEContext, rng: np.random.Generator | None = None
+) -> bytes:
     """Encrypt `weight * state` (weight: the bank's example count) into one update blob.
 
-    Refuses values that could overflow the aggregate: CKKS wraps around silently, so every bank
-    checks that its weighted values stay below `update_bound`, which leaves room for a sum of
-    `max_summands` updates.
+    The aggregate must not overflow: each scheme wraps around silently. CKKS refuses weighted
+    values above `update_bound`, which leaves room for a sum of `max_summands` updates; BFV clips
+    them to its `quantization_bound` (whose sums `HEParams` checked cannot wrap) and rounds them
+    stochastically with `rng` (default: seeded by the OS). `encrypt_update_counting` also says how
+    many values BFV clipped.
     """
+    return encrypt_update_counting(state, weight, he, rng)[0]
+
+
+def encrypt_update_counting(
+    state: Mapping[str, Any], weight: float, he: HEContext, rng: np.random.Generator | None = None
+) -> tuple[bytes, int]:
+    """`encrypt_update`, and how many values were clipped to the BFV bound (always 0 with CKKS)."""
     if not (math.isfinite(weight) and weight > 0):
         raise ValueError(f"weight must be a positive example count, got {weight}")
     weighted = flatten(state) * weight
@@ -160,18 +175,20 @@ def encrypt_update(state: Mapping[str, Any], weight: float, he: HEContext) -> by
         raise ValueError("nothing to encrypt: the state is empty")
     if not np.all(np.isfinite(weighted)):
         raise ValueError("the update holds NaN or infinite values")
-    largest = float(np.max(np.abs(weighted)))
-    if largest > he.params.update_bound:
-        raise ValueError(
-            f"weighted update reaches {largest:.3g}, above the {he.params.update_bound:.3g} that lets "
-            f"{he.params.max_summands} updates add up without overflow; use more modulus bits, "
-            "a smaller global_scale_bits or fewer max_summands"
+    params, clipped = he.params, 0
+    slots = params.slots
+    if params.scheme == "bfv":
+        integers, clipped = bfv_quantize.quantize(weighted, params, rng or bfv_quantize.new_rng())
+        chunks = tuple(
+            ts.bfv_vector(he.context, integers[start : start + slots].tolist()).serialize()
+            for start in range(0, integers.size, slots)
         )
-    slots = he.params.slots
-    chunks = tuple(
-        ts.ckks_vector(he.context, weighted[start : start + slots].tolist()).serialize()
-        for start in range(0, weighted.size, slots)
-    )
+    else:
+        _check_ckks_bound(weighted, he)
+        chunks = tuple(
+            ts.ckks_vector(he.context, weighted[start : start + slots].tolist()).serialize()
+            for start in range(0, weighted.size, slots)
+        )
     update = EncryptedUpdate(
         fingerprint=bytes.fromhex(he.fingerprint),
         schema_digest=schema_digest(schema_of(state)),
@@ -180,23 +197,51 @@ def encrypt_update(state: Mapping[str, Any], weight: float, he: HEContext) -> by
         summands=1,
         chunks=chunks,
     )
-    return update.to_bytes()
+    return update.to_bytes(), clipped
 
 
-def decrypt_mean(
-    blob: bytes, he: HEContext, schema: Schema, dtype: np.dtype | type = np.float32
-) -> OrderedDict[str, np.ndarray]:
-    """Decrypt an aggregate (or one update) into the weighted mean, rounded, as named arrays."""
+def _check_ckks_bound(weighted: np.ndarray, he: HEContext) -> None:
+    largest = float(np.max(np.abs(weighted)))
+    if largest > he.params.update_bound:
+        raise ValueError(
+            f"weighted update reaches {largest:.3g}, above the {he.params.update_bound:.3g} that lets "
+            f"{he.params.max_summands} updates add up without overflow; use more modulus bits, "
+            "a smaller global_scale_bits or fewer max_summands"
+        )
+
+
+def load_vector(he: HEContext, chunk: bytes) -> ts.CKKSVector | ts.BFVVector:
+    """One serialized ciphertext of this context's scheme."""
+    if he.params.scheme == "bfv":
+        return ts.bfv_vector_from(he.context, chunk)
+    return ts.ckks_vector_from(he.context, chunk)
+
+
+def decrypt_sum(blob: bytes, he: HEContext, schema: Schema) -> tuple[np.ndarray, EncryptedUpdate]:
+    """The decrypted weighted sum (float64, weighted unit; BFV: exact integers times the step) and its header."""
     if not he.holds_secret_key:
         raise ValueError("cannot decrypt: this HE context holds no secret key (it is the operator's public context)")
     update = EncryptedUpdate.from_bytes(blob)
     update.check_context(he)
     if update.schema_digest != schema_digest(schema):
         raise ValueError("the encrypted update was packed for another model layout (schema digest differs)")
-    total = np.concatenate([np.asarray(ts.ckks_vector_from(he.context, chunk).decrypt()) for chunk in update.chunks])
+    total = np.concatenate([np.asarray(load_vector(he, chunk).decrypt()) for chunk in update.chunks])
     if total.size != update.num_params:
         raise ValueError(f"ciphertexts hold {total.size} values, the header says {update.num_params}")
-    mean = round_to_grid(total / update.weight, he.params.round_bits)
+    if he.params.scheme == "bfv":
+        return bfv_quantize.dequantize(total, he.params), update
+    return total.astype(np.float64), update
+
+
+def decrypt_mean(
+    blob: bytes, he: HEContext, schema: Schema, dtype: np.dtype | type = np.float32
+) -> OrderedDict[str, np.ndarray]:
+    """Decrypt an aggregate (or one update) into the weighted mean as named arrays (CKKS: rounded
+    to the 2^-round_bits grid; BFV needs no rounding: its decryption is exact)."""
+    total, update = decrypt_sum(blob, he, schema)
+    mean = total / update.weight
+    if he.params.scheme == "ckks":
+        mean = round_to_grid(mean, he.params.round_bits)
     return unflatten(mean, schema, dtype)
 
 

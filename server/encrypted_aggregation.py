@@ -1,4 +1,4 @@
-"""Encrypted aggregation: the operator adds the banks' CKKS ciphertexts and never sees an update.
+"""Encrypted aggregation: the operator adds the banks' BFV or CKKS ciphertexts and never sees an update.
 
 `EncryptedAggregation` wraps a Flower strategy whose aggregation is FedAvg's weighted mean
 (FedAvg, FedProx): the wrapped strategy samples the banks, builds the messages and averages the
@@ -14,8 +14,9 @@ state or the plaintext updates, which the operator never has under HE: it is ref
 - `check_update` gates every train reply BEFORE anything is added (`BankRounds` runs it as its
   `check_update`): no plaintext arrays at all, the blob parses and comes from this key ceremony,
   its header weight is the example count the bank reports, its binding names the bank of its
-  receipt, and the `ReplayGuard` accepts the tag (authentic under that bank's registered key,
-  this run, this round, the global state sent this round, never seen before). A refused update is
+  receipt and the Flower node the reply came from, and the `ReplayGuard` accepts it (that node is
+  the one registered, or first seen, for the bank's name; the tag is authentic under that bank's
+  registered key; this run, this round, the global state sent this round, never seen before). A refused update is
   that bank's failure of the round, with the reason.
 - `aggregate_train` sums the accepted ciphertexts with the PUBLIC context (the constructor refuses
   one holding a secret key); the total weight travels in the aggregate's header.
@@ -122,7 +123,12 @@ class EncryptedAggregation(Strategy):
             binding = UpdateBinding.from_dict(record)
             _check_claims(reply, update, binding)
             self.guard.verify_update(
-                binding, str(record[protocol.HE_TAG]), blob, server_round=server_round, global_hash=state_hash
+                binding,
+                str(record[protocol.HE_TAG]),
+                blob,
+                server_round=server_round,
+                global_hash=state_hash,
+                src_node=reply.metadata.src_node_id,
             )
         except (UpdateRejected, ValueError, KeyError, TypeError) as error:
             return f"encrypted update refused: {error}"
@@ -135,14 +141,15 @@ class EncryptedAggregation(Strategy):
             atomic_write_bytes(self.guard_path, json.dumps(state).encode("utf-8"))
 
 
-def load_guard(path: Path, run_id: str, keys: dict[str, bytes]) -> ReplayGuard:
-    """The run's guard, with what it accepted before a restart when `path` holds it."""
+def load_guard(path: Path, run_id: str, keys: dict[str, bytes], nodes: dict[str, int] | None = None) -> ReplayGuard:
+    """The run's guard, with what it accepted before a restart when `path` holds it; `nodes`: the
+    registered Flower node of each bank name (a deployment's registry)."""
     if not path.is_file():
-        return ReplayGuard(run_id, keys)
+        return ReplayGuard(run_id, keys, nodes=nodes)
     state = json.loads(path.read_text(encoding="utf-8"))
     if state.get("run") != run_id:
         raise ValueError(f"{path} belongs to run {state.get('run')!r}, not {run_id!r}")
-    return ReplayGuard(run_id, keys, seen=state["seen"])
+    return ReplayGuard(run_id, keys, seen=state["seen"], nodes=nodes)
 
 
 def _ciphertext(record: ConfigRecord) -> bytes:

@@ -3,7 +3,9 @@
 - `privacy.he.public_context`: the ceremony's PUBLIC context; a context holding the secret key is
   refused (`SecretKeyRefused`), before any bank is contacted.
 - `privacy.he.binding_keys`: the folder of the banks' registered update-binding keys,
-  `NAME.binding` per bank (a deployment's `WORKDIR/banks`, a simulation's `he/bindings`).
+  `NAME.binding` per bank (a deployment's `WORKDIR/banks`, a simulation's `he/bindings`). When that
+  folder holds the operator's registry.json (a deployment), each bank's update must come from the
+  Flower node registered for its name.
 
 The run starts from the empty encrypted global (no aggregate yet: every bank uses the initial
 state it rebuilds, whose hash is announced in the round config). The initial state is public (it
@@ -28,10 +30,13 @@ from fingpt_federated.federation.run_files import FINAL_CIPHERTEXT, INITIAL_STAT
 from fingpt_federated.privacy.atomic_file import atomic_write_bytes
 from fingpt_federated.privacy.he_context import HEContext, load_public_context
 from fingpt_federated.privacy.update_binding import read_mac_key
+from fingpt_federated.server.banks import BankRegistry
 from fingpt_federated.server.checkpoint import save_state
 from fingpt_federated.server.encrypted_aggregation import load_guard
 
 GUARD_FILE = "he_replay_guard.json"
+REGISTRY_NAME = "registry.json"
+BANKS_FOLDER = "banks"
 BINDING_SUFFIX = ".binding"
 
 
@@ -46,6 +51,7 @@ class EncryptedRun:
     keys: dict[str, bytes]
     run_dir: Path
     initial_hash: str
+    nodes: dict[str, int]
 
     @classmethod
     def from_config(cls, cfg: DictConfig, run_dir: Path, initial: Mapping[str, torch.Tensor]) -> EncryptedRun | None:
@@ -62,7 +68,8 @@ class EncryptedRun:
         he = load_public_context(Path(str(context_path)).expanduser())
         record = protocol.state_to_record(initial)
         save_state(record, run_dir / INITIAL_STATE, metadata={"fingerprint": he.fingerprint})
-        return cls(he, binding_keys(Path(str(keys_dir)).expanduser()), run_dir, protocol.record_hash(record))
+        folder = Path(str(keys_dir)).expanduser()
+        return cls(he, binding_keys(folder), run_dir, protocol.record_hash(record), registered_nodes(folder))
 
     @property
     def run_label(self) -> str:
@@ -71,7 +78,8 @@ class EncryptedRun:
 
     def strategy_kwargs(self) -> dict[str, Any]:
         guard_path = self.run_dir / GUARD_FILE
-        return {"he": self.he, "guard": load_guard(guard_path, self.run_label, self.keys), "guard_path": guard_path}
+        guard = load_guard(guard_path, self.run_label, self.keys, self.nodes)
+        return {"he": self.he, "guard": guard, "guard_path": guard_path}
 
     def round_config(self) -> dict[str, str]:
         return {
@@ -102,3 +110,11 @@ def binding_keys(folder: Path) -> dict[str, bytes]:
             "(fingpt-server register-bank KEY.pub --binding-key KEY.binding)"
         )
     return keys
+
+
+def registered_nodes(folder: Path) -> dict[str, int]:
+    """{bank name: Flower node id} from the registry beside the keys (a deployment's WORKDIR/banks),
+    empty where there is none (a simulation: the guard pins each name to its first node)."""
+    if not (folder / REGISTRY_NAME).is_file():
+        return {}
+    return BankRegistry(folder.parent).node_ids() if folder.name == BANKS_FOLDER else {}

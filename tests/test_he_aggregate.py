@@ -26,7 +26,9 @@ from fingpt_federated.privacy.he_packing import (
     schema_of,
 )
 
-PARAMS = HEParams.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he))
+PARAMS = HEParams.from_config(
+    {**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he), "scheme": "ckks"}
+)  # CKKS here (selectable, privacy.he.scheme=ckks); BFV, the default: test_he_bfv.py
 WEIGHTS = [1.0, 3.0, 10.0, 50.0, 200.0, 1000.0, 2500.0, 5000.0, 8000.0, 10000.0]
 
 

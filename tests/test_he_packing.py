@@ -25,7 +25,9 @@ from fingpt_federated.privacy.he_packing import (
     unflatten,
 )
 
-PARAMS = HEParams.from_config(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he))
+PARAMS = HEParams.from_config(
+    {**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he), "scheme": "ckks"}
+)  # CKKS here (selectable, privacy.he.scheme=ckks); BFV, the default: test_he_bfv.py
 GRID_BITS = PARAMS.round_bits
 
 

@@ -35,7 +35,8 @@ def test_encrypted_and_plaintext_simulations_reach_the_same_accuracy(tmp_path):
 
     assert abs(he.final.test_accuracy - plain.final.test_accuracy) <= 0.001, (he.final, plain.final)
     plain_rounds = {r.round: r for r in plain.rounds}
-    assert [r.round for r in he.rounds] == [1, 2]  # the operator cannot evaluate the initial model: no round 0
+    assert [r.round for r in he.rounds] == [0, 1, 2]  # round 0: the public initial state, as in plaintext
+    assert he.rounds[0].test_accuracy == plain.rounds[0].test_accuracy
     for ours in he.rounds:
         theirs = plain_rounds[ours.round]
         assert abs(ours.valid_accuracy - theirs.valid_accuracy) <= 0.001 and ours.banks_ok == theirs.banks_ok == 3
@@ -45,6 +46,6 @@ def test_encrypted_and_plaintext_simulations_reach_the_same_accuracy(tmp_path):
     history = History.from_json((tmp_path / "he" / "metrics.json").read_text())
     plain_history = History.from_json((tmp_path / "plain" / "metrics.json").read_text())
     up, plain_up = (h.select("train", FEDERATION)[-1].metrics["upload_bytes"] for h in (history, plain_history))
-    assert 4 < up / plain_up < 10, (up, plain_up)
+    assert 3 < up / plain_up < 6, (up, plain_up)  # BFV, N values per ciphertext (CKKS: 7.8x)
     report = (tmp_path / "he" / "report.md").read_text()
-    assert "upload MB" in report and "CKKS" in report and "bytes per parameter" in report
+    assert "upload MB" in report and "bytes per parameter" in report
