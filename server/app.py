@@ -136,7 +136,6 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
         arrays=arrays,
         central=None if encryption else CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
         public_start=_public_start(encryption, spec, model, tokenizer, cfg, initial),
-        public_start=_public_start(encryption, spec, model, tokenizer, cfg, initial),
         server_state=strategy.server_state,
     )
     if done < rounds:
@@ -208,18 +207,6 @@ def _public_start(
     return lambda: central(record)
 
 
-def _public_start(
-    encryption: EncryptedRun | None, spec: FederationSpec, model: Any, tokenizer: Any, cfg: DictConfig, initial: Any
-) -> Callable[[], dict[str, float]] | None:
-    """Under HE, round 0's test of the initial state: it is public (built from the model config), so the
-    operator evaluates it as in a plaintext run, and the report starts where a plaintext run's does."""
-    central = CentralEvaluation.for_spec(spec, model, tokenizer, cfg) if encryption else None
-    if central is None:
-        return None
-    record = protocol.state_to_record(initial)
-    return lambda: central(record)
-
-
 @dataclass
 class CentralEvaluation:
     """The ServerApp's own test of the global model on a held-out set (simulations have one).
@@ -265,7 +252,6 @@ class RoundEnd:
     server_state: Callable[[], dict[str, np.ndarray]] = dict  # the strategy's own, checkpointed with the state
     started: float = field(default_factory=time.perf_counter)
     public_start: Callable[[], dict[str, float]] | None = None  # HE: round 0 on the public initial state
-    public_start: Callable[[], dict[str, float]] | None = None  # HE: round 0 on the public initial state
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         round_number = server_round + self.offset
@@ -275,8 +261,6 @@ class RoundEnd:
             self.started = time.perf_counter()
             return None
         metrics = self.central(arrays) if self.central is not None else {}
-        if server_round == 0 and self.public_start is not None:
-            metrics = self.public_start()
         if server_round == 0 and self.public_start is not None:
             metrics = self.public_start()
         if server_round > 0:
