@@ -4,6 +4,9 @@ Plots (PNG, matplotlib's Agg backend, no display needed):
 - `global.png`: accuracy and loss of the global model per round, on the global test set and
   averaged over the banks' validation splits, with the baselines as horizontal lines;
 - `banks.png`: each bank's validation accuracy and loss of the global model per round;
+- `task_metrics.png`: macro-F1 and ROC-AUC of the global model per round, test set and validation,
+  with the round publishing chooses marked (server/best_round.py). The test set's ROC-AUC is pooled;
+  the validation one is the example-weighted mean of the banks' own AUCs (model/task_metrics.py);
 - under DP, `epsilon.png` (simulations/privacy_report.py): each bank's epsilon spent per round.
 """
 
@@ -20,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fingpt_federated.server.best_round import RoundChoice  # noqa: E402
 from fingpt_federated.server.history import CENTRAL, FEDERATION, History  # noqa: E402
 from fingpt_federated.simulations.baselines import (  # noqa: E402
     CENTRALIZED,
@@ -29,6 +33,9 @@ from fingpt_federated.simulations.baselines import (  # noqa: E402
 )
 
 GLOBAL_PLOT = "global.png"
+TASK_PLOT = "task_metrics.png"
+TASK_COLUMNS = ("accuracy", "macro_f1", "roc_auc")
+TASK_LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "roc_auc": "ROC-AUC", "loss": "loss"}
 BANKS_PLOT = "banks.png"
 REPORT = "report.md"
 
@@ -73,6 +80,65 @@ def round_rows(history: History) -> list[RoundRow]:
             )
         )
     return rows
+
+
+def task_metric_rows(history: History) -> list[dict[str, float]]:
+    """Per round: test_* (the operator's test set) and valid_* (the banks' aggregate) of loss and TASK_COLUMNS."""
+    rows = []
+    for number in sorted({row.round for row in history.rows}):
+        central = _one(history, number, CENTRAL, CENTRAL)
+        valid = _one(history, number, "evaluate", FEDERATION)
+        row: dict[str, float] = {"round": number}
+        for name in ("loss", *TASK_COLUMNS):
+            row[f"test_{name}"] = central.get(name, math.nan)
+            row[f"valid_{name}"] = valid.get(name, math.nan)
+        rows.append(row)
+    return rows
+
+
+def task_metrics_section(history: History, choice: RoundChoice | None) -> list[str]:
+    """The report's task-metric table per round, the plot, and the round publishing takes."""
+    rows = task_metric_rows(history)
+    header = (
+        ["round"] + [f"test {TASK_LABELS[n]}" for n in TASK_COLUMNS] + [f"valid {TASK_LABELS[n]}" for n in TASK_COLUMNS]
+    )
+    body = [
+        [
+            f"**{int(r['round'])}**" if choice and r["round"] == choice.round else int(r["round"]),
+            *(_f(r[f"test_{n}"]) for n in TASK_COLUMNS),
+            *(_f(r[f"valid_{n}"]) for n in TASK_COLUMNS),
+        ]
+        for r in rows
+    ]
+    lines = [
+        "## Task metrics per round",
+        "Test: the operator's test set (ROC-AUC from its pooled scores). Valid: the banks' validation splits, "
+        "example-weighted mean over the banks (ROC-AUC: mean of the per-bank AUCs over the banks whose split "
+        "defines one, not a pooled AUC; one-vs-rest macro beyond two classes).",
+        markdown_table(header, body),
+    ]
+    if choice is not None:
+        lines.append(f"Monitor: validation {choice.monitor} ({choice.mode}); published: {choice.line()} (in bold).")
+    return [*lines, f"![task metrics]({TASK_PLOT})"]
+
+
+def plot_task_metrics(history: History, choice: RoundChoice | None, path: Path) -> Path:
+    rows = task_metric_rows(history)
+    x = [int(r["round"]) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("macro_f1", "roc_auc"), strict=True):
+        ax.plot(x, [r[f"test_{metric}"] for r in rows], marker="o", label="global model, test set")
+        ax.plot(x, [r[f"valid_{metric}"] for r in rows], marker="s", label="global model, banks' validation")
+        if choice is not None:
+            ax.axvline(choice.round, color="grey", linestyle=":", label=f"published (round {choice.round})")
+        round_axis(ax)
+        ax.set_ylabel(TASK_LABELS[metric])
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Task metrics of the global model per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def wire_bytes_per_parameter(history: History, num_params: int) -> tuple[float, float]:
@@ -157,9 +223,11 @@ def markdown(
     baselines: Sequence[BaselineResult],
     *,
     privacy: Sequence[str] = (),
+    choice: RoundChoice | None = None,
 ) -> str:
-    """The report: settings, the global model per round, each bank, `privacy` (sections on the
-    privacy spent, see simulations/privacy_report.py), baselines, failures."""
+    """The report: settings, the global model per round, its task metrics (and the round `choice` that
+    publishing takes), each bank, `privacy` (sections on the privacy spent, see
+    simulations/privacy_report.py), baselines, failures."""
     sections = [
         f"# {title}",
         markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()]),
@@ -196,6 +264,7 @@ def markdown(
             ],
         ),
         f"![global]({GLOBAL_PLOT})",
+        *task_metrics_section(history, choice),
         "## Banks (the global model on each bank's validation split, last round it was asked)",
         markdown_table(
             ["bank", "round", "valid accuracy", "valid loss", "rounds trained", "failures"],

@@ -48,6 +48,7 @@ from fingpt_federated.data.federation_layout import FederationLayout, prepare_fe
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.app import CHECKPOINTS, dp_round_config, write_metrics
+from fingpt_federated.server.best_round import RoundSelection
 from fingpt_federated.server.checkpoint import Checkpointer, CheckpointError
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History, jsonable
@@ -79,11 +80,14 @@ from fingpt_federated.simulations.report import (
     BANKS_PLOT,
     GLOBAL_PLOT,
     REPORT,
+    TASK_PLOT,
     RoundRow,
     markdown,
     plot_banks,
     plot_global,
+    plot_task_metrics,
     round_rows,
+    task_metric_rows,
     wire_bytes_per_parameter,
 )
 from fingpt_federated.structured_config import checked_dict
@@ -100,6 +104,7 @@ class SimulationSummary:
     rounds: list[RoundRow]
     baselines: list[BaselineResult] = field(default_factory=list)
     seconds: float = math.nan
+    published: str = ""  # the round publishing takes and its monitor (server/best_round.py), set with the report
 
     @property
     def final(self) -> RoundRow:
@@ -227,6 +232,9 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
     run_dir = summary.run_dir
     plot_global(history, summary.baselines, run_dir / GLOBAL_PLOT)
     plot_banks(history, run_dir / BANKS_PLOT)
+    choice = RoundSelection.from_config(cfg).choose(history)
+    plot_task_metrics(history, choice, run_dir / TASK_PLOT)
+    summary.published = choice.line()
     settings = {
         "data": cfg.data.name,
         "model backbone": cfg.model.backbone,
@@ -249,8 +257,10 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
         history,
         summary.baselines,
         privacy=_privacy_section(cfg, spec, history, run_dir),
+        choice=choice,
     )
-    (run_dir / SUMMARY_FILE).write_text(json.dumps(jsonable(summary.to_dict()), indent=2), encoding="utf-8")
+    task = {"task_metrics": task_metric_rows(history), "published_round": choice.to_dict()}
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(jsonable(summary.to_dict() | task), indent=2), encoding="utf-8")
     path = run_dir / REPORT
     path.write_text(text, encoding="utf-8")
     return path
@@ -299,6 +309,8 @@ def print_summary(summary: SimulationSummary, console: Console | None = None) ->
         local = summary.baselines
         base.add_row("mean local-only", "-", _f(mean_local(local)), _f(mean_local(local, "macro_f1")))
         console.print(base)
+    if summary.published:
+        console.print(f"published: {summary.published}", soft_wrap=True)
     console.print(f"report: {summary.run_dir / REPORT}", soft_wrap=True)
 
 
