@@ -14,25 +14,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.table import Table
 
 from fingpt_federated.client.training import train_local
 from fingpt_federated.conf import compose_config
 from fingpt_federated.config_dicts import config_dict
-from fingpt_federated.data.loading import load_splits
+from fingpt_federated.data.errors import DataError
+from fingpt_federated.data.loading import Splits, load_splits
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.simulations.partition_cli import one_line
 
 VARIANTS = ("fused", "text", "series")
+PROG = "bench_centralized"
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException, ValueError)  # composing: bad overrides, keys, types
 
 
 def modality(data: BankDataset, variant: str) -> BankDataset:
@@ -92,15 +99,29 @@ def print_table(data_name: str, rows: list[dict[str, Any]], majority: float) -> 
     Console().print(table)
 
 
+def load_or_exit(overrides: list[str]) -> tuple[DictConfig, Splits]:
+    """The config and its data, or one line saying what and where is wrong: exit 2 for the config, 1 for the data."""
+    try:
+        cfg = compose_config(overrides)
+    except CONFIG_ERRORS as error:
+        print(f"{PROG}: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        return cfg, load_splits(cfg.data)
+    except DataError as error:  # a bad file, row or data config key (DataConfigError)
+        sys.exit(f"{PROG}: error: {error}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("data", help="a data config name from conf/data, e.g. tfns or credit_taiwan")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.train.epochs=2")
     parser.add_argument("--variants", help=f"comma-separated subset of {VARIANTS}; default: all the data maps")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_intermixed_args(argv)
-    cfg = compose_config([f"data={args.data}", *args.overrides])
-    splits = load_splits(cfg.data)
+    cfg, splits = load_or_exit([f"data={args.data}", *args.overrides])
     variants = args.variants.split(",") if args.variants else [available_variant(splits.train)]
     if not set(variants) <= set(VARIANTS):
         parser.error(f"--variants must be a subset of {VARIANTS}")

@@ -151,9 +151,7 @@ def test_a_bad_row_of_the_at_file_names_the_line(tmp_path):
     source = write_at_file(tmp_path / "news.txt", bad_line=10)
     with pytest.raises(DataError) as error:
         load_dataset(at_config(source))
-    assert str(error.value) == (
-        f"{source}, row 10: 3 fields, but data.table.columns names 2 columns (delimiter '@')"
-    )
+    assert str(error.value) == (f"{source}, row 10: 3 fields, but data.table.columns names 2 columns (delimiter '@')")
 
 
 def test_a_bad_row_of_the_whitespace_file_counts_the_comment_lines(tmp_path):
@@ -167,7 +165,9 @@ def test_a_bad_row_of_the_whitespace_file_counts_the_comment_lines(tmp_path):
     short.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as error:
         load_dataset({**space_config(short), "files": {"train": str(short)}})
-    assert str(error.value) == f"{short}, row 5: 23 fields, but data.table.columns names 24 columns (delimiter whitespace)"
+    assert (
+        str(error.value) == f"{short}, row 5: 23 fields, but data.table.columns names 24 columns (delimiter whitespace)"
+    )
 
 
 def test_rows_count_the_file_lines_after_skipped_rows_comments_and_a_header(tmp_path):
@@ -211,7 +211,7 @@ def test_whitespace_fields_may_be_quoted(tmp_path):
         "text": {"column": "text"},
         "label": {"column": "y", "classes": {0: "no", 1: "yes"}},
     }
-    with pytest.raises(DataError, match=re.escape(f'{path}, row 3: unbalanced " quote in \'"bad\'')):
+    with pytest.raises(DataError, match=re.escape(f"{path}, row 3: unbalanced \" quote in '\"bad'")):
         load_dataset(cfg)
     path.write_text('"up strongly"  1\n  down\t0\n')
     assert load_dataset(cfg).texts == ["up strongly", "down"]
@@ -231,7 +231,14 @@ def test_bad_table_options_are_one_line_config_errors(tmp_path, table, message):
     path = tmp_path / "t.csv"
     path.write_text("a,b\nx,1\n")
     with pytest.raises(DataConfigError) as error:
-        load_dataset({"files": {"train": str(path)}, "table": table, "text": {"column": "a"}, "label": {"column": "b", "classes": {1: "one"}}})
+        load_dataset(
+            {
+                "files": {"train": str(path)},
+                "table": table,
+                "text": {"column": "a"},
+                "label": {"column": "b", "classes": {1: "one"}},
+            }
+        )
     assert str(error.value) == message
 
 
@@ -278,3 +285,33 @@ def test_fingpt_partition_reads_the_at_file_by_yaml_alone_and_refuses_unknown_ke
     refused = run_cli("fingpt-partition", *common, "+data.sep=@", f"hydra.run.dir={tmp_path / 'x'}", cwd=tmp_path)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     assert refused.stderr.startswith("fingpt-partition: error: data.sep: "), refused.stderr
+
+
+def test_bench_centralized_reports_a_bad_row_in_one_line(tmp_path, capsys):
+    from fingpt_federated.simulations.bench_centralized import main
+
+    source = write_at_file(tmp_path / "news.txt", bad_line=10)
+    overrides = [
+        "data.synthetic=null",
+        "data.keep_columns=[]",
+        f"data.files.train={source}",
+        "data.format=csv",
+        "data.encoding=latin-1",
+        "data.table.delimiter=@",
+        "data.table.header=false",
+        "data.table.columns=[sentence,label]",
+        "data.table.quote=null",
+        "data.text.column=sentence",
+        "data.label.column=label",
+    ]
+    with pytest.raises(SystemExit) as stop:
+        main(["synthetic_news", *overrides])
+    assert stop.value.code == (
+        f"bench_centralized: error: {source}, row 10: 3 fields, but data.table.columns names 2 columns (delimiter '@')"
+    )
+    for unknown in ("+data.sep=@", "data.sep=@"):  # forced past composition, or refused by it
+        with pytest.raises(SystemExit) as stop:
+            main(["synthetic_news", unknown])
+        printed = capsys.readouterr().err
+        assert stop.value.code == 2 and printed.count("\n") == 1, printed
+        assert printed.startswith("bench_centralized: error: ") and "data.sep" in printed, printed
