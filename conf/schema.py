@@ -68,6 +68,8 @@ class FederationConfig:
     partitioner: str = "natural"  # iid | dirichlet | quantity | natural
     key: str | None = "bank"  # natural: the column whose value decides the bank (must be in data.keep_columns)
     bins: list[float] | None = None  # natural: cut a numeric key into bands, e.g. [0, 30, 40, 50, 200] for age
+    key_map: dict[Any, str] = field(default_factory=dict)  # natural: key value -> bank; values of one name merge
+    other_bank: str | None = None  # natural: values with fewer than min_size rows merge into this bank (logged)
     num_banks: int | None = None  # natural: None = one bank per key value; other partitioners need a number
     alpha: float = 0.5  # dirichlet (label skew) / quantity (size skew): smaller = more skewed
     min_size: int = 10  # no bank gets fewer rows

@@ -6,6 +6,7 @@ bank loads its own data, so simulation and deployment share one data path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,16 @@ from omegaconf import DictConfig
 
 from fingpt_federated.conf.schema import FederationConfig
 from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.columns import canonical
 from fingpt_federated.data.config import data_config
 from fingpt_federated.data.loading import as_dict, hold_out_test
-from fingpt_federated.data.partitioning import bank_names, partition_indices
+from fingpt_federated.data.partitioning import bank_names, merge_key_values, partition_indices
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.splits import split_train_valid
 from fingpt_federated.data.synthetic import write_federation
 from fingpt_federated.structured_config import build
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,6 +66,8 @@ def partition(pool: BankDataset, fed: FederationConfig, seed: int) -> tuple[list
         if fed.key not in pool.keys:
             raise ValueError(f"federation.key={fed.key!r} must be one of data.keep_columns {sorted(pool.keys)}")
         keys = pool.keys[fed.key]
+        if fed.key_map or fed.other_bank is not None:
+            keys = _merged_keys(keys, fed)
         if fed.bins:
             keys = keys.astype(float)
     parts = partition_indices(
@@ -76,6 +82,24 @@ def partition(pool: BankDataset, fed: FederationConfig, seed: int) -> tuple[list
     )
     names = bank_names(fed.partitioner, len(parts), keys, fed.bins, key_name=str(fed.key))
     return parts, names
+
+
+def _merged_keys(keys: np.ndarray, fed: FederationConfig) -> np.ndarray:
+    """The key values merged by `federation.key_map` / `other_bank`, each merge logged."""
+    if fed.bins:
+        raise ValueError(
+            "federation.key_map and federation.other_bank merge key values; they cannot be combined "
+            "with federation.bins (bands of a numeric key)"
+        )
+    canonical_map = {canonical(value): str(name) for value, name in fed.key_map.items()}
+    unknown = sorted(set(canonical_map) - set(keys.tolist()))
+    if unknown:
+        log.warning("federation.key_map: %s values %s never occur", fed.key, ", ".join(unknown))
+    merged_keys, merges = merge_key_values(keys, canonical_map, fed.min_size, fed.other_bank)
+    for name, values in merges.items():
+        counts = ", ".join(f"{value} ({int((keys == value).sum())})" for value in values)
+        log.warning("natural split: %s values %s merged into bank %s=%s", fed.key, counts, fed.key, name)
+    return merged_keys
 
 
 def prepare_federation(cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path) -> FederationLayout:

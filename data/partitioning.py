@@ -15,7 +15,7 @@ Two behaviours of those partitioners are compensated for here:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import datasets
 import numpy as np
@@ -228,6 +228,31 @@ def _natural(codes: np.ndarray, values: list[str], min_size: int) -> list[np.nda
     if small:
         raise ValueError(
             f"natural banks with fewer than min_size={min_size} rows: {', '.join(small)}; "
-            "use coarser bins or lower min_size"
+            "use coarser bins, merge values by federation.key_map or federation.other_bank, or lower min_size"
         )
     return parts
+
+
+def merge_key_values(
+    keys: np.ndarray, key_map: Mapping[str, str], min_size: int, other_bank: str | None
+) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Natural-split keys with values renamed by `key_map` (several values to one name merge into one
+    bank), then, with `other_bank`, every value still under `min_size` rows renamed `other_bank`.
+
+    Returns the new keys (strings) and, per merged bank name, the values merged into it, so that the
+    caller can say which (a merge is never silent). Values are compared as text: 9, 9.0 and "9" match.
+    """
+    names = np.array([str(value) for value in np.asarray(keys, dtype=object)], dtype=object)
+    merged: dict[str, set[str]] = {}
+    for value, name in key_map.items():
+        hit = names == str(value)
+        if hit.any() and str(value) != str(name):
+            names[hit] = str(name)
+            merged.setdefault(str(name), set()).add(str(value))
+    if other_bank is not None:
+        values, counts = np.unique(names, return_counts=True)
+        small = [str(v) for v, c in zip(values, counts, strict=True) if c < min_size and v != other_bank]
+        if small:
+            names[np.isin(names, small)] = other_bank
+            merged.setdefault(other_bank, set()).update(small)
+    return names.astype(str), {name: sorted(values) for name, values in merged.items()}
