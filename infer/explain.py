@@ -8,8 +8,16 @@ as they run. torch's dynamic int8 layers have no backward (a gradient through th
 wrong), so that variant is explained on its fp32 twin (PublishedModel.gradient_model). Per token /
 step, the attribution is summed over the embedding or feature axis.
 
-Each explained token carries its character span in the text (`token_offsets`), so the audit log
-masks exactly the tokens that overlap PII.
+Text is explained at word level (`top_words`): the word pieces of one word (the tokens whose spans
+fall in one word of the text: letters, digits and inner `.,'-` as in "3.5" or "U.S.-based") are
+merged, their attributions summed, and each word keeps its character span (`start`, `end`) and its
+text, so the audit log masks exactly the words that overlap PII (privacy/audit.py checks the span
+against the text). A word's score is its signed share of the row's total |attribution| over every
+token. Punctuation and stop words (English function words, without the negations and directions
+that carry financial meaning: not, no, up, down, above, below, ...) stay out of the top list unless
+they CARRY the attribution: a share of at least CARRY_SHARE (a quarter) of the row's total. Without
+offsets (a slow tokenizer) WordPiece "##" continuations are merged and words have no span.
+Static features are explained per feature (infer/explain_features.py), series per step.
 
 Uncertainty is the entropy of the class probabilities divided by log(classes) (0 = certain,
 1 = uniform) and, on request, the spread (standard deviation) of the predicted class's
@@ -19,10 +27,13 @@ probability over Monte Carlo dropout samples.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -30,6 +41,89 @@ from fingpt_federated.data.batching import Batch
 from fingpt_federated.model.hybrid import HybridFinGPT
 
 MC_SEED = 0
+CARRY_SHARE = 0.25
+"""A punctuation mark or stop word is listed among the top words only with at least this share of the row's
+total |attribution|: then it carries the prediction (e.g. a "not"-less "no" would be kept anyway, see MEANINGFUL)."""
+MEANINGFUL = frozenset(
+    "not no nor never none nothing cannot without against up down above below over under off out less more "
+    "least most few fewer only".split()
+)
+STOP_WORDS = frozenset(ENGLISH_STOP_WORDS) - MEANINGFUL
+_WORD = re.compile(r"\w+(?:[.,'\-]\w+)*")
+_PIECE_MARKS = ("##", "\u2581", "\u0120")  # WordPiece continuation; SentencePiece and byte-level BPE word starts
+
+
+@dataclass(frozen=True)
+class Word:
+    text: str
+    position: int  # index of its first token in the row
+    score: float  # signed share of the row's total |attribution|
+    pieces: int
+    start: int | None = None
+    end: int | None = None
+
+    def filler(self) -> bool:
+        """Punctuation, a symbol or a stop word: listed only when it carries the attribution."""
+        return not any(ch.isalnum() for ch in self.text) or self.text.lower() in STOP_WORDS
+
+    def to_dict(self) -> dict[str, object]:
+        place = {} if self.start is None else {"start": self.start, "end": self.end}
+        return {"token": self.text, "position": self.position, "score": self.score, "pieces": self.pieces, **place}
+
+
+def merge_words(
+    text: str | None,
+    positions: Sequence[int],
+    pieces: Sequence[str],
+    scores: Sequence[float],
+    spans: Sequence[tuple[int, int]] | None,
+) -> list[Word]:
+    """The row's words from its (non-special) tokens: `positions` in the row, their `pieces`, raw `scores` and
+    character `spans` in `text` (all tokens of the row, None without offsets)."""
+    total = sum(abs(v) for v in scores) or 1.0
+    groups: list[list[int]] = []
+    keys: list[object] = []
+    for j, position in enumerate(positions):
+        key = _word_key(text, spans[position] if spans else None, pieces[j], j, keys[-1] if keys else None)
+        if groups and key == keys[-1]:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+            keys.append(key)
+    words = []
+    for key, group in zip(keys, groups, strict=True):
+        score = sum(scores[j] for j in group) / total
+        if isinstance(key, tuple) and text is not None:
+            words.append(Word(text[key[0] : key[1]], positions[group[0]], score, len(group), key[0], key[1]))
+        else:
+            words.append(Word(_joined([pieces[j] for j in group]), positions[group[0]], score, len(group)))
+    return words
+
+
+def top_words(words: Sequence[Word], k: int) -> list[Word]:
+    """The `k` words of largest |score|, fillers only where they carry the attribution (CARRY_SHARE)."""
+    listed = [w for w in words if not w.filler() or abs(w.score) >= CARRY_SHARE]
+    return sorted(listed, key=lambda w: -abs(w.score))[:k]
+
+
+def _word_key(text: str | None, span: tuple[int, int] | None, piece: str, index: int, previous: object) -> object:
+    """What groups a token with its neighbours: the span of the text word its span starts in; without offsets,
+    the previous token's key for a continuation piece, else its own index."""
+    if text is not None and span is not None and span[1] > span[0]:
+        for match in _WORD.finditer(text, max(0, span[0] - 64)):
+            if match.start() <= span[0] < match.end():
+                return (match.start(), match.end())
+            if match.start() > span[0]:
+                break
+        return span  # punctuation and symbols: a word of their own
+    return previous if previous is not None and piece.startswith("##") else index
+
+
+def _joined(pieces: list[str]) -> str:
+    text = "".join(p.removeprefix("##") if i else p for i, p in enumerate(pieces))
+    for mark in _PIECE_MARKS[1:]:
+        text = text.replace(mark, "")
+    return text
 
 
 class _Capture:

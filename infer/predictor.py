@@ -13,8 +13,10 @@ from fingpt_federated.data.records import BankDataset
 from fingpt_federated.infer.explain import (
     attribute,
     mc_dropout_spread,
+    merge_words,
     normalised_entropy,
     token_offsets,
+    top_words,
 )
 from fingpt_federated.model.published import PublishedModel
 
@@ -96,8 +98,8 @@ class Predictor:
     def _explanation(
         self, batch: Batch, row: int, tokens: torch.Tensor | None, steps: torch.Tensor | None, text: str | None
     ) -> dict[str, Any]:
-        """The top tokens and series steps by |attribution|, each score a signed share of the row's total;
-        tokens with their character span in `text` where the tokenizer gives one."""
+        """The top words and series steps by |attribution|, each score a signed share of the row's total;
+        words with their character span in `text` where the tokenizer gives one (infer/explain.py)."""
         result: dict[str, Any] = {"method": "input_x_gradient"}
         if tokens is not None:
             assert batch.input_ids is not None and batch.attention_mask is not None  # tokens attribute them
@@ -107,11 +109,9 @@ class Predictor:
             pieces = cast(list[str], self.tokenizer.convert_ids_to_tokens([ids[i] for i in keep]))
             real = ids[: int(batch.attention_mask[row].sum())]
             spans = token_offsets(self.tokenizer, text, real, self.model.config.max_length) if text else None
-            places = {i: {"start": start, "end": end} for i, (start, end) in enumerate(spans or [])}
-            result["tokens"] = [
-                {"token": piece, "position": i, "score": s, **places.get(i, {})}
-                for (i, s), piece in self._top(tokens[row], keep, pieces)
-            ]
+            scores = tokens[row].detach().float().cpu()[keep].tolist() if keep else []
+            words = merge_words(text, keep, pieces, scores, spans)
+            result["tokens"] = [word.to_dict() for word in top_words(words, self.top_k)]  # words, infer/explain.py
         if steps is not None:
             assert batch.series_mask is not None  # steps attribute the series it masks
             real = batch.series_mask[row].nonzero().flatten().tolist()
