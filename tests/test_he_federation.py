@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tenseal as ts
 import torch
 from federation_helpers import (  # noqa: F401
     RecordingGrid,
@@ -32,6 +31,7 @@ from fingpt_federated.client.app import train as client_train
 from fingpt_federated.client.handover import decrypt_final_state
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.protocol import Receipt
+from fingpt_federated.privacy import bfv_quantize
 from fingpt_federated.privacy.he_context import (
     SECRET_NAME,
     HEParams,
@@ -40,7 +40,7 @@ from fingpt_federated.privacy.he_context import (
     load_secret_context,
 )
 from fingpt_federated.privacy.he_global import decrypt_global
-from fingpt_federated.privacy.he_packing import EncryptedUpdate, decrypt_mean, schema_of
+from fingpt_federated.privacy.he_packing import EncryptedUpdate, decrypt_mean, load_vector, schema_of
 from fingpt_federated.server.app import CHECKPOINTS, run_federation
 from fingpt_federated.server.bank_rounds import FederationRoundError
 from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation
@@ -111,15 +111,19 @@ def test_a_strategy_that_aggregates_plaintext_is_refused_under_he_where_the_serv
         EncryptedAggregation(FedAvgM(), **encryption.strategy_kwargs())
 
 
-def test_encrypted_fedavg_equals_plaintext_fedavg_and_only_ciphertext_leaves_a_bank(tmp_path):
+@pytest.mark.parametrize("scheme", ["bfv", "ckks"])
+def test_encrypted_fedavg_equals_plaintext_fedavg_and_only_ciphertext_leaves_a_bank(tmp_path, scheme):
     plain_cfg, spec, plain_grid = federation(tmp_path / "plain", "federation.rounds=1", he=False)
     run_federation(plain_grid, plain_cfg, spec, tmp_path / "plain" / "run")
-    cfg, spec, grid = federation(tmp_path, "federation.rounds=1")
+    cfg, spec, grid = federation(tmp_path, "federation.rounds=1", f"privacy.he.scheme={scheme}")
     history = run_federation(grid, cfg, spec, tmp_path / "run")
 
     plain = load_file(str(tmp_path / "plain" / "run" / CHECKPOINTS / "round_0001" / "state.safetensors"))
     blob = (tmp_path / "run" / "global_state.he").read_bytes()
-    assert max_error(decrypted_global(tmp_path, blob), plain) < 1e-6
+    # CKKS: its rounding grid; BFV: each bank's integers lie within one quantization step of examples x drift
+    step = 2.0 ** -bfv_quantize.quantization_bits(secret(tmp_path).params)
+    bound = 1e-6 if scheme == "ckks" else len(spec.banks) * step / EncryptedUpdate.from_bytes(blob).weight
+    assert max_error(decrypted_global(tmp_path, blob), plain) < bound
 
     he, public = secret(tmp_path), secret(tmp_path).public()
     initial = dict(sorted(load_file(str(tmp_path / "run" / "initial_state.safetensors")).items()))
@@ -134,7 +138,7 @@ def test_encrypted_fedavg_equals_plaintext_fedavg_and_only_ciphertext_leaves_a_b
         assert not any(plain_bytes[i : i + 16] in blobs[0] for i in range(0, len(plain_bytes) - 16, 4096))
         assert len(zlib.compress(blobs[0], 9)) > 0.9 * len(blobs[0])
         with pytest.raises(ValueError, match="secret_key"):
-            ts.ckks_vector_from(public.context, update.chunks[0]).decrypt()
+            load_vector(public, update.chunks[0]).decrypt()
     sent = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
     assert all(list(m.content[protocol.ARRAYS]) == [protocol.HE_AGGREGATE] for m in sent)
     federation_row = next(r for r in history.select("train", FEDERATION))
@@ -148,7 +152,7 @@ def test_partial_participation_gives_the_fedavg_global_of_the_banks_that_trained
     overrides = ("federation.rounds=2", "federation.fraction_train=0.67", "federation.min_banks=1", "seed=1")
     plain_cfg, spec, plain_grid = federation(tmp_path / "plain", *overrides, he=False)
     run_federation(plain_grid, plain_cfg, spec, tmp_path / "plain" / "run")
-    cfg, spec, grid = federation(tmp_path, *overrides)
+    cfg, spec, grid = federation(tmp_path, *overrides, "privacy.he.scheme=ckks")  # to CKKS precision: no quantization
     history = run_federation(grid, cfg, spec, tmp_path / "run")
 
     trained = {n: {r.bank for r in history.select("train") if r.round == n and r.bank != FEDERATION} for n in (1, 2)}
@@ -292,3 +296,26 @@ def test_dp_under_he_sends_ciphertexts_of_noisy_updates_and_a_bank_over_budget_i
     final = decrypted_global(tmp_path, (tmp_path / "run" / "global_state.he").read_bytes())
     assert max_error(final, expected) < 1e-4
     assert max_error(final, initial) > 1e-3  # the noisy updates moved the global state
+
+
+def test_dp_he_spends_exactly_the_budget_of_the_same_dp_run(tmp_path):
+    """Encryption changes nothing in DP accounting: each bank's epsilon per round under dp_he equals
+    the plaintext dp run's with the same settings (noise is added by the bank before it quantizes and
+    encrypts; the ciphertext is post-processing)."""
+    settings = (
+        "federation.rounds=2",
+        "privacy.dp.logical_batch_size=16",
+        "privacy.dp.physical_batch_size=8",
+        "privacy.dp.accountant=rdp",
+        "privacy.dp.noise_multiplier=1.0",
+    )
+
+    def spent(history: History) -> dict[tuple[int, str], float]:
+        rows = history.select("train")
+        return {(r.round, r.bank): r.metrics["epsilon"] for r in rows if r.bank != FEDERATION and r.status == "ok"}
+
+    cfg, spec, grid = federation(tmp_path / "he", *settings, privacy="dp_he")
+    encrypted = spent(run_federation(grid, cfg, spec, tmp_path / "he" / "run"))
+    cfg, spec, grid = federation(tmp_path / "plain", *settings, privacy="dp")
+    plaintext = spent(run_federation(grid, cfg, spec, tmp_path / "plain" / "run"))
+    assert len(encrypted) == 6 and encrypted == plaintext
