@@ -16,7 +16,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fingpt_federated.conf.schema import FederationConfig
-from fingpt_federated.data.bank_data import BankData, save_bank
+from fingpt_federated.data.bank_data import BankData, load_bank, save_bank
 from fingpt_federated.data.columns import canonical
 from fingpt_federated.data.config import data_config
 from fingpt_federated.data.loading import as_dict, hold_out_test
@@ -123,3 +123,22 @@ def prepare_federation(cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path)
     return FederationLayout(
         bank_dirs, names, test_dir, pool.class_names, pool.num_features, np.array(train_counts), np.array(valid_counts)
     )
+
+
+TRAINING_TEXTS = "training texts (all banks)"
+
+
+def layout_texts(layout: FederationLayout) -> dict[str, list[str] | None]:
+    """The texts of a prepared federation by data set (all banks' training, validation; the test set)."""
+    banks = [load_bank(folder) for folder in layout.bank_dirs]
+    test = load_bank(layout.test_dir).train.texts
+
+    def joined(parts: list[BankDataset | None]) -> list[str] | None:
+        texts = [text for part in parts if part is not None and part.texts is not None for text in part.texts]
+        return texts or None
+
+    return {
+        TRAINING_TEXTS: joined([bank.train for bank in banks]),
+        "validation texts (all banks)": joined([bank.valid for bank in banks]),
+        "test texts": None if test is None else list(test),
+    }

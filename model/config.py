@@ -87,7 +87,7 @@ class ModelConfig:
 
     backbone: str = "minilm"
     family: str | None = None
-    max_length: int = 64
+    max_length: int | str = 64  # or "auto": covers 99% of the training texts (model/text_length.py)
     head_dropout: float = 0.1
     seed: int = 0
     quantization: str = "none"
@@ -102,6 +102,8 @@ class ModelConfig:
     feature_encoder: FeatureEncoderSettings = field(default_factory=FeatureEncoderSettings)
 
     def __post_init__(self) -> None:
+        if self.max_length != "auto" and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise ValueError(f"model.max_length must be a number of tokens or 'auto', got {self.max_length!r}")
         if self.features is not None and not isinstance(self.features, Features):
             try:
                 self.features = Features(**dict(self.features))

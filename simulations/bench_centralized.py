@@ -34,6 +34,7 @@ from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
 from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.text_length import with_max_length
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.partition_cli import one_line
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_intermixed_args(argv)
     cfg, splits = load_or_exit([f"data={args.data}", *args.overrides])
+    texts = {f"{part} texts": getattr(splits, part).texts for part in ("train", "valid", "test")}
+    cfg = with_max_length(cfg, texts, "train texts")  # auto resolved (and in --out), long texts warned of
     variants = args.variants.split(",") if args.variants else [available_variant(splits.train)]
     if not set(variants) <= set(VARIANTS):
         parser.error(f"--variants must be a subset of {VARIANTS}")

@@ -44,8 +44,9 @@ from fingpt_federated.client.hostile import Misbehaviour
 from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
 from fingpt_federated.conf.schema import SimulationConfig
 from fingpt_federated.data.errors import DataError
-from fingpt_federated.data.federation_layout import FederationLayout, prepare_federation
+from fingpt_federated.data.federation_layout import TRAINING_TEXTS, FederationLayout, layout_texts, prepare_federation
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
+from fingpt_federated.model.text_length import with_max_length
 from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.app import CHECKPOINTS, dp_round_config, write_metrics
 from fingpt_federated.server.best_round import RoundSelection
@@ -193,8 +194,9 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     resources = simulation_resources(cfg)  # a cluster that cannot be reached stops the run here
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = encryption.operator_paths(cfg, run_dir) if encrypted else cfg
-    config_path = save_resolved_config(cfg, run_dir)
     layout = prepare_federation(cfg, run_dir / "federation")
+    cfg = with_max_length(cfg, layout_texts(layout), TRAINING_TEXTS)  # auto resolved, long texts warned of
+    config_path = save_resolved_config(cfg, run_dir)
     spec = federation_spec(cfg, layout)
     if encrypted:
         spec = encryption.bank_secrets(cfg, run_dir, spec)
