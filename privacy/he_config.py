@@ -1,4 +1,4 @@
-"""The `privacy.he` block: CKKS parameters (`HEParams`) plus where a run's contexts and keys live.
+"""The `privacy.he` block: BFV or CKKS parameters (`HEParams`) plus where a run's contexts and keys live.
 
 `HEConfig` is the schema of `privacy.he` (conf/schema.py) and, through `HEParams`, the only copy
 of its defaults: conf/privacy/he.yaml only switches encryption on.
