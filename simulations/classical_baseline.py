@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.compose import ColumnTransformer
@@ -95,3 +96,41 @@ def classical_results(
             model = maker().fit(feature_matrix(train), train.labels)
             results.append((name, bank, len(train), time.perf_counter() - start, scores(model, test)))
     return results
+
+
+def classical_section(baselines: Sequence[Any], federated: Mapping[str, float] | None) -> list[str]:
+    """report.md's answer to "does the hybrid model earn its cost?": every model's test metrics side by side,
+    ROC-AUC first for a binary task, and one line comparing the federated model with the pooled logistic
+    regression. `baselines`: BaselineResults; `federated`: the global model's final test metrics."""
+    classical = [b for b in baselines if b.kind in (LOGISTIC, BOOSTING)]
+    if not classical:
+        return []
+    metric = "roc_auc" if "roc_auc" in classical[0].test else "macro_f1"
+    hybrid = [("hybrid, federated", "-", federated or {})]
+    hybrid += [(f"hybrid, {b.kind}", b.bank, b.test) for b in baselines if b.kind == "centralized"]
+    rows = [[name, bank, *_cells(test, metric)] for name, bank, test in hybrid]
+    rows += [[b.kind, b.bank, *_cells(b.test, metric)] for b in classical]
+    header = ["model", "trained on", f"test {metric}", "test accuracy", "test macro-F1"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return [
+        "## Classical baseline (same static features, same split)",
+        "\n".join(lines),
+        _verdict(classical, federated, metric),
+    ]
+
+
+def _cells(test: Mapping[str, float], metric: str) -> list[str]:
+    return [f"{test.get(name, math.nan):.4f}" for name in (metric, "accuracy", "macro_f1")]
+
+
+def _verdict(classical: Sequence[Any], federated: Mapping[str, float] | None, metric: str) -> str:
+    pooled_lr = next((b.test[metric] for b in classical if b.kind == LOGISTIC and b.bank == POOLED), math.nan)
+    ours = math.nan if federated is None else federated.get(metric, math.nan)
+    if math.isnan(ours) or math.isnan(pooled_lr):
+        return f"No comparison: the federated model's or the pooled logistic regression's {metric} is missing."
+    verdict = "matches or beats" if ours >= pooled_lr else "trails"
+    return (
+        f"The federated hybrid model ({metric} {ours:.4f}) {verdict} the pooled logistic regression "
+        f"({pooled_lr:.4f}; difference {ours - pooled_lr:+.4f})."
+    )

@@ -31,6 +31,7 @@ from fingpt_federated.simulations.baselines import (  # noqa: E402
     BaselineResult,
     mean_local,
 )
+from fingpt_federated.simulations.classical_baseline import classical_section  # noqa: E402
 
 GLOBAL_PLOT = "global.png"
 TASK_PLOT = "task_metrics.png"
@@ -276,6 +277,7 @@ def markdown(
     ]
     if baselines:
         sections += ["## Baselines (global test set, same step budget)", _baseline_table(history, baselines)]
+        sections += classical_section(baselines, _federated_test(history))
     failures = [r for r in history.rows if r.status != "ok"]
     if failures:
         sections += [
@@ -319,6 +321,12 @@ def _bank_row(history: History, bank: str) -> list[object]:
         len(history.select("train", bank)),
         failed,
     ]
+
+
+def _federated_test(history: History) -> dict[str, float] | None:
+    """The global model's test metrics after the last round that has them."""
+    final = next((r for r in reversed(round_rows(history)) if not math.isnan(r.test_accuracy)), None)
+    return None if final is None else _one(history, final.round, CENTRAL, CENTRAL)
 
 
 def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> str:
