@@ -98,14 +98,16 @@ class RoundSelection:
         last = max((row.round for row in history.rows), default=0)
         values = history.validation(self.monitor)
         last_value = values.get(last, math.nan)
-        common = {"select": self.select, "monitor": self.monitor, "mode": self.mode, "last_round": last}
         if self.select == "last":
-            return RoundChoice(last, value=last_value, last_value=last_value, **common)
+            return self._choice(last, last_value, last, last_value)
         found = self.best(history)
         if found is None:
             note = f"no round has a validation {self.monitor} (banks withheld it?): the last round is published"
-            return RoundChoice(last, value=last_value, last_value=last_value, note=note, **common)
-        return RoundChoice(found[0], value=found[1], last_value=last_value, **common)
+            return self._choice(last, last_value, last, last_value, note)
+        return self._choice(found[0], found[1], last, last_value)
+
+    def _choice(self, chosen: int, value: float, last: int, last_value: float, note: str = "") -> RoundChoice:
+        return RoundChoice(chosen, self.select, self.monitor, self.mode, value, last, last_value, note)
 
 
 def _f(value: float) -> str:
