@@ -123,6 +123,8 @@ def with_records(data: BankDataset, texts: list[str], labels: np.ndarray) -> Ban
     """`data` and the text records `texts` labelled `labels` after it (key columns repeat their first value)."""
     if data.texts is None or data.series is not None or data.features is not None:
         raise ValueError("records can be added to text-only data only")
+    if data.keys and not len(data):
+        raise ValueError("records cannot be added to an empty data set with key columns")
     keys = {name: np.concatenate([values, np.repeat(values[:1], len(texts))]) for name, values in data.keys.items()}
     return BankDataset(
         texts=list(data.texts) + list(texts),

@@ -57,10 +57,12 @@ def sim_config(preset: DictConfig, extra: list[str]) -> DictConfig:
     return compose(config_name="config", overrides=[*preset.sim, *extra])
 
 
-def privacy_overrides(epsilon: float | None, delta: float) -> list[str]:
+def privacy_overrides(preset: DictConfig, epsilon: float | None) -> list[str]:
+    """No DP, or DP at `epsilon` with the preset's DP recipe (`dp_recipe`: optimizer, lr, clipping, batch)."""
     if epsilon is None:
         return ["privacy=none"]
-    return ["privacy=dp", f"privacy.dp.target_epsilon={epsilon}", f"privacy.dp.delta={delta}"]
+    recipe = list(preset.get("dp_recipe") or [])
+    return ["privacy=dp", f"privacy.dp.target_epsilon={epsilon}", f"privacy.dp.delta={preset.delta}", *recipe]
 
 
 def train(preset: DictConfig, folder: Path, extra: list[str], hostile: dict[int, str]) -> tuple[DictConfig, History]:
@@ -85,7 +87,7 @@ def membership_row(
     scorer: Scorer, state: dict, preset: DictConfig, history: History, bank: str, epsilon: float | None
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
     chosen = canaries.canary_set(int(preset.canaries), len(scorer.class_names))
-    scores = -scorer.losses(state, chosen.texts, chosen.labels)
+    scores = membership.calibrated_scores(scorer, state, chosen.texts, chosen.labels)
     inside, outside = scores[chosen.member], scores[~chosen.member]
     spent = spent_by_bank(history).get(bank)
     row = {
@@ -125,7 +127,8 @@ def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
     tcfg = TrainConfig.from_mapping(config_dict(cfg.model.train))
     test = load_bank(folder / "federation" / "test").train
     mean_p = scorer.logits(before, list(test.texts or []), test.labels).softmax(dim=1).mean(dim=0).numpy()
-    steps = math.ceil(len(bank.train) / tcfg.batch_size) * tcfg.epochs
+    epochs = int(cfg.strategy.get("local_epochs") or tcfg.epochs)  # the round's task sets the epochs
+    steps = math.ceil(len(bank.train) / tcfg.batch_size) * epochs
     estimate = operator_view.histogram_from_bias(
         after[bias] - before[bias], mean_p, len(bank.train), steps, tcfg.batch_size, tcfg.lr
     )
@@ -170,7 +173,7 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
     for epsilon in [None, *[float(e) for e in preset.epsilons]]:
         name = "none" if epsilon is None else f"eps{epsilon:g}"
         folder = run_dir / f"federation_{name}"
-        cfg, history = train(preset, folder, [*keep, *privacy_overrides(epsilon, float(preset.delta))], hostile)
+        cfg, history = train(preset, folder, [*keep, *privacy_overrides(preset, epsilon)], hostile)
         scorer = scorer or Scorer(config_dict(cfg.model), load_bank(folder / "federation" / "test").train.class_names)
         bank = load_bank(folder / "federation" / "banks" / f"bank_{int(preset.canary_bank):02d}").name
         row, scores = membership_row(scorer, state_of(folder / FINAL_STATE), preset, history, bank, epsilon)
@@ -187,7 +190,7 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
     )
     for view, privacy in (("plaintext", None), ("dp_eps8", 8.0)):
         folder = run_dir / f"operator_{view}"
-        extra = [*preset.operator_sim, *privacy_overrides(privacy, float(preset.delta))]
+        extra = [*preset.operator_sim, *privacy_overrides(preset, privacy)]
         cfg, _ = train(preset, folder, extra, {0: f"canaries:{int(preset.canaries)}"})
         result["operator_view"].extend(operator_rows(scorer, preset, folder, cfg, view))
     result["operator_view"].extend(he_rows())

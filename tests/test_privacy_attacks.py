@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from fingpt_federated.client.hostile import Misbehaviour, train_data
 from fingpt_federated.data.bank_data import BankData
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.simulations.attacks import backdoor, canaries, epsilon_bound, membership, operator_view
+from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
 
 
 def test_auc_counts_pairs_and_half_ties():
@@ -105,3 +107,16 @@ def test_histogram_from_one_full_batch_sgd_step_is_exact():
     assert estimate == pytest.approx(counts)
     assert operator_view.histogram_overlap(estimate, counts) == pytest.approx(1.0)
     assert operator_view.histogram_overlap(np.array([1, 0, 0]), np.array([0, 1, 0])) == 0.0
+
+
+def test_model_card_audit_section_is_found_beside_or_above_the_run(tmp_path):
+    assert audit_of_run(tmp_path / "run") is None and audit_lines(None) == []
+    row = {"privacy": "dp", "epsilon_target": 8.0, "epsilon_spent": 7.9, "mia_auc": 0.51, "tpr_at_fpr_0_01": 0.0}
+    (tmp_path / "audit.json").write_text(
+        '{"membership": [' + json.dumps({**row, "epsilon_lower": 0.2}) + '], "backdoor": []}'
+    )
+    found = audit_of_run(tmp_path / "federation_eps8")
+    assert found is not None and found["membership"][0]["epsilon_lower"] == 0.2
+    assert "| dp | 8 | 7.9 | 0.51 | 0 | 0.2 |" in audit_lines(found)
+    (tmp_path / "audit.json").write_text("not json")
+    assert audit_of_run(tmp_path / "federation_eps8") is None

@@ -1,15 +1,27 @@
 """Membership inference scores and their statistics (AUC, TPR at a fixed FPR, the ROC curve).
 
-The score is loss-based (Yeom et al. 2018; the "offline" end of LiRA, Carlini et al. 2022, without shadow
-models): a record's score is minus its cross-entropy under the attacked model, so a member (a canary the
-model was trained on) should score higher than its never-inserted twin. With random labels on unique
-texts, the only way a model lowers a canary's loss is by memorising it, so the score needs no calibration
-against shadow models: the twins' scores are the null distribution.
+The score is loss-based with difficulty calibration (Yeom et al. 2018; Watson et al. 2022), the offline
+end of LiRA (Carlini et al. 2022) with one reference model and no shadow training: a record's score is its
+cross-entropy under the federation's initial model (round 0's global state, which every bank and the
+operator hold) minus its cross-entropy under the attacked model. A member (a canary the model trained on)
+should drop more than its never-inserted twin; subtracting the reference loss removes how hard each random
+text happens to be for the untrained model, which without it dominates the raw loss of a small model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from fingpt_federated.simulations.attacks.scoring import Scorer
+
+
+def calibrated_scores(scorer: Scorer, state: Mapping[str, Any], texts: list[str], labels: np.ndarray) -> np.ndarray:
+    """Loss under the initial model minus loss under `state`: higher means more likely a member."""
+    return scorer.losses(scorer.initial, texts, labels) - scorer.losses(state, texts, labels)
 
 
 def roc_curve(members: np.ndarray, non_members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

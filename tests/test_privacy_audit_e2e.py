@@ -1,0 +1,54 @@
+"""fingpt-audit end to end on real tiny federations (Flower simulation engine): slow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.config_dicts import config_dict
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
+from fingpt_federated.simulations.attacks.scoring import Scorer
+from fingpt_federated.simulations.audit import AUDIT_JSON, audit, operator_rows, privacy_overrides, train
+
+
+@pytest.fixture
+def quick():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield compose(config_name="audit", overrides=["preset=quick"]).preset
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_label_histogram_is_recovered_from_one_real_plaintext_update(tiny_setting, quick, tmp_path):
+    hostile = {0: f"canaries:{int(quick.canaries)}"}
+    cfg, _ = train(quick, tmp_path, [*quick.operator_sim, *privacy_overrides(quick, None)], hostile)
+    scorer = Scorer(config_dict(cfg.model), load_bank(tmp_path / "federation" / "test").train.class_names)
+    histogram, batch = operator_rows(scorer, quick, tmp_path, cfg, "plaintext")
+    assert histogram["success"] >= 0.9, histogram  # 1 - total variation distance to the true label counts
+    assert sum(histogram["truth"]) == pytest.approx(sum(histogram["estimate"]), abs=1)
+    assert 0.0 <= batch["success"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_quick_audit_has_power_and_never_certifies_more_than_the_ledger_spent(tiny_setting, quick, tmp_path):
+    result = audit(quick, tmp_path)
+    saved = json.loads((tmp_path / AUDIT_JSON).read_text(encoding="utf-8"))
+    assert saved["membership"] == json.loads(json.dumps(result["membership"]))
+    rows = {row["privacy"]: row for row in saved["membership"]}
+    assert rows["none"]["mia_auc"] >= 0.7, rows["none"]
+    private = [row for row in saved["membership"] if row["privacy"] == "dp"]
+    assert private and all(0 < row["epsilon_spent"] <= row["epsilon_target"] + 1e-6 for row in private)
+    assert all(row["epsilon_lower"] <= row["epsilon_spent"] for row in private), private
+    assert {row["defence"] for row in saved["backdoor"]} == {"none", "dp_eps8", f"checks+{quick.robust}"}
+    assert all(len(row["rounds"]) >= 1 for row in saved["backdoor"])
+    views = {(row["view"], row["attack"]): row["success"] for row in saved["operator_view"]}
+    assert views[("plaintext", "label_histogram")] >= 0.9
+    for name in ("audit.md", "roc.png", "backdoor.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    card = audit_of_run(tmp_path / "federation_none")  # a model published from an audited run finds it
+    assert card is not None and any("canary AUC" in line for line in audit_lines(card))
