@@ -206,7 +206,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Privacy and robustness audit",
         "",
-        "## Membership inference (canaries, loss score, global model)",
+        "## Membership inference (canaries, calibrated loss score, published global model)",
         "",
         "| privacy | eps target | eps spent | canaries | AUC | TPR@FPR 1% | eps lower (95%) |",
         "|---|---|---|---|---|---|---|",
@@ -237,7 +237,7 @@ def _f(value: Any) -> str:
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=120)
     table = Table(title="fingpt-audit")
     for column in ("part", "setting", "figure", "value"):
         table.add_column(column)
