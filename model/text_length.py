@@ -40,14 +40,15 @@ def covering_length(lengths: np.ndarray, limit: int, coverage: float = COVERAGE)
     return max(1, min(needed, limit))
 
 
-def truncation_warning(name: str, lengths: np.ndarray, max_length: int) -> str | None:
+def truncation_warning(name: str, lengths: np.ndarray, max_length: int, auto: bool = False) -> str | None:
     """The warning for one data set, or None when every text fits."""
     cut = int((lengths > max_length).sum())
     if not cut:
         return None
+    hint = "set model.max_length to the longest to keep them" if auto else "raise model.max_length or set it to auto"
     return (
         f"{name}: {cut} of {len(lengths)} texts are longer than model.max_length={max_length} tokens "
-        f"(longest {int(lengths.max())}); their tails are cut. Raise model.max_length or set it to auto"
+        f"(longest {int(lengths.max())}); their tails are cut: {hint}"
     )
 
 
@@ -76,7 +77,7 @@ def resolve_max_length(model_cfg: Mapping[str, Any], texts: Mapping[str, Sequenc
     else:
         max_length = int(cfg.max_length)
     for name, values in lengths.items():
-        warning = truncation_warning(name, values, max_length)
+        warning = truncation_warning(name, values, max_length, auto=cfg.max_length == AUTO)
         if warning:
             log.warning(warning)
     return max_length

@@ -57,7 +57,7 @@ def test_long_templated_texts_warn_once_with_the_count_and_the_longest(credit, c
         assert resolve_max_length(TINY, {"train texts": texts, "short": ["up"]}, "train texts") == 64
     assert [r.getMessage() for r in caplog.records] == [
         f"train texts: {cut} of {len(texts)} texts are longer than model.max_length=64 tokens "
-        f"(longest {lengths.max()}); their tails are cut. Raise model.max_length or set it to auto"
+        f"(longest {lengths.max()}); their tails are cut: raise model.max_length or set it to auto"
     ]
     encoded = EncodedBank(load_dataset(cfg), tokenizer, 64).token_ids  # what training actually cuts
     assert sum(len(ids) == 64 for ids in encoded) >= cut and all(len(ids) <= 64 for ids in encoded)
