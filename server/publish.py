@@ -58,7 +58,7 @@ from fingpt_federated.model.quantize import (
 )
 from fingpt_federated.model.state import check_finite, load_federated_state
 from fingpt_federated.server.best_round import RoundChoice, RoundSelection
-from fingpt_federated.server.checkpoint import Checkpointer
+from fingpt_federated.server.checkpoint import Checkpointer, CheckpointError
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History
 from fingpt_federated.server.model_card import (
@@ -116,7 +116,12 @@ def chosen_state(choice: RoundChoice, run_dir: Path, final_state: Path) -> tuple
     round, else that round's checkpoint (verified as a resume would verify it)."""
     if choice.round == choice.last_round:
         return load_state_file(final_state), f"the ServerApp's final global state ({final_state.name})"
-    checkpoint = Checkpointer(run_dir / CHECKPOINTS, None).load(choice.round)
+    try:
+        checkpoint = Checkpointer(run_dir / CHECKPOINTS, None).load(choice.round)
+    except CheckpointError as error:  # the best round is never pruned: this is damage, said in one line
+        reason = str(error).split(". ")[0]
+        way_out = "`--select last` publishes the last round"
+        raise ValueError(f"cannot publish {choice.line()}: {reason}; {way_out}") from None
     source = f"the checkpoint of round {choice.round} ({checkpoint_name(choice.round)}), chosen by {choice.line()}"
     return protocol.record_to_state(checkpoint.arrays), source
 
