@@ -3,7 +3,8 @@
 A prediction file is read exactly as a training file (data/tables, data/loading: the same
 columns, templates and series layout, and the same file/row/column errors), except that the
 label column may be absent. Request records carry the model's inputs directly: `text` (what the
-data config's column or template gives) and/or `series` (steps x features, oldest first).
+data config's column or template gives), `series` (steps x features, oldest first) and/or
+`features` (static features by name: numbers for numeric ones, any value for categorical ones).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from fingpt_federated.data.columns import FLOAT32_MAX, class_mapping
+from fingpt_federated.data.features import StaticFeatures, hashes_of
 from fingpt_federated.data.loading import table_to_dataset
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.data.tables import read_table
@@ -65,8 +67,42 @@ def record_inputs(data: BankDataset, index: int) -> dict[str, Any]:
     return record
 
 
+def static_features(manifest: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """(numeric, categorical) static feature names of a published model; ([], []) without features."""
+    static = (manifest.get("model") or {}).get("features") or {}
+    return list(static.get("numeric") or []), list(static.get("categorical") or [])
+
+
+def check_features(record: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
+    """The record's `features` name exactly the model's; numeric ones are finite float32 numbers."""
+    numeric, categorical = static_features(manifest)
+    given = record.get("features")
+    if not numeric and not categorical:
+        if given is not None:
+            raise ValueError("this model has no static features: leave 'features' out")
+        return
+    if given is None:
+        raise ValueError(f"this model reads static features: give 'features' with {', '.join(numeric + categorical)}")
+    missing = [name for name in numeric + categorical if name not in given]
+    unknown = sorted(set(given) - set(numeric + categorical))
+    if missing or unknown:
+        raise ValueError(
+            f"'features' lacks {missing} and has unknown {unknown}; the model takes {numeric + categorical}"
+        )
+    for name in numeric:
+        if not _model_number(given[name]):
+            raise ValueError(
+                f"'features.{name}' is not a finite number within float32 range "
+                f"(at most {FLOAT32_MAX:.3g} in magnitude)"
+            )
+    for name in categorical:
+        if str(given[name]).strip() == "":
+            raise ValueError(f"'features.{name}' is empty")
+
+
 def check_record(record: Mapping[str, Any], manifest: Mapping[str, Any]) -> None:
     """A request record fits the model: the inputs it was trained on, the right series width and length."""
+    check_features(record, manifest)
     num_features = int(manifest["num_features"])
     if expects_text(manifest) and record.get("text") is None:
         raise ValueError("this model reads text: give 'text'")
@@ -125,4 +161,14 @@ def records_to_dataset(records: Sequence[Mapping[str, Any]], manifest: Mapping[s
         labels=np.zeros(len(records), dtype=np.int64),
         class_names=list(manifest["class_names"]),
         feature_names=list(manifest.get("feature_names", [])),
+        features=_static(records, manifest),
     )
+
+
+def _static(records: Sequence[Mapping[str, Any]], manifest: Mapping[str, Any]) -> StaticFeatures | None:
+    numeric, categorical = static_features(manifest)
+    if not numeric and not categorical:
+        return None
+    numbers = np.array([[float(r["features"][name]) for name in numeric] for r in records], dtype=np.float32)
+    hashes = np.stack([hashes_of([r["features"][name] for name in categorical]) for r in records])
+    return StaticFeatures(numbers, hashes, numeric, categorical)

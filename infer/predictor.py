@@ -18,6 +18,7 @@ from fingpt_federated.infer.explain import (
     token_offsets,
     top_words,
 )
+from fingpt_federated.infer.explain_features import feature_attributions, top_features
 from fingpt_federated.model.published import PublishedModel
 
 TOP_K = 5
@@ -61,6 +62,7 @@ class Predictor:
 
     def _predict_batch(self, batch: Batch, explain: bool, mc_samples: int, texts: list[str]) -> list[Prediction]:
         logits = tokens = steps = None
+        static = feature_attributions(self.published.gradient_model, batch) if explain else None
         if explain:
             logits, tokens, steps = attribute(self.published.gradient_model, batch)
         if logits is None or self.published.gradient_model is not self.model:
@@ -89,6 +91,7 @@ class Predictor:
                     **({"mc_dropout_std": float(spread[i])} if spread is not None else {}),
                 },
                 explanation=self._explanation(batch, i, tokens, steps, texts[i] if texts else None)
+                | self._features(static, i)
                 if explain
                 else None,
             )
@@ -117,6 +120,12 @@ class Predictor:
             real = batch.series_mask[row].nonzero().flatten().tolist()
             result["series_steps"] = [{"step": i, "score": s} for (i, s), _ in self._top(steps[row], real, real)]
         return result
+
+    def _features(self, static: torch.Tensor | None, row: int) -> dict[str, Any]:
+        """The top static features by |attribution| (infer/explain_features.py); {} without features."""
+        if static is None or self.model.features is None:
+            return {}
+        return {"features": top_features(static[row], self.model.features.names, self.top_k)}
 
     def _top(
         self, scores: torch.Tensor, positions: list[int], labels: list[Any]

@@ -19,6 +19,9 @@ class RecordIn(BaseModel):
 
     text: str | None = Field(default=None, min_length=1, description="at most max_text_chars (/health)")
     series: list[list[float]] | None = Field(default=None, min_length=1, description="at most max_series_steps")
+    features: dict[str, float | str] | None = Field(
+        default=None, description="static features by name: a finite number (numeric) or a value (categorical)"
+    )
 
     def inputs(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -33,17 +36,18 @@ class PredictRequest(RecordIn):
 
     @model_validator(mode="after")
     def _one_form(self) -> PredictRequest:
-        single = self.text is not None or self.series is not None
+        single = self.text is not None or self.series is not None or self.features is not None
         if single == (self.records is not None):
             raise ValueError(
-                "give either 'text'/'series' for one prediction or 'records' for a batch, not both and not neither"
+                "give either 'text'/'series'/'features' for one prediction or 'records' for a batch, "
+                "not both and not neither"
             )
         return self
 
     def batch(self) -> list[dict[str, Any]]:
         if self.records is not None:
             return [record.inputs() for record in self.records]
-        return [RecordIn(text=self.text, series=self.series).inputs()]
+        return [RecordIn(text=self.text, series=self.series, features=self.features).inputs()]
 
 
 class PredictionOut(BaseModel):

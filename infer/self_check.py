@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fingpt_federated.infer.inputs import expects_text, records_to_dataset
+from fingpt_federated.infer.inputs import expects_text, records_to_dataset, static_features
 from fingpt_federated.infer.predictor import Prediction, Predictor
 
 SELF_CHECK_TEXT = "The company reported quarterly results in line with expectations."
@@ -49,6 +49,9 @@ def synthetic_record(manifest: Mapping[str, Any]) -> dict[str, Any]:
     if width:
         steps = int(manifest["model"]["series_encoder"]["max_steps"])
         record["series"] = [[100.0 + step + feature for feature in range(width)] for step in range(steps)]
+    numeric, categorical = static_features(manifest)
+    if numeric or categorical:  # an unseen category is read as "unknown": a fair test of that path too
+        record["features"] = {**{name: 100.0 for name in numeric}, **{name: "self-check" for name in categorical}}
     return record
 
 

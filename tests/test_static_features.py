@@ -6,14 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from pydantic import ValidationError
 
 from fingpt_federated.client.training import train_local
 from fingpt_federated.data.config import data_config
 from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.loading import table_to_dataset
 from fingpt_federated.data.storage import load_records, save_records
+from fingpt_federated.infer.inputs import check_record, records_to_dataset
+from fingpt_federated.infer.predictor import Predictor
+from fingpt_federated.infer.schemas import PredictRequest
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.merge import merge_lora
+from fingpt_federated.model.published import load_published, write_published
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
 
@@ -139,3 +145,60 @@ def _inputs(data) -> dict[str, torch.Tensor]:
         "numeric": torch.tensor(data.features.numeric),
         "categorical": torch.tensor(data.features.categorical),
     }
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, tiny_setting):
+    """A features-only model trained on the credit table, published and loaded back as fingpt-infer loads it."""
+    train = dataset(credit_table(600, 3))
+    model, tokenizer = model_with_features()
+    train_local(model, tokenizer, train, FAST)
+    folder = tmp_path_factory.mktemp("published") / "model"
+    info = {"class_names": train.class_names, "feature_names": [], "data": {**DATA, "features": FEATURES}}
+    write_published(merge_lora(model).eval(), tokenizer, folder, ["fp32"], info)
+    return load_published(folder)
+
+
+def test_published_model_keeps_statistics_and_vocabulary_and_explains_per_feature(published) -> None:
+    model = published.model
+    assert model.features is not None and model.features_fitted
+    assert int((model.features.vocabulary[0] != 0).sum()) == 4  # the four purposes of the training rows
+    records = [
+        {"features": {"amount": 50000.0, "age": 40, "noise": 0.1, "purpose": "business", "housing": "own"}},
+        {"features": {"amount": 300.0, "age": 40, "noise": 0.1, "purpose": "holiday", "housing": "boat"}},
+    ]
+    for record in records:
+        check_record(record, published.manifest)
+    predictions = Predictor(published).predict(records_to_dataset(records, published.manifest))
+    assert [p.label for p in predictions] == ["default", "repaid"]
+    assert all(
+        {item["feature"] for item in p.explanation["features"]} <= set(model.features.names) for p in predictions
+    )
+    many = dataset(credit_table(200, 7))
+    shares: dict[str, float] = {}
+    for prediction in Predictor(published).predict(many):
+        for item in prediction.explanation["features"]:
+            shares[item["feature"]] = shares.get(item["feature"], 0.0) + abs(item["score"])
+    ranked = sorted(shares, key=shares.get, reverse=True)
+    assert set(ranked[:2]) == {"amount", "purpose"}, shares  # the two the label depends on
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ({"amount": 1.0, "age": 3, "noise": 0.0, "purpose": "car"}, r"lacks \['housing'\]"),
+        ({"amount": 1e39, "age": 3, "noise": 0.0, "purpose": "car", "housing": "own"}, "'features.amount' is not a"),
+        ({"amount": "x", "age": 3, "noise": 0.0, "purpose": "car", "housing": "own"}, "'features.amount' is not a"),
+        (None, "this model reads static features"),
+    ],
+)
+def test_a_malformed_request_feature_is_named(published, features, message) -> None:
+    record = {} if features is None else {"features": features}
+    with pytest.raises(ValueError, match=message):
+        check_record(record, published.manifest)
+
+
+def test_a_nan_feature_in_a_request_body_is_refused_by_the_schema() -> None:
+    with pytest.raises(ValidationError) as caught:
+        PredictRequest.model_validate_json('{"features": {"amount": NaN, "purpose": "car"}}')
+    assert "features.amount" in str(caught.value)
