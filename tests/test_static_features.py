@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from omegaconf import OmegaConf
 from pydantic import ValidationError
 
 from fingpt_federated.client.training import train_local
+from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.data.config import data_config
 from fingpt_federated.data.errors import DataError
 from fingpt_federated.data.loading import table_to_dataset
@@ -22,6 +24,8 @@ from fingpt_federated.model.merge import merge_lora
 from fingpt_federated.model.published import load_published, write_published
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.he_context import HEParams, new_context
+from fingpt_federated.privacy.he_packing import decrypt_mean, encrypt_update, schema_of
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 
@@ -202,3 +206,16 @@ def test_a_nan_feature_in_a_request_body_is_refused_by_the_schema() -> None:
     with pytest.raises(ValidationError) as caught:
         PredictRequest.model_validate_json('{"features": {"amount": NaN, "purpose": "car"}}')
     assert "features.amount" in str(caught.value)
+
+
+def test_feature_tensors_travel_through_he_packing() -> None:
+    """The federated state gains the feature encoder's tensors; CKKS packing carries them like any other."""
+    params = HEParams.from_config(
+        {**OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "privacy" / "he.yaml").he), "scheme": "ckks"}
+    )
+    model, _ = model_with_features()
+    state = {name: value * 0.01 for name, value in federated_state(model).items() if not name.startswith("backbone")}
+    assert any(name.startswith("features.category") for name in state)
+    he = new_context(params)
+    mean = decrypt_mean(encrypt_update(state, 1.0, he), he, schema_of(state), dtype=np.float64)
+    assert max(float(np.max(np.abs(mean[name] - value.numpy()))) for name, value in state.items()) < 1e-5
