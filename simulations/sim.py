@@ -306,7 +306,7 @@ def print_summary(summary: SimulationSummary, console: Console | None = None) ->
             base.add_column(column, justify="right")
         base.add_row("federated", "-", _f(summary.final.test_accuracy), "-")
         for b in summary.baselines:
-            label = "centralized" if b.kind == CENTRALIZED else f"local-only {b.bank}"
+            label = "centralized" if b.kind == CENTRALIZED else f"{b.kind} {b.bank}"  # local-only or classical
             base.add_row(label, str(b.steps), _f(b.test["accuracy"]), _f(b.test.get("macro_f1", math.nan)))
         local = summary.baselines
         base.add_row("mean local-only", "-", _f(mean_local(local)), _f(mean_local(local, "macro_f1")))
