@@ -11,6 +11,9 @@ The app submitted is the pyproject-only Flower App of server/flower_app.py, gene
 folder: its components are imported from the installed package, so the same code runs from a
 checkout or a wheel.
 
+The banks run on a private Ray started for the run, or on a running Ray cluster the run joins
+(`SimulationResources.ray_address`, simulations/ray_cluster.py, docs/scale.md).
+
 `flwr run` exits 0 even when the ServerApp raised, so the run's final status is read back and a
 failed run raises `SimulationFailed` with Flower's status details (the ServerApp's exception).
 """
