@@ -182,7 +182,7 @@ def measure(
     row["relative"] = relative = mixed_result["relative_error"]  # weights 1: the worst case, in err w=1
     if params.scheme == "bfv":
         row["margin_bits"] = math.inf  # exact decryption: no encryption noise
-        row["headroom"] = headroom = params.max_summands  # the sum of this many updates at the bound cannot wrap
+        row["headroom"] = headroom = float(params.max_summands)  # the sum of this many updates at the bound cannot wrap
         meets = relative <= BFV_TARGET_RELATIVE_ERROR and up_bpp <= TARGET_BYTES and headroom >= len(updates)
     else:
         margin_bits = math.log2(math.ldexp(1.0, -params.round_bits) / max(err_ones, 1e-300))
