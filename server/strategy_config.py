@@ -8,6 +8,7 @@ A `conf/strategy/*.yaml` entry:
     mu: 0.0                  # FedProx proximal term the banks apply, with any class (`proximal-mu`)
     local_epochs, local_steps, drop_stragglers, round_timeout: the banks' work and the round's wait
     update_checks: {max_norm: null, max_norm_ratio: 10.0}   # bounds on plaintext updates (server/update_checks.py)
+    lora_aggregation: mean   # or product: LoRA B refitted to the mean of the banks' B·A (server/lora_product.py)
 
 The sampling and minimum arguments (fraction_train, fraction_evaluate, min_*_nodes) come from
 `cfg.federation`, so they are refused in `options`; a class that takes `proximal_mu` (FedProx)
@@ -31,6 +32,7 @@ from fingpt_federated.server.bank_rounds import BankRounds
 from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation, plaintext_aggregation
 from fingpt_federated.server.encrypted_run import EncryptedRun
 from fingpt_federated.server.history import History
+from fingpt_federated.server.lora_product import MEAN_STRATEGIES, LoRAProductMean
 from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate
 from fingpt_federated.structured_config import build
 
@@ -42,6 +44,7 @@ FROM_FEDERATION = (
     "min_available_nodes",
 )
 PROXIMAL_MU = "proximal_mu"
+MEAN, PRODUCT = "mean", "product"  # strategy.lora_aggregation
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,23 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             "dp_he): use a strategy that aggregates as FedAvg does, e.g. strategy=fedavg or fedprox"
         )
     update_checks(strat)
+    _check_lora_aggregation(str(strat.get("lora_aggregation", MEAN)), flower, encrypted)
     return StrategyChoice(flower, kwargs)
+
+
+def _check_lora_aggregation(how: str, flower: type[Strategy], encrypted: bool) -> None:
+    if how not in (MEAN, PRODUCT):
+        raise ValueError(f"strategy.lora_aggregation must be {MEAN} or {PRODUCT}, got {how!r}")
+    if how == PRODUCT and encrypted:
+        raise ValueError(
+            "strategy.lora_aggregation=product multiplies each bank's LoRA factors, which the server never "
+            "sees under HE (privacy=he or dp_he): use lora_aggregation=mean"
+        )
+    if how == PRODUCT and flower not in MEAN_STRATEGIES:
+        raise ValueError(
+            f"strategy.lora_aggregation=product refits the weighted mean of FedAvg or FedProx; Flower's "
+            f"{flower.__name__} aggregates otherwise: use lora_aggregation=mean with it"
+        )
 
 
 def update_checks(strategy: DictConfig) -> UpdateChecks:
@@ -91,6 +110,8 @@ def build_strategy(
     """The Flower strategy `cfg.strategy` names inside `BankRounds`; with `encryption`, inside
     `EncryptedAggregation` first (public context, replay guard)."""
     inner = check_strategy(cfg, encrypted=encryption is not None).build()
+    if cfg.strategy.get("lora_aggregation", MEAN) == PRODUCT:
+        inner = LoRAProductMean(inner)
     check_update, update_gate = None, None
     if encryption is not None:
         inner = encrypted = EncryptedAggregation(inner, **encryption.strategy_kwargs())
