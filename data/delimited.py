@@ -96,8 +96,10 @@ def _row(line: int, reading: TableReading) -> int:
 
 def _csv_records(path: Path, text: str, reading: TableReading) -> Iterator[Record]:
     lines = list(io.StringIO(text, newline=""))[reading.skip_rows :]
-    quoting = csv.QUOTE_NONE if reading.quote is None else csv.QUOTE_MINIMAL
-    reader = csv.reader(iter(lines), delimiter=reading.delimiter, quotechar=reading.quote, quoting=quoting)
+    if reading.quote is None:
+        reader = csv.reader(iter(lines), delimiter=reading.delimiter, quoting=csv.QUOTE_NONE)
+    else:
+        reader = csv.reader(iter(lines), delimiter=reading.delimiter, quotechar=reading.quote)
     while True:
         start = reader.line_num  # lines consumed before this record: it starts on the next one
         line = reading.skip_rows + start + 1

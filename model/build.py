@@ -26,6 +26,8 @@ def build_model(
     is on that GPU (a 4-bit backbone cannot move, so the hybrid parts join it).
     """
     cfg = ModelConfig.from_mapping(model_cfg)
+    if not isinstance(cfg.max_length, int):  # `auto` is resolved on the training texts (model/text_length.py)
+        raise ValueError("model.max_length=auto is resolved by fingpt-sim and bench_centralized; set a number here")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         backbone, tokenizer, family = load_backbone(cfg)

@@ -87,7 +87,7 @@ class ModelConfig:
 
     backbone: str = "minilm"
     family: str | None = None
-    max_length: int | str = 64  # or "auto": covers 99% of the training texts (model/text_length.py)
+    max_length: Any = 64  # a number of tokens, or "auto": covers 99% of the training texts (model/text_length.py)
     head_dropout: float = 0.1
     seed: int = 0
     quantization: str = "none"

@@ -106,3 +106,8 @@ def test_auto_is_resolved_into_the_run_config_of_a_federation(credit, tmp_path):
 def test_a_max_length_that_is_neither_a_number_nor_auto_is_refused():
     with pytest.raises(ValueError, match="model.max_length must be a number of tokens or 'auto', got 'long'"):
         compose_config(["model.max_length=long"])
+
+
+def test_an_unresolved_auto_is_refused_where_a_model_is_built():
+    with pytest.raises(ValueError, match="model.max_length=auto is resolved by fingpt-sim and bench_centralized"):
+        build_model({**TINY, "max_length": "auto"}, 2, 0)
