@@ -59,7 +59,7 @@ class StrategyConfig:
     drop_stragglers: bool = False
     round_timeout: float = 3600.0
     update_checks: UpdateChecks = field(default_factory=UpdateChecks)  # bounds on every plaintext update
-    lora_aggregation: str = "mean"  # mean: A and B averaged apart; product: B refitted to mean(B·A) (server/lora_product.py)
+    lora_aggregation: str = "mean"  # mean: A, B averaged apart; product: B refitted (server/lora_product.py)
 
 
 @dataclass

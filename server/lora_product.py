@@ -25,7 +25,7 @@ undo their step, so they are refused too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -53,7 +53,9 @@ def fitted_b(a_factors: list[np.ndarray], b_factors: list[np.ndarray], weights: 
     mean_a = sum(w * a for w, a in zip(weights, a_factors, strict=True))
     assert isinstance(mean_a, np.ndarray)
     inverse = np.linalg.pinv(mean_a)  # in x r
-    return sum(w * b @ (a @ inverse) for w, a, b in zip(weights, a_factors, b_factors, strict=True))  # type: ignore[return-value]
+    fitted = sum(w * b @ (a @ inverse) for w, a, b in zip(weights, a_factors, b_factors, strict=True))
+    assert isinstance(fitted, np.ndarray)
+    return fitted
 
 
 def product_error(
@@ -70,7 +72,7 @@ def product_error(
 
 
 def refit(
-    mean: Mapping[str, np.ndarray], states: list[Mapping[str, np.ndarray]], weights: np.ndarray
+    mean: Mapping[str, np.ndarray], states: Sequence[Mapping[str, np.ndarray]], weights: np.ndarray
 ) -> tuple[dict[str, np.ndarray], float, float]:
     """`mean` with every B refitted; the relative product error of the mean's B and of the refitted B."""
     out = dict(mean)
