@@ -29,7 +29,7 @@ import hydra
 import numpy as np
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import load_file
@@ -70,8 +70,18 @@ def train(preset: DictConfig, folder: Path, extra: list[str], hostile: dict[int,
     cfg = sim_config(preset, extra)
     with open_dict(cfg):
         cfg.simulation.hostile_banks = hostile
+    if finished(folder, cfg):  # an audit run again in its folder continues where it stopped
+        return cfg, History.from_json((folder / METRICS_JSON).read_text(encoding="utf-8"))
     simulate(cfg, folder, echo=False)
     return cfg, History.from_json((folder / METRICS_JSON).read_text(encoding="utf-8"))
+
+
+def finished(folder: Path, cfg: DictConfig) -> bool:
+    """The sub-run in `folder` ran to its end with this very config (final state written after the metrics)."""
+    saved = folder / "resolved_config.yaml"
+    if not (folder / FINAL_STATE).is_file() or not saved.is_file():
+        return False
+    return OmegaConf.to_container(OmegaConf.load(saved), resolve=True) == OmegaConf.to_container(cfg, resolve=True)
 
 
 def state_of(path: Path) -> dict[str, np.ndarray]:
