@@ -23,12 +23,14 @@ from fingpt_federated.conf import compose_config, save_resolved_config
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.columns import class_mapping
 from fingpt_federated.federation.federation_spec import FederationSpec
+from fingpt_federated.federation.run_files import FINAL_CIPHERTEXT
 from fingpt_federated.server.banks import BankRegistry
 from fingpt_federated.server.control import (
     ControlError,
     FlowerControl,
     write_connection,
 )
+from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.flower_app import (
     COMPLETED,
     FINISHED,
@@ -177,19 +179,20 @@ def execute(settings: OperatorSettings, request: RunRequest) -> dict[str, Any]:
             with contextlib.suppress(ControlError):
                 control.stop_run(run_id)
             raise
+    final = request.run_dir / (FINAL_CIPHERTEXT if he_enabled(request.cfg) else FINAL_STATE)  # HE: the ciphertext
     summary = {
         "run_id": run_id,
         "status": info.get("status"),
         "status_details": info.get("status-details"),
         "seconds": time.perf_counter() - started,
         "flower": info,
-        "final_state": str(request.run_dir / FINAL_STATE),
+        "final_state": str(final),
         "metrics": str(request.run_dir / METRICS_JSON),
     }
     (request.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if info.get("status") != COMPLETED:
         raise RunFailed(f"run {run_id} ended {info.get('status')}: {info.get('status-details')}")
-    missing = [path for path in (request.run_dir / FINAL_STATE, request.run_dir / METRICS_JSON) if not path.is_file()]
+    missing = [path for path in (final, request.run_dir / METRICS_JSON) if not path.is_file()]
     if missing:
         raise RunFailed(f"run {run_id} completed but the ServerApp wrote no {[p.name for p in missing]}")
     return summary
