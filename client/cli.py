@@ -244,11 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TASK_POLL_S,
         help="how often Flower's SuperExec asks the SuperNode for a message to run (Flower's default 1.0)",
     )
-    start.add_argument("--he-context", type=Path, help="the federation's SECRET CKKS context (encrypted runs)")
+    start.add_argument("--he-context", type=Path, help="the federation's SECRET HE context (encrypted runs)")
     start.add_argument("--binding-key", type=Path, help="this bank's update-binding key, KEY.binding (encrypted runs)")
     start.set_defaults(handler=cmd_start)
 
-    he_keygen = commands.add_parser("he-keygen", help="create the federation's CKKS contexts (one bank, once)")
+    he_keygen = commands.add_parser("he-keygen", help="create the federation's BFV or CKKS contexts (one bank, once)")
     he_keygen.add_argument(
         "--out", type=Path, required=True, help="folder for he_secret.ctx, he_public.ctx, fingerprint"
     )
