@@ -80,7 +80,7 @@ def test_repeated_inputs_come_from_the_cache_and_are_still_audited(client, servi
 @pytest.mark.parametrize(
     "body, message",
     [
-        ({}, "give either 'text'/'series' for one prediction or 'records' for a batch"),
+        ({}, "give either 'text'/'series'/'features' for one prediction or 'records' for a batch"),
         ({"text": "acme", "series": SERIES, "records": [{"text": "acme", "series": SERIES}]}, "not both"),
         ({"text": "acme"}, "this model reads a series"),
         ({"series": SERIES}, "this model reads text"),
