@@ -246,8 +246,8 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
         "fraction of banks trained per round": cfg.federation.fraction_train,
         "stragglers": ", ".join(f"{b.name} ({b.work:.0%} of the work)" for b in spec.banks if b.work < 1) or "none",
         "wall time (s)": f"{summary.seconds:.1f}",
-        "encryption": "CKKS (TenSEAL): the operator adds ciphertexts; the last round's test metrics are of the "
-        "final global decrypted by a bank (bf16-rounded)"
+        "encryption": f"{str(cfg.privacy.he.get('scheme', 'bfv')).upper()} (TenSEAL): the operator adds ciphertexts; "
+        "the last round's test metrics are of the final global decrypted by a bank (bf16-rounded)"
         if he_enabled(cfg)
         else "none",
     }
