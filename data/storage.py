@@ -28,7 +28,11 @@ def save_records(data: BankDataset, folder: str | Path) -> Path:
         arrays.update(static_numeric=data.features.numeric, static_categorical=data.features.categorical)
     # allow_pickle spelled out (numpy's default): otherwise mypy matches **arrays against it
     np.savez_compressed(folder / ARRAYS, allow_pickle=True, **arrays)
-    meta = {"class_names": data.class_names, "feature_names": data.feature_names, "texts": data.texts}
+    meta: dict[str, object] = {
+        "class_names": data.class_names,
+        "feature_names": data.feature_names,
+        "texts": data.texts,
+    }
     if data.features is not None:
         static = data.features
         meta["static_features"] = {"numeric": static.numeric_names, "categorical": static.categorical_names}

@@ -193,7 +193,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     write_connection(settings.flwr_home, settings.control_port, tls.ca_cert)
     banks: list[subprocess.Popen] = []
     started = time.perf_counter()
-    with OperatorServices(settings, before_gateway=lambda: registry.sync(control)):
+
+    def admit_banks() -> None:
+        registry.sync(control)
+
+    with OperatorServices(settings, before_gateway=admit_banks):
         try:
             server = f"localhost:{settings.fleet_port}"
             for key, data in zip(keys, layout.bank_dirs, strict=True):
