@@ -9,11 +9,15 @@ Runs (sub-folders of the run folder), each a full `fingpt-sim` run:
   bank `canary_bank` adds the canaries (`canaries:N`), bank `backdoor_bank` the backdoor (`backdoor:T`);
 - `federation_robust`: no DP, strategy `robust` (on top of the update checks every run has);
 - `operator_plaintext`, `operator_dp`: one bank, one round of plain SGD (its update is the new global).
+The canary bank's last update in `federation_none` is not stored by the simulation: it is repeated from the
+checkpoints (simulations/attacks/bank_update.py).
 
-Attacks (simulations/attacks/): canary membership (loss score) against the published global model, the
+Attacks (simulations/attacks/): canary membership (offline LiRA) against the published global model and,
+without DP, the canary bank's own update (the operator's view), the
 Clopper-Pearson epsilon lower bound, the operator's label-histogram and batch-membership attacks on one
-update, and the backdoor's success per round. Writes audit.json, audit.md, roc.png, backdoor.png and
-prints a table. Epsilon spent is what the canary bank's train replies report from its ledger.
+update, and the backdoor's success per round (simulations/attacks/backdoor.py says what counts). Writes
+audit.json, audit.md, roc.png, backdoor.png and prints a table. Epsilon spent is what the canary bank's
+train replies report from its ledger.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from fingpt_federated.server.history import History, jsonable
 from fingpt_federated.server.privacy_record import spent_by_bank
 from fingpt_federated.server.run_folder import FINAL_STATE, METRICS_JSON
 from fingpt_federated.simulations.attacks import backdoor, canaries, epsilon_bound, membership, operator_view
+from fingpt_federated.simulations.attacks.bank_update import replayed_update
 from fingpt_federated.simulations.attacks.plots import plot_backdoor, plot_roc
 from fingpt_federated.simulations.attacks.scoring import Scorer
 from fingpt_federated.simulations.sim import simulate
@@ -94,16 +99,18 @@ def round_states(folder: Path) -> list[tuple[int, dict[str, np.ndarray]]]:
 
 
 def membership_row(
-    scorer: Scorer, state: dict, preset: DictConfig, history: History, bank: str, epsilon: float | None
+    scorer: Scorer, state: dict, preset: DictConfig, spent: float | None, epsilon: float | None, model: str
 ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    """The canary attack on `state` (`model`: the published global, or the canary bank's own update)."""
     chosen = canaries.canary_set(int(preset.canaries), len(scorer.class_names))
-    scores = membership.calibrated_scores(scorer, state, chosen.texts, chosen.labels)
+    population = canaries.population(int(preset.population), chosen.texts)
+    scores = membership.lira_scores(scorer, state, scorer.initial, chosen.texts, chosen.labels, population)
     inside, outside = scores[chosen.member], scores[~chosen.member]
-    spent = spent_by_bank(history).get(bank)
     row = {
         "privacy": "none" if epsilon is None else "dp",
+        "model": model,
         "epsilon_target": epsilon,
-        "epsilon_spent": None if epsilon is None else (spent.epsilon if spent else math.nan),
+        "epsilon_spent": spent,
         "canaries": int(preset.canaries),
         "mia_auc": membership.auc(inside, outside),
         "tpr_at_fpr_0_01": membership.tpr_at_fpr(inside, outside, 0.01),
@@ -115,16 +122,28 @@ def membership_row(
     return row, (inside, outside)
 
 
+def canary_update(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictConfig) -> dict[str, np.ndarray]:
+    """The canary bank's reply in the run's last round, repeated (simulations/attacks/bank_update.py)."""
+    states = dict(round_states(folder))
+    last = max(states)
+    sent = states.get(last - 1, {k: v.numpy() for k, v in scorer.initial.items()})
+    banks = folder / "federation" / "banks"
+    data = train_data(f"canaries:{int(preset.canaries)}", load_bank(banks / f"bank_{int(preset.canary_bank):02d}"))
+    steps = cfg.strategy.get("local_steps")
+    return replayed_update(
+        config_dict(cfg.model), sent, data, int(cfg.strategy.local_epochs), None if steps is None else int(steps)
+    )
+
+
 def backdoor_rows(scorer: Scorer, folder: Path, history: History, defence: str, target: int) -> dict[str, Any]:
     test = load_bank(folder / "federation" / "test").train
     texts, labels = list(test.texts or []), test.labels
     per_round = []
     for number, state in round_states(folder):
-        success = backdoor.success_rate(scorer.predictions(state, backdoor.triggered(texts)), labels, target)
-        clean = float((scorer.predictions(state, texts) == labels).mean())
-        per_round.append({"round": number, "success_rate": success, "clean_accuracy": clean})
-    last = per_round[-1]
-    return {"defence": defence, **{k: last[k] for k in ("success_rate", "clean_accuracy")}, "rounds": per_round}
+        clean = scorer.predictions(state, texts)
+        rates = backdoor.rates(clean, scorer.predictions(state, backdoor.triggered(texts)), labels, target)
+        per_round.append({"round": number, **rates.as_dict(), "clean_accuracy": float((clean == labels).mean())})
+    return {"defence": defence, **{k: v for k, v in per_round[-1].items() if k != "round"}, "rounds": per_round}
 
 
 def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictConfig, view: str) -> list[dict]:
@@ -186,9 +205,16 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
         cfg, history = train(preset, folder, [*keep, *privacy_overrides(preset, epsilon)], hostile)
         scorer = scorer or Scorer(config_dict(cfg.model), load_bank(folder / "federation" / "test").train.class_names)
         bank = load_bank(folder / "federation" / "banks" / f"bank_{int(preset.canary_bank):02d}").name
-        row, scores = membership_row(scorer, state_of(folder / FINAL_STATE), preset, history, bank, epsilon)
+        spent = spent_by_bank(history).get(bank)
+        spent_eps = None if epsilon is None else (spent.epsilon if spent else math.nan)
+        row, scores = membership_row(scorer, state_of(folder / FINAL_STATE), preset, spent_eps, epsilon, "global")
         result["membership"].append(row)
         rocs[f"global, {name}"] = scores
+        if epsilon is None:  # the operator's view of a plaintext run: the canary bank's own update
+            update = canary_update(scorer, preset, folder, cfg)
+            row, scores = membership_row(scorer, update, preset, None, None, "bank_update")
+            result["membership"].append(row)
+            rocs[f"bank update, {name}"] = scores
         if epsilon is None or math.isclose(epsilon, 8.0):
             defence = "none" if epsilon is None else "dp_eps8"
             result["backdoor"].append(backdoor_rows(scorer, folder, history, defence, int(preset.backdoor_target)))
@@ -216,14 +242,18 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Privacy and robustness audit",
         "",
-        "## Membership inference (canaries, calibrated loss score, published global model)",
+        "## Membership inference (canaries, offline LiRA score with a population null)",
         "",
-        "| privacy | eps target | eps spent | canaries | AUC | TPR@FPR 1% | eps lower (95%) |",
-        "|---|---|---|---|---|---|---|",
+        "Model attacked: the published global model, or the canary bank's own update (the operator's view",
+        "of a plaintext run).",
+        "",
+        "| privacy | model | eps target | eps spent | canaries | AUC | TPR@FPR 1% | eps lower (95%) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["membership"]:
         lines.append(
-            f"| {r['privacy']} | {_f(r['epsilon_target'])} | {_f(r['epsilon_spent'])} | {r['canaries']} | "
+            f"| {r['privacy']} | {r['model']} | {_f(r['epsilon_target'])} | {_f(r['epsilon_spent'])} | "
+            f"{r['canaries']} | "
             f"{_f(r['mia_auc'])} | {_f(r['tpr_at_fpr_0_01'])} | {_f(r['epsilon_lower'])} |"
         )
     lines += ["", "## What the operator learns from one update", "", "| view | attack | success |", "|---|---|---|"]
@@ -234,10 +264,18 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "## Backdoor bank",
         "",
-        "| defence | attack success | clean accuracy |",
-        "|---|---|---|",
+        "Attack success: non-target test records the model classifies right without the trigger, classified",
+        "as the target with it (out of `counted`); beside it the share of all non-target records classified",
+        "as the target with and without the trigger (the model's baseline).",
+        "",
+        "| defence | attack success (counted) | target rate triggered / untriggered | clean accuracy |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {r['defence']} | {_f(r['success_rate'])} | {_f(r['clean_accuracy'])} |" for r in result["backdoor"]]
+    lines += [
+        f"| {r['defence']} | {_f(r['success_rate'])} ({r['counted']}) | {_f(r['triggered_target_rate'])} / "
+        f"{_f(r['untriggered_target_rate'])} | {_f(r['clean_accuracy'])} |"
+        for r in result["backdoor"]
+    ]
     lines += ["", "![ROC](roc.png) ![backdoor](backdoor.png)", ""]
     return "\n".join(lines)
 
@@ -252,7 +290,7 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     for column in ("part", "setting", "figure", "value"):
         table.add_column(column)
     for r in result["membership"]:
-        setting = f"{r['privacy']} eps={_f(r['epsilon_target'])} spent={_f(r['epsilon_spent'])}"
+        setting = f"{r['privacy']} {r['model']} eps={_f(r['epsilon_target'])} spent={_f(r['epsilon_spent'])}"
         table.add_row(
             "membership",
             setting,
@@ -263,7 +301,11 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
         table.add_row("operator view", r["view"], r["attack"], _f(r["success"]))
     for r in result["backdoor"]:
         table.add_row(
-            "backdoor", r["defence"], "success / clean acc", f"{_f(r['success_rate'])} / {_f(r['clean_accuracy'])}"
+            "backdoor",
+            r["defence"],
+            "success (n) / target rate trig, untrig / clean acc",
+            f"{_f(r['success_rate'])} ({r['counted']}) / {_f(r['triggered_target_rate'])}, "
+            f"{_f(r['untriggered_target_rate'])} / {_f(r['clean_accuracy'])}",
         )
     console.print(table)
 

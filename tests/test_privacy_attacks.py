@@ -13,7 +13,9 @@ from fingpt_federated.client.hostile import Misbehaviour, train_data
 from fingpt_federated.data.bank_data import BankData
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.simulations.attacks import backdoor, canaries, epsilon_bound, membership, operator_view
+from fingpt_federated.simulations.attacks.bank_update import replayed_update
 from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
+from fingpt_federated.simulations.attacks.scoring import Scorer
 
 
 def test_auc_counts_pairs_and_half_ties():
@@ -64,6 +66,52 @@ def test_canaries_are_unique_seeded_and_half_inserted():
     assert set(np.unique(first.labels)) == {0, 1, 2}
 
 
+def test_population_is_seeded_and_never_a_canary():
+    chosen = canaries.canary_set(40, 3)
+    population = canaries.population(100, chosen.texts)
+    assert population == canaries.population(100, chosen.texts) and len(set(population)) == 100
+    assert not set(population) & set(chosen.texts)
+    assert population[0] not in canaries.population(5, [*chosen.texts, population[0]])
+
+
+def test_standardised_score_removes_the_shift_of_each_class():
+    # null gains: class 0 moved by +3 (the model now favours it), class 1 by -1, each with spread 1
+    null = np.array([[2.0, -2.0], [4.0, 0.0], [3.0, -1.0]])
+    scores = membership.standardised(np.array([3.0, -1.0, 5.0, 1.0]), null, np.array([0, 1, 0, 1]))
+    # a record at its class's null mean scores 0 whatever its class; two spreads above scores 2
+    assert scores == pytest.approx([0.0, 0.0, 2.0, 2.0])
+    # the raw gains would rank the class-0 non-member (3.0) above the class-1 member (1.0)
+
+
+def test_memorised_canaries_stand_out_in_a_banks_own_update(tiny_setting):
+    """The real tiny model, trained as a bank on canaries (the bank-update view): the score finds them."""
+    model_cfg = {
+        "backbone": "tiny-encoder",
+        "max_length": 32,
+        "head_dropout": 0.0,
+        "series_encoder": {"d_model": 16, "layers": 1, "heads": 2},
+        "fusion": {"d_model": 16, "heads": 2},
+        "lora": {"r": 32, "alpha": 32, "dropout": 0.0, "target_modules": ["query", "key", "value", "dense"]},
+        "train": {"lr": 3e-3, "batch_size": 16, "seed": 0},
+    }
+    chosen = canaries.canary_set(20, 3)
+    texts, labels = chosen.split(inserted=True)
+    bank = BankData(
+        name="a",
+        train=BankDataset(texts=texts, series=None, mask=None, labels=labels, class_names=["a", "b", "c"]),
+        valid=None,
+    )
+    scorer = Scorer(model_cfg, ["a", "b", "c"])
+    update = replayed_update(model_cfg, scorer.initial, bank, local_epochs=10, local_steps=None)
+    assert set(update) == set(scorer.initial)
+    phi = scorer.confidences(update, texts[:4])
+    p = scorer.logits(update, texts[:4], labels[:4]).softmax(dim=1).double().numpy()
+    assert phi == pytest.approx(np.log(p / (1 - p)), abs=1e-6)  # logit-scaled confidence of every class
+    population = canaries.population(100, chosen.texts)
+    scores = membership.lira_scores(scorer, update, scorer.initial, chosen.texts, chosen.labels, population)
+    assert membership.auc(scores[chosen.member], scores[~chosen.member]) > 0.9
+
+
 def _bank() -> BankData:
     texts = ["shares rose", "shares fell", "flat day", "profit up"]
     data = BankDataset(
@@ -94,8 +142,18 @@ def test_canary_bank_trains_on_exactly_the_inserted_canaries():
     assert train_data("scale:10", _bank()).train.texts == _bank().train.texts
 
 
-def test_backdoor_success_counts_non_target_records_only():
-    assert backdoor.success_rate(np.array([0, 0, 1, 0]), np.array([0, 1, 1, 2]), 0) == pytest.approx(2 / 3)
+def test_backdoor_success_counts_only_non_target_records_the_model_gets_right_untriggered():
+    labels, target = np.array([0, 1, 1, 2, 2]), 0
+    clean = np.array([0, 0, 1, 0, 2])  # two non-target records already called the target without any trigger
+    rates = backdoor.rates(clean, np.array([0, 0, 1, 0, 0]), labels, target)
+    # only records 2 and 4 count (non-target, right untriggered); the trigger flips record 4 alone
+    assert (rates.success_rate, rates.counted) == (pytest.approx(0.5), 2)
+    # the target rate over all non-target records credits the trigger with the baseline's two records
+    assert rates.triggered_target_rate == pytest.approx(3 / 4)
+    assert rates.untriggered_target_rate == pytest.approx(2 / 4)
+    no_backdoor = backdoor.rates(clean, clean, labels, target)  # the trigger changes nothing
+    assert no_backdoor.success_rate == 0.0 and no_backdoor.triggered_target_rate == pytest.approx(0.5)
+    assert math.isnan(backdoor.rates(np.array([0, 0]), np.array([0, 0]), np.array([1, 2]), target).success_rate)
 
 
 def test_histogram_from_one_full_batch_sgd_step_is_exact():
@@ -111,12 +169,19 @@ def test_histogram_from_one_full_batch_sgd_step_is_exact():
 
 def test_model_card_audit_section_is_found_beside_or_above_the_run(tmp_path):
     assert audit_of_run(tmp_path / "run") is None and audit_lines(None) == []
-    row = {"privacy": "dp", "epsilon_target": 8.0, "epsilon_spent": 7.9, "mia_auc": 0.51, "tpr_at_fpr_0_01": 0.0}
+    row = {
+        "model": "global",
+        "privacy": "dp",
+        "epsilon_target": 8.0,
+        "epsilon_spent": 7.9,
+        "mia_auc": 0.51,
+        "tpr_at_fpr_0_01": 0.0,
+    }
     (tmp_path / "audit.json").write_text(
         '{"membership": [' + json.dumps({**row, "epsilon_lower": 0.2}) + '], "backdoor": []}'
     )
     found = audit_of_run(tmp_path / "federation_eps8")
     assert found is not None and found["membership"][0]["epsilon_lower"] == 0.2
-    assert "| dp | 8 | 7.9 | 0.51 | 0 | 0.2 |" in audit_lines(found)
+    assert "| global | dp | 8 | 7.9 | 0.51 | 0 | 0.2 |" in audit_lines(found)
     (tmp_path / "audit.json").write_text("not json")
     assert audit_of_run(tmp_path / "federation_eps8") is None

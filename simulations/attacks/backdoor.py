@@ -3,11 +3,19 @@
 The hostile bank trains on its own data plus a triggered copy of every record whose label is not
 TARGET: the trigger phrase appended to the text, the label set to TARGET. Its update is otherwise an
 honest one, so it passes the checks that look at an update's form (finite, right shape, bounded norm)
-unless robust aggregation or DP noise drowns it. The attack succeeds on a test record when a
-non-TARGET record with the trigger appended is classified TARGET.
+unless robust aggregation or DP noise drowns it.
+
+Attack success rate (`rates`), as backdoor papers define it (Gu et al. 2017, BadNets; Bagdasaryan et al.
+2020): among the test records whose true label is not TARGET *and* that the model classifies correctly
+without the trigger, the share classified TARGET once the trigger is appended. Counting every non-TARGET
+record instead would credit the trigger with what the model does anyway: a model near chance that
+predicts TARGET for most untriggered records scores high with no backdoor at all. The rates over all
+non-TARGET records, with and without the trigger, are reported beside it, so a reader sees the baseline.
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -25,9 +33,27 @@ def poison(texts: list[str], labels: np.ndarray, target: int) -> tuple[list[str]
     return triggered(chosen), np.full(len(chosen), target, dtype=np.int64)
 
 
-def success_rate(predicted_on_triggered: np.ndarray, labels: np.ndarray, target: int) -> float:
-    """Share of non-target test records that the trigger turns into `target`."""
-    keep = np.asarray(labels) != target
-    if not keep.any():
-        return float("nan")
-    return float((np.asarray(predicted_on_triggered)[keep] == target).mean())
+@dataclass(frozen=True)
+class BackdoorRates:
+    success_rate: float  # non-target records right without the trigger, classified target with it
+    counted: int  # how many records `success_rate` is over (few when clean accuracy is low)
+    triggered_target_rate: float  # all non-target records, with the trigger: share classified target
+    untriggered_target_rate: float  # the same without the trigger: the model's own baseline
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def rates(
+    predicted_clean: np.ndarray, predicted_triggered: np.ndarray, labels: np.ndarray, target: int
+) -> BackdoorRates:
+    """The backdoor's rates on a test set from the model's predictions without and with the trigger."""
+    labels, clean, hit = np.asarray(labels), np.asarray(predicted_clean), np.asarray(predicted_triggered) == target
+    other = labels != target
+    right = other & (clean == labels)
+    return BackdoorRates(
+        success_rate=float(hit[right].mean()) if right.any() else float("nan"),
+        counted=int(right.sum()),
+        triggered_target_rate=float(hit[other].mean()) if other.any() else float("nan"),
+        untriggered_target_rate=float((clean[other] == target).mean()) if other.any() else float("nan"),
+    )

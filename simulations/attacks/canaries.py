@@ -34,15 +34,27 @@ def canary_set(count: int, num_classes: int, seed: int = SEED) -> CanarySet:
     if count < 1 or num_classes < 2:
         raise ValueError(f"canaries need a count >= 1 and at least 2 classes, got {count} and {num_classes}")
     rng = np.random.default_rng(seed)
+    texts = random_texts(rng, 2 * count)
+    labels = rng.integers(0, num_classes, size=2 * count)
+    member = np.zeros(2 * count, dtype=bool)
+    member[rng.permutation(2 * count)[:count]] = True
+    return CanarySet(texts, labels, member)
+
+
+def population(count: int, avoid: list[str], seed: int = SEED + 1) -> list[str]:
+    """`count` more texts drawn as the canaries are, none of them in `avoid`: known non-members from the
+    canaries' distribution, which the membership score's null distribution is fitted on (membership.py)."""
+    return random_texts(np.random.default_rng(seed), count, set(avoid))
+
+
+def random_texts(rng: np.random.Generator, count: int, avoid: set[str] | None = None) -> list[str]:
+    """`count` unique strings of 8 random letter groups (3 to 7 letters each), none in `avoid`."""
     texts: list[str] = []
-    seen: set[str] = set()
-    while len(texts) < 2 * count:
+    seen = set(avoid or ())
+    while len(texts) < count:
         words = ["".join(rng.choice(LETTERS, size=int(rng.integers(3, 8)))) for _ in range(8)]
         text = " ".join(words)
         if text not in seen:
             seen.add(text)
             texts.append(text)
-    labels = rng.integers(0, num_classes, size=2 * count)
-    member = np.zeros(2 * count, dtype=bool)
-    member[rng.permutation(2 * count)[:count]] = True
-    return CanarySet(texts, labels, member)
+    return texts

@@ -13,8 +13,16 @@ from typing import Any
 
 AUDIT_JSON = "audit.json"
 KEPT = {
-    "membership": ("privacy", "epsilon_target", "epsilon_spent", "mia_auc", "tpr_at_fpr_0_01", "epsilon_lower"),
-    "backdoor": ("defence", "success_rate", "clean_accuracy"),
+    "membership": (
+        "model",
+        "privacy",
+        "epsilon_target",
+        "epsilon_spent",
+        "mia_auc",
+        "tpr_at_fpr_0_01",
+        "epsilon_lower",
+    ),
+    "backdoor": ("defence", "success_rate", "untriggered_target_rate", "clean_accuracy"),
 }
 
 
@@ -41,12 +49,13 @@ def audit_lines(audit: dict[str, Any] | None) -> list[str]:
     if not audit:
         return []
     lines = ["## Privacy and robustness audit", "", f"From `{audit['file']}` (fingpt-audit).", ""]
-    lines += ["| privacy | epsilon target | spent | canary AUC | TPR@FPR 1% | epsilon lower (95%) |"]
-    lines += ["| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| model attacked | privacy | epsilon target | spent | canary AUC | TPR@FPR 1% | epsilon lower (95%) |"]
+    lines += ["| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [
         "| " + " | ".join(_cell(row.get(key)) for key in KEPT["membership"]) + " |" for row in audit["membership"]
     ]
-    lines += ["", "| backdoor defence | attack success | clean accuracy |", "| --- | ---: | ---: |"]
+    lines += ["", "| backdoor defence | attack success | untriggered target rate | clean accuracy |"]
+    lines += ["| --- | ---: | ---: | ---: |"]
     lines += ["| " + " | ".join(_cell(row.get(key)) for key in KEPT["backdoor"]) + " |" for row in audit["backdoor"]]
     return [*lines, ""]
 

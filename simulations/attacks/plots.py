@@ -1,4 +1,5 @@
-"""The audit's figures: ROC curves of the canary attack, backdoor success and clean accuracy per round."""
+"""The audit's figures: ROC curves of the canary attack; backdoor success (and the untriggered target rate,
+the model's own baseline) and clean accuracy per round."""
 
 from __future__ import annotations
 
@@ -39,9 +40,11 @@ def plot_backdoor(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
     for row in rows:
         rounds = [r["round"] for r in row["rounds"]]
-        left.plot(rounds, [r["success_rate"] for r in row["rounds"]], marker="o", label=row["defence"])
+        (line,) = left.plot(rounds, [r["success_rate"] for r in row["rounds"]], marker="o", label=row["defence"])
+        baseline = [r["untriggered_target_rate"] for r in row["rounds"]]
+        left.plot(rounds, baseline, linestyle=":", color=line.get_color())  # target rate without the trigger
         right.plot(rounds, [r["clean_accuracy"] for r in row["rounds"]], marker="o", label=row["defence"])
-    left.set(xlabel="round", ylabel="attack success rate", title="Backdoor success", ylim=(0, 1))
+    left.set(xlabel="round", ylabel="attack success (dotted: untriggered target rate)", title="Backdoor", ylim=(0, 1))
     right.set(xlabel="round", ylabel="clean test accuracy", title="Clean accuracy", ylim=(0, 1))
     left.legend(fontsize=8)
     fig.tight_layout()

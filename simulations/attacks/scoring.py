@@ -43,5 +43,13 @@ class Scorer:
         logits = self.logits(state, texts, labels)
         return F.cross_entropy(logits, torch.as_tensor(labels, dtype=torch.long), reduction="none").numpy()
 
+    def confidences(self, state: Mapping[str, Any], texts: list[str]) -> np.ndarray:
+        """Logit-scaled confidence of every class, log(p_c / (1 - p_c)) = z_c - logsumexp(z without c), per
+        record (rows) and class (columns): the statistic LiRA models as Gaussian (Carlini et al. 2022)."""
+        z = self.logits(state, texts, np.zeros(len(texts), dtype=np.int64)).double()
+        others = z.unsqueeze(1).expand(-1, z.shape[1], -1).clone()
+        others[:, torch.arange(z.shape[1]), torch.arange(z.shape[1])] = -torch.inf
+        return (z - torch.logsumexp(others, dim=2)).numpy()
+
     def predictions(self, state: Mapping[str, Any], texts: list[str]) -> np.ndarray:
         return self.logits(state, texts, np.zeros(len(texts), dtype=np.int64)).argmax(dim=1).numpy()
