@@ -40,8 +40,9 @@ RUNTIME_PORT_TAKEN_MARKER = "SuperNode Runtime HTTP API failed to start"
 KEY_REFUSED_MARKER = "[code: 2004]"  # Flower's FLEET_NODE_ACTIVATION_FAILED: no node has this public key
 # How often the SuperNode's SuperExec asks it for a message to start a ClientApp for: Flower's
 # default is 1.0 s, its minimum 0.01 s; the only one of Flower 1.41's polling intervals that a
-# setting reaches (the SuperNode's 3 s wait for the SuperLink and the ServerApp's 3 s wait for
-# replies are constants in its code). Lowering it shortens every message; docs/benchmarks.md.
+# setting reaches (the SuperNode's 3 s wait between pulls from the SuperLink and the ServerApp's 3 s
+# wait for replies are constants in its code; the ServerApp's own is replaced by
+# server/reply_poll.py). Lowering it shortens every message; docs/benchmarks.md.
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 DEFAULT_TASK_POLL_S = 0.1
 

@@ -19,6 +19,7 @@ there is no central evaluation and the final state is `global_state.he`.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -57,7 +58,8 @@ from fingpt_federated.server.checkpoint import Checkpointer, save_state
 from fingpt_federated.server.encrypted_run import EncryptedRun, he_enabled
 from fingpt_federated.server.history import CENTRAL, History
 from fingpt_federated.server.publish import publish_after_run
-from fingpt_federated.server.run_folder import CHECKPOINTS, FINAL_STATE, METRICS_CSV, METRICS_JSON
+from fingpt_federated.server.reply_poll import PollingGrid, SendRecord
+from fingpt_federated.server.run_folder import CHECKPOINTS, FINAL_STATE, METRICS_CSV, METRICS_JSON, TIMINGS_JSON
 from fingpt_federated.server.strategy_config import build_strategy, check_strategy
 
 DEFAULT_ROUND_TIMEOUT_S = 3600.0
@@ -78,7 +80,7 @@ def main(grid: Grid, context: Context) -> None:
         cfg = run_inputs.config_from_run(run_config)
         spec = FederationSpec.load(str(run_config[protocol.RUN_SPEC_PATH]))
         run_dir = Path(str(run_config[protocol.RUN_DIR]))
-    run_federation(grid, cfg, spec, run_dir)
+    run_federation(PollingGrid(grid), cfg, spec, run_dir)
 
 
 def _from_values(grid: Grid, context: Context) -> tuple[DictConfig, FederationSpec, Path]:
@@ -137,6 +139,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
         central=None if encryption else CentralEvaluation.for_spec(spec, model, tokenizer, cfg),
         public_start=_public_start(encryption, spec, model, tokenizer, cfg, initial),
         server_state=strategy.server_state,
+        sends=grid.sends if isinstance(grid, PollingGrid) else None,
     )
     if done < rounds:
         # Flower samples banks with the global `random` module: seeded, a run samples the same banks again.
@@ -252,15 +255,20 @@ class RoundEnd:
     server_state: Callable[[], dict[str, np.ndarray]] = dict  # the strategy's own, checkpointed with the state
     started: float = field(default_factory=time.perf_counter)
     public_start: Callable[[], dict[str, float]] | None = None  # HE: round 0 on the public initial state
+    sends: list[SendRecord] | None = None  # the PollingGrid's record of the run's messages
+    started_at: float = field(default_factory=time.time)  # wall clock, to line up with the banks' logs
+    timings: list[dict[str, Any]] = field(default_factory=list)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         round_number = server_round + self.offset
         seconds = time.perf_counter() - self.started
+        ended_at = time.time()
         self.arrays = arrays
         if server_round == 0 and self.offset > 0:
-            self.started = time.perf_counter()
+            self.restart_clock()
             return None
         metrics = self.central(arrays) if self.central is not None else {}
+        evaluated_at = time.time()
         if server_round == 0 and self.public_start is not None:
             metrics = self.public_start()
         if server_round > 0:
@@ -271,9 +279,33 @@ class RoundEnd:
         if server_round > 0:
             self.checkpointer.save(round_number, arrays, self.history, self.server_state())
         write_metrics(self.history, self.run_dir)
-        self.started = time.perf_counter()
+        if server_round > 0 and self.sends is not None:
+            self.write_timings(round_number, ended_at, evaluated_at)
+        self.restart_clock()
         values: dict[str, int | float | list[int] | list[float]] = dict(metrics)
         return MetricRecord(values) if values else None
+
+    def restart_clock(self) -> None:
+        self.started = time.perf_counter()
+        self.started_at = time.time()
+
+    def write_timings(self, round_number: int, ended_at: float, evaluated_at: float) -> None:
+        """Append this round's wall-clock steps to `timings.json`: its start (the previous round's end),
+        its messages, `ended` (`round_seconds` stops here), `evaluated` (after central evaluation) and
+        `saved` (after the checkpoint and metrics files)."""
+        assert self.sends is not None
+        sends = [send.to_json() for send in self.sends if send.started >= self.started_at]
+        self.timings.append(
+            {
+                "round": round_number,
+                "started": self.started_at,
+                "sends": sends,
+                "ended": ended_at,
+                "evaluated": evaluated_at,
+                "saved": time.time(),
+            }
+        )
+        atomic_write_bytes(self.run_dir / TIMINGS_JSON, json.dumps({"rounds": self.timings}, indent=1).encode())
 
 
 def write_metrics(history: History, run_dir: Path) -> None:

@@ -10,3 +10,4 @@ METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
 FINAL_STATE = "global_state.safetensors"
 CHECKPOINTS = "checkpoints"
+TIMINGS_JSON = "timings.json"  # when each round's messages moved (server/reply_poll.py)
