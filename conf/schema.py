@@ -119,6 +119,28 @@ class SimulationConfig:
     hostile_banks: dict[int, str] = field(default_factory=dict)
 
 
+PERSONALIZED_PARTS = ("head", "head+lora")
+
+
+@dataclass
+class PersonalizeConfig:
+    """`personalize:`: fingpt-sim only. After the federation every bank fine-tunes a local part of the final
+    global model on its own train split (simulations/personalization.py) and the report compares, on each
+    bank's own test split, the global model, the personalised one and the bank alone (with `baseline`)."""
+
+    steps: int = 0  # optimizer steps of each bank's fine-tuning; 0 = no personalization, no own test split
+    part: str = "head"  # head: the classification head only (FedRep) | head+lora: also the LoRA adapters
+    test_fraction: float = 0.2  # each bank's own test split: this share of its rows, held out before training
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"personalize.steps must be >= 0, got {self.steps}")
+        if self.part not in PERSONALIZED_PARTS:
+            raise ValueError(f"personalize.part must be one of {PERSONALIZED_PARTS}, got {self.part!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"personalize.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
 @dataclass
 class Config:
     """The root: one option of each group, and the settings of the commands."""
@@ -132,6 +154,7 @@ class Config:
     baseline: bool = False  # fingpt-sim: also train centralized and local-only on the same data, for the report
     publish: PublishConfig = field(default_factory=PublishConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
 
 
 def check_config(cfg: DictConfig) -> Config:

@@ -22,6 +22,8 @@ class BankData:
     name: str
     train: BankDataset
     valid: BankDataset | None
+    test: BankDataset | None = None
+    """The bank's own test split (a simulated bank with personalization on): never trained or validated on."""
 
 
 def load_bank(path: str | Path) -> BankData:
@@ -39,6 +41,8 @@ def save_bank(bank: BankData, folder: str | Path) -> Path:
     save_records(bank.train, folder / "train")
     if bank.valid is not None:
         save_records(bank.valid, folder / "valid")
+    if bank.test is not None:
+        save_records(bank.test, folder / "test")
     (folder / "name.txt").write_text(bank.name, encoding="utf-8")
     return folder
 
@@ -47,7 +51,8 @@ def _load_prepared(folder: Path) -> BankData:
     name_file = folder / "name.txt"
     name = name_file.read_text(encoding="utf-8").strip() if name_file.is_file() else folder.name
     valid = load_records(folder / "valid") if (folder / "valid").is_dir() else None
-    return BankData(name=name, train=load_records(folder / "train"), valid=valid)
+    test = load_records(folder / "test") if (folder / "test").is_dir() else None
+    return BankData(name=name, train=load_records(folder / "train"), valid=valid, test=test)
 
 
 def _load_from_config(path: Path) -> BankData:

@@ -1,5 +1,9 @@
 """A simulated federation on disk: one folder per bank (its train and validation rows) and a shared test set.
 
+With personalization on (`personalize.steps > 0`) each bank's folder also holds its own test split,
+`personalize.test_fraction` of its rows held out before its train/validation split: what the bank's
+global, personalised and alone models are compared on (simulations/personalization.py).
+
 Every bank's ClientApp then loads its folder through `data.bank_data.load_bank`, exactly as a real
 bank loads its own data, so simulation and deployment share one data path.
 """
@@ -15,7 +19,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from fingpt_federated.conf.schema import FederationConfig
+from fingpt_federated.conf.schema import FederationConfig, PersonalizeConfig
 from fingpt_federated.data.bank_data import BankData, load_bank, save_bank
 from fingpt_federated.data.columns import canonical
 from fingpt_federated.data.config import data_config
@@ -111,11 +115,16 @@ def prepare_federation(cfg: Mapping[str, Any] | DictConfig, out_dir: str | Path)
     seed = int(root.get("seed", 0))
     fed = build(FederationConfig, root["federation"], "federation")  # over the defaults, checked
     parts, names = partition(pool, fed, seed)
+    personal = build(PersonalizeConfig, root.get("personalize") or {}, "personalize")
     bank_dirs, train_counts, valid_counts = [], [], []
     for number, (rows, name) in enumerate(zip(parts, names, strict=True)):
+        own_test = None
+        if personal.steps > 0:  # the bank's own test split first (stratified, seeded apart from its validation)
+            rows, test_idx = split_train_valid(rows, pool.labels, personal.test_fraction, seed + len(parts) + number)
+            own_test = pool.subset(test_idx)
         train_idx, valid_idx = split_train_valid(rows, pool.labels, fed.valid_fraction, seed + number)
         train, valid = pool.subset(train_idx), pool.subset(valid_idx)
-        bank = BankData(name=name, train=train, valid=valid)
+        bank = BankData(name=name, train=train, valid=valid, test=own_test)
         bank_dirs.append(save_bank(bank, out_dir / "banks" / f"bank_{number:02d}"))
         train_counts.append(train.label_counts())
         valid_counts.append(valid.label_counts())
