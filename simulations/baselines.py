@@ -7,13 +7,14 @@ budget as the work the federation asked of its banks:
   all sampled banks together do over all rounds;
 - with static features, classical models on the same rows (simulations/classical_baseline.py):
   logistic regression and gradient boosting, pooled and each bank alone (kind = the model's name).
-Every model is scored on the global test set, as the federated model is.
+Every model is scored on the global test set, as the federated model is; a bank alone also on its
+own test split when it has one (personalization on: simulations/personalization.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
 from fingpt_federated.model.features import fit_features_on
+from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.state import federated_state, load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.classical_baseline import classical_results
@@ -45,6 +47,8 @@ class BaselineResult:
     train_rows: int
     seconds: float
     test: dict[str, float]
+    own_tests: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Banks' own test splits, where they have one (bank -> metrics): local-only its own, centralized every bank's."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,31 +118,42 @@ def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult
     model, tokenizer = build_model(model_cfg, spec.num_classes, spec.num_features)
     initial = federated_state(model)
     test = load_bank(spec.test_dir).train
-    banks = [(site.name, load_bank(site.path).train) for site in spec.banks]
+    loaded = [(site.name, load_bank(site.path)) for site in spec.banks]
+    banks = [(name, bank.train) for name, bank in loaded]
+    own_tests = {name: bank.test for name, bank in loaded if bank.test is not None}
     per_round = {name: planned_steps(len(train), local, steps_cap) for name, train in banks}
     fed = cfg.federation
     sampled = max(1, min(len(banks), max(int(len(banks) * float(fed.fraction_train)), int(fed.min_banks))))
     central_steps = round(rounds * sum(per_round.values()) * sampled / len(banks))
 
-    def train_alone(kind: str, name: str, train: BankDataset, steps: int) -> BaselineResult:
+    def train_alone(kind: str, name: str, train: BankDataset, steps: int, scored: list[str]) -> BaselineResult:
         load_federated_state(model, initial)
-        if train.series is not None and train.mask is not None:  # BankDataset: a series has its mask
-            model.fit_normalizer(train.series, train.mask)
-        if model.features is not None:
-            model.features.fitted.fill_(False)  # refitted on this bank's rows
-        fit_features_on(model, train)
+        fit_to_bank(model, train)
         epochs = math.ceil(steps / math.ceil(len(train) / base.batch_size))
         result = train_local(model, tokenizer, train, replace(base, epochs=epochs, progress=False), max_steps=steps)
         metrics = evaluate(model, tokenizer, test, base.eval_batch_size)
-        return BaselineResult(kind, name, result.steps, len(train), result.seconds, metrics)
+        own = {bank: evaluate(model, tokenizer, own_tests[bank], base.eval_batch_size) for bank in scored}
+        return BaselineResult(kind, name, result.steps, len(train), result.seconds, metrics, own)
 
-    results = [train_alone(CENTRALIZED, "all banks", pooled([train for _, train in banks]), central_steps)]
-    results += [train_alone(LOCAL, name, train, rounds * per_round[name]) for name, train in banks]
+    pool = pooled([train for _, train in banks])
+    results = [train_alone(CENTRALIZED, "all banks", pool, central_steps, list(own_tests))]
+    results += [
+        train_alone(LOCAL, name, train, rounds * per_round[name], [name] if name in own_tests else [])
+        for name, train in banks
+    ]
     if test.features is not None:
-        pool = pooled([train for _, train in banks])
         for kind, bank, rows, seconds, metrics in classical_results(banks, pool, test, int(cfg.get("seed", 0))):
             results.append(BaselineResult(kind, bank, 0, rows, seconds, metrics))
     return results
+
+
+def fit_to_bank(model: HybridFinGPT, train: BankDataset) -> None:
+    """The statistics a bank fits on its own train rows (series normaliser, static features), refitted."""
+    if train.series is not None and train.mask is not None:  # BankDataset: a series has its mask
+        model.fit_normalizer(train.series, train.mask)
+    if model.features is not None:
+        model.features.fitted.fill_(False)  # refitted on this bank's rows
+    fit_features_on(model, train)
 
 
 def mean_local(results: list[BaselineResult], metric: str = "accuracy") -> float:

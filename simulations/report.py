@@ -225,10 +225,12 @@ def markdown(
     *,
     privacy: Sequence[str] = (),
     choice: RoundChoice | None = None,
+    per_bank: Sequence[str] = (),
 ) -> str:
     """The report: settings, the global model per round, its task metrics (and the round `choice` that
     publishing takes), each bank, `privacy` (sections on the privacy spent, see
-    simulations/privacy_report.py), baselines, failures."""
+    simulations/privacy_report.py), baselines, `per_bank` (the per-bank comparison of
+    simulations/personalization.py), failures."""
     sections = [
         f"# {title}",
         markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()]),
@@ -278,6 +280,7 @@ def markdown(
     if baselines:
         sections += ["## Baselines (global test set, same step budget)", _baseline_table(history, baselines)]
         sections += classical_section(baselines, _federated_test(history))
+    sections += per_bank
     failures = [r for r in history.rows if r.status != "ok"]
     if failures:
         sections += [

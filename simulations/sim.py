@@ -18,6 +18,13 @@ Simulation-only settings, read with these defaults when the config lacks them:
 whose ClientApp raises, []), `simulation.hostile_banks` (bank index -> misbehaviour of its train
 replies, client/hostile.py, {}); `baseline` (false).
 
+`personalize.steps=N` (0: off): each bank also gets its own test split (`personalize.test_fraction` of
+its rows, held out before training), personalises the final global model's head (`personalize.part=head`)
+or head and LoRA (`head+lora`) for N steps on its train split, and the report and summary.json compare,
+per bank on that split, the global, personalised, pooled and alone models (the last two with
+`baseline=true`): simulations/personalization.py. `fingpt-sim +experiment=quick_parity` runs it all on the
+tiny model.
+
 `privacy=he` (or dp_he): the run folder gets a key ceremony for the simulated banks (`he/`,
 simulations/encryption.py); the operator's config points at its public context only, and after
 the run the final encrypted global is decrypted as a bank would for publishing.
@@ -71,6 +78,14 @@ from fingpt_federated.simulations.flower_run import (
     SimulationResources,
     run_flower_simulation,
 )
+from fingpt_federated.simulations.personalization import (
+    BankComparison,
+    compare_banks,
+    markdown_section,
+    personalize_settings,
+    verdict_lines,
+)
+from fingpt_federated.simulations.personalization import summary as per_bank_summary
 from fingpt_federated.simulations.privacy_report import (
     EPSILON_PLOT,
     epsilon_section,
@@ -104,6 +119,7 @@ class SimulationSummary:
     banks: list[str]
     rounds: list[RoundRow]
     baselines: list[BaselineResult] = field(default_factory=list)
+    per_bank: list[BankComparison] = field(default_factory=list)  # personalize.steps > 0: on each bank's own test
     seconds: float = math.nan
     published: str = ""  # the round publishing takes and its monitor (server/best_round.py), set with the report
 
@@ -128,6 +144,11 @@ class SimulationSummary:
             "baselines": [b.to_dict() for b in self.baselines],
             "mean_local_only_accuracy": mean_local(self.baselines) if self.baselines else None,
         }
+
+    def pooled_ratio(self) -> float:
+        """The federated model's test accuracy over the centralized (pooled) one's; NaN without baselines."""
+        pooled = next((b.test["accuracy"] for b in self.baselines if b.kind == CENTRALIZED), math.nan)
+        return self.final.test_accuracy / pooled if pooled > 0 else math.nan
 
 
 def simulation_settings(cfg: DictConfig) -> dict:
@@ -216,8 +237,11 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
         [b.name for b in spec.banks],
         round_rows(history),
         baselines,
-        time.perf_counter() - started,
     )
+    personal = personalize_settings(cfg)
+    if personal.steps > 0:
+        summary.per_bank = compare_banks(cfg, spec, run_dir / FINAL_STATE, baselines, resources.client_cpus)
+    summary.seconds = time.perf_counter() - started
     write_report(cfg, spec, history, summary)
     return summary
 
@@ -260,12 +284,25 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
         summary.baselines,
         privacy=_privacy_section(cfg, spec, history, run_dir),
         choice=choice,
+        per_bank=_per_bank_section(cfg, summary),
     )
-    task = {"task_metrics": task_metric_rows(history), "published_round": choice.to_dict()}
+    task: dict[str, object] = {"task_metrics": task_metric_rows(history), "published_round": choice.to_dict()}
+    if summary.per_bank:
+        task["per_bank"] = per_bank_summary(summary.per_bank, personalize_settings(cfg))
+    if summary.baselines:
+        task["federated_over_pooled"] = summary.pooled_ratio()
     (run_dir / SUMMARY_FILE).write_text(json.dumps(jsonable(summary.to_dict() | task), indent=2), encoding="utf-8")
     path = run_dir / REPORT
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def _per_bank_section(cfg: DictConfig, summary: SimulationSummary) -> list[str]:
+    if not summary.per_bank:
+        return []
+    ratio = summary.pooled_ratio()
+    pooled = [] if math.isnan(ratio) else [f"Global test set: federated / pooled accuracy = {ratio:.3f}."]
+    return markdown_section(summary.per_bank, personalize_settings(cfg)) + pooled
 
 
 def _privacy_section(cfg: DictConfig, spec: FederationSpec, history: History, run_dir: Path) -> list[str]:
@@ -311,9 +348,24 @@ def print_summary(summary: SimulationSummary, console: Console | None = None) ->
         local = summary.baselines
         base.add_row("mean local-only", "-", _f(mean_local(local)), _f(mean_local(local, "macro_f1")))
         console.print(base)
+    if summary.per_bank:
+        _print_per_bank(summary, console)
     if summary.published:
         console.print(f"published: {summary.published}", soft_wrap=True)
     console.print(f"report: {summary.run_dir / REPORT}", soft_wrap=True)
+
+
+def _print_per_bank(summary: SimulationSummary, console: Console) -> None:
+    table = Table(title="Each bank on its own test split (accuracy)")
+    for column in ("bank", "global", "personalised", "pooled", "alone"):
+        table.add_column(column, justify="right")
+    for row in summary.per_bank:
+        table.add_row(row.bank, _f(row.global_), _f(row.personalised), _f(row.pooled), _f(row.alone))
+    console.print(table)
+    for line in verdict_lines(summary.per_bank):
+        console.print(line)
+    if not math.isnan(ratio := summary.pooled_ratio()):
+        console.print(f"federated / pooled on the global test set: {ratio:.3f}")
 
 
 def _f(value: float, digits: int = 4) -> str:

@@ -1,0 +1,158 @@
+"""Personalization (client/personalization.py) and the per-bank comparison (simulations/personalization.py).
+
+Fast: the tiny encoder on keyword headlines, a few optimizer steps. The whole fingpt-sim path with
+quick_parity is the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fingpt_federated.client.personalization import local_part, personalize
+from fingpt_federated.client.training import train_local
+from fingpt_federated.conf import compose_config
+from fingpt_federated.data.bank_data import load_bank
+from fingpt_federated.data.federation_layout import prepare_federation
+from fingpt_federated.model.build import build_model
+from fingpt_federated.model.state import federated_state, trainable_parameters
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.simulations.personalization import BankComparison, verdict_lines, verdicts
+from tests.federation_helpers import CLASSES, config, news, news_data_overrides, tiny_model, write_news_csv
+
+TRAIN = TrainConfig(lr=3e-3, batch_size=16, epochs=1, progress=False, patience=None)
+
+
+@pytest.fixture
+def model(tiny_setting):
+    built, tokenizer = build_model(tiny_model(), len(CLASSES), 0)
+    return built, tokenizer
+
+
+def _changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def test_local_part_is_the_head_or_the_head_and_the_lora_adapters(model):
+    built, _ = model
+    head = local_part(built, "head")
+    both = local_part(built, "head+lora")
+    assert head and all(name.startswith("head.") for name in head)
+    assert set(head) < set(both)
+    assert all(name.startswith("head.") or "lora_" in name for name in both)
+    assert set(trainable_parameters(built)) - set(head), "the head leaves the LoRA adapters global"
+    with pytest.raises(ValueError, match="personalized part"):
+        local_part(built, "fusion")
+
+
+@pytest.mark.parametrize("part", ["head", "head+lora"])
+def test_personalizing_moves_only_the_local_part_and_leaves_the_rest_trainable(model, part):
+    built, tokenizer = model
+    start = federated_state(built)
+    names = set(trainable_parameters(built))
+    result = personalize(built, tokenizer, news(48, [0.8, 0.1, 0.1], seed=1), None, TRAIN, part=part, steps=6)
+    after = federated_state(built)
+    assert result.kept and result.steps == 6
+    changed = _changed(start, after)
+    assert changed == set(local_part(built, part))  # every local tensor moved; no global one did
+    assert set(trainable_parameters(built)) == names  # the frozen tensors are trainable again
+
+
+def test_a_bank_keeps_the_global_model_when_personalizing_hurts_its_validation(model):
+    built, tokenizer = model
+    train_local(built, tokenizer, news(96, [1 / 3] * 3, seed=2), TRAIN, max_steps=12)
+    global_state = federated_state(built)
+    wrong = news(48, [1 / 3] * 3, seed=3)
+    wrong.labels = (wrong.labels + 1) % 3  # labels that contradict the headlines
+    valid = news(30, [1 / 3] * 3, seed=4)
+    result = personalize(built, tokenizer, wrong, valid, TRAIN, part="head", steps=12)
+    assert not result.kept
+    assert result.valid_personalised is not None and result.valid_global is not None
+    assert result.valid_personalised["loss"] > result.valid_global["loss"]
+    assert not _changed(global_state, federated_state(built))  # back to the global model, bit for bit
+
+
+def test_personalizing_learns_the_banks_own_label_mix(model):
+    """A bank whose own rows are mostly one class: its personalised head fits its prior (plain
+    cross-entropy, no logit adjustment), so on its own rows it is no worse than the global model."""
+    built, tokenizer = model
+    train_local(built, tokenizer, news(96, [1 / 3] * 3, seed=5), TRAIN, max_steps=6)
+    own = news(48, [0.1, 0.1, 0.8], seed=6)
+    valid = news(30, [0.1, 0.1, 0.8], seed=7)
+    result = personalize(built, tokenizer, own, valid, TRAIN, part="head", steps=12)
+    assert result.kept
+    assert result.valid_personalised is not None and result.valid_global is not None
+    assert result.valid_personalised["loss"] < result.valid_global["loss"]
+
+
+def _row(bank: str, personalised: float, alone: float, global_: float = 0.5) -> BankComparison:
+    return BankComparison(bank, 20, global_, personalised, 0.7, alone, True)
+
+
+def test_verdicts_follow_the_numbers():
+    rows = [_row("a", 0.8, 0.6), _row("b", 0.6, 0.6, global_=0.7)]
+    found = verdicts(rows)
+    assert found["every_bank_better_off_than_alone"] is True  # a tie counts as not worse off
+    assert found["personalised_at_least_global_every_bank"] is False  # bank b: 0.6 < 0.7
+    assert found["worst_bank"]["personalised"] == {"bank": "b", "accuracy": 0.6}
+    assert verdicts([_row("a", 0.5, 0.6)])["every_bank_better_off_than_alone"] is False
+    alone_missing = [_row("a", 0.8, math.nan)]
+    assert verdicts(alone_missing)["every_bank_better_off_than_alone"] is None
+    assert "every bank better off than alone: not run (baseline=false)" in verdict_lines(alone_missing)
+
+
+def test_each_bank_gets_its_own_seeded_test_split_only_with_personalization(tmp_path, tiny_setting):
+    csv = write_news_csv(tmp_path / "news.csv", 300)
+    overrides = [*news_data_overrides(csv), "federation=dirichlet", "federation.num_banks=3"]
+    first = prepare_federation(config(*overrides, "personalize.steps=5"), tmp_path / "a")
+    again = prepare_federation(config(*overrides, "personalize.steps=5"), tmp_path / "b")
+    without = prepare_federation(config(*overrides), tmp_path / "c")
+    assert load_bank(first.test_dir).train.texts == load_bank(without.test_dir).train.texts  # the global test set
+    for folder, same, plain in zip(first.bank_dirs, again.bank_dirs, without.bank_dirs, strict=True):
+        bank, twin, other = load_bank(folder), load_bank(same), load_bank(plain)
+        assert bank.test is not None and bank.valid is not None and other.test is None
+        assert bank.test.texts == twin.test.texts  # deterministic in the seed
+        rows = len(bank.train) + len(bank.valid) + len(bank.test)
+        assert rows == len(other.train) + len(other.valid)  # held out of the same bank's rows
+        assert len(bank.test) == round(0.2 * rows)
+
+
+def test_personalize_settings_are_checked():
+    with pytest.raises(ValueError, match="personalize.part"):
+        compose_config(["personalize.part=fusion"])
+    with pytest.raises(ValueError, match="personalize.test_fraction"):
+        compose_config(["personalize.test_fraction=1.0"])
+
+
+@pytest.mark.slow
+def test_quick_parity_through_fingpt_sim(tmp_path, tiny_setting):
+    """quick_parity as `fingpt-sim +experiment=quick_parity` runs it, shortened to 2 rounds: the per-bank
+    table is in report.md and summary.json for every bank, accuracies in [0, 1], yes/no lines that match."""
+    from fingpt_federated.simulations.sim import simulate
+
+    cfg = compose_config(["+experiment=quick_parity", "federation.rounds=2", "publish.enabled=false"])
+    summary = simulate(cfg, tmp_path / "run", echo=False)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    per_bank = saved["per_bank"]
+    assert [row["bank"] for row in per_bank["banks"]] == summary.banks
+    for row in per_bank["banks"]:
+        for column in ("global", "personalised", "pooled", "alone"):
+            assert 0.0 <= row[column] <= 1.0
+    personalised = np.array([row["personalised"] for row in per_bank["banks"]])
+    alone = np.array([row["alone"] for row in per_bank["banks"]])
+    global_ = np.array([row["global"] for row in per_bank["banks"]])
+    assert per_bank["every_bank_better_off_than_alone"] == bool((personalised >= alone).all())
+    assert per_bank["personalised_at_least_global_every_bank"] == bool((personalised >= global_).all())
+    assert 0 < saved["federated_over_pooled"] < 2
+    report = (tmp_path / "run" / "report.md").read_text()
+    for bank in summary.banks:
+        assert re.search(rf"^\| {re.escape(bank)} \| \d+ \| [01]\.\d{{4}} \|", report, re.MULTILINE)
+    alone_line = "yes" if per_bank["every_bank_better_off_than_alone"] else "no"
+    assert f"- every bank better off than alone: {alone_line}" in report
+    at_least = "yes" if per_bank["personalised_at_least_global_every_bank"] else "no"
+    assert f"- personalised >= global for every bank: {at_least}" in report
