@@ -18,6 +18,7 @@ and Flower counts it as this bank's failure of the round.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,13 @@ def handle(kind: str, msg: Message, context: Context) -> RecordDict:
     """The reply content: from the bank's worker when the node config names one, else computed here."""
     socket_path = context.node_config.get(worker_channel.NODE_WORKER_SOCKET)
     if socket_path:
-        meta = {"run_id": context.run_id, "node_id": context.node_id, "run_config": dict(context.run_config)}
+        timing = {"round": msg.metadata.group_id, "process": worker_channel.process_started(), "handler": time.time()}
+        meta = {
+            "run_id": context.run_id,
+            "node_id": context.node_id,
+            "run_config": dict(context.run_config),
+            "timing": timing,
+        }
         return worker_channel.request(Path(str(socket_path)), kind, msg.content, meta)
     from fingpt_federated.client import worker_task  # torch and the model: only where the work runs here
 

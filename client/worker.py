@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ RECEIVE_TIMEOUT_S = 300.0  # a request must arrive whole within this; the work i
 BACKLOG = 8
 PEERCRED = struct.Struct("3i")  # pid, uid, gid
 EXIT_UNSAFE = 2
+TIMING_PREFIX = "fingpt-timing "  # one line per message on the worker's output; bench_deploy reads them
 
 
 def bind_private(path: Path) -> socket.socket:
@@ -75,8 +77,14 @@ class Worker:
         self.node_config = node_config
         worker_task.preload(node_config)
 
-    def reply(self, header: dict[str, Any], body: bytes) -> tuple[dict[str, Any], bytes]:
-        """The reply frame to one request frame; a failure becomes an error reply."""
+    def reply(
+        self, header: dict[str, Any], body: bytes, steps: dict[str, float] | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The reply frame to one request frame; a failure becomes an error reply.
+
+        `steps` gets the wall-clock times at which the body was decoded, handled and encoded.
+        """
+        steps = {} if steps is None else steps
         try:
             context = Context(
                 run_id=int(header.get("run_id", 0)),
@@ -85,8 +93,13 @@ class Worker:
                 state=RecordDict(),
                 run_config=dict(header.get("run_config") or {}),
             )
-            content = self.task.handle(str(header.get("kind")), worker_channel.decode_body(body), context)
-            return {"status": worker_channel.STATUS_OK}, worker_channel.encode_body(content)
+            message = worker_channel.decode_body(body)
+            steps["decoded"] = time.time()
+            content = self.task.handle(str(header.get("kind")), message, context)
+            steps["handled"] = time.time()
+            encoded = worker_channel.encode_body(content)
+            steps["encoded"] = time.time()
+            return {"status": worker_channel.STATUS_OK}, encoded
         except Exception as exc:  # the bank's failure of the round, reported to its ClientApp
             return {"status": worker_channel.STATUS_ERROR, "error": f"{type(exc).__name__}: {exc}"}, b""
 
@@ -100,8 +113,19 @@ class Worker:
             _send_quietly(conn, {"status": worker_channel.STATUS_ERROR, "error": f"bad request: {exc}"})
             return
         conn.settimeout(None)
-        reply, content = self.reply(header, body)
+        steps = {"received": time.time()}
+        reply, content = self.reply(header, body, steps)
         _send_quietly(conn, reply, content)
+        steps["sent"] = time.time()
+        sent_by_app = header.get("timing")  # the ClientApp's process start and handler entry
+        timing = {
+            "kind": header.get("kind"),
+            "node": header.get("node_id"),
+            "status": reply["status"],
+            **(sent_by_app if isinstance(sent_by_app, dict) else {}),
+            **steps,
+        }
+        print(TIMING_PREFIX + json.dumps(timing, default=str), flush=True)
 
     def serve(self, server: socket.socket) -> None:
         while True:

@@ -81,6 +81,21 @@ def _check_owner_only(path: Path, info: os.stat_result, what: str) -> None:
         )
 
 
+def process_started() -> float | None:
+    """When this process started, wall clock (Linux /proc, 10 ms resolution); None elsewhere.
+
+    The ClientApp sends it with each message so that the worker's timing line shows what a fresh
+    `flwr-clientapp` process costs before it reaches the app (start, imports, pulling the message).
+    """
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    started_after_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of stat(5)
+    return time.time() - (uptime - started_after_boot)
+
+
 def encode_body(content: RecordDict) -> bytes:
     return bytes(recorddict_to_proto(content).SerializeToString())
 

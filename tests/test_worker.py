@@ -3,6 +3,7 @@ worker that trains a tiny model, and its restart after a crash."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -18,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fingpt_federated.client import worker_channel
 from fingpt_federated.client.app import app as client_app
-from fingpt_federated.client.worker import bind_private
+from fingpt_federated.client.worker import TIMING_PREFIX, bind_private
 from fingpt_federated.client.worker import main as worker_main
 from fingpt_federated.client.worker_channel import ChannelError, WorkerFailed
 from fingpt_federated.client.worker_supervisor import WorkerSupervisor
@@ -143,7 +144,9 @@ def worker_process(supervisor: WorkerSupervisor) -> psutil.Process:
 
 
 @pytest.mark.slow
-def test_a_supervised_worker_trains_loads_the_backbone_once_and_is_restarted_after_a_kill(bank, initial, tmp_path):
+def test_a_supervised_worker_trains_loads_the_backbone_once_and_is_restarted_after_a_kill(
+    bank, initial, tmp_path, capfd
+):
     node = {protocol.NODE_DATA_PATH: str(bank), protocol.NODE_STATE_DIR: str(tmp_path / "state")}
     with WorkerSupervisor(node, socket_dir=tmp_path) as supervisor:
         via_worker = node_context({worker_channel.NODE_WORKER_SOCKET: str(supervisor.socket_path)})
@@ -153,6 +156,12 @@ def test_a_supervised_worker_trains_loads_the_backbone_once_and_is_restarted_aft
             loads.append(metrics["backbone_loads"])
             assert set(state) == set(initial)
         assert loads == [1, 0]  # the backbone stays in the worker between messages
+        timings = [line for line in capfd.readouterr().out.splitlines() if line.startswith(TIMING_PREFIX)]
+        assert len(timings) == 2  # one line per message, in order: the ClientApp's times, then the worker's
+        timing = json.loads(timings[1].removeprefix(TIMING_PREFIX))
+        assert (timing["kind"], timing["status"], timing["node"]) == ("train", "ok", 1)
+        steps = ["process", "handler", "received", "decoded", "handled", "encoded", "sent"]
+        assert [timing[step] for step in steps] == sorted(timing[step] for step in steps)
         first = worker_process(supervisor)
         assert oct(os.stat(supervisor.socket_dir).st_mode & 0o777) == "0o700"
         first.kill()
