@@ -9,7 +9,9 @@ waited (5 % of it, at most 1 s), so a slow round does not ask the SuperLink more
 
 Every call is recorded (`sends`, wall-clock `time.time()` so that the banks' logs on the same
 machine line up with it): when it started, when the messages were pushed, when each reply was
-pulled and from which node, and when it returned. RoundEnd (server/app.py) writes them per round
+pulled and from which node (and when that pull began: Flower's pull also fetches the reply's
+objects, retrying after 1 s, then 2 s..., those the bank has not finished uploading), and when it
+returned. RoundEnd (server/app.py) writes them per round
 to `timings.json`; bench_deploy breaks a round down with them.
 """
 
@@ -42,6 +44,7 @@ class SendRecord:
     started: float
     pushed: float = 0.0
     replies: dict[int, float] = field(default_factory=dict)  # source node id -> when its reply was pulled
+    pull_started: dict[int, float] = field(default_factory=dict)  # ... when the pull that brought it began
     ended: float = 0.0
     pulls: int = 0
 
@@ -52,6 +55,7 @@ class SendRecord:
             "started": self.started,
             "pushed": self.pushed,
             "replies": {str(node): at for node, at in self.replies.items()},
+            "pull_started": {str(node): at for node, at in self.pull_started.items()},
             "ended": self.ended,
             "pulls": self.pulls,
         }
@@ -103,11 +107,13 @@ class PollingGrid(Grid):
         end = None if timeout is None else pushed + timeout
         replies: list[Message] = []
         while True:
+            asked = time.time()
             pulled = list(self.pull_messages(waiting)) if waiting else []
             record.pulls += bool(waiting)
             now = time.time()
             for reply in pulled:
                 record.replies[reply.metadata.src_node_id] = now
+                record.pull_started[reply.metadata.src_node_id] = asked
                 waiting.discard(reply.metadata.reply_to_message_id)
             replies.extend(pulled)
             if not waiting or (end is not None and time.monotonic() >= end):

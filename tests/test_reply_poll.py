@@ -94,6 +94,7 @@ def test_replies_are_picked_up_within_a_fraction_of_a_second_and_recorded_per_no
     assert (send.group, send.kind) == ("7", MessageType.TRAIN)
     assert send.started <= send.pushed <= send.replies[1] <= send.replies[2] <= send.ended
     assert send.replies[2] - send.pushed >= 0.4 and send.pulls >= 3
+    assert send.pushed <= send.pull_started[2] <= send.replies[2] and send.replies[2] - send.pull_started[2] < 0.1
 
 
 def test_a_refused_message_is_not_waited_for_and_a_missing_reply_ends_at_the_timeout():
