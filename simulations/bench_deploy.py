@@ -14,6 +14,8 @@ Per round: wall time (the ServerApp's `round_seconds`, central evaluation exclud
 bank's compute (its client-reported `seconds` of local training), and the overhead (wall minus
 that). Per bank: how many times it loaded the backbone during the run (`backbone_loads`, summed
 over its train replies). Means over rounds 2.. are the steady state (round 1 also builds models).
+`breakdown` follows each round's critical path through the ServerApp, Flower and the slowest
+bank's ClientApp and worker (simulations/bench_deploy_breakdown.py); `floor_breakdown` the floor's.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ from fingpt_federated.server.certificates import create_ca, create_server_certif
 from fingpt_federated.server.control import FlowerControl, write_connection
 from fingpt_federated.server.deployment import RunRequest, follow, load_config, prepare_run_dir, wait_for_banks
 from fingpt_federated.server.flower_app import COMPLETED
-from fingpt_federated.server.run_folder import METRICS_JSON
+from fingpt_federated.server.run_folder import METRICS_JSON, TIMINGS_JSON
 from fingpt_federated.server.superlink import LOOPBACK, OperatorServices, OperatorSettings
 from fingpt_federated.simulations import bench_deploy_floor as floor
+from fingpt_federated.simulations.bench_deploy_breakdown import breakdown, floor_breakdown
 
 OUTPUT = "deploy.json"
 BANK_WAIT_S = 600.0
@@ -103,8 +106,8 @@ def stop_banks(banks: list[subprocess.Popen]) -> None:
             bank.wait()
 
 
-def run_floor(control: FlowerControl, root: Path, rounds: int) -> list[float]:
-    """Flower's floor: the trivial apps' round times on the same services and banks."""
+def run_floor(control: FlowerControl, root: Path, rounds: int) -> dict[str, Any]:
+    """Flower's floor: the trivial apps' round times (and messages' times) on the same services and banks."""
     app = root / "floor" / "app"
     app.mkdir(parents=True)
     project = {
@@ -130,7 +133,7 @@ def run_floor(control: FlowerControl, root: Path, rounds: int) -> list[float]:
     info = follow(control, run_id, root / "floor" / "run.log")
     if info.get("status") != COMPLETED:
         raise RuntimeError(f"the floor run ended {info.get('status')}: {info.get('status-details')}")
-    return list(json.loads((root / "floor" / floor.FLOOR_FILE).read_text())["round_seconds"])
+    return dict(json.loads((root / "floor" / floor.FLOOR_FILE).read_text()))
 
 
 def run_real(control: FlowerControl, args: argparse.Namespace, root: Path, test_dir: Path) -> Path:
@@ -203,10 +206,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             for key, data in zip(keys, layout.bank_dirs, strict=True):
                 banks.append(start_bank(args, key, data, server, tls.ca_cert))
             wait_for_banks(control, registry, args.banks, BANK_WAIT_S)
-            floor_s = run_floor(control, root, args.floor_rounds)
+            floor_run = run_floor(control, root, args.floor_rounds)
             metrics = run_real(control, args, root, layout.test_dir)
         finally:
             stop_banks(banks)
+    logs = [key.parent / "bank.log" for key in keys]
     return {
         "mode": "worker" if args.worker else "per-message",
         "model": args.model,
@@ -216,7 +220,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "node_auth": True,
         "load_average": os.getloadavg(),
         "bench_seconds": time.perf_counter() - started,
-        **summarise(metrics, floor_s),
+        **summarise(metrics, list(floor_run["round_seconds"])),
+        "breakdown": breakdown(metrics.parent / TIMINGS_JSON, logs),
+        "floor_breakdown": floor_breakdown(floor_run),
     }
 
 
@@ -232,10 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = bench(args)
     (args.out / OUTPUT).write_text(json.dumps(result, indent=2), encoding="utf-8")
-    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
+    per_round = ("rounds", "breakdown", "floor_breakdown")
+    print(json.dumps({k: v for k, v in result.items() if k not in per_round}, indent=2))
     for row in result["rounds"]:
         wall, compute, overhead = row["wall_s"], row["compute_s"], row["overhead_s"]
         print(f"round {row['round']}: wall {wall:.2f} s, slowest bank {compute:.2f} s, overhead {overhead:.2f} s")
+    for row in result["breakdown"].get("rounds", []):
+        print(f"round {row['round']} breakdown: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "round"))
+    for row in result["floor_breakdown"].get("rounds", []):
+        print(f"floor round {row['round']}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k != "round"))
     print(f"wrote {args.out / OUTPUT}")
     return 0
 

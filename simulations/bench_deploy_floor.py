@@ -3,8 +3,9 @@
 The ServerApp sends every connected node one train message a round (a 1,000-value array, as
 small as a message gets) and waits for all replies; the ClientApp echoes the array back. What a
 round costs here is Flower's messaging alone over the same TLS, node authentication, gateway and
-SuperNodes as the real run: polling, process starts, serialisation. Round times go to
-`RUN_DIR/floor.json`.
+SuperNodes as the real run: polling, process starts, serialisation. It waits for replies as the
+real ServerApp does (server/reply_poll.py). Round times and the record of each round's messages
+go to `RUN_DIR/floor.json`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+
+from fingpt_federated.server.reply_poll import PollingGrid
 
 FLOOR_FILE = "floor.json"
 RUN_DIR_KEY = "floor-run-dir"
@@ -36,7 +39,8 @@ def echo(msg: Message, _context: Context) -> Message:
 @server.main()
 def rounds(grid: Grid, context: Context) -> None:
     out = Path(str(context.run_config[RUN_DIR_KEY]))
-    nodes = list(grid.get_node_ids())
+    polling = PollingGrid(grid)
+    nodes = list(polling.get_node_ids())
     arrays = ArrayRecord({"w": Array(np.zeros(1000, dtype=np.float32))})
     seconds: list[float] = []
     for number in range(1, int(context.run_config[ROUNDS_KEY]) + 1):
@@ -50,9 +54,10 @@ def rounds(grid: Grid, context: Context) -> None:
             )
             for node in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
+        replies = list(polling.send_and_receive(messages, timeout=ROUND_TIMEOUT_S))
         failed = [reply for reply in replies if reply.has_error()]
         if len(replies) != len(nodes) or failed:
             raise RuntimeError(f"floor round {number}: {len(replies)} replies of {len(nodes)}, {len(failed)} errors")
         seconds.append(time.perf_counter() - started)
-    (out / FLOOR_FILE).write_text(json.dumps({"nodes": len(nodes), "round_seconds": seconds}), encoding="utf-8")
+    record = {"nodes": len(nodes), "round_seconds": seconds, "sends": [send.to_json() for send in polling.sends]}
+    (out / FLOOR_FILE).write_text(json.dumps(record), encoding="utf-8")
