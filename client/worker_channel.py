@@ -111,7 +111,8 @@ def send_frame(sock: socket.socket, header: dict[str, Any], body: bytes = b"") -
     if len(head) > MAX_HEADER_BYTES or len(body) > MAX_BODY_BYTES:
         raise ChannelError(f"frame too large: header {len(head)} bytes, body {len(body)} bytes")
     sock.sendall(PREFIX.pack(MAGIC, VERSION, len(head), len(body)) + head)
-    sock.sendall(body)
+    if body:  # with no body the peer may already have read the frame, answered and closed
+        sock.sendall(body)
 
 
 def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
