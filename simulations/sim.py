@@ -56,7 +56,7 @@ from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
 from fingpt_federated.model.text_length import with_max_length
 from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.app import CHECKPOINTS, dp_round_config, write_metrics
-from fingpt_federated.server.best_round import RoundSelection
+from fingpt_federated.server.best_round import RoundChoice, RoundSelection
 from fingpt_federated.server.checkpoint import Checkpointer, CheckpointError
 from fingpt_federated.server.encrypted_run import he_enabled
 from fingpt_federated.server.history import History, jsonable
@@ -246,6 +246,12 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     return summary
 
 
+def published_line(cfg: DictConfig, choice: RoundChoice) -> str:
+    """The round the run's ServerApp published, for the console; empty when it published nothing
+    (publishing off, or under HE, where a key-holding bank publishes after the run)."""
+    return choice.line() if bool(cfg.publish.enabled) and not he_enabled(cfg) else ""
+
+
 def strategy_label(strategy: DictConfig) -> str:
     """The strategy's name with the settings that define it: its proximal mu when there is one and the
     Flower class's options, e.g. "fedavgm (server_learning_rate=1.0, server_momentum=0.9)"."""
@@ -260,7 +266,7 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
     plot_banks(history, run_dir / BANKS_PLOT)
     choice = RoundSelection.from_config(cfg).choose(history)
     plot_task_metrics(history, choice, run_dir / TASK_PLOT)
-    summary.published = choice.line()
+    summary.published = published_line(cfg, choice)
     settings = {
         "data": cfg.data.name,
         "model backbone": cfg.model.backbone,

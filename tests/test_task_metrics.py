@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from federation_helpers import config
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
@@ -15,6 +16,7 @@ from fingpt_federated.server.best_round import RoundSelection
 from fingpt_federated.server.history import CENTRAL, FEDERATION, History
 from fingpt_federated.server.replies import non_finite_metrics
 from fingpt_federated.simulations.report import TASK_PLOT, markdown, plot_task_metrics, task_metric_rows
+from fingpt_federated.simulations.sim import published_line
 
 
 def test_roc_auc_binary_one_vs_rest_and_undefined():
@@ -66,3 +68,14 @@ def test_report_shows_task_metrics_per_round_and_the_published_round(tmp_path):
     assert "published: round 2 of 3 (publish.select=best, validation macro_f1 0.7000" in text
     assert "not a pooled AUC" in text
     assert plot_task_metrics(history, choice, tmp_path / TASK_PLOT).stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "printed"),
+    [((), True), (("publish.enabled=false",), False), (("privacy=he",), False)],
+    ids=["publishing", "publishing-off", "under-he"],
+)
+def test_the_console_names_a_published_round_only_when_the_run_published(overrides, printed):
+    choice = RoundSelection("best", "macro_f1", "max").choose(run_history())
+    line = published_line(config(*overrides), choice)
+    assert line == (choice.line() if printed else "")
