@@ -94,6 +94,17 @@ def test_the_leftover_check_finds_orphans_kills_them_and_ignores_what_ends_in_ti
     assert wait_gone([orphan], timeout=5) == []
 
 
+def commands_of(pid: int) -> list[str]:
+    """The command lines of `pid`'s descendants still running, shortened, for a failure message."""
+    lines = []
+    for child in descendants_of(pid):
+        try:
+            lines.append(" ".join(psutil.Process(child).cmdline())[:120])
+        except psutil.Error:
+            pass
+    return lines
+
+
 def descendants_of(pid: int) -> list[int]:
     root = psutil.Process(pid)
     return [root.pid, *(p.pid for p in root.children(recursive=True))]
@@ -195,6 +206,9 @@ def wait_for_descendant(proc: subprocess.Popen, marker: str, timeout: float) -> 
         time.sleep(0.5)
 
 
+STOP_WAIT_S = 120  # under load: the log stream's 10 s, the guard's 10 s grace, Ray's actors ending
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_fingpt_sim_stopped_mid_run_stops_flower_and_ray(tmp_path, signum):
@@ -217,7 +231,13 @@ def test_fingpt_sim_stopped_mid_run_stops_flower_and_ray(tmp_path, signum):
         tree = descendants_of(sim.pid)
         assert any("flwr-simulation" in " ".join(psutil.Process(pid).cmdline()) for pid in tree)
         sim.send_signal(signum)
-        out, _ = sim.communicate(timeout=60)
+        try:
+            out, _ = sim.communicate(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired as late:
+            output = late.output or b""  # bytes: communicate decodes only at the end
+            tail = (output.decode(errors="replace") if isinstance(output, bytes) else output)[-3000:]
+            running = commands_of(sim.pid)
+            pytest.fail(f"not stopped {STOP_WAIT_S}s after {signum.name}; running: {running}; output: {tail}")
     finally:
         if sim.poll() is None:
             sim.kill()
