@@ -49,7 +49,7 @@ from flwr.serverapp.strategy import Strategy
 from fingpt_federated.federation import protocol
 from fingpt_federated.server import privacy_record, strategy_state
 from fingpt_federated.server.history import FEDERATION, History
-from fingpt_federated.server.replies import check_reply, declined_reason, non_finite_metrics, reply_metrics
+from fingpt_federated.server.replies import check_reply, declined_reason, reply_metrics, unusable_metrics
 from fingpt_federated.server.update_checks import UpdateGate, non_finite
 
 UpdateCheck = Callable[[Message, int, str], str]
@@ -199,7 +199,7 @@ class BankRounds(Strategy):
             if phase == "train" and not problem and not reason:
                 problem, norm = self._check_update(reply, server_round, state_hash)
             if phase == "evaluate" and not problem:
-                problem = non_finite_metrics(reply_metrics(reply))
+                problem = unusable_metrics(reply_metrics(reply))
             if problem:
                 failures.append(self._failed(phase, server_round, node, problem))
             elif reason:

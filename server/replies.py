@@ -15,6 +15,7 @@ from flwr.app import Message
 
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.protocol import Receipt
+from fingpt_federated.model.task_metrics import AUC_SHARE, ROC_AUC
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TYPED = re.compile(r"<class '([\w.]+)'>:<'(.*)'>", re.S)
@@ -64,9 +65,31 @@ def reply_metrics(reply: Message) -> Mapping[str, Any]:
     return dict(records[protocol.METRICS]) if protocol.METRICS in records else {}
 
 
-def non_finite_metrics(metrics: Mapping[str, Any]) -> str:
-    """Why an evaluate reply's `metrics` must not be averaged ("" if they may): one NaN or infinite value
-    would make the federation's validation metrics NaN (a train reply's loss is NaN under DP on purpose,
-    and its state is checked by server/update_checks.py instead)."""
-    bad = sorted(name for name, value in metrics.items() if isinstance(value, int | float) and not math.isfinite(value))
-    return f"non-finite evaluation metric(s) {', '.join(bad)}" if bad else ""
+UNIT_INTERVAL_METRICS = frozenset({"accuracy", "macro_f1", ROC_AUC, AUC_SHARE})
+"""Evaluate metrics that are shares: honest code reports them within [0, 1]."""
+
+
+def unusable_metrics(metrics: Mapping[str, Any]) -> str:
+    """Why an evaluate reply's `metrics` must not be averaged ("" if they may).
+
+    One NaN or infinite value would make the federation's validation metrics NaN (a train reply's
+    loss is NaN under DP on purpose, and its state is checked by server/update_checks.py instead);
+    a share outside [0, 1], a negative loss or a record count that is not a positive whole number
+    cannot come from the banks' code and would steer the federation's validation metrics, and with
+    them the round `publish.select=best` publishes. Values inside the ranges remain the bank's word
+    (docs/threat-model.md)."""
+    numbers = {name: value for name, value in metrics.items() if isinstance(value, int | float)}
+    bad = sorted(name for name, value in numbers.items() if not math.isfinite(value))
+    if bad:
+        return f"non-finite evaluation metric(s) {', '.join(bad)}"
+    out_of_range = [
+        f"{name} {numbers[name]!r} (not within [0, 1])"
+        for name in sorted(UNIT_INTERVAL_METRICS & set(numbers))
+        if not 0.0 <= numbers[name] <= 1.0
+    ]
+    if numbers.get("loss", 0.0) < 0:
+        out_of_range.append(f"loss {numbers['loss']!r} (negative)")
+    examples = numbers.get(protocol.NUM_EXAMPLES)
+    if examples is not None and (examples < 1 or examples != int(examples)):
+        out_of_range.append(f"{protocol.NUM_EXAMPLES} {examples!r} (not a positive whole number)")
+    return f"evaluation metric(s) out of range: {', '.join(out_of_range)}" if out_of_range else ""

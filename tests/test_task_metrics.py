@@ -14,7 +14,7 @@ from fingpt_federated.model.evaluation import roc_auc
 from fingpt_federated.model.task_metrics import AUC_SHARE, for_reply
 from fingpt_federated.server.best_round import RoundSelection
 from fingpt_federated.server.history import CENTRAL, FEDERATION, History
-from fingpt_federated.server.replies import non_finite_metrics
+from fingpt_federated.server.replies import unusable_metrics
 from fingpt_federated.simulations.report import TASK_PLOT, markdown, plot_task_metrics, task_metric_rows
 from fingpt_federated.simulations.sim import published_line
 
@@ -35,8 +35,8 @@ def reply(examples: int, metrics: dict[str, float]) -> RecordDict:
 
 def test_a_one_class_bank_is_not_a_failure_and_the_federation_auc_is_the_mean_over_defined_banks():
     one_class = {"loss": 0.3, "accuracy": 1.0, "roc_auc": math.nan}
-    assert non_finite_metrics(for_reply(one_class)) == ""  # the NaN AUC used to fail the bank's reply
-    assert non_finite_metrics(one_class) != ""
+    assert unusable_metrics(for_reply(one_class)) == ""  # the NaN AUC used to fail the bank's reply
+    assert unusable_metrics(one_class) != ""
     replies = [reply(100, {"roc_auc": 0.9}), reply(300, {"roc_auc": 0.7}), reply(600, one_class)]
     aggregated = aggregate_metricrecords(replies, "num-examples")  # what Flower's FedAvg computes
     assert aggregated["roc_auc"] == pytest.approx((100 * 0.9 + 300 * 0.7) / 1000)  # pulled towards 0 by the share

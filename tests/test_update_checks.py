@@ -16,7 +16,7 @@ from fingpt_federated.client.hostile import Misbehaviour, misbehave
 from fingpt_federated.conf import compose_config
 from fingpt_federated.federation import protocol
 from fingpt_federated.server.history import History
-from fingpt_federated.server.replies import non_finite_metrics
+from fingpt_federated.server.replies import unusable_metrics
 from fingpt_federated.server.strategy_config import build_strategy, check_strategy
 from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate, non_finite
 
@@ -195,9 +195,16 @@ def test_the_strategy_config_sets_the_limits_and_robust_rules_are_plaintext_only
         ({"accuracy": 0.5, "loss": 1.2, protocol.NUM_EXAMPLES: 40}, ""),
         ({"accuracy": math.nan, "loss": 1.2, protocol.NUM_EXAMPLES: 40}, "accuracy"),
         ({"accuracy": 0.5, "loss": math.inf, protocol.NUM_EXAMPLES: 40}, "loss"),
+        ({"accuracy": 1.0, "macro_f1": 0.0, "loss": 0.0, protocol.NUM_EXAMPLES: 1}, ""),  # the ends of each range
+        ({"accuracy": 0.5, "macro_f1": 1e9, "loss": 1.2, protocol.NUM_EXAMPLES: 40}, "macro_f1 1000000000.0"),
+        ({"accuracy": -0.1, "loss": 1.2, protocol.NUM_EXAMPLES: 40}, "accuracy -0.1 (not within [0, 1])"),
+        ({"roc_auc": 0.9, "roc_auc_share": 2.0, protocol.NUM_EXAMPLES: 40}, "roc_auc_share 2.0"),
+        ({"accuracy": 0.5, "loss": -3.0, protocol.NUM_EXAMPLES: 40}, "loss -3.0 (negative)"),
+        ({"accuracy": 0.5, "loss": 1.2, protocol.NUM_EXAMPLES: 0}, "num-examples 0 (not a positive whole number)"),
+        ({"accuracy": 0.5, "loss": 1.2, protocol.NUM_EXAMPLES: 2.5}, "num-examples 2.5"),
     ],
 )
-def test_an_evaluate_reply_with_non_finite_metrics_is_refused(metrics, expected):
-    reason = non_finite_metrics(MetricRecord(metrics))
+def test_an_evaluate_reply_with_unusable_metrics_is_refused(metrics, expected):
+    reason = unusable_metrics(MetricRecord(metrics))
     assert (reason == "") == (expected == "")
     assert expected in reason
