@@ -7,7 +7,10 @@ on Flower's simulation engine) and attack them.
 Runs (sub-folders of the run folder), each a full `fingpt-sim` run:
 - `federation_none`, `federation_eps<E>`: the preset's federation without DP and at each target epsilon;
   bank `canary_bank` adds the canaries (`canaries:N`), bank `backdoor_bank` the backdoor (`backdoor:T`);
-- `federation_robust`: no DP, strategy `robust` (on top of the update checks every run has);
+- `federation_robust`: no DP, strategy `robust` (on top of the update checks every run has), and
+  `federation_<strategy>` for each other strategy in `backdoor_defences`;
+- with `backdoor_sim` (overrides on top of `sim`, e.g. 10 banks), the backdoor rows without DP come from
+  federations of their own instead, with the backdoor bank only: `backdoor_none`, `backdoor_<strategy>`;
 - `operator_plaintext`, `operator_dp`: one bank, one round of plain SGD (its update is the new global).
 The canary bank's last update in `federation_none` is not stored by the simulation: it is repeated from the
 checkpoints (simulations/attacks/bank_update.py).
@@ -135,7 +138,9 @@ def canary_update(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
     )
 
 
-def backdoor_rows(scorer: Scorer, folder: Path, history: History, defence: str, target: int) -> dict[str, Any]:
+def backdoor_rows(scorer: Scorer, folder: Path, defence: str, target: int) -> dict[str, Any]:
+    """The backdoor's success per round in the run in `folder`; `banks`: how many banks its federation has."""
+    banks = len(list((folder / "federation" / "banks").glob("bank_*")))
     test = load_bank(folder / "federation" / "test").train
     texts, labels = list(test.texts or []), test.labels
     per_round = []
@@ -143,7 +148,8 @@ def backdoor_rows(scorer: Scorer, folder: Path, history: History, defence: str, 
         clean = scorer.predictions(state, texts)
         rates = backdoor.rates(clean, scorer.predictions(state, backdoor.triggered(texts)), labels, target)
         per_round.append({"round": number, **rates.as_dict(), "clean_accuracy": float((clean == labels).mean())})
-    return {"defence": defence, **{k: v for k, v in per_round[-1].items() if k != "round"}, "rounds": per_round}
+    last = {k: v for k, v in per_round[-1].items() if k != "round"}
+    return {"defence": defence, "banks": banks, **last, "rounds": per_round}
 
 
 def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictConfig, view: str) -> list[dict]:
@@ -196,6 +202,9 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
         int(preset.backdoor_bank): f"backdoor:{int(preset.backdoor_target)}",
     }
     keep = ["federation.checkpoints_kept=100"]
+    target = int(preset.backdoor_target)
+    separate = bool(preset.get("backdoor_sim"))  # the backdoor rows' own federation (`backdoor_sim` on `sim`)
+    defences = [str(d) for d in (preset.get("backdoor_defences") or [preset.robust])]
     result: dict[str, Any] = {"membership": [], "operator_view": [], "backdoor": []}
     rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     scorer: Scorer | None = None
@@ -215,15 +224,23 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
             row, scores = membership_row(scorer, update, preset, None, None, "bank_update")
             result["membership"].append(row)
             rocs[f"bank update, {name}"] = scores
-        if epsilon is None or math.isclose(epsilon, 8.0):
+        if (epsilon is None and not separate) or (epsilon is not None and math.isclose(epsilon, 8.0)):
             defence = "none" if epsilon is None else "dp_eps8"
-            result["backdoor"].append(backdoor_rows(scorer, folder, history, defence, int(preset.backdoor_target)))
-    folder = run_dir / "federation_robust"
-    _, history = train(preset, folder, [*keep, "privacy=none", f"strategy={preset.robust}"], hostile)
+            result["backdoor"].append(backdoor_rows(scorer, folder, defence, target))
     assert scorer is not None
-    result["backdoor"].append(
-        backdoor_rows(scorer, folder, history, f"checks+{preset.robust}", int(preset.backdoor_target))
-    )
+    if separate:  # the backdoor's own federation, without the canaries: undefended, then each defence
+        backdoor_only = {int(preset.backdoor_bank): f"backdoor:{target}"}
+        for name, strategy in (("none", None), *((d, d) for d in defences)):
+            folder = run_dir / f"backdoor_{name}"
+            extra = [*preset.backdoor_sim, *keep, "privacy=none", *([f"strategy={strategy}"] if strategy else [])]
+            train(preset, folder, extra, backdoor_only)
+            defence = "none" if strategy is None else f"checks+{strategy}"
+            result["backdoor"].append(backdoor_rows(scorer, folder, defence, target))
+    else:
+        for strategy in defences:
+            folder = run_dir / ("federation_robust" if strategy == preset.robust else f"federation_{strategy}")
+            train(preset, folder, [*keep, "privacy=none", f"strategy={strategy}"], hostile)
+            result["backdoor"].append(backdoor_rows(scorer, folder, f"checks+{strategy}", target))
     for view, privacy in (("plaintext", None), ("dp_eps8", 8.0)):
         folder = run_dir / f"operator_{view}"
         extra = [*preset.operator_sim, *privacy_overrides(preset, privacy)]
@@ -268,11 +285,13 @@ def markdown(result: dict[str, Any]) -> str:
         "as the target with it (out of `counted`); beside it the share of all non-target records classified",
         "as the target with and without the trigger (the model's baseline).",
         "",
-        "| defence | attack success (counted) | target rate triggered / untriggered | clean accuracy |",
-        "|---|---|---|---|",
+        "| defence | banks (1 hostile) | attack success (counted) | target rate triggered / untriggered "
+        "| clean accuracy |",
+        "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['defence']} | {_f(r['success_rate'])} ({r['counted']}) | {_f(r['triggered_target_rate'])} / "
+        f"| {r['defence']} | {r['banks']} | {_f(r['success_rate'])} ({r['counted']}) | "
+        f"{_f(r['triggered_target_rate'])} / "
         f"{_f(r['untriggered_target_rate'])} | {_f(r['clean_accuracy'])} |"
         for r in result["backdoor"]
     ]
@@ -302,7 +321,7 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     for r in result["backdoor"]:
         table.add_row(
             "backdoor",
-            r["defence"],
+            f"{r['defence']} ({r['banks']} banks)",
             "success (n) / target rate trig, untrig / clean acc",
             f"{_f(r['success_rate'])} ({r['counted']}) / {_f(r['triggered_target_rate'])}, "
             f"{_f(r['untriggered_target_rate'])} / {_f(r['clean_accuracy'])}",

@@ -49,15 +49,26 @@ def test_quick_audit_has_power_and_never_certifies_more_than_the_ledger_spent(ti
     assert private and all(0 < row["epsilon_spent"] <= row["epsilon_target"] + 1e-6 for row in private)
     assert all(row["epsilon_lower"] <= row["epsilon_spent"] for row in private), private
     backdoors = {row["defence"]: row for row in saved["backdoor"]}
-    assert set(backdoors) == {"none", "dp_eps8", f"checks+{quick.robust}"}
+    defended = [f"checks+{name}" for name in quick.backdoor_defences]
+    assert set(backdoors) == {"none", "dp_eps8", *defended}
     assert all(len(row["rounds"]) >= 1 for row in saved["backdoor"])
-    # the trigger works without a defence (measured: success 0.65; target rate 0.72 triggered, 0.23 untriggered);
-    # issue 25's <= 10% with defences is NOT met: checks + FedMedian measured 0.29 with 1 of 3 banks hostile
-    # (docs/privacy-utility.md says why), so the test only asks that the defence lowers it
-    undefended, robust = backdoors["none"], backdoors[f"checks+{quick.robust}"]
-    assert undefended["success_rate"] >= 0.5 and undefended["counted"] >= 20, undefended
+    # issue 25's setting: the backdoor bank is 1 of 10 banks in the undefended and defended rows (their own
+    # federations); the DP row is the 3-bank DP run's
+    assert {name: row["banks"] for name, row in backdoors.items()} == {
+        "none": 10,
+        "dp_eps8": 3,
+        **dict.fromkeys(defended, 10),
+    }
+    # the trigger works without a defence (measured 0.92: target rate 0.95 triggered, 0.12 untriggered);
+    # issue 25's <= 10% with the defences is NOT met even with 1 of 10 banks hostile: checks + FedMedian
+    # measured 0.53, checks + FedTrimmedAvg 0.34 (docs/privacy-utility.md); a broken defence (no lower than
+    # the undefended figure) still fails here
+    undefended = backdoors["none"]
+    assert undefended["success_rate"] >= 0.8 and undefended["counted"] >= 20, undefended
     assert undefended["triggered_target_rate"] > undefended["untriggered_target_rate"] + 0.3, undefended
-    assert robust["success_rate"] < undefended["success_rate"], (robust, undefended)
+    for name in defended:
+        assert backdoors[name]["counted"] >= 20, backdoors[name]
+        assert backdoors[name]["success_rate"] <= undefended["success_rate"] - 0.25, (backdoors[name], undefended)
     views = {(row["view"], row["attack"]): row["success"] for row in saved["operator_view"]}
     assert views[("plaintext", "label_histogram")] >= 0.75
     for name in ("audit.md", "roc.png", "backdoor.png"):
