@@ -295,6 +295,7 @@ class RoundEnd:
         `saved` (after the checkpoint and metrics files)."""
         assert self.sends is not None
         sends = [send.to_json() for send in self.sends if send.started >= self.started_at]
+        self.sends.clear()  # written: the grid's record holds at most one round's messages, not the run's
         self.timings.append(
             {
                 "round": round_number,
