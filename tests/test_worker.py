@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -156,7 +157,11 @@ def test_a_supervised_worker_trains_loads_the_backbone_once_and_is_restarted_aft
             loads.append(metrics["backbone_loads"])
             assert set(state) == set(initial)
         assert loads == [1, 0]  # the backbone stays in the worker between messages
-        timings = [line for line in capfd.readouterr().out.splitlines() if line.startswith(TIMING_PREFIX)]
+        out, deadline = "", time.monotonic() + 10  # the worker prints a message's line after its reply has left
+        while out.count(TIMING_PREFIX) < 2 and time.monotonic() < deadline:
+            out += capfd.readouterr().out
+            time.sleep(0.05)
+        timings = [line for line in out.splitlines() if line.startswith(TIMING_PREFIX)]
         assert len(timings) == 2  # one line per message, in order: the ClientApp's times, then the worker's
         timing = json.loads(timings[1].removeprefix(TIMING_PREFIX))
         assert (timing["kind"], timing["status"], timing["node"]) == ("train", "ok", 1)
