@@ -293,9 +293,11 @@ def evaluate_global(content: RecordDict, context: Context) -> RecordDict:
 
 
 def local_train_config(task: RoundTask) -> TrainConfig:
-    """The model config's `train:` block with the round's local epochs; no progress bars in a federation."""
+    """The model config's `train:` block with the round's local epochs (and local rate when the strategy
+    schedules one); no progress bars in a federation."""
     cfg = TrainConfig.from_mapping(task.model_config.get("train") or {})
-    return replace(cfg, epochs=task.local_epochs, max_steps=task.local_steps, progress=False)
+    lr = cfg.lr if task.local_lr is None else task.local_lr
+    return replace(cfg, epochs=task.local_epochs, max_steps=task.local_steps, lr=lr, progress=False)
 
 
 def bank_site(context: Context) -> BankSite:

@@ -60,6 +60,8 @@ class StrategyConfig:
     round_timeout: float = 3600.0
     update_checks: UpdateChecks = field(default_factory=UpdateChecks)  # bounds on every plaintext update
     lora_aggregation: str = "mean"  # mean: A, B averaged apart; product: B refitted (server/lora_product.py)
+    local_lr_final: float | None = None  # banks' lr: cosine from model.train.lr to this over the rounds; None: constant
+    server_lr_final: float | None = None  # FedOpt eta / FedAvgM server_learning_rate: cosine to this; None: constant
 
 
 @dataclass

@@ -41,6 +41,7 @@ NUM_FEATURES = "num-features"
 STATE_HASH = "state-hash"
 LOCAL_EPOCHS = "local-epochs"
 LOCAL_STEPS = "local-steps"
+LOCAL_LR = "local-lr"  # this round's local learning rate (strategy.local_lr_final), replacing model.train.lr
 DP_CONFIG = "dp-config"
 """JSON of the federation's `privacy.dp` block (absent: no DP); a bank may lay its own budget over it."""
 DP_RUN = "dp-run"
@@ -195,6 +196,8 @@ class RoundTask:
     local_epochs: int = 1
     local_steps: int | None = None
     proximal_mu: float = 0.0
+    local_lr: float | None = None
+    """This round's local learning rate when the strategy schedules one (None: model.train.lr)."""
     dp: dict[str, Any] | None = None
     dp_run: str = ""
     dp_spent: dict[str, SpentRecord] = field(default_factory=dict)
@@ -219,6 +222,7 @@ class RoundTask:
             local_epochs=int(_single(LOCAL_EPOCHS, config.get(LOCAL_EPOCHS, 1))),
             local_steps=None if steps is None else int(_single(LOCAL_STEPS, steps)),
             proximal_mu=float(_single(PROXIMAL_MU, config.get(PROXIMAL_MU, 0.0))),
+            local_lr=float(_single(LOCAL_LR, config[LOCAL_LR])) if LOCAL_LR in config else None,
             dp=json.loads(str(config[DP_CONFIG])) if DP_CONFIG in config else None,
             dp_run=str(config.get(DP_RUN, "")),
             dp_spent=spend_record.decode(str(config[DP_SPENT])) if DP_SPENT in config else {},

@@ -13,11 +13,11 @@ and the only copy of its defaults: conf/privacy/dp.yaml only switches DP on.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from fingpt_federated.model.lr_schedule import cosine
 from fingpt_federated.structured_config import build
 
 ACCOUNTANTS = ("prv", "rdp")
@@ -120,8 +120,7 @@ class DPSettings:
             return self.lr
         if not self.planned_rounds or self.planned_rounds < 2:
             return self.lr
-        progress = min(max(server_round - 1, 0), self.planned_rounds - 1) / (self.planned_rounds - 1)
-        return self.lr_final + (self.lr - self.lr_final) * (1 + math.cos(math.pi * progress)) / 2
+        return cosine(self.lr, self.lr_final, server_round, self.planned_rounds)
 
     @classmethod
     def from_mapping(

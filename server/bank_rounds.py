@@ -6,7 +6,8 @@ wrappers do (flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping)
 sampling, message construction and aggregation to it:
 
 - configure_*: stamps the hash of the global state being sent into the round config (and the
-  FedProx `proximal-mu` the banks apply, whatever the strategy), numbers rounds globally (a
+  FedProx `proximal-mu` the banks apply, whatever the strategy, and the round's learning rates of
+  a `RoundSchedule`: server/round_schedule.py), numbers rounds globally (a
   resumed run continues at round k+1, not at 1; the wrapped strategy sees global numbers too);
   under DP every train message also carries the bank's recorded privacy spend (server/privacy_record.py);
 - aggregate_*: checks every reply (error, stale receipt, straggler to drop), logs each failed
@@ -50,6 +51,7 @@ from fingpt_federated.federation import protocol
 from fingpt_federated.server import privacy_record, strategy_state
 from fingpt_federated.server.history import FEDERATION, History
 from fingpt_federated.server.replies import check_reply, declined_reason, reply_metrics, unusable_metrics
+from fingpt_federated.server.round_schedule import RoundSchedule
 from fingpt_federated.server.update_checks import UpdateGate, non_finite
 
 UpdateCheck = Callable[[Message, int, str], str]
@@ -83,6 +85,7 @@ class BankRounds(Strategy):
         mu: float = 0.0,
         check_update: UpdateCheck | None = None,
         update_gate: UpdateGate | None = None,
+        schedule: RoundSchedule | None = None,
     ) -> None:
         if min_banks < 1:
             raise ValueError(f"min_banks must be at least 1, got {min_banks}")
@@ -96,6 +99,7 @@ class BankRounds(Strategy):
         self.mu = mu
         self.check_update = check_update
         self.update_gate = update_gate
+        self.schedule = schedule
         self.bank_of_node: dict[int, str] = {}
         self._sent: dict[str, tuple[set[int], str]] = {}
         self._download_bytes: dict[str, int] = {}
@@ -126,6 +130,8 @@ class BankRounds(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config[protocol.PROXIMAL_MU] = self.mu
+        if self.schedule is not None:
+            self.schedule.apply(server_round + self.round_offset, config)
         self._sent_dtypes = {name: array.dtype for name, array in arrays.items()}
         if self.update_gate is not None:
             self.update_gate.sent(server_round + self.round_offset, arrays)

@@ -9,6 +9,7 @@ A `conf/strategy/*.yaml` entry:
     local_epochs, local_steps, drop_stragglers, round_timeout: the banks' work and the round's wait
     update_checks: {max_norm: null, max_norm_ratio: 10.0}   # bounds on plaintext updates (server/update_checks.py)
     lora_aggregation: mean   # or product: LoRA B refitted to the mean of the banks' B·A (server/lora_product.py)
+    local_lr_final, server_lr_final: null, or the rates a cosine decays to over the rounds (server/round_schedule.py)
 
 The sampling and minimum arguments (fraction_train, fraction_evaluate, min_*_nodes) come from
 `cfg.federation`, so they are refused in `options`; a class that takes `proximal_mu` (FedProx)
@@ -33,6 +34,7 @@ from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation, 
 from fingpt_federated.server.encrypted_run import EncryptedRun
 from fingpt_federated.server.history import History
 from fingpt_federated.server.lora_product import MEAN_STRATEGIES, LoRAProductMean
+from fingpt_federated.server.round_schedule import SERVER_RATES, RoundSchedule, server_rate_attribute
 from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate
 from fingpt_federated.structured_config import build
 
@@ -80,6 +82,11 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             "dp_he): use a strategy that aggregates as FedAvg does, e.g. strategy=fedavg or fedprox"
         )
     update_checks(strat)
+    if strat.get("server_lr_final") is not None and server_rate_attribute(flower) is None:
+        raise ValueError(
+            f"strategy.server_lr_final: Flower's {flower.__name__} takes no server step (none of "
+            f"{', '.join(SERVER_RATES)}): use FedAdam, FedYogi, FedAdagrad or FedAvgM, or server_lr_final=null"
+        )
     _check_lora_aggregation(str(strat.get("lora_aggregation", MEAN)), flower, encrypted)
     return StrategyChoice(flower, kwargs)
 
@@ -110,6 +117,7 @@ def build_strategy(
     """The Flower strategy `cfg.strategy` names inside `BankRounds`; with `encryption`, inside
     `EncryptedAggregation` first (public context, replay guard)."""
     inner = check_strategy(cfg, encrypted=encryption is not None).build()
+    schedule = round_schedule(cfg, inner)
     if cfg.strategy.get("lora_aggregation", MEAN) == PRODUCT:
         inner = LoRAProductMean(inner)
     check_update, update_gate = None, None
@@ -128,6 +136,22 @@ def build_strategy(
         mu=float(strat.get("mu", 0.0)),
         check_update=check_update,
         update_gate=update_gate,
+        schedule=schedule,
+    )
+
+
+def round_schedule(cfg: DictConfig, strategy: Strategy) -> RoundSchedule | None:
+    """The rates `strategy.local_lr_final` / `server_lr_final` ask for (server/round_schedule.py); None for neither."""
+    strat = cfg.strategy
+    local_final, server_final = strat.get("local_lr_final"), strat.get("server_lr_final")
+    if local_final is None and server_final is None:
+        return None
+    return RoundSchedule(
+        strategy,
+        planned_rounds=int(cfg.federation.rounds),
+        local_lr=float(cfg.model.train.lr),
+        local_lr_final=None if local_final is None else float(local_final),
+        server_lr_final=None if server_final is None else float(server_final),
     )
 
 
