@@ -10,7 +10,8 @@ federated state seen is restored at the end.
 
 FedProx: with `proximal_mu > 0` the gradient of every stepped parameter gets
 `mu * (w - w_global)` in an optimizer step pre-hook (see client/proximal.py for why a hook and
-not a loss term). `global_state` defaults to the state the model starts from.
+not a loss term). `global_state` defaults to the state the model starts from. SCAFFOLD: with
+`drift_correction` every step is followed by w -= lr * (c - c_i) (client/scaffold.py).
 
 Label skew: with `logit_adjustment` tau > 0 the training loss is the logit-adjusted cross-entropy
 of Menon et al. (2021), CE(logits + tau * log prior, y), with the prior of this bank's own
@@ -49,6 +50,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from fingpt_federated.client.proximal import add_proximal_correction
+from fingpt_federated.client.scaffold import add_drift_correction
 from fingpt_federated.data.batching import Batch, make_loader
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.evaluation import check_compatible, evaluate, resolve_device
@@ -145,12 +147,15 @@ def train_local(
     valid: BankDataset | None = None,
     global_state: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
+    drift_correction: Mapping[str, torch.Tensor] | None = None,
     max_steps: int | None = None,
     privacy: DPTask | None = None,
 ) -> TrainResult:
     """Train the model's trainable tensors in place on `train`; `max_steps` overrides cfg.max_steps.
 
     With `privacy`, the round is DP-SGD (see the module docstring) and the result carries epsilon.
+    With `drift_correction` (SCAFFOLD's c - c_i per trainable tensor), every step is corrected by it
+    (client/scaffold.py).
     """
     cfg = TrainConfig.from_mapping(cfg)
     if privacy is not None:
@@ -186,6 +191,9 @@ def train_local(
         anchor = global_state if global_state is not None else before
         stepping = optimizer if private is None else private.optimizer  # the hook goes after the noise
         proximal = add_proximal_correction(stepping, model, anchor, proximal_mu)
+    drift = None
+    if drift_correction is not None:
+        drift = add_drift_correction(optimizer if private is None else private.optimizer, model, drift_correction)
 
     stopper = _EarlyStopping(cfg.monitor, cfg.patience)
     history: list[dict[str, float]] = []
@@ -219,6 +227,8 @@ def train_local(
     finally:
         if proximal is not None:
             proximal.remove()
+        if drift is not None:
+            drift.remove()
         epsilon = private.finish() if private is not None else None
     if private is not None and losses:
         assert_state_changed(before, federated_state(model), stepped)

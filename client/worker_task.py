@@ -60,7 +60,7 @@ from flwr.app import (
 from flwr.common import log
 from transformers import PreTrainedTokenizerBase
 
-from fingpt_federated.client import encryption, hostile
+from fingpt_federated.client import encryption, hostile, scaffold
 from fingpt_federated.client.app import planned_steps
 from fingpt_federated.client.training import private_config, train_local
 from fingpt_federated.data.bank_data import BankData, load_bank
@@ -125,6 +125,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     planned = planned_steps(len(bank.train), cfg, task.local_steps)
     steps = max(1, math.ceil(site.work * planned))
     anchor = federated_state(worker.model)
+    variates = _BankVariates.start(content, task, site, context)
     try:
         result = train_local(
             worker.model,
@@ -133,6 +134,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
             cfg,
             global_state=anchor,
             proximal_mu=task.proximal_mu,
+            drift_correction=None if variates is None else variates.correction(),
             max_steps=steps,
             privacy=privacy,
         )
@@ -171,13 +173,50 @@ def train(content: RecordDict, context: Context) -> RecordDict:
             privacy.settings.target_epsilon,
         )
         metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
+    control = {} if variates is None else variates.finish(anchor, federated_state(worker.model), result.steps, cfg.lr)
     return RecordDict(
         {
             **_update(task, site, context, worker, result.examples, anchor),
+            **control,
             protocol.METRICS: metrics,
             protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
         }
     )
+
+
+@dataclass
+class _BankVariates:
+    """SCAFFOLD in this round (client/scaffold.py): the server's c, the bank's c_i and where it keeps c_i."""
+
+    server: dict[str, torch.Tensor]
+    bank: dict[str, torch.Tensor]
+    path: Path
+
+    @classmethod
+    def start(cls, content: RecordDict, task: RoundTask, site: BankSite, context: Context) -> _BankVariates | None:
+        """The round's variates when the message carries the server's c; None without SCAFFOLD."""
+        if protocol.CONTROL not in content.array_records:
+            return None
+        if task.encrypted:
+            raise ValueError("SCAFFOLD's control variates travel in plaintext: not with an encrypted round")
+        server = {
+            name: value.float()
+            for name, value in protocol.record_to_state(content.array_records[protocol.CONTROL]).items()
+        }
+        path = state_dir(site, context) / "scaffold" / f"{task.control_run or 'run'}.safetensors"
+        return cls(server, scaffold.load_variate(path, server), path)
+
+    def correction(self) -> dict[str, torch.Tensor]:
+        return scaffold.correction(self.server, self.bank)
+
+    def finish(
+        self, sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], steps: int, lr: float
+    ) -> dict:
+        """Keep the bank's new c_i; the reply's record of its change."""
+        new = scaffold.updated_variate(self.bank, self.server, sent, trained, steps, lr)
+        scaffold.save_variate(self.path, new)
+        change = {name: new[name] - self.bank[name] for name in new}
+        return {protocol.CONTROL_UPDATE: protocol.state_to_record(change)}
 
 
 def _new_backbone_loads() -> int:

@@ -62,6 +62,7 @@ class StrategyConfig:
     lora_aggregation: str = "mean"  # mean: A, B averaged apart; product: B refitted (server/lora_product.py)
     local_lr_final: float | None = None  # banks' lr: cosine from model.train.lr to this over the rounds; None: constant
     server_lr_final: float | None = None  # FedOpt eta / FedAvgM server_learning_rate: cosine to this; None: constant
+    scaffold: bool = False  # SCAFFOLD control variates against client drift (server/scaffold.py, client/scaffold.py)
 
 
 @dataclass

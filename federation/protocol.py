@@ -42,6 +42,9 @@ STATE_HASH = "state-hash"
 LOCAL_EPOCHS = "local-epochs"
 LOCAL_STEPS = "local-steps"
 LOCAL_LR = "local-lr"  # this round's local learning rate (strategy.local_lr_final), replacing model.train.lr
+CONTROL = "scaffold-control"  # train message: the server's SCAFFOLD control variate c (an ArrayRecord)
+CONTROL_UPDATE = "scaffold-update"  # train reply: the bank's change of its own variate, c_i+ - c_i (an ArrayRecord)
+CONTROL_RUN = "scaffold-run"  # train config: the run whose variate the bank keeps (the run folder's name)
 DP_CONFIG = "dp-config"
 """JSON of the federation's `privacy.dp` block (absent: no DP); a bank may lay its own budget over it."""
 DP_RUN = "dp-run"
@@ -160,6 +163,7 @@ def task_config(
     dp: Mapping[str, Any] | None = None,
     dp_run: str = "",
     he: Mapping[str, str] | None = None,
+    control_run: str = "",
 ) -> ConfigRecord:
     """The part of a round's config that stays the same every round.
 
@@ -181,6 +185,8 @@ def task_config(
         config[DP_RUN] = dp_run
     for key, value in (he or {}).items():
         config[key] = value
+    if control_run:
+        config[CONTROL_RUN] = control_run
     return config
 
 
@@ -205,6 +211,8 @@ class RoundTask:
     he_fingerprint: str = ""
     he_initial_hash: str = ""
     he_run: str = ""
+    control_run: str = ""
+    """SCAFFOLD: the run whose control variate the bank keeps ("" without SCAFFOLD)."""
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> RoundTask:
@@ -229,6 +237,7 @@ class RoundTask:
             he_fingerprint=str(config.get(HE_FINGERPRINT, "")),
             he_initial_hash=str(config.get(HE_INITIAL_HASH, "")),
             he_run=str(config.get(HE_RUN, "")),
+            control_run=str(config.get(CONTROL_RUN, "")),
         )
 
     @property

@@ -10,6 +10,7 @@ A `conf/strategy/*.yaml` entry:
     update_checks: {max_norm: null, max_norm_ratio: 10.0}   # bounds on plaintext updates (server/update_checks.py)
     lora_aggregation: mean   # or product: LoRA B refitted to the mean of the banks' B·A (server/lora_product.py)
     local_lr_final, server_lr_final: null, or the rates a cosine decays to over the rounds (server/round_schedule.py)
+    scaffold: false          # true: SCAFFOLD's control variates correct the banks' drift (server/scaffold.py)
 
 The sampling and minimum arguments (fraction_train, fraction_evaluate, min_*_nodes) come from
 `cfg.federation`, so they are refused in `options`; a class that takes `proximal_mu` (FedProx)
@@ -35,6 +36,7 @@ from fingpt_federated.server.encrypted_run import EncryptedRun
 from fingpt_federated.server.history import History
 from fingpt_federated.server.lora_product import MEAN_STRATEGIES, LoRAProductMean
 from fingpt_federated.server.round_schedule import SERVER_RATES, RoundSchedule, server_rate_attribute
+from fingpt_federated.server.scaffold import Scaffold
 from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate
 from fingpt_federated.structured_config import build
 
@@ -82,6 +84,11 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             "dp_he): use a strategy that aggregates as FedAvg does, e.g. strategy=fedavg or fedprox"
         )
     update_checks(strat)
+    if encrypted and strat.get("scaffold", False):
+        raise ValueError(
+            "strategy.scaffold: SCAFFOLD's control variates are the banks' update directions in plaintext, "
+            "which HE (privacy=he or dp_he) is there to hide: use scaffold=false"
+        )
     if strat.get("server_lr_final") is not None and server_rate_attribute(flower) is None:
         raise ValueError(
             f"strategy.server_lr_final: Flower's {flower.__name__} takes no server step (none of "
@@ -120,12 +127,15 @@ def build_strategy(
     schedule = round_schedule(cfg, inner)
     if cfg.strategy.get("lora_aggregation", MEAN) == PRODUCT:
         inner = LoRAProductMean(inner)
+    scaffold = bool(cfg.strategy.get("scaffold", False))
+    if scaffold:
+        inner = Scaffold(inner)
     check_update, update_gate = None, None
     if encryption is not None:
         inner = encrypted = EncryptedAggregation(inner, **encryption.strategy_kwargs())
         check_update = encrypted.check_update
     else:
-        update_gate = UpdateGate(update_checks(cfg.strategy))
+        update_gate = UpdateGate(update_checks(cfg.strategy), control=scaffold)
     strat = cfg.strategy
     return BankRounds(
         inner,

@@ -4,7 +4,8 @@
 operator cannot look inside a ciphertext: server/encrypted_aggregation.py checks the envelope, and
 the key-holding banks check the decrypted aggregate, client/encryption.py):
 
-- per reply (`check`): exactly one state record and one metric record (Flower's strategies skip
+- per reply (`check`): exactly one state record (with SCAFFOLD, also the bank's control variate
+  change: server/scaffold.py, checked as the state but float32) and one metric record (Flower's strategies skip
   the whole round's aggregation when one reply differs), a positive finite example count, the
   tensor names, shapes and dtypes of the state sent, only finite values, no replay (a state equal
   to a global state sent earlier in this run or to an update already accepted: a bank that did not
@@ -67,8 +68,9 @@ class UpdateChecks:
 class UpdateGate:
     """The checks of one plaintext run; see the module docstring."""
 
-    def __init__(self, limits: UpdateChecks) -> None:
+    def __init__(self, limits: UpdateChecks, control: bool = False) -> None:
         self.limits = limits
+        self.control = control  # SCAFFOLD: replies also carry the change of the bank's control variate
         self._sent: dict[str, np.ndarray] = {}
         self._seen: dict[str, str] = {}
 
@@ -90,7 +92,7 @@ class UpdateGate:
 
     def check(self, content: RecordDict) -> tuple[str, float]:
         """Why this train reply must not be aggregated ("" if it may), and the norm of its update."""
-        problem = _envelope(content)
+        problem = _envelope(content, self.control)
         if problem:
             return problem, math.nan
         arrays = content.array_records[protocol.ARRAYS]
@@ -101,7 +103,7 @@ class UpdateGate:
             state = {name: array.numpy() for name, array in arrays.items()}
         except (ValueError, TypeError, EOFError) as error:
             return f"unreadable arrays: {error}", math.nan
-        problem = _layout(state, self._sent) or _non_finite(state)
+        problem = _layout(state, self._sent) or _non_finite(state) or _control_change(content, self._sent)
         if problem:
             return problem, math.nan
         norm = update_norm(state, self._sent)
@@ -144,16 +146,32 @@ def non_finite(arrays: ArrayRecord) -> list[str]:
     return bad
 
 
-def _envelope(content: RecordDict) -> str:
-    """One state record, one metric record with a positive finite example count."""
-    if list(content.array_records) != [protocol.ARRAYS]:
-        return f"expected one state record {protocol.ARRAYS!r}, got {sorted(content.array_records)}"
+def _envelope(content: RecordDict, control: bool) -> str:
+    """One state record (and with SCAFFOLD, `control`, one control variate change), one metric record
+    with a positive finite example count."""
+    expected = sorted([protocol.ARRAYS, protocol.CONTROL_UPDATE]) if control else [protocol.ARRAYS]
+    if sorted(content.array_records) != expected:
+        return f"expected the array records {expected}, got {sorted(content.array_records)}"
     if list(content.metric_records) != [protocol.METRICS]:
         return f"expected one metric record {protocol.METRICS!r}, got {sorted(content.metric_records)}"
     examples = content.metric_records[protocol.METRICS].get(protocol.NUM_EXAMPLES)
     if not isinstance(examples, int | float) or not math.isfinite(examples) or examples <= 0:
         return f"{protocol.NUM_EXAMPLES} must be a positive finite count, got {examples!r}"
     return ""
+
+
+def _control_change(content: RecordDict, sent: Mapping[str, np.ndarray]) -> str:
+    """SCAFFOLD's change of the bank's control variate, when the reply has one: the names and shapes
+    of the state sent (float32, whatever the state's dtypes), finite."""
+    if protocol.CONTROL_UPDATE not in content.array_records:
+        return ""
+    try:
+        change = {name: array.numpy() for name, array in content.array_records[protocol.CONTROL_UPDATE].items()}
+    except (ValueError, TypeError, EOFError) as error:
+        return f"unreadable control variate change: {error}"
+    like = {name: np.zeros(array.shape, dtype=np.float32) for name, array in sent.items()}
+    problem = _layout(change, like) or _non_finite(change)
+    return f"control variate change: {problem}" if problem else ""
 
 
 def _layout(state: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> str:

@@ -77,8 +77,24 @@ def test_an_impossible_example_count_is_refused(examples):
 
 def test_a_second_state_or_metric_record_is_refused_before_flower_skips_the_round():
     extra = ArrayRecord({"x": Array(np.ones(1, np.float32))})
-    assert "expected one state record" in gate().check(reply(moved(0.1), extra=extra))[0]
+    assert "expected the array records ['arrays']" in gate().check(reply(moved(0.1), extra=extra))[0]
     assert "expected one metric record" in gate().check(reply(moved(0.1), more=MetricRecord({"k": 1.0})))[0]
+
+
+def test_scaffolds_control_change_is_expected_only_with_scaffold_and_checked_as_the_state():
+    change = {name: np.full(value.shape, 0.5, np.float32) for name, value in SENT.items()}
+    with_change = reply(moved(0.1), **{protocol.CONTROL_UPDATE: ArrayRecord({k: Array(v) for k, v in change.items()})})
+    assert "expected the array records ['arrays']" in gate().check(with_change)[0]
+    scaffold = UpdateGate(UpdateChecks(), control=True)
+    scaffold.sent(1, ArrayRecord({k: Array(v) for k, v in SENT.items()}))
+    assert scaffold.check(with_change)[0] == ""
+    assert "expected the array records ['arrays', 'scaffold-update']" in scaffold.check(reply(moved(0.1)))[0]
+    bad = {**change, "b.bias": np.array([0, np.nan, 0, 0, 0], np.float32)}
+    bad_change = reply(moved(0.2), **{protocol.CONTROL_UPDATE: ArrayRecord({k: Array(v) for k, v in bad.items()})})
+    assert (
+        "control variate change: 1 non-finite values (NaN or infinite) in 1 tensors: b.bias"
+        in scaffold.check(bad_change)[0]
+    )
 
 
 def test_an_update_already_accepted_cannot_be_sent_again():

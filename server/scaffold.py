@@ -1,0 +1,92 @@
+"""SCAFFOLD's server side (Karimireddy et al. 2020): the federation's control variate c.
+
+`Scaffold` wraps the Flower strategy (FedAvg, or any other) as LoRAProductMean does. Every train
+message gets c as a second ArrayRecord (`scaffold-control`) beside the global state; every reply
+brings the bank's change of its own variate, c_i+ - c_i (`scaffold-update`, client/scaffold.py),
+which is taken out of the reply before the wrapped strategy aggregates the states (Flower's
+strategies expect one ArrayRecord). Then
+
+    c <- c + (1/N) · sum over the replying banks of (c_i+ - c_i),
+
+N the number of banks in the federation (SCAFFOLD's |S|/N · mean over the sampled S): with every
+bank taking part, c stays the mean of the banks' variates. c starts at zero; it is an attribute of
+the wrapper, so the round's checkpoint holds it (server/strategy_state.py) and a resumed run goes on
+with it. Each bank keeps its own c_i in its state folder, per run (`scaffold-run`).
+
+The update checks (server/update_checks.py) accept the extra record only with the names, shapes
+and dtypes of the state sent, and finite. A bank that fails a round sends no change, and c moves by
+the others'. Plaintext only: c is the banks' update directions in the clear, which HE is there to hide.
+The message carries twice the state downstream, and each reply twice upstream (the report's bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fingpt_federated.federation import protocol
+
+
+class Scaffold(Strategy):
+    """The wrapped strategy plus SCAFFOLD's server control variate; see the module docstring."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.control: dict[str, np.ndarray] = {}
+        self._banks = 0
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.control:
+            self.control = {name: np.zeros_like(array.numpy(), dtype=np.float32) for name, array in arrays.items()}
+        self._banks = len(list(grid.get_node_ids()))
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        record = ArrayRecord({name: Array(value) for name, value in self.control.items()})
+        for message in messages:
+            message.content[protocol.CONTROL] = record
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        changes = [_pop_change(reply) for reply in replies]
+        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
+        if arrays is not None:  # c moves with the state it belongs to
+            self.control = moved_control(self.control, [c for c in changes if c is not None], max(self._banks, 1))
+        return arrays, metrics
+
+
+def moved_control(
+    control: dict[str, np.ndarray], changes: list[dict[str, np.ndarray]], banks: int
+) -> dict[str, np.ndarray]:
+    """c + (1/N) · sum of the banks' changes c_i+ - c_i."""
+    return {
+        name: (value + sum((change[name] for change in changes), np.zeros_like(value)) / banks).astype(np.float32)
+        for name, value in control.items()
+    }
+
+
+def _pop_change(reply: Message) -> dict[str, np.ndarray] | None:
+    """The bank's c_i+ - c_i, taken out of the reply (None when it sent none)."""
+    if protocol.CONTROL_UPDATE not in reply.content.array_records:
+        return None
+    record = reply.content.array_records[protocol.CONTROL_UPDATE]
+    del reply.content[protocol.CONTROL_UPDATE]
+    return {name: array.numpy() for name, array in record.items()}

@@ -1,0 +1,81 @@
+"""SCAFFOLD: the bank's corrected steps and new control variate on a tiny real model, and the server's
+variate in a federation (the mean of the banks' own, checkpointed, sent with every train message)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from federation_helpers import (  # noqa: F401
+    RecordingGrid,
+    config,
+    one_torch_thread,
+    simulated_nodes,
+    write_federation,
+)
+from flwr.app import MessageType
+from safetensors.numpy import load_file
+from test_training import built, quadrant_task, text_only
+
+from fingpt_federated.client.app import app as client_app
+from fingpt_federated.client.scaffold import correction, updated_variate
+from fingpt_federated.client.training import reached_parameters, train_local
+from fingpt_federated.federation import protocol
+from fingpt_federated.model.state import federated_state
+from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.server.app import CHECKPOINTS, run_federation
+from fingpt_federated.server.strategy_config import check_strategy
+
+pytestmark = pytest.mark.usefixtures("tiny_setting")
+
+
+def test_a_corrected_step_moves_by_lr_times_c_minus_ci_and_the_new_variate_is_the_banks_own_step():
+    """With SGD, one step: y = x - lr * (g + c - c_i); option II's c_i+ is then g, the uncorrected step."""
+    train = text_only(quadrant_task(64, seed=3))
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.0, weight_decay=0.0, batch_size=16, epochs=1, progress=False)
+    model, tokenizer = built(num_features=0)
+    x = federated_state(model)
+    generator = torch.Generator().manual_seed(0)
+    server = {name: torch.randn(value.shape, generator=generator) * 0.1 for name, value in x.items()}
+    bank = {name: torch.randn(value.shape, generator=generator) * 0.1 for name, value in x.items()}
+    plain, corrected = copy.deepcopy(model), copy.deepcopy(model)
+    train_local(plain, tokenizer, train, cfg, max_steps=1)
+    train_local(corrected, tokenizer, train, cfg, max_steps=1, drift_correction=correction(server, bank))
+    y_plain, y = federated_state(plain), federated_state(corrected)
+    assert sorted(reached_parameters(model, train)) == sorted(
+        x
+    )  # every tensor is stepped (a LoRA A too, with zero gradient)
+    new = updated_variate(bank, server, x, y, steps=1, lr=cfg.lr)
+    for name in x:
+        torch.testing.assert_close(y[name], y_plain[name] - cfg.lr * (server[name] - bank[name]))
+        torch.testing.assert_close(new[name], (x[name] - y_plain[name]) / cfg.lr, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(y_plain[name], x[name]) for name in x)
+
+
+def test_the_servers_variate_is_the_mean_of_the_banks_and_travels_with_every_train_message(tmp_path: Path):
+    spec = write_federation(tmp_path / "data")
+    nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(spec.banks))
+    cfg = config("strategy=scaffold", "strategy.local_steps=3", "federation.rounds=2")
+    grid = RecordingGrid(client_app, nodes, run_config)
+    run_federation(grid, cfg, spec, tmp_path / "run")
+    sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
+    assert len(sent) == 6 and all(protocol.CONTROL in m.content.array_records for m in sent)
+    first = {n: a.numpy() for n, a in sent[0].content[protocol.CONTROL].items()}
+    assert all(not value.any() for value in first.values())  # c starts at zero
+    banks = [load_file(str(p)) for p in sorted((tmp_path / "data").glob("bank_*/state/scaffold/run.safetensors"))]
+    assert len(banks) == 3
+    saved = load_file(str(tmp_path / "run" / CHECKPOINTS / "round_0002" / "server_state.safetensors"))
+    second = {n: a.numpy() for n, a in sent[3].content[protocol.CONTROL].items()}
+    moved = [name for name in first if np.abs(banks[0][name]).max() > 0]
+    assert moved and any(np.abs(second[name]).max() > 0 for name in moved)
+    for name in first:  # every bank took part in both rounds: c = mean of the c_i
+        mean = sum(bank[name] for bank in banks) / 3
+        np.testing.assert_allclose(saved[f"control:dict:{name}"], mean, rtol=1e-5, atol=1e-7)
+
+
+def test_scaffold_is_refused_under_encryption():
+    with pytest.raises(ValueError, match="strategy.scaffold: SCAFFOLD's control variates"):
+        check_strategy(config("strategy=scaffold"), encrypted=True)
