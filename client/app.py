@@ -13,6 +13,11 @@ elsewhere:
 
 Either way the bank's work is the same code, `worker_task.handle`; a failure there raises here,
 and Flower counts it as this bank's failure of the round.
+
+Model state arrives packed from the ServerApp (federation/wire_pack.py: one array per ArrayRecord,
+few objects for Flower to move): it is unpacked here, as soon as it arrives, so the worker and
+`worker_task` see the records the operator's strategy built; the reply is packed here, as it leaves,
+when the message came packed (a ServerApp that does not pack gets its replies as it sent).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fingpt_federated.client import worker_channel
+from fingpt_federated.federation import wire_pack
 
 if TYPE_CHECKING:
     from fingpt_federated.model.train_config import TrainConfig
@@ -46,7 +52,14 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 
 def handle(kind: str, msg: Message, context: Context) -> RecordDict:
-    """The reply content: from the bank's worker when the node config names one, else computed here."""
+    """The reply content, packed for the wire when the message came packed."""
+    content = wire_pack.unpack(msg.content)
+    reply = _reply(kind, msg, content, context)
+    return wire_pack.pack(reply) if wire_pack.is_packed(msg.content) else reply
+
+
+def _reply(kind: str, msg: Message, content: RecordDict, context: Context) -> RecordDict:
+    """From the bank's worker when the node config names one, else computed here."""
     socket_path = context.node_config.get(worker_channel.NODE_WORKER_SOCKET)
     if socket_path:
         timing = {"round": msg.metadata.group_id, "process": worker_channel.process_started(), "handler": time.time()}
@@ -56,10 +69,10 @@ def handle(kind: str, msg: Message, context: Context) -> RecordDict:
             "run_config": dict(context.run_config),
             "timing": timing,
         }
-        return worker_channel.request(Path(str(socket_path)), kind, msg.content, meta)
+        return worker_channel.request(Path(str(socket_path)), kind, content, meta)
     from fingpt_federated.client import worker_task  # torch and the model: only where the work runs here
 
-    return worker_task.handle(kind, msg.content, context)
+    return worker_task.handle(kind, content, context)
 
 
 def planned_steps(num_rows: int, cfg: TrainConfig, local_steps: int | None) -> int:

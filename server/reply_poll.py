@@ -13,17 +13,29 @@ pulled and from which node (and when that pull began: Flower's pull also fetches
 objects, retrying after 1 s, then 2 s..., those the bank has not finished uploading), and when it
 returned. RoundEnd (server/app.py) writes them per round
 to `timings.json`; bench_deploy breaks a round down with them.
+
+Model state travels packed (federation/wire_pack.py): `send_and_receive` packs each message's
+ArrayRecords right before the push and unpacks each reply right after its pull, so strategies
+and update checks see the records they always saw. A reply whose packed records fail the checks
+(names the message did not carry, a malformed manifest) becomes an error reply naming the fault:
+that bank's failure of the round, like any other (server/replies.py). This Grid wraps Flower's in
+a simulation too, so simulations take the same path.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
+from flwr.app.message.message import make_message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fingpt_federated.federation import wire_pack
 
 MIN_POLL_S = 0.1
 MAX_POLL_S = 1.0
@@ -101,7 +113,13 @@ class PollingGrid(Grid):
             group=first.group_id if first else "", kind=first.message_type if first else "", started=time.time()
         )
         self.sends.append(record)
-        waiting = {message_id for message_id in self.push_messages(messages) if message_id}
+        pushed_ids = self.push_messages([_packed(message) for message in messages])
+        carried = {  # what each reply may carry back: the array names of the message it answers
+            message_id: wire_pack.array_names(message.content)
+            for message_id, message in zip(pushed_ids, messages, strict=True)
+            if message_id and message.has_content()
+        }
+        waiting = {message_id for message_id in pushed_ids if message_id}
         record.pushed = time.time()
         pushed = time.monotonic()
         end = None if timeout is None else pushed + timeout
@@ -115,9 +133,30 @@ class PollingGrid(Grid):
                 record.replies[reply.metadata.src_node_id] = now
                 record.pull_started[reply.metadata.src_node_id] = asked
                 waiting.discard(reply.metadata.reply_to_message_id)
-            replies.extend(pulled)
+            replies.extend(_unpacked(reply, carried.get(reply.metadata.reply_to_message_id, {})) for reply in pulled)
             if not waiting or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(poll_wait(time.monotonic() - pushed))
         record.ended = time.time()
         return replies
+
+
+def _packed(message: Message) -> Message:
+    """`message` with its ArrayRecords packed for the wire (a copy; `message` itself is not changed)."""
+    if not message.has_content():
+        return message
+    content = wire_pack.pack(message.content)
+    if not wire_pack.is_packed(content):
+        return message
+    return make_message(copy.copy(message.metadata), content=content)
+
+
+def _unpacked(reply: Message, carried: Mapping[str, Collection[str]]) -> Message:
+    """`reply` with its packed records restored, or an error reply naming why they cannot be."""
+    if not reply.has_content() or not wire_pack.is_packed(reply.content):
+        return reply
+    try:
+        content = wire_pack.unpack(reply.content, carried)
+    except wire_pack.PackError as exc:
+        return make_message(reply.metadata, error=Error(ErrorCode.UNKNOWN, f"packed reply refused: {exc}"))
+    return make_message(reply.metadata, content=content)

@@ -1,16 +1,18 @@
 """Model state packed for the wire (federation/wire_pack.py): real records come back byte for byte,
 a packed message is a handful of Flower objects, and every kind of malformed packed record is
-refused naming what is wrong."""
+refused naming what is wrong, also as a bank's reply through the ServerApp's grid (server/reply_poll.py)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
 from federation_helpers import config, server_identity
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fingpt_federated.config_dicts import config_dict
@@ -18,6 +20,8 @@ from fingpt_federated.federation import protocol, wire_pack
 from fingpt_federated.federation.wire_pack import PACKED, PREFIX, PackError
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.state import federated_state
+from fingpt_federated.server.replies import check_reply
+from fingpt_federated.server.reply_poll import PollingGrid
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +215,84 @@ def test_a_bad_prefix_or_container_is_refused():
         assert expected in str(refused.value), (expected, str(refused.value))
     with pytest.raises(PackError, match="record 'b' is packed but the message it answers has no such array record"):
         wire_pack.unpack(RecordDict({"b": packed_record(manifest, payload)}), known)
+
+
+# --- through the ServerApp's grid ---------------------------------------------------------------
+
+
+class EchoGrid(Grid):
+    """A stand-in SuperLink whose bank answers each message at once with `answer(message as pushed)`."""
+
+    def __init__(self, answer: Callable[[Message], RecordDict]) -> None:
+        self.answer = answer
+        self.pushed: list[Message] = []
+        self.pending: dict[str, Message] = {}
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - unused
+        raise NotImplementedError
+
+    @property
+    def run(self):  # noqa: ANN201 - unused
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for number, message in enumerate(messages):
+            message.metadata.__dict__["_message_id"] = f"m{number}"
+            self.pushed.append(message)
+            self.pending[f"m{number}"] = message
+            ids.append(f"m{number}")
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for message_id in list(message_ids):
+            message = self.pending.pop(message_id)
+            reply = Message(self.answer(message), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        raise AssertionError("PollingGrid must not call the wrapped grid's own send_and_receive")
+
+
+def train_message(arrays: ArrayRecord) -> Message:
+    server_identity()
+    return Message(content_of(arrays), dst_node_id=1, message_type=MessageType.TRAIN, group_id="3")
+
+
+def test_the_grid_sends_packed_and_hands_the_strategy_the_reply_unpacked(state_record):
+    def bank(message: Message) -> RecordDict:  # an honest bank: its state back, packed as it came
+        assert list(message.content[protocol.ARRAYS]) == [PACKED]
+        received = wire_pack.unpack(message.content)
+        return wire_pack.pack(RecordDict({protocol.ARRAYS: received[protocol.ARRAYS], "bank": ConfigRecord({"x": 1})}))
+
+    inner = EchoGrid(bank)
+    sent = train_message(state_record)
+    (reply,) = PollingGrid(inner).send_and_receive([sent], timeout=5)
+    assert same_arrays(reply.content[protocol.ARRAYS], state_record) and reply.metadata.src_node_id == 1
+    assert same_arrays(sent.content[protocol.ARRAYS], state_record)  # the strategy's message is not changed
+
+
+def test_a_bank_whose_packed_reply_is_malformed_fails_the_round_with_one_clear_reason(state_record):
+    def hostile(message: Message) -> RecordDict:
+        manifest, payload = packed_parts(state_record)
+        manifest["arrays"][0]["shape"] = [10**6]
+        return RecordDict({protocol.ARRAYS: packed_record(manifest, payload)})
+
+    started = time.monotonic()
+    (reply,) = PollingGrid(EchoGrid(hostile)).send_and_receive([train_message(state_record)], timeout=5)
+    assert time.monotonic() - started < 1.0
+    problem, receipt = check_reply(reply, 3, "")
+    first = next(iter(state_record))
+    assert receipt is None and problem.startswith(
+        f"packed reply refused: record 'arrays': array '{first}': shape [1000000]"
+    )
+    assert "\n" not in problem
