@@ -22,7 +22,7 @@ serialisation of a C-order array of a plain dtype) is sent as it is, and so is o
 (nothing to gain).
 
 A packed record from the other side is hostile input: `unpack` checks the whole manifest before it
-reads any payload (known record and array names, allowed dtypes, non-negative shapes, sizes that
+reads any payload (known array names, allowed dtypes, non-negative shapes, sizes that
 add up exactly to the buffer, segments back to back without gaps or overlaps, limits on every
 count and size) and raises `PackError` naming what is wrong. numpy only, no torch: the bank's thin
 ClientApp imports this.
@@ -34,7 +34,7 @@ import io
 import json
 import math
 import struct
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -76,26 +76,28 @@ def is_packed(content: RecordDict) -> bool:
     return any(_packed_array(record) is not None for record in content.array_records.values())
 
 
-def array_names(content: RecordDict) -> dict[str, frozenset[str]]:
-    """The array names of each ArrayRecord of `content`: what a reply to it may carry."""
-    return {name: frozenset(record) for name, record in content.array_records.items()}
+def array_names(content: RecordDict) -> frozenset[str]:
+    """The names of every array of `content`: the arrays a reply to it may carry.
+
+    Any of them, in any record: a reply's records need not be the message's (SCAFFOLD sends its
+    control variate as `scaffold-control` and gets the banks' changes back as `scaffold-update`).
+    """
+    return frozenset(name for record in content.array_records.values() for name in record)
 
 
-def unpack(content: RecordDict, known: Mapping[str, Collection[str]] | None = None) -> RecordDict:
+def unpack(content: RecordDict, known: Collection[str] | None = None) -> RecordDict:
     """`content` with every packed ArrayRecord restored; PackError if one is malformed.
 
-    With `known` (record name -> array names, as `array_names` gives for the message a reply
-    answers), a packed record must be one of those records and hold only those arrays.
+    With `known` (the array names of the message a reply answers, `array_names`), a packed record
+    may hold only those arrays.
     """
     restored = RecordDict()
     for name, record in content.items():
         if isinstance(record, ArrayRecord) and (array := _packed_array(record)) is not None:
             if len(record) != 1 or PACKED not in record:
                 raise PackError(f"record {name!r}: a packed record holds one array {PACKED!r}, got {sorted(record)}")
-            if known is not None and name not in known:
-                raise PackError(f"record {name!r} is packed but the message it answers has no such array record")
             try:
-                record = _unpack_array(array, None if known is None else known[name])
+                record = _unpack_array(array, known)
             except PackError as exc:
                 raise PackError(f"record {name!r}: {exc}") from None
         restored[name] = record

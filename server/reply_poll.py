@@ -17,7 +17,7 @@ to `timings.json`; bench_deploy breaks a round down with them.
 Model state travels packed (federation/wire_pack.py): `send_and_receive` packs each message's
 ArrayRecords right before the push and unpacks each reply right after its pull, so strategies
 and update checks see the records they always saw. A reply whose packed records fail the checks
-(names the message did not carry, a malformed manifest) becomes an error reply naming the fault:
+(arrays the message did not carry, a malformed manifest) becomes an error reply naming the fault:
 that bank's failure of the round, like any other (server/replies.py). This Grid wraps Flower's in
 a simulation too, so simulations take the same path.
 """
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Error, Message, RecordDict
@@ -133,7 +133,9 @@ class PollingGrid(Grid):
                 record.replies[reply.metadata.src_node_id] = now
                 record.pull_started[reply.metadata.src_node_id] = asked
                 waiting.discard(reply.metadata.reply_to_message_id)
-            replies.extend(_unpacked(reply, carried.get(reply.metadata.reply_to_message_id, {})) for reply in pulled)
+            replies.extend(
+                _unpacked(reply, carried.get(reply.metadata.reply_to_message_id, frozenset())) for reply in pulled
+            )
             if not waiting or (end is not None and time.monotonic() >= end):
                 break
             time.sleep(poll_wait(time.monotonic() - pushed))
@@ -151,7 +153,7 @@ def _packed(message: Message) -> Message:
     return make_message(copy.copy(message.metadata), content=content)
 
 
-def _unpacked(reply: Message, carried: Mapping[str, Collection[str]]) -> Message:
+def _unpacked(reply: Message, carried: Collection[str]) -> Message:
     """`reply` with its packed records restored, or an error reply naming why they cannot be."""
     if not reply.has_content() or not wire_pack.is_packed(reply.content):
         return reply
