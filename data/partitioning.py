@@ -10,23 +10,24 @@ Two behaviours of those partitioners are compensated for here:
   shuffling, so the data set is shuffled (seeded) first; otherwise a file sorted by
   label or date would give each bank a different slice of it.
 - `SizePartitioner` accepts only Python ints, not NumPy integers.
+
+flwr-datasets and `datasets` are imported where a split is made, not with this module: together
+they cost 1.6 s of start-up (flwr-datasets loads its plotting stack), and every ServerApp, ClientApp
+actor and bank worker imports this module through the data layout without ever splitting.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
 import pandas as pd
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    SizePartitioner,
-)
+
+if TYPE_CHECKING:
+    import datasets
+    from flwr_datasets.partitioner import Partitioner
 
 METHODS = ("iid", "dirichlet", "quantity", "natural")
 
@@ -127,6 +128,8 @@ def _check_num_banks(num_banks: int | None, num_rows: int, min_size: int) -> int
 
 def _dataset(column: np.ndarray) -> datasets.Dataset:
     """A data set with the partitioning column and each row's original index."""
+    import datasets
+
     return datasets.Dataset.from_dict({_COLUMN: column, _ROW: np.arange(column.size)})
 
 
@@ -139,11 +142,15 @@ def _load_all(partitioner: Partitioner, dataset: datasets.Dataset) -> list[np.nd
 
 
 def _iid(num_rows: int, num_banks: int, seed: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import IidPartitioner
+
     shuffled = _dataset(np.zeros(num_rows, dtype=np.int8)).shuffle(seed=seed)
     return _load_all(IidPartitioner(num_partitions=num_banks), shuffled)
 
 
 def _quantity(num_rows: int, num_banks: int, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import SizePartitioner
+
     rng = np.random.default_rng(seed)
     shares = rng.dirichlet(np.full(num_banks, float(alpha)))
     sizes = min_size + rng.multinomial(num_rows - num_banks * min_size, shares)
@@ -152,6 +159,8 @@ def _quantity(num_rows: int, num_banks: int, alpha: float, min_size: int, seed: 
 
 
 def _dirichlet(labels: np.ndarray, num_banks: int, alpha: float, min_size: int, seed: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     partitioner = DirichletPartitioner(
         num_partitions=num_banks,
         partition_by=_COLUMN,
@@ -219,6 +228,8 @@ def _check_natural_count(num_banks: int | None, values: list[str]) -> None:
 
 
 def _natural(codes: np.ndarray, values: list[str], min_size: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import NaturalIdPartitioner
+
     partitioner = NaturalIdPartitioner(partition_by=_COLUMN)
     loaded = _load_all(partitioner, _dataset(codes))
     parts = [np.empty(0, dtype=np.int64)] * len(values)

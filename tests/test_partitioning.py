@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import re
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -192,3 +194,14 @@ def test_table_and_csv_totals_match_the_data(labels, tmp_path):
     rows = list(csv.DictReader(write_csv(counts, names, CLASS_NAMES, tmp_path / "c.csv").open()))
     assert [int(r["rows"]) for r in rows] == [p.size for p in parts]
     assert int(rows[0]["count_class_0"]) == np.sum(labels[parts[0]] == 0)
+
+
+@pytest.mark.parametrize("module", ["fingpt_federated.server.app", "fingpt_federated.client.worker_task"])
+def test_processes_that_never_split_do_not_load_the_partitioning_libraries(module):
+    """flwr-datasets (with its plotting stack) and `datasets` cost 1.6 s of every ServerApp, Ray actor and
+    bank worker start; they are needed only where a data set is split into banks."""
+    heavy = "('flwr_datasets', 'datasets', 'seaborn')"
+    code = f"import sys, {module}; print(sorted(m for m in {heavy} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
