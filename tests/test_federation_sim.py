@@ -9,17 +9,10 @@ it should: averaging banks that each miss classes gives a model none of them cou
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 from federation_helpers import config, news_data_overrides, write_news_csv
 from safetensors.numpy import load_file
@@ -147,50 +140,6 @@ def test_too_few_surviving_banks_fail_the_run_loudly_with_their_errors(news_csv,
     assert "finished:failed" in message
     assert "1 of 3 sampled banks succeeded, the minimum is 2" in message
     assert "bank_00: simulated failure" in message and "bank_02: simulated failure" in message
-
-
-def test_killing_fingpt_sim_stops_the_superlink_and_ray_it_started(news_csv, tmp_path):
-    """`kill` (SIGTERM) of fingpt-sim in the middle of a run: Python's default would end it at once
-    and leave the SuperLink, its SuperExec and Ray running in their own sessions."""
-    command = [
-        str(Path(sys.executable).parent / "fingpt-sim"),
-        *news_data_overrides(news_csv),
-        "model=tiny_encoder",
-        "federation=iid",
-        "federation.num_banks=2",
-        "federation.rounds=100",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    ]
-    sim = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    started: list[psutil.Process] = []
-    try:
-        started = _descendants_once_ray_runs(psutil.Process(sim.pid), timeout=180)
-        sim.send_signal(signal.SIGTERM)
-        assert sim.wait(timeout=60) != 0
-        _, alive = psutil.wait_procs(started, timeout=30)
-        assert not alive, [" ".join(_cmdline(p))[:100] for p in alive]
-    finally:
-        for process in [psutil.Process(sim.pid), *started] if sim.poll() is None else started:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.kill()
-
-
-def _descendants_once_ray_runs(process: psutil.Process, timeout: float) -> list[psutil.Process]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        tree = process.children(recursive=True)
-        names = " ".join(" ".join(_cmdline(p)) for p in tree)
-        if "raylet" in names and "ClientAppActor" in names:
-            return tree
-        time.sleep(1)
-    raise AssertionError(f"no Ray workers under fingpt-sim after {timeout:.0f} s")
-
-
-def _cmdline(process: psutil.Process) -> list[str]:
-    try:
-        return process.cmdline()
-    except psutil.Error:
-        return []
 
 
 def test_fingpt_sim_refuses_server_momentum_under_he_before_preparing_any_bank(tmp_path):
