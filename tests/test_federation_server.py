@@ -6,6 +6,7 @@ except the transport; tests/test_federation_sim.py runs the same apps on Flower'
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +238,38 @@ def test_fedadam_moments_are_checkpointed_and_a_resumed_run_goes_on_with_them(tm
         step = eta * np.sqrt(1 - beta_2**4) / (1 - beta_1**4)  # Flower's bias correction at (global) round 3
         np.testing.assert_allclose(final[name], w2[name] + step * m3 / (np.sqrt(v3) + tau), rtol=1e-4, atol=1e-6)
     assert "current_arrays" not in " ".join(saved)  # the checkpoint's state already is the global state
+    assert {array.dtype.name for array in final.values()} == {"float32"}  # not FedAdam's float64 step
+
+
+class CopyingGrid(InProcessGrid):
+    """Keeps a copy of each train reply's content: FedTrimmedAvg empties the replies it aggregates."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.trained = []
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        train = [r for r in replies if r.metadata.message_type == MessageType.TRAIN and r.has_content()]
+        self.trained += [copy.deepcopy(r.content) for r in train]
+        return replies
+
+
+def test_fedtrimmedavg_cuts_a_bank_at_each_end_and_upload_bytes_count_every_accepted_reply(tmp_path):
+    """Flower's FedTrimmedAvg by config alone; it takes the arrays out of the replies it aggregates, so the
+    round's upload bytes must be counted before it runs."""
+    overrides = ("strategy=fedtrimmedavg", "strategy.options.beta=0.34", "federation.rounds=1")
+    cfg, spec, grid = federation(tmp_path, *overrides, grid=CopyingGrid)
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    states = [protocol.record_to_state(content[protocol.ARRAYS]) for content in grid.trained]
+    final = load_file(str(tmp_path / "run" / FINAL_STATE))
+    assert len(states) == 3
+    for name in final:  # 3 values with one cut at each end leave their median
+        median = np.median(np.stack([s[name].double().numpy() for s in states]), axis=0)
+        np.testing.assert_allclose(final[name], median, rtol=1e-5, atol=1e-6)
+    state_bytes = sum(array.nbytes for array in final.values())
+    [upload] = [r.metrics["upload_bytes"] for r in history.select("train", FEDERATION)]
+    assert upload >= 3 * state_bytes
 
 
 def test_server_state_of_one_strategy_is_refused_by_another():
