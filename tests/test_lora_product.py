@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from federation_helpers import config, news_data_overrides, write_news_csv
+from federation_helpers import InProcessGrid, config, one_torch_thread, simulated_nodes, write_federation  # noqa: F401
 
-from fingpt_federated.server.history import FEDERATION, History
+from fingpt_federated.client.app import app as client_app
+from fingpt_federated.server.app import run_federation
+from fingpt_federated.server.history import FEDERATION
 from fingpt_federated.server.lora_product import fitted_b, lora_pairs, product_error, refit
 from fingpt_federated.simulations.sim import simulate
 
@@ -83,23 +85,15 @@ def test_product_is_refused_under_he_and_with_a_server_optimizer_before_any_bank
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.slow
 def test_a_run_with_product_aggregation_reports_a_smaller_product_error_than_the_mean(tmp_path):
-    news = write_news_csv(tmp_path / "news.csv", rows=240)
-    cfg = config(
-        *news_data_overrides(news),
-        "federation=dirichlet",
-        "federation.num_banks=3",
-        "federation.alpha=0.3",
-        "federation.rounds=2",
-        "strategy.local_steps=4",
-        "++strategy.lora_aggregation=product",
-        "seed=1",
-    )
-    summary = simulate(cfg, tmp_path / "run", echo=False)
-    assert summary.final.banks_ok == 3
-    history = History.from_json((tmp_path / "run" / "metrics.json").read_text())
-    rows = [r for r in history.rows if r.bank == FEDERATION and r.phase == "train"]
+    """The ServerApp with the real ClientApp in process (federation_helpers.InProcessGrid): three
+    label-skewed banks, two rounds."""
+    spec = write_federation(tmp_path / "data")
+    nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(spec.banks))
+    cfg = config("federation.rounds=2", "strategy.local_steps=4", "++strategy.lora_aggregation=product", "seed=1")
+    history = run_federation(InProcessGrid(client_app, nodes, run_config), cfg, spec, tmp_path / "run")
+    rows = history.select("train", FEDERATION)
     assert [r.round for r in rows] == [1, 2]
+    assert len([r for r in history.select("train") if r.bank != FEDERATION]) == 2 * 3
     for row in rows:
         assert 0 <= row.metrics["lora_product_error"] < row.metrics["lora_product_error_mean"]
