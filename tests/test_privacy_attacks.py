@@ -178,10 +178,13 @@ def test_model_card_audit_section_is_found_beside_or_above_the_run(tmp_path):
         "tpr_at_fpr_0_01": 0.0,
     }
     (tmp_path / "audit.json").write_text(
-        '{"membership": [' + json.dumps({**row, "epsilon_lower": 0.2}) + '], "backdoor": []}'
+        '{"membership": [' + json.dumps({**row, "epsilon_lower": 0.2}) + '], "backdoor": ['
+        '{"defence": "none", "banks": 10, "hostile": 1, "success_rate": 0.92, "untriggered_target_rate": 0.12, '
+        '"clean_accuracy": 0.478}]}'
     )
     found = audit_of_run(tmp_path / "federation_eps8")
     assert found is not None and found["membership"][0]["epsilon_lower"] == 0.2
     assert "| global | dp | 8 | 7.9 | 0.51 | 0 | 0.2 |" in audit_lines(found)
+    assert "| none | 10 | 1 | 0.92 | 0.12 | 0.478 |" in audit_lines(found)  # how many banks, how many hostile
     (tmp_path / "audit.json").write_text("not json")
     assert audit_of_run(tmp_path / "federation_eps8") is None

@@ -22,7 +22,7 @@ KEPT = {
         "tpr_at_fpr_0_01",
         "epsilon_lower",
     ),
-    "backdoor": ("defence", "success_rate", "untriggered_target_rate", "clean_accuracy"),
+    "backdoor": ("defence", "banks", "hostile", "success_rate", "untriggered_target_rate", "clean_accuracy"),
 }
 
 
@@ -54,8 +54,11 @@ def audit_lines(audit: dict[str, Any] | None) -> list[str]:
     lines += [
         "| " + " | ".join(_cell(row.get(key)) for key in KEPT["membership"]) + " |" for row in audit["membership"]
     ]
-    lines += ["", "| backdoor defence | attack success | untriggered target rate | clean accuracy |"]
-    lines += ["| --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| backdoor defence | banks | hostile banks | attack success | untriggered target rate | clean accuracy |",
+    ]
+    lines += ["| --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += ["| " + " | ".join(_cell(row.get(key)) for key in KEPT["backdoor"]) + " |" for row in audit["backdoor"]]
     return [*lines, ""]
 
