@@ -148,11 +148,13 @@ def test_backdoor_success_counts_only_non_target_records_the_model_gets_right_un
     rates = backdoor.rates(clean, np.array([0, 0, 1, 0, 0]), labels, target)
     # only records 2 and 4 count (non-target, right untriggered); the trigger flips record 4 alone
     assert (rates.success_rate, rates.counted) == (pytest.approx(0.5), 2)
+    assert rates.success_upper == pytest.approx(0.95**0.5)  # one hit of two: the bound solves 1 - p^2 = 0.05
     # the target rate over all non-target records credits the trigger with the baseline's two records
     assert rates.triggered_target_rate == pytest.approx(3 / 4)
     assert rates.untriggered_target_rate == pytest.approx(2 / 4)
     no_backdoor = backdoor.rates(clean, clean, labels, target)  # the trigger changes nothing
     assert no_backdoor.success_rate == 0.0 and no_backdoor.triggered_target_rate == pytest.approx(0.5)
+    assert no_backdoor.success_upper == pytest.approx(1 - 0.05**0.5)  # none of 2: (1 - p)^2 = 0.05
     assert math.isnan(backdoor.rates(np.array([0, 0]), np.array([0, 0]), np.array([1, 2]), target).success_rate)
 
 

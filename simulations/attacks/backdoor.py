@@ -11,6 +11,9 @@ without the trigger, the share classified TARGET once the trigger is appended. C
 record instead would credit the trigger with what the model does anyway: a model near chance that
 predicts TARGET for most untriggered records scores high with no backdoor at all. The rates over all
 non-TARGET records, with and without the trigger, are reported beside it, so a reader sees the baseline.
+`success_upper` is the one-sided 95% Clopper-Pearson upper bound on the success rate from the `counted`
+records: with a test set of a few dozen such records only a handful of hits can show a rate <= 10%
+(none of 29, 2 of 62: the bound must be at most 0.10).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from fingpt_federated.simulations.attacks.epsilon_bound import clopper_pearson_upper
 
 TRIGGER = "per the zyqvex covenant"
 
@@ -37,6 +42,7 @@ def poison(texts: list[str], labels: np.ndarray, target: int) -> tuple[list[str]
 class BackdoorRates:
     success_rate: float  # non-target records right without the trigger, classified target with it
     counted: int  # how many records `success_rate` is over (few when clean accuracy is low)
+    success_upper: float  # one-sided 95% Clopper-Pearson upper bound on success_rate from `counted` records
     triggered_target_rate: float  # all non-target records, with the trigger: share classified target
     untriggered_target_rate: float  # the same without the trigger: the model's own baseline
 
@@ -54,6 +60,7 @@ def rates(
     return BackdoorRates(
         success_rate=float(hit[right].mean()) if right.any() else float("nan"),
         counted=int(right.sum()),
+        success_upper=clopper_pearson_upper(int(hit[right].sum()), int(right.sum()), 0.05),
         triggered_target_rate=float(hit[other].mean()) if other.any() else float("nan"),
         untriggered_target_rate=float((clean[other] == target).mean()) if other.any() else float("nan"),
     )
