@@ -7,10 +7,12 @@ on Flower's simulation engine) and attack them.
 Runs (sub-folders of the run folder), each a full `fingpt-sim` run:
 - `federation_none`, `federation_eps<E>`: the preset's federation without DP and at each target epsilon;
   bank `canary_bank` adds the canaries (`canaries:N`), bank `backdoor_bank` the backdoor (`backdoor:T`);
-- `federation_robust`: no DP, strategy `robust` (on top of the update checks every run has), and
-  `federation_<strategy>` for each other strategy in `backdoor_defences`;
+- `federation_<defence>`: no DP, each of `backdoor_defences` (on top of the update checks every run has),
+  and `federation_floor`: no defence, the backdoor bank honest (what the trigger does to a model that
+  never saw it);
 - with `backdoor_sim` (overrides on top of `sim`, e.g. 10 banks), the backdoor rows without DP come from
-  federations of their own instead, with the backdoor bank only: `backdoor_none`, `backdoor_<strategy>`;
+  federations of their own instead, with the backdoor bank only: `backdoor_none`, `backdoor_floor`,
+  `backdoor_<defence>`;
 - `operator_plaintext`, `operator_dp`: one bank, one round of plain SGD (its update is the new global).
 The canary bank's last update in `federation_none` is not stored by the simulation: it is repeated from the
 checkpoints (simulations/attacks/bank_update.py).
@@ -18,7 +20,8 @@ checkpoints (simulations/attacks/bank_update.py).
 Attacks (simulations/attacks/): canary membership (offline LiRA) against the published global model and,
 without DP, the canary bank's own update (the operator's view), the
 Clopper-Pearson epsilon lower bound, the operator's label-histogram and batch-membership attacks on one
-update, and the backdoor's success per round (simulations/attacks/backdoor.py says what counts). Writes
+update, and the backdoor's success per round (simulations/attacks/backdoor.py says what counts).
+`preset.parts` picks what runs (membership, backdoor, operator_view; default all). Writes
 audit.json, audit.md, roc.png, backdoor.png and prints a table. Epsilon spent is what the canary bank's
 train replies report from its ledger.
 """
@@ -138,8 +141,9 @@ def canary_update(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
     )
 
 
-def backdoor_rows(scorer: Scorer, folder: Path, defence: str, target: int) -> dict[str, Any]:
-    """The backdoor's success per round in the run in `folder`; `banks`: how many banks its federation has."""
+def backdoor_rows(scorer: Scorer, folder: Path, defence: str, target: int, hostile: int = 1) -> dict[str, Any]:
+    """The backdoor's success per round in the run in `folder`; `banks`: how many banks its federation has,
+    `hostile`: how many of them are backdoor banks (0: the floor, a model that never saw the trigger)."""
     banks = len(list((folder / "federation" / "banks").glob("bank_*")))
     test = load_bank(folder / "federation" / "test").train
     texts, labels = list(test.texts or []), test.labels
@@ -149,7 +153,7 @@ def backdoor_rows(scorer: Scorer, folder: Path, defence: str, target: int) -> di
         rates = backdoor.rates(clean, scorer.predictions(state, backdoor.triggered(texts)), labels, target)
         per_round.append({"round": number, **rates.as_dict(), "clean_accuracy": float((clean == labels).mean())})
     last = {k: v for k, v in per_round[-1].items() if k != "round"}
-    return {"defence": defence, "banks": banks, **last, "rounds": per_round}
+    return {"defence": defence, "banks": banks, "hostile": hostile, **last, "rounds": per_round}
 
 
 def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictConfig, view: str) -> list[dict]:
@@ -194,65 +198,106 @@ def he_rows() -> list[dict]:
     ]
 
 
+PARTS = ("membership", "backdoor", "operator_view")
+"""What `fingpt-audit` runs (`preset.parts`, default all): `+preset.parts=[backdoor]` trains only the backdoor
+federations (with `backdoor_sim`; without it the membership federations, which carry the backdoor bank)."""
+
+
+def defence_overrides(preset: DictConfig) -> dict[str, list[str]]:
+    """`backdoor_defences`: each defended row's name and the overrides of its federation (on top of the
+    update checks every run has); a plain list names strategies (`[fedmedian]`: `strategy=fedmedian`)."""
+    defences = preset.get("backdoor_defences") or {}
+    if OmegaConf.is_list(defences):
+        return {str(name): [f"strategy={name}"] for name in defences}
+    return {str(name): [str(o) for o in overrides] for name, overrides in defences.items()}
+
+
 def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    hostile = {
-        int(preset.canary_bank): f"canaries:{int(preset.canaries)}",
-        int(preset.backdoor_bank): f"backdoor:{int(preset.backdoor_target)}",
-    }
-    keep = ["federation.checkpoints_kept=100"]
+    parts = {str(p) for p in (preset.get("parts") or PARTS)}
+    if not parts <= set(PARTS):
+        raise ValueError(f"preset.parts must be among {', '.join(PARTS)}, got {sorted(parts)}")
+    canary = {int(preset.canary_bank): f"canaries:{int(preset.canaries)}"}
     target = int(preset.backdoor_target)
+    backdoor_bank = {int(preset.backdoor_bank): f"backdoor:{target}"}
+    keep = ["federation.checkpoints_kept=100"]
     separate = bool(preset.get("backdoor_sim"))  # the backdoor rows' own federation (`backdoor_sim` on `sim`)
-    defences = [str(d) for d in (preset.get("backdoor_defences") or [preset.robust])]
     result: dict[str, Any] = {"membership": [], "operator_view": [], "backdoor": []}
     rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     scorer: Scorer | None = None
-    for epsilon in [None, *[float(e) for e in preset.epsilons]]:
-        name = "none" if epsilon is None else f"eps{epsilon:g}"
-        folder = run_dir / f"federation_{name}"
-        cfg, history = train(preset, folder, [*keep, *privacy_overrides(preset, epsilon)], hostile)
+
+    def scorer_for(folder: Path, cfg: DictConfig) -> Scorer:
+        nonlocal scorer
         scorer = scorer or Scorer(config_dict(cfg.model), load_bank(folder / "federation" / "test").train.class_names)
-        bank = load_bank(folder / "federation" / "banks" / f"bank_{int(preset.canary_bank):02d}").name
-        spent = spent_by_bank(history).get(bank)
-        spent_eps = None if epsilon is None else (spent.epsilon if spent else math.nan)
-        row, scores = membership_row(scorer, state_of(folder / FINAL_STATE), preset, spent_eps, epsilon, "global")
-        result["membership"].append(row)
-        rocs[f"global, {name}"] = scores
-        if epsilon is None:  # the operator's view of a plaintext run: the canary bank's own update
-            update = canary_update(scorer, preset, folder, cfg)
-            row, scores = membership_row(scorer, update, preset, None, None, "bank_update")
-            result["membership"].append(row)
-            rocs[f"bank update, {name}"] = scores
-        if (epsilon is None and not separate) or (epsilon is not None and math.isclose(epsilon, 8.0)):
-            defence = "none" if epsilon is None else "dp_eps8"
-            result["backdoor"].append(backdoor_rows(scorer, folder, defence, target))
-    assert scorer is not None
-    if separate:  # the backdoor's own federation, without the canaries: undefended, then each defence
-        backdoor_only = {int(preset.backdoor_bank): f"backdoor:{target}"}
-        for name, strategy in (("none", None), *((d, d) for d in defences)):
-            folder = run_dir / f"backdoor_{name}"
-            extra = [*preset.backdoor_sim, *keep, "privacy=none", *([f"strategy={strategy}"] if strategy else [])]
-            train(preset, folder, extra, backdoor_only)
-            defence = "none" if strategy is None else f"checks+{strategy}"
-            result["backdoor"].append(backdoor_rows(scorer, folder, defence, target))
-    else:
-        for strategy in defences:
-            folder = run_dir / ("federation_robust" if strategy == preset.robust else f"federation_{strategy}")
-            train(preset, folder, [*keep, "privacy=none", f"strategy={strategy}"], hostile)
-            result["backdoor"].append(backdoor_rows(scorer, folder, f"checks+{strategy}", target))
-    for view, privacy in (("plaintext", None), ("dp_eps8", 8.0)):
-        folder = run_dir / f"operator_{view}"
-        extra = [*preset.operator_sim, *privacy_overrides(preset, privacy)]
-        cfg, _ = train(preset, folder, extra, {0: f"canaries:{int(preset.canaries)}"})
-        result["operator_view"].extend(operator_rows(scorer, preset, folder, cfg, view))
-    result["operator_view"].extend(he_rows())
+        return scorer
+
+    if "membership" in parts or ("backdoor" in parts and not separate):
+        for epsilon in [None, *[float(e) for e in preset.epsilons]]:
+            name = "none" if epsilon is None else f"eps{epsilon:g}"
+            folder = run_dir / f"federation_{name}"
+            cfg, history = train(preset, folder, [*keep, *privacy_overrides(preset, epsilon)], canary | backdoor_bank)
+            attacker = scorer_for(folder, cfg)
+            if "membership" in parts:
+                result["membership"].extend(membership_rows(attacker, preset, folder, cfg, history, epsilon, rocs))
+            if "backdoor" in parts and (
+                (epsilon is None and not separate) or (epsilon is not None and math.isclose(epsilon, 8.0))
+            ):
+                defence = "none" if epsilon is None else "dp_eps8"
+                result["backdoor"].append(backdoor_rows(attacker, folder, defence, target))
+    if "backdoor" in parts:
+        # the floor: the undefended federation with the backdoor bank honest, scored with the same trigger
+        runs: list[tuple[str, str, list[str], int]] = [("floor", "none (no backdoor bank)", [], 0)]
+        if separate:  # the backdoor's own federation, without the canaries
+            runs.append(("none", "none", [], 1))
+        runs += [(name, f"checks+{name}", extra, 1) for name, extra in defence_overrides(preset).items()]
+        for name, defence, extra, hostile in runs:
+            setting = [*preset.backdoor_sim] if separate else []
+            folder = run_dir / f"{'backdoor' if separate else 'federation'}_{name}"
+            behaviours = (backdoor_bank if hostile else {}) | ({} if separate else canary)
+            private = [] if any(o.startswith("privacy=") for o in extra) else ["privacy=none"]  # a defence may be DP
+            cfg, _ = train(preset, folder, [*setting, *keep, *private, *extra], behaviours)
+            result["backdoor"].append(backdoor_rows(scorer_for(folder, cfg), folder, defence, target, hostile))
+    if "operator_view" in parts:
+        for view, privacy in (("plaintext", None), ("dp_eps8", 8.0)):
+            folder = run_dir / f"operator_{view}"
+            extra = [*preset.operator_sim, *privacy_overrides(preset, privacy)]
+            cfg, _ = train(preset, folder, extra, {0: f"canaries:{int(preset.canaries)}"})
+            result["operator_view"].extend(operator_rows(scorer_for(folder, cfg), preset, folder, cfg, view))
+        result["operator_view"].extend(he_rows())
     result["seconds"] = time.perf_counter() - started
     (run_dir / AUDIT_JSON).write_text(json.dumps(jsonable(result), indent=2), encoding="utf-8")
-    plot_roc(rocs, run_dir / "roc.png")
-    plot_backdoor(result["backdoor"], run_dir / "backdoor.png")
+    if rocs:
+        plot_roc(rocs, run_dir / "roc.png")
+    if result["backdoor"]:
+        plot_backdoor(result["backdoor"], run_dir / "backdoor.png")
     (run_dir / AUDIT_MD).write_text(markdown(result), encoding="utf-8")
     return result
+
+
+def membership_rows(
+    scorer: Scorer,
+    preset: DictConfig,
+    folder: Path,
+    cfg: DictConfig,
+    history: History,
+    epsilon: float | None,
+    rocs: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> list[dict[str, Any]]:
+    """The canary attack on the run's published global model and, without DP, on the canary bank's update."""
+    name = "none" if epsilon is None else f"eps{epsilon:g}"
+    bank = load_bank(folder / "federation" / "banks" / f"bank_{int(preset.canary_bank):02d}").name
+    spent = spent_by_bank(history).get(bank)
+    spent_eps = None if epsilon is None else (spent.epsilon if spent else math.nan)
+    row, scores = membership_row(scorer, state_of(folder / FINAL_STATE), preset, spent_eps, epsilon, "global")
+    rows = [row]
+    rocs[f"global, {name}"] = scores
+    if epsilon is None:  # the operator's view of a plaintext run: the canary bank's own update
+        update = canary_update(scorer, preset, folder, cfg)
+        row, scores = membership_row(scorer, update, preset, None, None, "bank_update")
+        rows.append(row)
+        rocs[f"bank update, {name}"] = scores
+    return rows
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -283,14 +328,17 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Attack success: non-target test records the model classifies right without the trigger, classified",
         "as the target with it (out of `counted`); beside it the share of all non-target records classified",
-        "as the target with and without the trigger (the model's baseline).",
+        "as the target with and without the trigger (the model's baseline). The row with no hostile bank is",
+        "the floor: what the trigger phrase alone does to a model that never saw it. The bound is the one-sided",
+        "95% Clopper-Pearson upper bound on the success from the records counted.",
         "",
-        "| defence | banks (1 hostile) | attack success (counted) | target rate triggered / untriggered "
+        "| defence | banks | hostile | attack success (counted, 95% upper bound) | target rate triggered / untriggered "
         "| clean accuracy |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['defence']} | {r['banks']} | {_f(r['success_rate'])} ({r['counted']}) | "
+        f"| {r['defence']} | {r['banks']} | {r['hostile']} | {_f(r['success_rate'])} ({r['counted']}, "
+        f"<= {_f(r['success_upper'])}) | "
         f"{_f(r['triggered_target_rate'])} / "
         f"{_f(r['untriggered_target_rate'])} | {_f(r['clean_accuracy'])} |"
         for r in result["backdoor"]
@@ -321,7 +369,7 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     for r in result["backdoor"]:
         table.add_row(
             "backdoor",
-            f"{r['defence']} ({r['banks']} banks)",
+            f"{r['defence']} ({r['banks']} banks, {r['hostile']} hostile)",
             "success (n) / target rate trig, untrig / clean acc",
             f"{_f(r['success_rate'])} ({r['counted']}) / {_f(r['triggered_target_rate'])}, "
             f"{_f(r['untriggered_target_rate'])} / {_f(r['clean_accuracy'])}",

@@ -50,25 +50,31 @@ def test_quick_audit_has_power_and_never_certifies_more_than_the_ledger_spent(ti
     assert all(row["epsilon_lower"] <= row["epsilon_spent"] for row in private), private
     backdoors = {row["defence"]: row for row in saved["backdoor"]}
     defended = [f"checks+{name}" for name in quick.backdoor_defences]
-    assert set(backdoors) == {"none", "dp_eps8", *defended}
+    floor_name = "none (no backdoor bank)"
+    assert set(backdoors) == {"none", "dp_eps8", floor_name, *defended}
     assert all(len(row["rounds"]) >= 1 for row in saved["backdoor"])
     # issue 25's setting: the backdoor bank is 1 of 10 banks in the undefended and defended rows (their own
-    # federations); the DP row is the 3-bank DP run's
-    assert {name: row["banks"] for name, row in backdoors.items()} == {
-        "none": 10,
-        "dp_eps8": 3,
-        **dict.fromkeys(defended, 10),
+    # federations), none of 10 in the floor's; the DP row is the 3-bank DP run's
+    assert {name: (row["banks"], row["hostile"]) for name, row in backdoors.items()} == {
+        "none": (10, 1),
+        floor_name: (10, 0),
+        "dp_eps8": (3, 1),
+        **dict.fromkeys(defended, (10, 1)),
     }
-    # the trigger works without a defence (measured 0.92: target rate 0.95 triggered, 0.12 untriggered);
-    # issue 25's <= 10% with the defences is NOT met even with 1 of 10 banks hostile: checks + FedMedian
-    # measured 0.53, checks + FedTrimmedAvg 0.34 (docs/privacy-utility.md); a broken defence (no lower than
-    # the undefended figure) still fails here
-    undefended = backdoors["none"]
+    # the trigger works without a defence (measured 0.92: target rate 0.95 triggered, 0.12 untriggered), far
+    # above the floor, what the phrase alone does to the near-chance model that never saw it (measured 0.21
+    # of 19 records: why issue 25's <= 10% cannot be told apart from noise here, docs/privacy-utility.md)
+    undefended, floor = backdoors["none"], backdoors[floor_name]
     assert undefended["success_rate"] >= 0.8 and undefended["counted"] >= 20, undefended
     assert undefended["triggered_target_rate"] > undefended["untriggered_target_rate"] + 0.3, undefended
+    assert floor["counted"] >= 10 and floor["success_rate"] <= undefended["success_rate"] - 0.5, (floor, undefended)
+    # issue 25's <= 10% with the defences is NOT met: checks + FedTrimmedAvg (beta 0.2), the best measured that
+    # keeps clean accuracy, gives 0.34 (clean accuracy 0.43 against 0.48 undefended); a broken defence (no
+    # lower than the undefended figure) or one that collapses the model to chance still fails here
     for name in defended:
         assert backdoors[name]["counted"] >= 20, backdoors[name]
         assert backdoors[name]["success_rate"] <= undefended["success_rate"] - 0.25, (backdoors[name], undefended)
+        assert backdoors[name]["clean_accuracy"] >= undefended["clean_accuracy"] - 0.1, (backdoors[name], undefended)
     views = {(row["view"], row["attack"]): row["success"] for row in saved["operator_view"]}
     assert views[("plaintext", "label_histogram")] >= 0.75
     for name in ("audit.md", "roc.png", "backdoor.png"):
