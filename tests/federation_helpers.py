@@ -47,8 +47,13 @@ def one_torch_thread():
 
 
 def config(*overrides: str, model: str = "tiny_encoder") -> DictConfig:
-    """The root config composed as `fingpt-sim` composes it (tiny encoder by default), plus overrides."""
-    return compose_config([f"model={model}", *overrides])
+    """The root config composed as `fingpt-sim` composes it (tiny encoder by default), plus overrides.
+
+    A simulation gets one Ray CPU, hence one ClientApp actor, unless the overrides say otherwise: the
+    suite already runs two tests at once on a 2-core machine, and every actor pays 6 s of imports
+    (torch, transformers, PEFT) before its first bank; one actor per run took a 5-bank run from 41 to 24 CPU-seconds (measured)."""
+    own_resources = any(o.startswith(("simulation.total_cpus", "simulation.ray_address")) for o in overrides)
+    return compose_config([f"model={model}", *([] if own_resources else ["simulation.total_cpus=1"]), *overrides])
 
 
 def tiny_model() -> dict:
