@@ -51,7 +51,8 @@ def config(*overrides: str, model: str = "tiny_encoder") -> DictConfig:
 
     A simulation gets one Ray CPU, hence one ClientApp actor, unless the overrides say otherwise: the
     suite already runs two tests at once on a 2-core machine, and every actor pays 6 s of imports
-    (torch, transformers, PEFT) before its first bank; one actor per run took a 5-bank run from 41 to 24 CPU-seconds (measured)."""
+    (torch, transformers, PEFT) before its first bank; one actor per run took a 5-bank run from 41 to
+    24 CPU-seconds (measured)."""
     own_resources = any(o.startswith(("simulation.total_cpus", "simulation.ray_address")) for o in overrides)
     return compose_config([f"model={model}", *([] if own_resources else ["simulation.total_cpus=1"]), *overrides])
 
