@@ -29,6 +29,7 @@ from fingpt_federated.model.evaluation import evaluate
 from fingpt_federated.model.state import load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.baselines import CENTRALIZED, LOCAL, BaselineResult, fit_to_bank
+from fingpt_federated.simulations.table_format import figure
 from fingpt_federated.structured_config import build
 
 METRIC = "accuracy"
@@ -146,8 +147,8 @@ def markdown_section(rows: Sequence[BankComparison], settings: PersonalizeConfig
     """The report's section: the per-bank table, the worst bank of each model, the two yes/no lines."""
     table = ["| bank | test rows | global | personalised | pooled | alone | part kept |", "|" + " --- |" * 7]
     table += [
-        f"| {r.bank} | {r.test_rows} | {_f(r.global_)} | {_f(r.personalised)} | {_f(r.pooled)} | {_f(r.alone)} "
-        f"| {'yes' if r.kept else 'no (global)'} |"
+        f"| {r.bank} | {r.test_rows} | {figure(r.global_)} | {figure(r.personalised)} | {figure(r.pooled)} "
+        f"| {figure(r.alone)} | {'yes' if r.kept else 'no (global)'} |"
         for r in rows
     ]
     return [
@@ -166,7 +167,7 @@ def verdict_lines(rows: Sequence[BankComparison]) -> list[str]:
     found = verdicts(rows)
     worst = found["worst_bank"]
     assert isinstance(worst, dict)
-    lines = [f"worst bank, {column}: {w['bank']} ({_f(w[METRIC])})" for column, w in worst.items()]
+    lines = [f"worst bank, {column}: {w['bank']} ({figure(w[METRIC])})" for column, w in worst.items()]
     alone = found["every_bank_better_off_than_alone"]
     lines.append(f"every bank better off than alone: {'not run (baseline=false)' if alone is None else _yes(alone)}")
     lines.append(f"personalised >= global for every bank: {_yes(found['personalised_at_least_global_every_bank'])}")
@@ -175,7 +176,3 @@ def verdict_lines(rows: Sequence[BankComparison]) -> list[str]:
 
 def _yes(value: object) -> str:
     return "yes" if value else "no"
-
-
-def _f(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.4f}"

@@ -32,6 +32,7 @@ from fingpt_federated.simulations.baselines import (  # noqa: E402
     mean_local,
 )
 from fingpt_federated.simulations.classical_baseline import classical_section  # noqa: E402
+from fingpt_federated.simulations.table_format import figure  # noqa: E402
 
 GLOBAL_PLOT = "global.png"
 TASK_PLOT = "task_metrics.png"
@@ -106,8 +107,8 @@ def task_metrics_section(history: History, choice: RoundChoice | None) -> list[s
     body = [
         [
             f"**{int(r['round'])}**" if choice and r["round"] == choice.round else int(r["round"]),
-            *(_f(r[f"test_{n}"]) for n in TASK_COLUMNS),
-            *(_f(r[f"valid_{n}"]) for n in TASK_COLUMNS),
+            *(figure(r[f"test_{n}"]) for n in TASK_COLUMNS),
+            *(figure(r[f"valid_{n}"]) for n in TASK_COLUMNS),
         ]
         for r in rows
     ]
@@ -252,16 +253,16 @@ def markdown(
             [
                 [
                     r.round,
-                    _f(r.test_accuracy),
-                    _f(r.test_loss),
-                    _f(r.valid_accuracy),
-                    _f(r.valid_loss),
-                    _f(r.train_loss),
+                    figure(r.test_accuracy),
+                    figure(r.test_loss),
+                    figure(r.valid_accuracy),
+                    figure(r.valid_loss),
+                    figure(r.train_loss),
                     r.banks_ok,
                     r.banks_failed,
-                    _f(r.seconds, 1),
-                    _f(r.upload_bytes / 1e6, 3),
-                    _f(r.download_bytes / 1e6, 3),
+                    figure(r.seconds, 1),
+                    figure(r.upload_bytes / 1e6, 3),
+                    figure(r.download_bytes / 1e6, 3),
                 ]
                 for r in round_rows(history)
             ],
@@ -319,8 +320,8 @@ def _bank_row(history: History, bank: str) -> list[object]:
     return [
         bank,
         last.round if last else "-",
-        _f(metrics.get("accuracy", math.nan)),
-        _f(metrics.get("loss", math.nan)),
+        figure(metrics.get("accuracy", math.nan)),
+        figure(metrics.get("loss", math.nan)),
         len(history.select("train", bank)),
         failed,
     ]
@@ -342,9 +343,9 @@ def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> st
                 f"federated (round {final.round})",
                 "-",
                 "-",
-                _f(final.test_accuracy),
-                _f(central.get("macro_f1", math.nan)),
-                _f(final.test_loss),
+                figure(final.test_accuracy),
+                figure(central.get("macro_f1", math.nan)),
+                figure(final.test_loss),
             ]
         )
     for b in baselines:
@@ -354,9 +355,9 @@ def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> st
                 label,
                 b.train_rows,
                 b.steps,
-                _f(b.test["accuracy"]),
-                _f(b.test.get("macro_f1", math.nan)),
-                _f(b.test["loss"]),
+                figure(b.test["accuracy"]),
+                figure(b.test.get("macro_f1", math.nan)),
+                figure(b.test["loss"]),
             ]
         )
     rows.append(
@@ -364,9 +365,9 @@ def _baseline_table(history: History, baselines: Sequence[BaselineResult]) -> st
             "mean local-only",
             "-",
             "-",
-            _f(mean_local(list(baselines))),
-            _f(mean_local(list(baselines), "macro_f1")),
-            _f(mean_local(list(baselines), "loss")),
+            figure(mean_local(list(baselines))),
+            figure(mean_local(list(baselines), "macro_f1")),
+            figure(mean_local(list(baselines), "loss")),
         ]
     )
     return markdown_table(["model", "train rows", "steps", "test accuracy", "test macro-F1", "test loss"], rows)
@@ -396,10 +397,6 @@ def _one(history: History, number: int, phase: str, bank: str) -> dict[str, floa
         if row.round == number and row.phase == phase and row.bank == bank and row.status == "ok":
             return row.metrics
     return {}
-
-
-def _f(value: float, digits: int = 4) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def _cell(text: str, limit: int = 200) -> str:

@@ -106,6 +106,7 @@ from fingpt_federated.simulations.report import (
     task_metric_rows,
     wire_bytes_per_parameter,
 )
+from fingpt_federated.simulations.table_format import figure
 from fingpt_federated.structured_config import checked_dict
 
 BASELINES_FILE = "baselines.json"
@@ -335,24 +336,24 @@ def print_summary(summary: SimulationSummary, console: Console | None = None) ->
     for r in summary.rounds:
         table.add_row(
             str(r.round),
-            _f(r.test_accuracy),
-            _f(r.test_loss),
-            _f(r.valid_accuracy),
-            _f(r.train_loss),
+            figure(r.test_accuracy),
+            figure(r.test_loss),
+            figure(r.valid_accuracy),
+            figure(r.train_loss),
             f"{r.banks_ok}/{r.banks_failed}",
-            _f(r.seconds, 1),
+            figure(r.seconds, 1),
         )
     console.print(table)
     if summary.baselines:
         base = Table(title="Baselines on the global test set (same step budget)")
         for column in ("model", "steps", "test acc", "test macro-F1"):
             base.add_column(column, justify="right")
-        base.add_row("federated", "-", _f(summary.final.test_accuracy), "-")
+        base.add_row("federated", "-", figure(summary.final.test_accuracy), "-")
         for b in summary.baselines:
             label = "centralized" if b.kind == CENTRALIZED else f"{b.kind} {b.bank}"  # local-only or classical
-            base.add_row(label, str(b.steps), _f(b.test["accuracy"]), _f(b.test.get("macro_f1", math.nan)))
+            base.add_row(label, str(b.steps), figure(b.test["accuracy"]), figure(b.test.get("macro_f1", math.nan)))
         local = summary.baselines
-        base.add_row("mean local-only", "-", _f(mean_local(local)), _f(mean_local(local, "macro_f1")))
+        base.add_row("mean local-only", "-", figure(mean_local(local)), figure(mean_local(local, "macro_f1")))
         console.print(base)
     if summary.per_bank:
         _print_per_bank(summary, console)
@@ -366,16 +367,12 @@ def _print_per_bank(summary: SimulationSummary, console: Console) -> None:
     for column in ("bank", "global", "personalised", "pooled", "alone"):
         table.add_column(column, justify="right")
     for row in summary.per_bank:
-        table.add_row(row.bank, _f(row.global_), _f(row.personalised), _f(row.pooled), _f(row.alone))
+        table.add_row(row.bank, figure(row.global_), figure(row.personalised), figure(row.pooled), figure(row.alone))
     console.print(table)
     for line in verdict_lines(summary.per_bank):
         console.print(line)
     if not math.isnan(ratio := summary.pooled_ratio()):
         console.print(f"federated / pooled on the global test set: {ratio:.3f}")
-
-
-def _f(value: float, digits: int = 4) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
