@@ -12,7 +12,14 @@ from scipy.stats import beta
 from fingpt_federated.client.hostile import Misbehaviour, train_data
 from fingpt_federated.data.bank_data import BankData
 from fingpt_federated.data.records import BankDataset
-from fingpt_federated.simulations.attacks import backdoor, canaries, epsilon_bound, membership, operator_view
+from fingpt_federated.simulations.attacks import (
+    backdoor,
+    backdoor_replay,
+    canaries,
+    epsilon_bound,
+    membership,
+    operator_view,
+)
 from fingpt_federated.simulations.attacks.bank_update import replayed_update
 from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
 from fingpt_federated.simulations.attacks.scoring import Scorer
@@ -190,3 +197,25 @@ def test_model_card_audit_section_is_found_beside_or_above_the_run(tmp_path):
     assert "| none | 10 | 1 | 0.92 | 0.12 | 0.478 |" in audit_lines(found)  # how many banks, how many hostile
     (tmp_path / "audit.json").write_text("not json")
     assert audit_of_run(tmp_path / "federation_eps8") is None
+
+
+def test_backdoor_replay_rules_on_five_small_updates():
+    sent = {"w": np.zeros(2, dtype=np.float32)}
+    points = ([1.0, 0.0], [1.1, 0.0], [0.9, 0.0], [1.0, 0.1], [10.0, 10.0])  # the last one far off
+    replies = [{"w": np.array(p, dtype=np.float32)} for p in points]
+    examples, rng = np.array([1, 1, 1, 1, 1]), np.random.default_rng(0)
+    assert backdoor_replay.aggregate("fedavg", sent, replies, examples, rng)["w"] == pytest.approx([2.8, 2.02])
+    assert backdoor_replay.aggregate("fedmedian", sent, replies, examples, rng)["w"] == pytest.approx([1.0, 0.0])
+    # trim0.2 drops one bank at each end per coordinate: (1 + 1 + 1.1) / 3 and (0 + 0 + 0.1) / 3
+    assert backdoor_replay.aggregate("trim0.2", sent, replies, examples, rng)["w"] == pytest.approx([31 / 30, 1 / 30])
+    krum = backdoor_replay.aggregate("krum", sent, replies, examples, rng)["w"]  # one bank of the cluster
+    assert 0.9 <= krum[0] <= 1.1 and krum[1] <= 0.1
+    # every update above the median norm (that of [1, 0.1]) is clipped to it: [1.1, 0] and, instead of its
+    # norm of 14, the far one
+    bound = 1.01**0.5
+    bounded = backdoor_replay.aggregate("clipmed+fedavg", sent, replies, examples, rng)["w"]
+    assert bounded == pytest.approx([(2.9 + bound + bound / 2**0.5) / 5, (0.1 + bound / 2**0.5) / 5], abs=1e-6)
+    noisy = backdoor_replay.aggregate("clipmed+fedavg~1", sent, replies, examples, rng)["w"]
+    assert not np.allclose(noisy, bounded)  # std 1 x 1.0 / 5 on every value
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        backdoor_replay.aggregate("mean", sent, replies, examples, rng)
