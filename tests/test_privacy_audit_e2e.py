@@ -69,12 +69,13 @@ def test_quick_audit_has_power_and_never_certifies_more_than_the_ledger_spent(ti
     assert undefended["triggered_target_rate"] > undefended["untriggered_target_rate"] + 0.3, undefended
     assert floor["counted"] >= 10 and floor["success_rate"] <= undefended["success_rate"] - 0.5, (floor, undefended)
     # issue 25's <= 10% with the defences is NOT met: checks + FedTrimmedAvg (beta 0.2), the best measured that
-    # keeps clean accuracy, gives 0.34 (clean accuracy 0.43 against 0.48 undefended); a broken defence (no
-    # lower than the undefended figure) or one that collapses the model to chance still fails here
+    # keeps clean accuracy, gives 0.34 (clean accuracy 0.43 against 0.48 undefended, 0.40 for the floor's model);
+    # a broken defence (no lower than the undefended figure) or one that buys its figure with a model worse than
+    # the floor's, which never saw an attacker (Krum 0.39, Bulyan 0.36: chance), still fails here
     for name in defended:
         assert backdoors[name]["counted"] >= 20, backdoors[name]
         assert backdoors[name]["success_rate"] <= undefended["success_rate"] - 0.25, (backdoors[name], undefended)
-        assert backdoors[name]["clean_accuracy"] >= undefended["clean_accuracy"] - 0.1, (backdoors[name], undefended)
+        assert backdoors[name]["clean_accuracy"] >= floor["clean_accuracy"], (backdoors[name], floor)
     views = {(row["view"], row["attack"]): row["success"] for row in saved["operator_view"]}
     assert views[("plaintext", "label_histogram")] >= 0.75
     for name in ("audit.md", "roc.png", "backdoor.png"):
