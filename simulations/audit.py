@@ -59,6 +59,7 @@ from fingpt_federated.simulations.attacks.bank_update import replayed_update
 from fingpt_federated.simulations.attacks.plots import plot_backdoor, plot_roc
 from fingpt_federated.simulations.attacks.scoring import Scorer
 from fingpt_federated.simulations.sim import simulate
+from fingpt_federated.simulations.table_format import figure
 
 AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
@@ -314,12 +315,12 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for r in result["membership"]:
         lines.append(
-            f"| {r['privacy']} | {r['model']} | {_f(r['epsilon_target'])} | {_f(r['epsilon_spent'])} | "
+            f"| {r['privacy']} | {r['model']} | {figure(r['epsilon_target'], 3)} | {figure(r['epsilon_spent'], 3)} | "
             f"{r['canaries']} | "
-            f"{_f(r['mia_auc'])} | {_f(r['tpr_at_fpr_0_01'])} | {_f(r['epsilon_lower'])} |"
+            f"{figure(r['mia_auc'], 3)} | {figure(r['tpr_at_fpr_0_01'], 3)} | {figure(r['epsilon_lower'], 3)} |"
         )
     lines += ["", "## What the operator learns from one update", "", "| view | attack | success |", "|---|---|---|"]
-    lines += [f"| {r['view']} | {r['attack']} | {_f(r['success'])} |" for r in result["operator_view"]]
+    lines += [f"| {r['view']} | {r['attack']} | {figure(r['success'], 3)} |" for r in result["operator_view"]]
     lines += [
         "",
         "Under HE the operator holds ciphertext only; its attacks have no input (chance).",
@@ -337,18 +338,14 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['defence']} | {r['banks']} | {r['hostile']} | {_f(r['success_rate'])} ({r['counted']}, "
-        f"<= {_f(r['success_upper'])}) | "
-        f"{_f(r['triggered_target_rate'])} / "
-        f"{_f(r['untriggered_target_rate'])} | {_f(r['clean_accuracy'])} |"
+        f"| {r['defence']} | {r['banks']} | {r['hostile']} | {figure(r['success_rate'], 3)} ({r['counted']}, "
+        f"<= {figure(r['success_upper'], 3)}) | "
+        f"{figure(r['triggered_target_rate'], 3)} / "
+        f"{figure(r['untriggered_target_rate'], 3)} | {figure(r['clean_accuracy'], 3)} |"
         for r in result["backdoor"]
     ]
     lines += ["", "![ROC](roc.png) ![backdoor](backdoor.png)", ""]
     return "\n".join(lines)
-
-
-def _f(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{float(value):.3f}"
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:
@@ -357,22 +354,24 @@ def print_table(result: dict[str, Any], console: Console | None = None) -> None:
     for column in ("part", "setting", "figure", "value"):
         table.add_column(column)
     for r in result["membership"]:
-        setting = f"{r['privacy']} {r['model']} eps={_f(r['epsilon_target'])} spent={_f(r['epsilon_spent'])}"
+        setting = (
+            f"{r['privacy']} {r['model']} eps={figure(r['epsilon_target'], 3)} spent={figure(r['epsilon_spent'], 3)}"
+        )
         table.add_row(
             "membership",
             setting,
             "AUC / TPR@1% / eps_lower",
-            f"{_f(r['mia_auc'])} / {_f(r['tpr_at_fpr_0_01'])} / {_f(r['epsilon_lower'])}",
+            f"{figure(r['mia_auc'], 3)} / {figure(r['tpr_at_fpr_0_01'], 3)} / {figure(r['epsilon_lower'], 3)}",
         )
     for r in result["operator_view"]:
-        table.add_row("operator view", r["view"], r["attack"], _f(r["success"]))
+        table.add_row("operator view", r["view"], r["attack"], figure(r["success"], 3))
     for r in result["backdoor"]:
         table.add_row(
             "backdoor",
             f"{r['defence']} ({r['banks']} banks, {r['hostile']} hostile)",
             "success (n) / target rate trig, untrig / clean acc",
-            f"{_f(r['success_rate'])} ({r['counted']}) / {_f(r['triggered_target_rate'])}, "
-            f"{_f(r['untriggered_target_rate'])} / {_f(r['clean_accuracy'])}",
+            f"{figure(r['success_rate'], 3)} ({r['counted']}) / {figure(r['triggered_target_rate'], 3)}, "
+            f"{figure(r['untriggered_target_rate'], 3)} / {figure(r['clean_accuracy'], 3)}",
         )
     console.print(table)
 
