@@ -6,12 +6,15 @@ brings the bank's change of its own variate, c_i+ - c_i (`scaffold-update`, clie
 which is taken out of the reply before the wrapped strategy aggregates the states (Flower's
 strategies expect one ArrayRecord). Then
 
-    c <- c + (1/N) · sum over the replying banks of (c_i+ - c_i),
+    c <- c + (|S|/N) · sum over the replying banks S of w_i (c_i+ - c_i),   w_i = n_i / sum_S n_j,
 
-N the number of banks in the federation (SCAFFOLD's |S|/N · mean over the sampled S): with every
-bank taking part, c stays the mean of the banks' variates. c starts at zero; it is an attribute of
-the wrapper, so the round's checkpoint holds it (server/strategy_state.py) and a resumed run goes on
-with it. Each bank keeps its own c_i in its state folder, per run (`scaffold-run`).
+N the number of banks in the federation and n_i a bank's example count: with every bank taking part,
+c stays the example-weighted mean of the banks' variates, as the global state is the weighted mean of
+their states. (With the paper's unweighted mean, a bank of a dozen rows, whose single AdamW step a
+round makes its c_i about 1 in every coordinate, set c for all, and quick_parity's test loss rose to
+2.1 by round 8: docs/results.md.) c starts at zero; it is an attribute of the wrapper, so the
+round's checkpoint holds it (server/strategy_state.py) and a resumed run goes on with it. Each bank
+keeps its own c_i in its state folder, per run (`scaffold-run`).
 
 The update checks (server/update_checks.py) accept the extra record only with the names, shapes
 and dtypes of the state sent, and finite. A bank that fails a round sends no change, and c moves by
@@ -66,21 +69,34 @@ class Scaffold(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        changes = [_pop_change(reply) for reply in replies]
+        changes = [(change, _examples(reply)) for reply in replies if (change := _pop_change(reply)) is not None]
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if arrays is not None:  # c moves with the state it belongs to
-            self.control = moved_control(self.control, [c for c in changes if c is not None], max(self._banks, 1))
+        if arrays is not None and changes:  # c moves with the state it belongs to
+            self.control = moved_control(self.control, changes, max(self._banks, len(changes)))
         return arrays, metrics
 
 
 def moved_control(
-    control: dict[str, np.ndarray], changes: list[dict[str, np.ndarray]], banks: int
+    control: dict[str, np.ndarray], changes: list[tuple[dict[str, np.ndarray], float]], banks: int
 ) -> dict[str, np.ndarray]:
-    """c + (1/N) · sum of the banks' changes c_i+ - c_i."""
+    """c + (|S|/N) · sum of w_i (c_i+ - c_i) over the (change, example count) of the banks S that replied."""
+    total = sum(examples for _, examples in changes)
+    if total <= 0:
+        return control
+    share = len(changes) / banks
     return {
-        name: (value + sum((change[name] for change in changes), np.zeros_like(value)) / banks).astype(np.float32)
+        name: (value + share * sum(change[name] * (examples / total) for change, examples in changes)).astype(
+            np.float32
+        )
         for name, value in control.items()
     }
+
+
+def _examples(reply: Message) -> float:
+    """The bank's example count, its weight (the update checks made sure it is positive and finite)."""
+    examples = reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
+    assert isinstance(examples, int | float)  # update_checks: a positive finite count
+    return float(examples)
 
 
 def _pop_change(reply: Message) -> dict[str, np.ndarray] | None:

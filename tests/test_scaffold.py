@@ -27,6 +27,7 @@ from fingpt_federated.federation import protocol
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.server.app import CHECKPOINTS, run_federation
+from fingpt_federated.server.scaffold import moved_control
 from fingpt_federated.server.strategy_config import check_strategy
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
@@ -71,7 +72,7 @@ def test_the_servers_variate_is_the_mean_of_the_banks_and_travels_with_every_tra
     second = {n: a.numpy() for n, a in sent[3].content[protocol.CONTROL].items()}
     moved = [name for name in first if np.abs(banks[0][name]).max() > 0]
     assert moved and any(np.abs(second[name]).max() > 0 for name in moved)
-    for name in first:  # every bank took part in both rounds: c = mean of the c_i
+    for name in first:  # every bank took part in both rounds, all of 48 rows: c = mean of the c_i
         mean = sum(bank[name] for bank in banks) / 3
         np.testing.assert_allclose(saved[f"control:dict:{name}"], mean, rtol=1e-5, atol=1e-7)
 
@@ -79,3 +80,11 @@ def test_the_servers_variate_is_the_mean_of_the_banks_and_travels_with_every_tra
 def test_scaffold_is_refused_under_encryption():
     with pytest.raises(ValueError, match="strategy.scaffold: SCAFFOLD's control variates"):
         check_strategy(config("strategy=scaffold"), encrypted=True)
+
+
+def test_the_servers_variate_moves_by_the_example_weighted_changes_of_the_banks_that_replied():
+    control = {"w": np.zeros(2, np.float32)}
+    changes = [({"w": np.array([1.0, 0.0], np.float32)}, 30.0), ({"w": np.array([0.0, 4.0], np.float32)}, 10.0)]
+    moved = moved_control(control, changes, banks=2)["w"]  # every bank replied: the weighted mean
+    np.testing.assert_allclose(moved, [0.75, 1.0])
+    np.testing.assert_allclose(moved_control(control, changes, banks=4)["w"], [0.375, 0.5])  # half the banks: |S|/N
