@@ -35,11 +35,11 @@ demo: install
 # Tests run in TEST_WORKERS processes (pytest-xdist), a test file per process so that a module's
 # fixtures (a consortium, a trained run) are built once; one thread each, as on the 2-core CI machine.
 TEST_WORKERS ?= 2
-PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # pytest exits 5 when it collected no test: report that as a failure of the suite, not a pass.
 test: install-dev
-	$(PYTEST) --timeout=1200 -q -m "" ; rc=$$?; \
+	$(PYTEST) --timeout=1200 -q -m "" --durations=20 ; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 # Everything not marked slow: the unit and component tests, about 1.5 minutes on 2 cores.

@@ -20,6 +20,28 @@ mark_session()
 SESSION_START = time.time() - 1.0  # create times are rounded to the clock tick
 
 
+# The files whose tests take minutes, longest first (measured on the 2-core machine). They are
+# collected first, and the Makefile's `--no-loadscope-reorder` makes xdist hand files out in
+# collection order, so the short files fill in around them. xdist's default puts the files with the
+# most tests first, which left the audit and the process-hygiene runs alone at the end on one worker.
+MINUTES_LONG = (
+    "test_privacy_audit_e2e.py",
+    "test_process_hygiene.py",
+    "test_deployment.py",
+    "test_federation_sim.py",
+    "test_scale_bounds.py",
+    "test_he_simulation.py",
+    "test_registry.py",
+    "test_he_dp_deployment.py",
+    "test_dp_federation.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(MINUTES_LONG)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def _fail_on_leftovers(before: dict, what: str) -> None:
     left = leftovers(before, SESSION_START)
     if left:

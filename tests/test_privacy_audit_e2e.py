@@ -6,6 +6,7 @@ import json
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.config_dicts import config_dict
@@ -17,8 +18,13 @@ from fingpt_federated.simulations.audit import AUDIT_JSON, audit, operator_rows,
 
 @pytest.fixture
 def quick():
+    """The quick preset, its federations on one Ray CPU (one ClientApp actor) as in federation_helpers.config:
+    two tests already share the 2 cores and each actor pays its imports."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield compose(config_name="audit", overrides=["preset=quick"]).preset
+        preset = compose(config_name="audit", overrides=["preset=quick"]).preset
+        with open_dict(preset):
+            preset.sim = [*preset.sim, "simulation.total_cpus=1"]
+        yield preset  # inside: the audit composes its federations' configs in this Hydra context
 
 
 @pytest.mark.slow
