@@ -29,8 +29,9 @@ install: $(VENV)/.stamp-install
 install-dev: $(VENV)/.stamp-dev
 
 demo: install
-	@echo "Running the default federation: 5 synthetic banks, FedProx, MiniLM + LoRA, 3 rounds (outputs/...)"
-	$(BIN)/fingpt-sim
+	@echo "Running the default federation: 5 synthetic banks, FedProx, MiniLM + LoRA, 3 rounds (outputs/...),"
+	@echo "then the same banks pooled and each bank alone, and each bank's personalised head, for the comparison"
+	$(BIN)/fingpt-sim baseline=true personalize.steps=20
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), a test file per process so that a module's
 # fixtures (a consortium, a trained run) are built once; one thread each, as on the 2-core CI machine.
