@@ -36,7 +36,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fingpt_federated.federation import protocol
@@ -50,6 +49,7 @@ from fingpt_federated.privacy.update_binding import (
     UpdateBinding,
     UpdateRejected,
 )
+from fingpt_federated.server.strategy_wrapper import StrategyWrapper
 
 
 def plaintext_aggregation(strategy: type[Strategy]) -> bool:
@@ -58,8 +58,10 @@ def plaintext_aggregation(strategy: type[Strategy]) -> bool:
     return not issubclass(strategy, FedAvg) or strategy.aggregate_train is not FedAvg.aggregate_train
 
 
-class EncryptedAggregation(Strategy):
+class EncryptedAggregation(StrategyWrapper):
     """A FedAvg-aggregating Flower strategy whose aggregation adds ciphertexts; see the module docstring."""
+
+    strategy: FedAvg
 
     def __init__(
         self, strategy: Strategy, *, he: HEContext, guard: ReplayGuard, guard_path: Path | None = None
@@ -73,26 +75,10 @@ class EncryptedAggregation(Strategy):
             raise SecretKeyRefused(
                 "the operator's strategy got a context holding the secret key; it takes the public one"
             )
-        self.strategy = strategy
+        super().__init__(strategy)
         self.he = he
         self.guard = guard
         self.guard_path = guard_path
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -28,9 +28,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+from fingpt_federated.server.strategy_wrapper import StrategyWrapper
 
 LORA_A = "lora_A."
 LORA_B = "lora_B."
@@ -91,29 +92,13 @@ def refit(
     return out, float(np.sqrt(before / total)), float(np.sqrt(after / total))
 
 
-class LoRAProductMean(Strategy):
+class LoRAProductMean(StrategyWrapper):
     """FedAvg or FedProx whose LoRA B factors are refitted to the mean of the banks' products."""
 
     def __init__(self, strategy: Strategy) -> None:
         if type(strategy) not in MEAN_STRATEGIES:
             raise TypeError(f"{type(strategy).__name__} does not aggregate by the weighted mean alone")
-        self.strategy = strategy
-
-    def summary(self) -> None:
-        self.strategy.summary()
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_train(server_round, arrays, config, grid)
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
+        super().__init__(strategy)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

@@ -32,18 +32,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fingpt_federated.federation import protocol
+from fingpt_federated.server.strategy_wrapper import StrategyWrapper
 
 
-class Scaffold(Strategy):
+class Scaffold(StrategyWrapper):
     """The wrapped strategy plus SCAFFOLD's server control variate; see the module docstring."""
 
     def __init__(self, strategy: Strategy) -> None:
-        self.strategy = strategy
+        super().__init__(strategy)
         self.control: dict[str, np.ndarray] = {}
         self._banks = 0
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -56,14 +54,6 @@ class Scaffold(Strategy):
         for message in messages:
             message.content[protocol.CONTROL] = record
         return messages
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
