@@ -158,6 +158,31 @@ def simulated_nodes(spec_path: Path, count: int) -> tuple[list[dict], dict]:
     return [{protocol.NODE_PARTITION_ID: i} for i in range(count)], {protocol.RUN_SPEC_PATH: str(spec_path)}
 
 
+class PushPullGrid(Grid):
+    """A stand-in SuperLink for tests of the ServerApp's own polling (server/reply_poll.py): subclasses
+    say which nodes exist and what a push and a pull do; the rest of Flower's Grid is not used."""
+
+    def set_run(self, run) -> None:  # noqa: ANN001 - unused
+        raise NotImplementedError
+
+    @property
+    def run(self):  # noqa: ANN201 - unused
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        raise AssertionError("PollingGrid must not call the wrapped grid's own send_and_receive")
+
+    @staticmethod
+    def reply(message: Message, content: RecordDict) -> Message:
+        """`content` as the reply of the node `message` went to."""
+        reply = Message(content, reply_to=message)
+        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
+        return reply
+
+
 class InProcessGrid(Grid):
     """Nodes 1..N, node i served by `client_app` with node config `node_configs[i-1]`."""
 

@@ -10,9 +10,8 @@ from collections.abc import Iterable
 
 import numpy as np
 import pytest
-from federation_helpers import server_identity
+from federation_helpers import PushPullGrid, server_identity
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fingpt_federated.server.app import RoundEnd
 from fingpt_federated.server.checkpoint import Checkpointer
@@ -21,7 +20,7 @@ from fingpt_federated.server.reply_poll import MAX_POLL_S, MIN_POLL_S, PollingGr
 from fingpt_federated.server.run_folder import TIMINGS_JSON
 
 
-class TimedGrid(Grid):
+class TimedGrid(PushPullGrid):
     """A stand-in SuperLink: node i's reply becomes available `delays[i]` seconds after the push;
     a node listed in `refused` gets no message id (the SuperLink refused it)."""
 
@@ -30,16 +29,6 @@ class TimedGrid(Grid):
         self.refused = refused
         self.pending: dict[str, tuple[float, Message]] = {}
         self.pulls = 0
-
-    def set_run(self, run) -> None:  # noqa: ANN001 - unused
-        raise NotImplementedError
-
-    @property
-    def run(self):  # noqa: ANN201 - unused
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.delays)
@@ -63,13 +52,8 @@ class TimedGrid(Grid):
             ready, message = self.pending.get(message_id, (float("inf"), None))
             if message is not None and ready <= now:
                 del self.pending[message_id]
-                reply = Message(RecordDict({"metrics": MetricRecord({"n": 1})}), reply_to=message)
-                reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
-                replies.append(reply)
+                replies.append(self.reply(message, RecordDict({"metrics": MetricRecord({"n": 1})})))
         return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        raise AssertionError("PollingGrid must not call the wrapped grid's own send_and_receive")
 
 
 def messages(nodes: Iterable[int]) -> list[Message]:

@@ -10,9 +10,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
-from federation_helpers import config, server_identity
+from federation_helpers import PushPullGrid, config, server_identity
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fingpt_federated.config_dicts import config_dict
@@ -218,23 +217,13 @@ def test_a_bad_prefix_or_container_is_refused():
 # --- through the ServerApp's grid ---------------------------------------------------------------
 
 
-class EchoGrid(Grid):
+class EchoGrid(PushPullGrid):
     """A stand-in SuperLink whose bank answers each message at once with `answer(message as pushed)`."""
 
     def __init__(self, answer: Callable[[Message], RecordDict]) -> None:
         self.answer = answer
         self.pushed: list[Message] = []
         self.pending: dict[str, Message] = {}
-
-    def set_run(self, run) -> None:  # noqa: ANN001 - unused
-        raise NotImplementedError
-
-    @property
-    def run(self):  # noqa: ANN201 - unused
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: ANN001, ANN201
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return [1]
@@ -252,13 +241,8 @@ class EchoGrid(Grid):
         replies = []
         for message_id in list(message_ids):
             message = self.pending.pop(message_id)
-            reply = Message(self.answer(message), reply_to=message)
-            reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
-            replies.append(reply)
+            replies.append(self.reply(message, self.answer(message)))
         return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        raise AssertionError("PollingGrid must not call the wrapped grid's own send_and_receive")
 
 
 def train_message(arrays: ArrayRecord) -> Message:
