@@ -84,7 +84,8 @@ class Series:
 
     wide: `features` maps each feature to its columns, oldest first. long: events of `path` keyed by
     `key` through `id_columns` (one 0/1 role feature each when several), ordered by `time_column`, with
-    `value_columns`, the time since the previous event (`time_delta`), the latest `max_steps` kept.
+    `value_columns`, the time since the previous event (`time_delta`), the latest `max_steps` kept;
+    the events file is read under its own `table:` options (a layout of its own, not `data.table`'s).
     windows: `features` (a list) of each `group_column` group ordered by `time_column`, windows of
     `length` steps every `stride`, `scale: first_step` for values relative to the window's first step.
     """
@@ -92,6 +93,7 @@ class Series:
     layout: str = MISSING  # wide | long | windows
     features: Any = None
     path: str | None = None
+    table: TableOptions = field(default_factory=TableOptions)
     key: str | None = None
     id_columns: list[str] = field(default_factory=list)
     time_column: str | None = None

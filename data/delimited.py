@@ -13,7 +13,7 @@ import csv
 import io
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,14 @@ class TableReading:
     quote: str | None = '"'
     comment: str | None = None
     skip_rows: int = 0
+    key: str = field(default="data.table", compare=False)  # where the block is, for error messages
 
     @classmethod
-    def of(cls, table: Mapping[str, Any] | None) -> TableReading:
-        """The options of a `table:` block (None: the defaults), or a DataConfigError naming the bad key."""
+    def of(cls, table: Mapping[str, Any] | None, key: str = "data.table") -> TableReading:
+        """The options of a `table:` block at `key` (None: the defaults), or a DataConfigError naming the bad key."""
         options = dict(table or {})
         columns = options.get("columns")
-        reading = cls(**{**options, "columns": None if columns is None else tuple(str(c) for c in columns)})
+        reading = cls(**{**options, "columns": None if columns is None else tuple(str(c) for c in columns), "key": key})
         reading.check()
         return reading
 
@@ -51,22 +52,24 @@ class TableReading:
     def check(self) -> None:
         if self.delimiter != WHITESPACE and (len(self.delimiter) != 1 or self.delimiter in "\r\n"):
             raise DataConfigError(
-                "data.table.delimiter", f"must be one character or {WHITESPACE!r}, got {self.delimiter!r}"
+                f"{self.key}.delimiter", f"must be one character or {WHITESPACE!r}, got {self.delimiter!r}"
             )
         for key in ("quote", "comment"):
             value = getattr(self, key)
             if value is not None and (len(value) != 1 or value in "\r\n" or value.isspace()):
-                raise DataConfigError(f"data.table.{key}", f"must be one character or null, got {value!r}")
+                raise DataConfigError(f"{self.key}.{key}", f"must be one character or null, got {value!r}")
             if value is not None and value == self.delimiter:
-                raise DataConfigError(f"data.table.{key}", f"{value!r} is also the delimiter")
+                raise DataConfigError(f"{self.key}.{key}", f"{value!r} is also the delimiter")
         if self.quote is not None and self.quote == self.comment:
-            raise DataConfigError("data.table.comment", f"{self.comment!r} is also the quote character")
+            raise DataConfigError(f"{self.key}.comment", f"{self.comment!r} is also the quote character")
         if self.skip_rows < 0:
-            raise DataConfigError("data.table.skip_rows", f"must be 0 or more, got {self.skip_rows}")
+            raise DataConfigError(f"{self.key}.skip_rows", f"must be 0 or more, got {self.skip_rows}")
         if not self.header and not self.columns:
-            raise DataConfigError("data.table.columns", "a file without a header (data.table.header: false) needs them")
+            raise DataConfigError(
+                f"{self.key}.columns", f"a file without a header ({self.key}.header: false) needs them"
+            )
         if self.columns is not None:
-            _check_names(list(self.columns), "data.table.columns")
+            _check_names(list(self.columns), f"{self.key}.columns")
 
 
 def read_delimited(path: Path, text: str, reading: TableReading) -> pd.DataFrame:
@@ -108,7 +111,7 @@ def _csv_records(path: Path, text: str, reading: TableReading) -> Iterator[Recor
         except StopIteration:
             return
         except csv.Error as error:
-            hint = "" if reading.quote is None else f" (a {reading.quote} quote never closed? see data.table.quote)"
+            hint = "" if reading.quote is None else f" (a {reading.quote} quote never closed? see {reading.key}.quote)"
             raise DataError(path, f"not a valid delimited table: {error}{hint}", row=_row(line, reading)) from None
         if _skipped(lines[start], reading):
             continue
@@ -147,7 +150,7 @@ def _header_names(path: Path, header: list[str], reading: TableReading) -> list[
         if len(reading.columns) != len(names):
             raise DataError(
                 path,
-                f"data.table.columns names {len(reading.columns)} columns but the header has {len(names)}",
+                f"{reading.key}.columns names {len(reading.columns)} columns but the header has {len(names)}",
             )
         return list(reading.columns)
     try:
@@ -166,7 +169,7 @@ def _check_names(names: list[str], source: str) -> None:
 
 
 def _field_count(found: int, names: list[str], reading: TableReading) -> str:
-    source = "the header" if reading.header and not reading.columns else "data.table.columns"
+    source = "the header" if reading.header and not reading.columns else f"{reading.key}.columns"
     delimiter = "whitespace" if reading.delimiter == WHITESPACE else repr(reading.delimiter)
     message = f"{found} fields, but {source} names {len(names)} columns (delimiter {delimiter})"
     if found > len(names) and reading.delimiter != WHITESPACE and reading.quote is not None:

@@ -60,7 +60,7 @@ def long_series(
 
 def _events(cfg: Mapping[str, Any], fmt: str | None, encoding: str) -> pd.DataFrame:
     """The event table in long form: one row per (record key, event), numeric features only."""
-    raw = read_table(cfg["path"], fmt, encoding)
+    raw = read_table(cfg["path"], fmt, encoding, cfg.get("table"), "data.series.table")
     id_columns, time_column = list(cfg["id_columns"]), cfg["time_column"]
     value_columns = list(cfg.get("value_columns") or [])
     require_columns(raw, id_columns + [time_column] + value_columns, "series")

@@ -37,14 +37,19 @@ def resolve_paths(pattern: str | Path) -> list[Path]:
 
 
 def read_table(
-    pattern: str | Path, fmt: str | None = None, encoding: str = "utf-8", table: Mapping[str, Any] | None = None
+    pattern: str | Path,
+    fmt: str | None = None,
+    encoding: str = "utf-8",
+    table: Mapping[str, Any] | None = None,
+    table_key: str = "data.table",
 ) -> pd.DataFrame:
     """All files of `pattern` stacked into one frame; `_source` and `_row` say where each row came from.
 
-    `table` is the data config's `table:` block (delimited files only; None = comma-separated with a
-    header). `_row` of a delimited file counts the file's lines (data/delimited.py); of JSONL, its records.
+    `table` is a `table:` block of the data config, at `table_key` (delimited files only; None =
+    comma-separated with a header). `_row` of a delimited file counts the file's lines
+    (data/delimited.py); of JSONL, its records.
     """
-    reading = TableReading.of(table)
+    reading = TableReading.of(table, table_key)
     frames = []
     for path in resolve_paths(pattern):
         frame = _read_one(path, fmt or _format_of(path), encoding, reading)
@@ -68,7 +73,7 @@ def _read_one(path: Path, fmt: str, encoding: str, reading: TableReading) -> pd.
     if path.stat().st_size == 0:
         raise DataError(path, "file is empty")
     if fmt != "csv" and not reading.is_default():
-        raise DataError(path, f"data.table options apply to delimited text (format csv), not {fmt}")
+        raise DataError(path, f"{reading.key} options apply to delimited text (format csv), not {fmt}")
     if fmt == "parquet":
         frame = _read_parquet(path)
     elif fmt in ("csv", "jsonl"):

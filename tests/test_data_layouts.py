@@ -8,6 +8,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from fingpt_federated.data.bank_data import BankData, load_bank, save_bank
+from fingpt_federated.data.errors import DataConfigError
 from fingpt_federated.data.loading import load_dataset, load_splits
 from tests.conftest import require_shared_data
 
@@ -60,6 +61,25 @@ def test_long_layout_pads_ragged_sequences_at_the_end(tmp_path):
     data = load_dataset(events_config(tmp_path, max_steps=5))
     assert data.mask.sum(axis=1).tolist() == [4, 3, 0]
     assert data.mask[1].tolist() == [True, True, True, False, False]
+
+
+def test_an_events_file_is_read_under_its_own_table_options(tmp_path):
+    """A headerless `;` export with a comment line, as the records file (a plain CSV) is not."""
+    cfg = events_config(tmp_path)
+    rows = pd.read_csv(tmp_path / "tx.csv")
+    lines = ["# transfers export"] + [";".join(str(v) for v in row) for row in rows.itertuples(index=False)]
+    (tmp_path / "tx.txt").write_text("\n".join(lines) + "\n")
+    cfg["series"] |= {"path": str(tmp_path / "tx.txt"), "table": {"delimiter": ";", "header": False, "comment": "#"}}
+    cfg["format"] = "csv"
+    cfg["series"]["table"]["columns"] = list(rows.columns)
+    from_export = load_dataset(cfg)
+    from_csv = load_dataset(events_config(tmp_path))
+    np.testing.assert_array_equal(from_export.series, from_csv.series)
+    assert from_export.texts == from_csv.texts
+
+    cfg["series"]["table"] = {"delimiter": ";", "header": False}  # no column names for a headerless file
+    with pytest.raises(DataConfigError, match=r"data\.series\.table\.columns"):
+        load_dataset(cfg)
 
 
 def test_windows_label_the_direction_horizon_steps_ahead(tmp_path):
