@@ -63,18 +63,26 @@ class PredictResponse(BaseModel):
     predictions: list[PredictionOut]
 
 
-class Health(BaseModel):
-    status: str
-    variant: str
-    model_hash: str
-    cache_hits: int
-    cache_misses: int
+class Capabilities(BaseModel):
+    """What the served model takes and gives: found by its self-check (infer/self_check.py) before the
+    service binds its port, reported by /health."""
+
+    model_config = ConfigDict(frozen=True)
+
     classes: list[str]
     text: bool
     series: bool
     num_features: int
     max_series_steps: int
     explain: bool
-    self_check: str
+    self_check: str = "passed"
+
+
+class Health(Capabilities):
+    status: str
+    variant: str
+    model_hash: str
+    cache_hits: int
+    cache_misses: int
     limits: dict[str, int | float]
     in_progress: int

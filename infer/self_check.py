@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fingpt_federated.infer.inputs import expects_text, records_to_dataset, static_features
 from fingpt_federated.infer.predictor import Prediction, Predictor
+from fingpt_federated.infer.schemas import Capabilities
 
 SELF_CHECK_TEXT = "The company reported quarterly results in line with expectations."
 SUM_TOLERANCE = 1e-4
@@ -25,19 +25,6 @@ SUM_TOLERANCE = 1e-4
 
 class SelfCheckError(ValueError):
     """The model failed its self-check prediction: it must not be served."""
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What the served model takes and gives (reported by /health once the self-check passed)."""
-
-    classes: list[str]
-    text: bool
-    series: bool
-    num_features: int
-    max_series_steps: int
-    explain: bool
-    self_check: str = "passed"
 
 
 def synthetic_record(manifest: Mapping[str, Any]) -> dict[str, Any]:

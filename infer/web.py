@@ -20,7 +20,6 @@ import asyncio
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -83,7 +82,7 @@ def create_app(service: PredictionService, limits: Limits | None = None, api_key
             model_hash=service.model_hash,
             cache_hits=service.cache.hits,
             cache_misses=service.cache.misses,
-            **asdict(capabilities),
+            **capabilities.model_dump(),
             limits=limits.as_dict(),
             in_progress=scheduler.in_progress,
         )
