@@ -192,7 +192,7 @@ def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
 
 def he_rows() -> list[dict]:
     """Under HE the operator holds ciphertexts only: its best guess is the prior, so these are not run."""
-    text = "ciphertext only (CKKS under the banks' key; the operator has the public context): attack has no input"
+    text = "ciphertext only (BFV or CKKS, the banks' key; the operator has the public context): attack has no input"
     return [
         {"view": "he", "attack": "label_histogram", "success": None, "note": text},
         {"view": "he", "attack": "batch_membership_auc", "success": 0.5, "note": text + "; chance"},

@@ -7,7 +7,7 @@ Both runs are `fingpt-sim` on Flower's simulation engine with the same seeded ba
 work; only `privacy` differs. Round time is the ServerApp's `round_seconds` (train and evaluate
 phases with aggregation, without the central test evaluation the encrypted run cannot do),
 averaged over rounds 2.. (round 1 includes starting Ray's actors and building the model in them).
-Bytes are the model state per bank per parameter in the last round (privacy.he: CKKS ciphertexts
+Bytes are the model state per bank per parameter in the last round (privacy.he: BFV or CKKS ciphertexts
 up and down; none: fp32 arrays). Writes bench_he_rounds.json in the output folder.
 """
 

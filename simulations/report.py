@@ -146,7 +146,7 @@ def plot_task_metrics(history: History, choice: RoundChoice | None, path: Path) 
 def wire_bytes_per_parameter(history: History, num_params: int) -> tuple[float, float]:
     """Model-state bytes per parameter per bank in the last trained round: (upload, train download).
 
-    fp32 arrays are 4 (plus a few header bytes); CKKS ciphertexts are what he.yaml's parameters
+    fp32 arrays are 4 (plus a few header bytes); BFV or CKKS ciphertexts are what he.yaml's parameters
     make them. The first round of an encrypted run downloads nothing (no aggregate yet), hence the
     last round.
     """

@@ -10,7 +10,7 @@
 - Membership in the round's data: a known record's loss under the update minus its loss under the
   global state the bank started from; a record the bank trained on drops more.
 
-Under HE the operator holds CKKS ciphertexts under the banks' key and the public context only: it
+Under HE the operator holds BFV or CKKS ciphertexts under the banks' key and the public context only: it
 cannot decrypt a bank's update or even the sum, so neither attack has an input; its best is the prior
 (the uniform histogram, membership at chance).
 """
