@@ -5,6 +5,9 @@ the secret context to every bank confidentially and the public one to the operat
 starts with `--he-context` and `--binding-key`; after the run a bank turns the final encrypted
 global into a plaintext state for publishing with `he-decrypt`.
 
+After a run, `personalize` fine-tunes the bank's head on top of the published global model and keeps
+it in the bank's state folder (or `--publish`es it) when it does better on the bank's validation split.
+
 Exit codes: 0 done, 1 other failure, 2 invalid data or arguments, 3 server unreachable,
 4 key refused (not registered), 5 TLS verification failed.
 """
@@ -35,9 +38,12 @@ from fingpt_federated.federation.node_keys import (
     load_bank_private_key,
     load_public_key,
 )
+from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.privacy.update_binding import write_mac_key
 
 EXIT_INVALID = 2
+PERSONAL_MODEL_DIR = "personalised-model"
+DEFAULT_TRAIN = TrainConfig()
 
 
 def fail(message: str, code: int) -> int:
@@ -95,6 +101,45 @@ def cmd_he_decrypt(args: argparse.Namespace) -> int:
         return fail(str(exc), EXIT_INVALID)
     print(f"plaintext global state (values rounded to bfloat16): {out}")
     return 0
+
+
+def cmd_personalize(args: argparse.Namespace) -> int:
+    """Fine-tune the bank's head on top of the published global model; keep (or publish) it if it does better."""
+    from fingpt_federated.client.personal_model import personalise_published
+    from fingpt_federated.client.state_folder import bank_state_dir
+
+    out = args.publish or args.out or bank_state_dir(args.data, args.state_dir) / PERSONAL_MODEL_DIR
+    try:
+        train = TrainConfig(
+            lr=args.lr, batch_size=args.batch_size, monitor=args.monitor, seed=args.seed, progress=False
+        )
+        done = personalise_published(
+            args.model,
+            args.data,
+            out,
+            train,
+            steps=args.steps,
+            variants=args.variants,
+            expected_hash=args.model_hash,
+            readable=args.publish is not None,
+        )
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # a damaged model, bad data, an existing folder
+        return fail(str(exc), EXIT_INVALID)
+    result = done.personalization
+    scores = f"{train.monitor} on the validation split: global {_metric(result.valid_global, train.monitor)}, "
+    scores += f"personalised {_metric(result.valid_personalised, train.monitor)}"
+    if done.out is None or done.card is None:
+        print(f"bank {done.bank}: the global model stays the better one ({scores}); nothing written")
+        return 0
+    shared = "readable by others" if args.publish else "owner-only"
+    print(f"bank {done.bank}: personalised head kept ({scores}, {result.steps} steps, {result.seconds:.1f} s)")
+    print(f"personalised model: {done.out} ({shared}, model hash {done.card['model_hash']}); serve it with")
+    print(f"  fingpt-infer serve {done.out}")
+    return 0
+
+
+def _metric(metrics: dict[str, float] | None, monitor: str) -> str:
+    return "not measured (no validation split)" if metrics is None else f"{metrics[monitor]:.4f}"
 
 
 def node_options(args: argparse.Namespace) -> tuple[tuple[str, str | float | bool], ...]:
@@ -248,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--binding-key", type=Path, help="this bank's update-binding key, KEY.binding (encrypted runs)")
     start.set_defaults(handler=cmd_start)
 
+    add_personalize(commands)
+
     he_keygen = commands.add_parser("he-keygen", help="create the federation's BFV or CKKS contexts (one bank, once)")
     he_keygen.add_argument(
         "--out", type=Path, required=True, help="folder for he_secret.ctx, he_public.ctx, fingerprint"
@@ -268,6 +315,32 @@ def build_parser() -> argparse.ArgumentParser:
     he_decrypt.add_argument("--out", type=Path, required=True, help="the plaintext federated state (.safetensors)")
     he_decrypt.set_defaults(handler=cmd_he_decrypt)
     return parser
+
+
+def add_personalize(commands: argparse._SubParsersAction) -> None:
+    personal = commands.add_parser(
+        "personalize", help="fine-tune this bank's head on the published global model; keep or publish it"
+    )
+    personal.add_argument("--model", type=Path, required=True, help="the published global model folder")
+    personal.add_argument("--data", type=Path, required=True, help="bank data config (.yaml) or a prepared bank folder")
+    personal.add_argument("--model-hash", help="the global model hash the operator announced; any other is refused")
+    where = personal.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", type=Path, help=f"keep it here, owner-only (default: STATE_DIR/{PERSONAL_MODEL_DIR}); must not exist"
+    )
+    where.add_argument("--publish", type=Path, help="write it here readable by others (to serve it); must not exist")
+    personal.add_argument("--state-dir", type=Path, help="the bank's state folder (default: state/ beside its data)")
+    personal.add_argument("--steps", type=int, default=20, help="optimizer steps of the head's fine-tuning")
+    personal.add_argument("--lr", type=float, default=DEFAULT_TRAIN.lr, help="learning rate")
+    personal.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN.batch_size, help="batch size")
+    personal.add_argument(
+        "--monitor",
+        default=DEFAULT_TRAIN.monitor,
+        help="validation metric that decides whether the head is kept (loss, accuracy, macro_f1, roc_auc)",
+    )
+    personal.add_argument("--seed", type=int, default=0, help="seed of the batch order")
+    personal.add_argument("--variants", nargs="+", help="variants to write (default: the global model's)")
+    personal.set_defaults(handler=cmd_personalize)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fingpt_federated.client import encryption, hostile, scaffold
 from fingpt_federated.client.app import planned_steps
+from fingpt_federated.client.state_folder import bank_state_dir
 from fingpt_federated.client.training import private_config, train_local
 from fingpt_federated.data.bank_data import BankData, load_bank
 from fingpt_federated.federation import protocol, run_inputs
@@ -304,10 +305,7 @@ def reports_validation(task: RoundTask, site: BankSite, context: Context) -> boo
 def state_dir(site: BankSite, context: Context) -> Path:
     """Node config `state-dir`, else `state` inside a prepared bank folder or beside a data config."""
     configured = context.node_config.get(protocol.NODE_STATE_DIR)
-    if configured:
-        return Path(str(configured)).expanduser()
-    data = Path(site.path).expanduser()
-    return (data if data.is_dir() else data.parent) / "state"
+    return bank_state_dir(site.path, str(configured) if configured else None)
 
 
 def evaluate_global(content: RecordDict, context: Context) -> RecordDict:

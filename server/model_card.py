@@ -113,6 +113,7 @@ def markdown(card: Mapping[str, Any]) -> str:
         f"| state | {card['state_source']} |",
         "",
         *_selection_lines(card),
+        *_personalization_lines(card),
         "## Final metrics",
         "",
         *_metric_lines(card["metrics"]),
@@ -148,6 +149,28 @@ def _selection_lines(card: Mapping[str, Any]) -> list[str]:
     )
     note = [selection["note"], ""] if selection.get("note") else []
     return ["## Published round", "", line, "", *note, *_metric_lines(card.get("selected_metrics") or {}), ""]
+
+
+def _personalization_lines(card: Mapping[str, Any]) -> list[str]:
+    """A bank's personalised model (client/personal_model.py): from which global model, what changed, the check."""
+    found = card.get("personalization")
+    if not found:
+        return []
+    monitor = found["train"]["monitor"]
+    scores = [
+        f"{name} {_value((found[key] or {}).get(monitor))}"
+        for name, key in (("global", "valid_global"), ("personalised", "valid_personalised"))
+    ]
+    return [
+        "## Personalisation",
+        "",
+        f"Bank {found['bank']} fine-tuned the {found['part']} of the global model `{found['global_model_hash']}` "
+        f"for {found['steps']} steps on its {found['train_rows']} train rows and kept it: {monitor} on its "
+        f"{found['valid_rows']} validation rows {', '.join(scores)}.",
+        "",
+        f"Privacy: {found['privacy']}.",
+        "",
+    ]
 
 
 def _value(value: Any) -> str:

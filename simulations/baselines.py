@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from fingpt_federated.client.app import planned_steps
+from fingpt_federated.client.personalization import fit_to_bank
 from fingpt_federated.client.training import train_local
 from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
@@ -29,8 +30,6 @@ from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
-from fingpt_federated.model.features import fit_features_on
-from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.state import federated_state, load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.classical_baseline import classical_results
@@ -145,15 +144,6 @@ def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult
         for kind, bank, rows, seconds, metrics in classical_results(banks, pool, test, int(cfg.get("seed", 0))):
             results.append(BaselineResult(kind, bank, 0, rows, seconds, metrics))
     return results
-
-
-def fit_to_bank(model: HybridFinGPT, train: BankDataset) -> None:
-    """The statistics a bank fits on its own train rows (series normaliser, static features), refitted."""
-    if train.series is not None and train.mask is not None:  # BankDataset: a series has its mask
-        model.fit_normalizer(train.series, train.mask)
-    if model.features is not None:
-        model.features.fitted.fill_(False)  # refitted on this bank's rows
-    fit_features_on(model, train)
 
 
 def mean_local(results: list[BaselineResult], metric: str = "accuracy") -> float:

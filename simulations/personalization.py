@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from fingpt_federated.client.personalization import personalize
+from fingpt_federated.client.personalization import fit_to_bank, personalize
 from fingpt_federated.conf.schema import PersonalizeConfig
 from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
@@ -28,7 +28,7 @@ from fingpt_federated.model.build import build_model
 from fingpt_federated.model.evaluation import evaluate
 from fingpt_federated.model.state import load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
-from fingpt_federated.simulations.baselines import CENTRALIZED, LOCAL, BaselineResult, fit_to_bank
+from fingpt_federated.simulations.baselines import CENTRALIZED, LOCAL, BaselineResult
 from fingpt_federated.simulations.table_format import figure
 from fingpt_federated.structured_config import build
 
