@@ -11,7 +11,8 @@ federated state seen is restored at the end.
 FedProx: with `proximal_mu > 0` the gradient of every stepped parameter gets
 `mu * (w - w_global)` in an optimizer step pre-hook (see client/proximal.py for why a hook and
 not a loss term). `global_state` defaults to the state the model starts from. SCAFFOLD: with
-`drift_correction` every step is followed by w -= lr * (c - c_i) (client/scaffold.py).
+`drift_correction` every step is followed by w -= lr * (c - c_i) (client/scaffold.py). FedDyn: with
+`linear_term` (g_k) every gradient gets -g_k in a pre-hook as FedProx's term (client/feddyn.py).
 
 Label skew: with `logit_adjustment` tau > 0 the training loss is the logit-adjusted cross-entropy
 of Menon et al. (2021), CE(logits + tau * log prior, y), with the prior of this bank's own
@@ -49,6 +50,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from fingpt_federated.client.feddyn import add_linear_term
 from fingpt_federated.client.proximal import add_proximal_correction
 from fingpt_federated.client.scaffold import add_drift_correction
 from fingpt_federated.data.batching import Batch, make_loader
@@ -148,6 +150,7 @@ def train_local(
     global_state: Mapping[str, torch.Tensor] | None = None,
     proximal_mu: float = 0.0,
     drift_correction: Mapping[str, torch.Tensor] | None = None,
+    linear_term: Mapping[str, torch.Tensor] | None = None,
     max_steps: int | None = None,
     privacy: DPTask | None = None,
 ) -> TrainResult:
@@ -194,6 +197,9 @@ def train_local(
     drift = None
     if drift_correction is not None:
         drift = add_drift_correction(optimizer if private is None else private.optimizer, model, drift_correction)
+    linear = None
+    if linear_term is not None:
+        linear = add_linear_term(optimizer if private is None else private.optimizer, model, linear_term)
 
     stopper = _EarlyStopping(cfg.monitor, cfg.patience)
     history: list[dict[str, float]] = []
@@ -229,6 +235,8 @@ def train_local(
             proximal.remove()
         if drift is not None:
             drift.remove()
+        if linear is not None:
+            linear.remove()
         epsilon = private.finish() if private is not None else None
     if private is not None and losses:
         assert_state_changed(before, federated_state(model), stepped)

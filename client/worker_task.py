@@ -60,7 +60,7 @@ from flwr.app import (
 from flwr.common import log
 from transformers import PreTrainedTokenizerBase
 
-from fingpt_federated.client import encryption, hostile, scaffold
+from fingpt_federated.client import encryption, feddyn, hostile, scaffold
 from fingpt_federated.client.app import planned_steps
 from fingpt_federated.client.state_folder import bank_state_dir
 from fingpt_federated.client.training import private_config, train_local
@@ -127,6 +127,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     steps = max(1, math.ceil(site.work * planned))
     anchor = federated_state(worker.model)
     variates = _BankVariates.start(content, task, site, context)
+    dynamic = _BankGradient.start(task, site, context, anchor)
     try:
         result = train_local(
             worker.model,
@@ -134,8 +135,9 @@ def train(content: RecordDict, context: Context) -> RecordDict:
             bank.train,
             cfg,
             global_state=anchor,
-            proximal_mu=task.proximal_mu,
+            proximal_mu=task.proximal_mu if dynamic is None else task.feddyn_alpha,
             drift_correction=None if variates is None else variates.correction(),
+            linear_term=None if dynamic is None else dynamic.gradient,
             max_steps=steps,
             privacy=privacy,
         )
@@ -175,6 +177,8 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         )
         metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
     control = {} if variates is None else variates.finish(anchor, federated_state(worker.model), result.steps, cfg.lr)
+    if dynamic is not None:
+        dynamic.finish(anchor, federated_state(worker.model), task.feddyn_alpha)
     return RecordDict(
         {
             **_update(task, site, context, worker, result.examples, anchor),
@@ -218,6 +222,30 @@ class _BankVariates:
         scaffold.save_variate(self.path, new)
         change = {name: new[name] - self.bank[name] for name in new}
         return {protocol.CONTROL_UPDATE: protocol.state_to_record(change)}
+
+
+@dataclass
+class _BankGradient:
+    """FedDyn in this round (client/feddyn.py): the bank's g_k and where it keeps it."""
+
+    gradient: dict[str, torch.Tensor]
+    path: Path
+
+    @classmethod
+    def start(
+        cls, task: RoundTask, site: BankSite, context: Context, sent: Mapping[str, torch.Tensor]
+    ) -> _BankGradient | None:
+        """The bank's g_k when the round is FedDyn's; None otherwise."""
+        if task.feddyn_alpha <= 0:
+            return None
+        if task.encrypted:
+            raise ValueError("FedDyn's server correction needs the plaintext average: not with an encrypted round")
+        path = state_dir(site, context) / "feddyn" / f"{task.control_run or 'run'}.safetensors"
+        return cls(scaffold.load_variate(path, sent), path)
+
+    def finish(self, sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], alpha: float) -> None:
+        """Keep the bank's new g_k (nothing travels: the server's h follows from the states)."""
+        scaffold.save_variate(self.path, feddyn.updated_gradient(self.gradient, sent, trained, alpha))
 
 
 def _new_backbone_loads() -> int:

@@ -63,6 +63,7 @@ class StrategyConfig:
     local_lr_final: float | None = None  # banks' lr: cosine from model.train.lr to this over the rounds; None: constant
     server_lr_final: float | None = None  # FedOpt eta / FedAvgM server_learning_rate: cosine to this; None: constant
     scaffold: bool = False  # SCAFFOLD control variates against client drift (server/scaffold.py, client/scaffold.py)
+    feddyn_alpha: float = 0.0  # > 0: FedDyn's dynamic regularisation, this alpha (server/feddyn.py)
 
 
 @dataclass

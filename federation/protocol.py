@@ -45,6 +45,7 @@ LOCAL_LR = "local-lr"  # this round's local learning rate (strategy.local_lr_fin
 CONTROL = "scaffold-control"  # train message: the server's SCAFFOLD control variate c (an ArrayRecord)
 CONTROL_UPDATE = "scaffold-update"  # train reply: the bank's change of its own variate, c_i+ - c_i (an ArrayRecord)
 CONTROL_RUN = "scaffold-run"  # train config: the run whose variate the bank keeps (the run folder's name)
+FEDDYN_ALPHA = "feddyn-alpha"  # train config: FedDyn's alpha (server/feddyn.py); the bank keeps g_k per CONTROL_RUN
 DP_CONFIG = "dp-config"
 """JSON of the federation's `privacy.dp` block (absent: no DP); a bank may lay its own budget over it."""
 DP_RUN = "dp-run"
@@ -212,7 +213,9 @@ class RoundTask:
     he_initial_hash: str = ""
     he_run: str = ""
     control_run: str = ""
-    """SCAFFOLD: the run whose control variate the bank keeps ("" without SCAFFOLD)."""
+    """SCAFFOLD and FedDyn: the run whose control variate or g_k the bank keeps ("" without either)."""
+    feddyn_alpha: float = 0.0
+    """FedDyn's alpha (0: no FedDyn)."""
 
     @classmethod
     def from_config(cls, config: ConfigRecord) -> RoundTask:
@@ -238,6 +241,7 @@ class RoundTask:
             he_initial_hash=str(config.get(HE_INITIAL_HASH, "")),
             he_run=str(config.get(HE_RUN, "")),
             control_run=str(config.get(CONTROL_RUN, "")),
+            feddyn_alpha=float(_single(FEDDYN_ALPHA, config.get(FEDDYN_ALPHA, 0.0))),
         )
 
     @property

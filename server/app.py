@@ -155,7 +155,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
             dp=dp_round_config(cfg),
             dp_run=run_dir.resolve().name,
             he=encryption.round_config() if encryption else None,
-            control_run=run_dir.resolve().name if strat.get("scaffold", False) else "",
+            control_run=run_dir.resolve().name if strat.get("scaffold", False) or strat.get("feddyn_alpha") else "",
         )
         strategy.start(
             grid=grid,

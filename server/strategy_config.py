@@ -11,6 +11,7 @@ A `conf/strategy/*.yaml` entry:
     lora_aggregation: mean   # or product: LoRA B refitted to the mean of the banks' B·A (server/lora_product.py)
     local_lr_final, server_lr_final: null, or the rates a cosine decays to over the rounds (server/round_schedule.py)
     scaffold: false          # true: SCAFFOLD's control variates correct the banks' drift (server/scaffold.py)
+    feddyn_alpha: 0.0        # > 0: FedDyn's dynamic regularisation instead (server/feddyn.py)
 
 The sampling and minimum arguments (fraction_train, fraction_evaluate, min_*_nodes) come from
 `cfg.federation`, so they are refused in `options`; a class that takes `proximal_mu` (FedProx)
@@ -33,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from fingpt_federated.server.bank_rounds import BankRounds
 from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation, plaintext_aggregation
 from fingpt_federated.server.encrypted_run import EncryptedRun
+from fingpt_federated.server.feddyn import FedDyn
 from fingpt_federated.server.history import History
 from fingpt_federated.server.lora_product import MEAN_STRATEGIES, LoRAProductMean
 from fingpt_federated.server.round_schedule import SERVER_RATES, RoundSchedule, server_rate_attribute
@@ -89,6 +91,7 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             "strategy.scaffold: SCAFFOLD's control variates are the banks' update directions in plaintext, "
             "which HE (privacy=he or dp_he) is there to hide: use scaffold=false"
         )
+    _check_feddyn(strat, encrypted)
     if strat.get("server_lr_final") is not None and server_rate_attribute(flower) is None:
         raise ValueError(
             f"strategy.server_lr_final: Flower's {flower.__name__} takes no server step (none of "
@@ -96,6 +99,20 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
         )
     _check_lora_aggregation(str(strat.get("lora_aggregation", MEAN)), flower, encrypted)
     return StrategyChoice(flower, kwargs)
+
+
+def _check_feddyn(strat: DictConfig, encrypted: bool) -> None:
+    alpha = float(strat.get("feddyn_alpha", 0.0))
+    if alpha == 0:
+        return
+    if alpha < 0:
+        raise ValueError(f"strategy.feddyn_alpha must be >= 0 (0: no FedDyn), got {alpha}")
+    if encrypted:
+        raise ValueError("strategy.feddyn_alpha: FedDyn's server correction needs the plaintext average: not with HE")
+    if strat.get("scaffold", False):
+        raise ValueError("strategy.scaffold and strategy.feddyn_alpha are two drift corrections: choose one")
+    if float(strat.get("mu", 0.0)) > 0:
+        raise ValueError("strategy.feddyn_alpha: FedDyn's quadratic term is FedProx's with mu = alpha: leave mu at 0")
 
 
 def _check_lora_aggregation(how: str, flower: type[Strategy], encrypted: bool) -> None:
@@ -130,6 +147,8 @@ def build_strategy(
     scaffold = bool(cfg.strategy.get("scaffold", False))
     if scaffold:
         inner = Scaffold(inner)
+    if float(cfg.strategy.get("feddyn_alpha", 0.0)) > 0:
+        inner = FedDyn(inner, float(cfg.strategy.feddyn_alpha))
     check_update, update_gate = None, None
     if encryption is not None:
         inner = encrypted = EncryptedAggregation(inner, **encryption.strategy_kwargs())
