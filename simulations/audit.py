@@ -166,7 +166,10 @@ def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
     bias = next(name for name in after if name.endswith("head.1.bias"))
     tcfg = TrainConfig.from_mapping(config_dict(cfg.model.train))
     test = load_bank(folder / "federation" / "test").train
-    mean_p = scorer.logits(before, list(test.texts or []), test.labels).softmax(dim=1).mean(dim=0).numpy()
+    # the bias moves by the mean prediction of each step: between the round's two ends, the average of the two
+    texts = list(test.texts or [])
+    ends = [scorer.logits(state, texts, test.labels).softmax(dim=1).mean(dim=0).numpy() for state in (before, after)]
+    mean_p = np.mean(ends, axis=0)
     epochs = int(cfg.strategy.get("local_epochs") or tcfg.epochs)  # the round's task sets the epochs
     steps = math.ceil(len(bank.train) / tcfg.batch_size) * epochs
     estimate = operator_view.histogram_from_bias(

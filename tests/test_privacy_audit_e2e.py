@@ -9,11 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from fingpt_federated.conf import CONFIG_DIR
-from fingpt_federated.config_dicts import config_dict
-from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
-from fingpt_federated.simulations.attacks.scoring import Scorer
-from fingpt_federated.simulations.audit import AUDIT_JSON, audit, operator_rows, privacy_overrides, train
+from fingpt_federated.simulations.audit import AUDIT_JSON, audit
 
 
 @pytest.fixture
@@ -25,19 +22,6 @@ def quick():
         with open_dict(preset):
             preset.sim = [*preset.sim, "simulation.total_cpus=1"]
         yield preset  # inside: the audit composes its federations' configs in this Hydra context
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_label_histogram_is_recovered_from_one_real_plaintext_update(tiny_setting, quick, tmp_path):
-    hostile = {0: f"canaries:{int(quick.canaries)}"}
-    cfg, _ = train(quick, tmp_path, [*quick.operator_sim, *privacy_overrides(quick, None)], hostile)
-    scorer = Scorer(config_dict(cfg.model), load_bank(tmp_path / "federation" / "test").train.class_names)
-    histogram, batch = operator_rows(scorer, quick, tmp_path, cfg, "plaintext")
-    # 1 - total variation distance to the true label counts; measured 0.82 (issue 25's "exact or nearly" is not met yet)
-    assert histogram["success"] >= 0.75, histogram
-    assert sum(histogram["truth"]) == pytest.approx(sum(histogram["estimate"]), abs=1)
-    assert 0.0 <= batch["success"] <= 1.0
 
 
 @pytest.mark.slow
@@ -82,8 +66,13 @@ def test_quick_audit_has_power_and_never_certifies_more_than_the_ledger_spent(ti
         assert backdoors[name]["counted"] >= 20, backdoors[name]
         assert backdoors[name]["success_rate"] <= undefended["success_rate"] - 0.25, (backdoors[name], undefended)
         assert backdoors[name]["clean_accuracy"] >= floor["clean_accuracy"], (backdoors[name], floor)
-    views = {(row["view"], row["attack"]): row["success"] for row in saved["operator_view"]}
-    assert views[("plaintext", "label_histogram")] >= 0.75
+    views = {(row["view"], row["attack"]): row for row in saved["operator_view"]}
+    # issue 25: the label histogram of one plaintext update, recovered nearly (1 - total variation distance;
+    # measured 0.93 / 0.97 / 0.93 over 3 seeds; 0.82-0.83 with the sent state's predictions alone)
+    histogram = views[("plaintext", "label_histogram")]
+    assert histogram["success"] >= 0.9, histogram
+    assert sum(histogram["truth"]) == pytest.approx(sum(histogram["estimate"]), abs=1)
+    assert 0.0 <= views[("plaintext", "batch_membership_auc")]["success"] <= 1.0
     for name in ("audit.md", "roc.png", "backdoor.png"):
         assert (tmp_path / name).stat().st_size > 0
     card = audit_of_run(tmp_path / "federation_none")  # a model published from an audited run finds it

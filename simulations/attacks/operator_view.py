@@ -4,8 +4,10 @@
   batch is mean(p_c) - share of class c. Summed over a round of plain SGD steps, the bias moves by
   -lr * sum_steps(mean p_c - share_c), so share_c summed over the steps = sum_steps(mean p_c) + delta_b_c / lr.
   The operator knows lr, the steps and the batch size (it sets them) and the number of records (the
-  reply's num_examples); it estimates mean p_c by the global model's mean prediction on its own test
-  set. Exact up to how far the predictions move during the round; AdamW steps are normalised per
+  reply's num_examples); it estimates the round's mean p_c on its own test set by the mean prediction
+  of the state it sent and of the state it got back, averaged (the round's two ends: with the sent
+  state's alone, the quick preset's overlap was 0.82-0.83 over 3 seeds, with both ends 0.93-0.97).
+  Exact up to how the predictions move between the two ends; AdamW steps are normalised per
   coordinate and only give the classes' order; DP noise and clipping blur it.
 - Membership in the round's data: a known record's loss under the update minus its loss under the
   global state the bank started from; a record the bank trained on drops more.
