@@ -111,9 +111,9 @@ def private_config(cfg: TrainConfig, dp: DPSettings, server_round: int | None = 
 def reached_parameters(model: HybridFinGPT, data: BankDataset) -> list[str]:
     """Names of the trainable parameters that get a gradient from `data`'s kind of input.
 
-    Which ones depends only on whether the data has text, a series or both (series_proj only
-    serves series-only data, the fusion only text with a series), so the probe is a zero-valued
-    input of that kind and no record is read.
+    Which ones depends only on which inputs the data has: text, a series, static features (series_proj
+    only serves data without text, the fusion only text with a context), so the probe is a zero-valued
+    input of those kinds and no record is read. The model's feature encoder must be fitted.
     """
     device = next(model.parameters()).device
     probe: dict[str, torch.Tensor] = {}
@@ -123,6 +123,9 @@ def reached_parameters(model: HybridFinGPT, data: BankDataset) -> list[str]:
     if data.series is not None:
         probe["series"] = torch.zeros((1, 1, model.num_features), device=device)
         probe["series_mask"] = torch.ones((1, 1), dtype=torch.bool, device=device)
+    if data.features is not None:  # hash 0 of a category is its "unknown" row
+        probe["numeric"] = torch.zeros((1, data.features.numeric.shape[1]), device=device)
+        probe["categorical"] = torch.zeros((1, data.features.categorical.shape[1]), dtype=torch.long, device=device)
     params = trainable_parameters(model)
     model.zero_grad(set_to_none=True)
     with torch.random.fork_rng(devices=_cuda_indices(device)):  # dropout must not move the caller's RNG

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from pydantic import ValidationError
 
-from fingpt_federated.client.training import train_local
+from fingpt_federated.client.training import reached_parameters, train_local
 from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.data.config import data_config
 from fingpt_federated.data.errors import DataError
@@ -24,6 +24,9 @@ from fingpt_federated.model.merge import merge_lora
 from fingpt_federated.model.published import load_published, write_published
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.dp_budget import PrivacyLedger, ledger_path
+from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.privacy.dp_training import DPTask
 from fingpt_federated.privacy.he_context import HEParams, new_context
 from fingpt_federated.privacy.he_packing import decrypt_mean, encrypt_update, schema_of
 
@@ -131,6 +134,28 @@ def test_the_model_learns_from_features_and_unseen_categories_do_not_crash() -> 
     unseen = credit_table(20, 5).assign(purpose="holiday", housing="boat")
     logits = model(**_inputs(dataset(unseen)))
     assert torch.isfinite(logits).all()
+
+
+def test_dp_training_on_features_alone_steps_the_feature_encoder_and_learns(tmp_path) -> None:
+    """DP-SGD steps only the parameters the data reaches: with features and no text nor series those are the
+    feature encoder, series_proj and the head (before the probe fed features, none was found and no bank trained)."""
+    train, test = dataset(credit_table(600, 3)), dataset(credit_table(300, 4))
+    model, tokenizer = model_with_features()
+    before = federated_state(model)
+    dp = DPSettings(
+        enabled=True, accountant="rdp", logical_batch_size=64, physical_batch_size=64, lr=1e-2, planned_rounds=1
+    )
+    ledger = PrivacyLedger.open(
+        ledger_path(tmp_path, "run"), run="run", accountant="rdp", delta=dp.delta, target_epsilon=dp.target_epsilon
+    )
+    result = train_local(model, tokenizer, train, FAST, privacy=DPTask(dp, ledger, "1", seed=0))
+    after = federated_state(model)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == set(reached_parameters(model, train))
+    assert any(name.startswith("features.") for name in moved) and "head.1.weight" in moved
+    assert not any(name.startswith(("fusion.", "series_encoder.")) for name in moved)
+    assert result.epsilon is not None and result.epsilon <= 8.0
+    assert evaluate(model, tokenizer, test, 128)["roc_auc"] > 0.8
 
 
 def test_vocabulary_slots_are_the_same_in_every_bank() -> None:
