@@ -28,11 +28,10 @@ from typing import Any
 from fingpt_federated.client.personalization import HEAD, Personalization, fit_to_bank, personalize
 from fingpt_federated.data.bank_data import BankData, load_bank
 from fingpt_federated.infer.loading import open_model
+from fingpt_federated.model.card import variant_sizes, write_card
 from fingpt_federated.model.evaluation import check_compatible
 from fingpt_federated.model.published import PublishedModel, write_published
 from fingpt_federated.model.train_config import TrainConfig
-from fingpt_federated.server.model_card import write_card
-from fingpt_federated.server.publish import variant_sizes
 
 GLOBAL_CARD_KEYS = (
     "base_model",
@@ -45,6 +44,7 @@ GLOBAL_CARD_KEYS = (
     "run",
     "selection",
     "selected_metrics",
+    "audit",
 )
 TRAIN_KEYS = ("optimizer", "lr", "batch_size", "weight_decay", "monitor", "seed")
 MANIFEST_KEYS = ("class_names", "feature_names", "data")

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
+from fingpt_federated.model.card import CARD_FILES, CARD_JSON, model_hash
 from fingpt_federated.model.published import (
     PublishedModel,
     file_sha256,
     load_published,
     variant_files,
 )
-from fingpt_federated.server.model_card import CARD_FILES, CARD_JSON, model_hash
 
 
 class ModelFilesError(ValueError):

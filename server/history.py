@@ -12,11 +12,12 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fingpt_federated.model.task_metrics import resolve_shares
+from fingpt_federated.strict_json import jsonable
 
 FEDERATION = "federation"
 CENTRAL = "central"
@@ -103,14 +104,3 @@ class History:
 
 def _cell(value: float | None) -> str:
     return "" if value is None else repr(value)
-
-
-def jsonable(value: Any) -> Any:
-    """`value` with NaN and infinities as None (null): strict JSON readers reject them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: jsonable(item) for key, item in value.items()}
-    if isinstance(value, Iterable) and not isinstance(value, str):
-        return [jsonable(item) for item in value]
-    return value

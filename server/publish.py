@@ -39,22 +39,16 @@ from fingpt_federated.federation import protocol
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.backbone import resolve_backbone
 from fingpt_federated.model.build import build_model
+from fingpt_federated.model.card import variant_sizes, write_card
 from fingpt_federated.model.features import fit_features_on
 from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.merge import merge_lora
 from fingpt_federated.model.published import (
-    BACKBONE_DIR,
-    HYBRID_WEIGHTS,
-    folder_files,
     folder_sha256,
     write_published,
 )
 from fingpt_federated.model.quantize import (
-    RECIPES,
     VARIANTS,
-    load_variant,
-    serialized_bytes,
-    stored_folder,
 )
 from fingpt_federated.model.state import check_finite, load_federated_state
 from fingpt_federated.server.best_round import RoundChoice, RoundSelection
@@ -66,8 +60,8 @@ from fingpt_federated.server.model_card import (
     participating_banks,
     privacy_spent,
     round_metrics,
-    write_card,
 )
+from fingpt_federated.server.run_audit import audit_of_run
 from fingpt_federated.server.run_folder import (
     CHECKPOINTS,
     FEDERATION_SPEC,
@@ -283,25 +277,6 @@ def feature_names(spec: FederationSpec, test: BankDataset | None) -> list[str]:
     return [f"feature_{i}" for i in range(spec.num_features)]
 
 
-def variant_sizes(folder: Path, variants: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Bytes of each variant's weights (backbone + hybrid parts); a recipe is measured as built."""
-    hybrid = (folder / HYBRID_WEIGHTS).stat().st_size
-    sizes: dict[str, dict[str, Any]] = {}
-    for variant in variants:
-        stored = folder / BACKBONE_DIR / stored_folder(variant)
-        if variant in RECIPES:
-            size = serialized_bytes(load_variant(stored, variant, torch.device("cpu")))
-        else:
-            size = sum((stored / rel).stat().st_size for rel in folder_files(stored))
-        sizes[variant] = {
-            "loads_from": f"{BACKBONE_DIR}/{stored.name}" + (" (at load time)" if variant in RECIPES else ""),
-            "bytes": size + hybrid,
-        }
-    for entry in sizes.values():
-        entry["ratio_to_fp32"] = entry["bytes"] / sizes["fp32"]["bytes"]
-    return sizes
-
-
 def selection_content(history: History, choice: RoundChoice | None) -> dict[str, Any]:
     """The card's `selection` (which round, by which metric, its value, the last round's) and that round's metrics."""
     if choice is None:
@@ -348,4 +323,4 @@ def card_content(
         "normalizer": normalizer,
         "state_source": state_source,
         "variants": dict(variants),
-    }
+    } | ({"audit": audit} if (audit := audit_of_run(run)) else {})  # fingpt-audit of this run, when there is one

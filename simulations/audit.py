@@ -51,8 +51,9 @@ from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.errors import DataError
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.server.checkpoint import CheckpointError
-from fingpt_federated.server.history import History, jsonable
+from fingpt_federated.server.history import History
 from fingpt_federated.server.privacy_record import spent_by_bank
+from fingpt_federated.server.run_audit import AUDIT_JSON
 from fingpt_federated.server.run_folder import FINAL_STATE, METRICS_JSON
 from fingpt_federated.simulations.attacks import backdoor, canaries, epsilon_bound, membership, operator_view
 from fingpt_federated.simulations.attacks.bank_update import replayed_update
@@ -60,8 +61,8 @@ from fingpt_federated.simulations.attacks.plots import plot_backdoor, plot_roc
 from fingpt_federated.simulations.attacks.scoring import Scorer
 from fingpt_federated.simulations.sim import simulate
 from fingpt_federated.simulations.table_format import figure
+from fingpt_federated.strict_json import jsonable
 
-AUDIT_JSON = "audit.json"
 AUDIT_MD = "audit.md"
 
 

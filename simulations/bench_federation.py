@@ -29,7 +29,7 @@ from rich.table import Table
 
 from fingpt_federated.conf import compose_config, shared_data_root
 from fingpt_federated.federation.federation_spec import FederationSpec
-from fingpt_federated.server.history import CENTRAL, History, jsonable
+from fingpt_federated.server.history import CENTRAL, History
 from fingpt_federated.server.run_folder import FEDERATION_SPEC, METRICS_JSON
 from fingpt_federated.simulations.baselines import (
     CENTRALIZED,
@@ -37,6 +37,7 @@ from fingpt_federated.simulations.baselines import (
     run_baselines,
 )
 from fingpt_federated.simulations.sim import SimulationSummary, simulate
+from fingpt_federated.strict_json import jsonable
 
 BENCHES = ("rounds", "scale", "tfns")
 

@@ -21,10 +21,11 @@ from pathlib import Path
 from safetensors.numpy import load_file
 
 from fingpt_federated.server.app import FINAL_STATE, METRICS_JSON
-from fingpt_federated.server.history import History, jsonable
+from fingpt_federated.server.history import History
 from fingpt_federated.simulations.bench_federation import config
 from fingpt_federated.simulations.report import wire_bytes_per_parameter
 from fingpt_federated.simulations.sim import simulate
+from fingpt_federated.strict_json import jsonable
 
 DEFAULTS = (
     "model=minilm",

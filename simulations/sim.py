@@ -59,7 +59,7 @@ from fingpt_federated.server.app import CHECKPOINTS, dp_round_config, write_metr
 from fingpt_federated.server.best_round import RoundChoice, RoundSelection
 from fingpt_federated.server.checkpoint import Checkpointer, CheckpointError
 from fingpt_federated.server.encrypted_run import he_enabled
-from fingpt_federated.server.history import History, jsonable
+from fingpt_federated.server.history import History
 from fingpt_federated.server.run_folder import (
     FEDERATION_SPEC,
     FINAL_STATE,
@@ -107,6 +107,7 @@ from fingpt_federated.simulations.report import (
     wire_bytes_per_parameter,
 )
 from fingpt_federated.simulations.table_format import figure
+from fingpt_federated.strict_json import jsonable
 from fingpt_federated.structured_config import checked_dict
 
 BASELINES_FILE = "baselines.json"

@@ -24,11 +24,11 @@ from fingpt_federated.client.app import app as client_app
 from fingpt_federated.conf import save_resolved_config
 from fingpt_federated.conf.schema import check_config
 from fingpt_federated.infer.cli import main as infer_main
+from fingpt_federated.model.card import CARD_JSON, CARD_MD
 from fingpt_federated.server.app import CHECKPOINTS, FINAL_STATE, run_federation
 from fingpt_federated.server.best_round import RoundSelection
 from fingpt_federated.server.checkpoint import STATE_FILE, Checkpointer
 from fingpt_federated.server.history import FEDERATION, History
-from fingpt_federated.server.model_card import CARD_JSON, CARD_MD
 from fingpt_federated.server.publish import MODEL_DIR, publish_after_run, publish_run
 from fingpt_federated.server.run_folder import FEDERATION_SPEC, METRICS_JSON
 

@@ -25,8 +25,8 @@ from fingpt_federated.data.loading import load_dataset
 from fingpt_federated.data.storage import load_records, save_records
 from fingpt_federated.infer.cli import main as infer_main
 from fingpt_federated.infer.loading import open_model
+from fingpt_federated.model.card import CARD_JSON, CARD_MD
 from fingpt_federated.model.published import HYBRID_WEIGHTS
-from fingpt_federated.server.model_card import CARD_JSON, CARD_MD
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 LEANING = [0.1, 0.8, 0.1]  # mostly "bullish"

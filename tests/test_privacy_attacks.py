@@ -12,6 +12,8 @@ from scipy.stats import beta
 from fingpt_federated.client.hostile import Misbehaviour, train_data
 from fingpt_federated.data.bank_data import BankData
 from fingpt_federated.data.records import BankDataset
+from fingpt_federated.model.card import audit_lines
+from fingpt_federated.server.run_audit import audit_of_run
 from fingpt_federated.simulations.attacks import (
     backdoor,
     backdoor_replay,
@@ -21,7 +23,6 @@ from fingpt_federated.simulations.attacks import (
     operator_view,
 )
 from fingpt_federated.simulations.attacks.bank_update import replayed_update
-from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
 from fingpt_federated.simulations.attacks.scoring import Scorer
 
 

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from fingpt_federated.conf import CONFIG_DIR
-from fingpt_federated.simulations.attacks.card_section import audit_lines, audit_of_run
+from fingpt_federated.model.card import audit_lines
+from fingpt_federated.server.run_audit import audit_of_run
 from fingpt_federated.simulations.audit import AUDIT_JSON, audit
 
 

@@ -21,15 +21,15 @@ from fingpt_federated.infer.cli import main as infer_main
 from fingpt_federated.infer.loading import ModelFilesError, open_model
 from fingpt_federated.infer.predictor import Predictor
 from fingpt_federated.model.build import build_model
-from fingpt_federated.model.merge import merge_lora
-from fingpt_federated.model.quantize import VARIANTS, default_device
-from fingpt_federated.server.history import History
-from fingpt_federated.server.model_card import (
+from fingpt_federated.model.card import (
     CARD_JSON,
     CARD_MD,
     file_hashes,
     model_hash,
 )
+from fingpt_federated.model.merge import merge_lora
+from fingpt_federated.model.quantize import VARIANTS, default_device
+from fingpt_federated.server.history import History
 from fingpt_federated.server.publish import publish_after_run
 from fingpt_federated.simulations.sim import simulate
 

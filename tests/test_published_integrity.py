@@ -29,8 +29,8 @@ from fingpt_federated.infer.inputs import records_to_dataset
 from fingpt_federated.infer.loading import ModelFilesError, open_model
 from fingpt_federated.infer.predictor import NonFiniteOutputError, Prediction, Predictor
 from fingpt_federated.infer.self_check import SelfCheckError, distribution_problem, run_self_check, synthetic_record
+from fingpt_federated.model.card import CARD_JSON, file_hashes, model_hash, write_card
 from fingpt_federated.model.published import HYBRID_WEIGHTS, NonFiniteWeightsError, variant_files
-from fingpt_federated.server.model_card import CARD_JSON, file_hashes, model_hash, write_card
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
 
