@@ -129,6 +129,23 @@ def test_personalize_settings_are_checked():
         compose_config(["personalize.test_fraction=1.0"])
 
 
+def test_tfns_parity_composes_with_and_without_dp():
+    """The TFNS preset (no training): MiniLM on TFNS, 10 Dirichlet(0.3) banks, baselines and personalised
+    heads; `privacy=dp` turns DP on with bench_dp's TFNS_DP recipe, which the preset carries."""
+    from fingpt_federated.simulations.bench_dp import TFNS_DP
+
+    cfg = compose_config(["+experiment=tfns_parity"])
+    assert (cfg.data.name, cfg.model.backbone) == ("tfns", compose_config([]).model.backbone)
+    assert (cfg.federation.partitioner, cfg.federation.num_banks, cfg.federation.alpha) == ("dirichlet", 10, 0.3)
+    assert cfg.strategy.name == "fedavg" and cfg.model.train.logit_adjustment == 1.0
+    assert cfg.baseline and cfg.personalize.steps > 0
+    assert not cfg.privacy.dp.enabled
+    dp = compose_config(["+experiment=tfns_parity", "privacy=dp"])
+    assert dp.privacy.dp.enabled
+    assert dp.privacy.dp.target_epsilon == 8.0 and dp.privacy.dp.delta == 1e-5
+    assert compose_config(["+experiment=tfns_parity", "privacy=dp", *TFNS_DP]) == dp
+
+
 @pytest.mark.slow
 def test_quick_parity_through_fingpt_sim(tmp_path, tiny_setting):
     """quick_parity as `fingpt-sim +experiment=quick_parity` runs it, shortened to 2 rounds: the per-bank
