@@ -24,7 +24,7 @@ from fingpt_federated.structured_config import checked_dict
 class SyntheticData:
     """Generated instead of read (data/synthetic.py): the tables are written into the run folder."""
 
-    task: str = MISSING  # news | credit | transactions
+    task: str = MISSING  # news | credit | transactions | news_plain (data/synthetic.py: TASKS)
     num_banks: int = MISSING
     rows_per_bank: int = MISSING
     seed: int = 0

@@ -3,6 +3,8 @@
 Three tasks, each generated bank by bank:
 
 * ``news``: financial news sentences labelled bearish / bullish / neutral;
+  ``news_plain`` is the same records (same banks, labels and topics) phrased plainly: no negations,
+  hedges or asides, no label noise; a task a tiny model learns (fingpt-audit's backdoor federation);
 * ``credit``: credit applications with a 6-month repayment history and a default label;
 * ``transactions``: accounts labelled for money laundering plus their transfer stream.
 
@@ -31,7 +33,7 @@ import pandas as pd
 
 SENTIMENTS = ("bearish", "bullish", "neutral")
 EDUCATION = ("graduate", "university", "high_school", "other")
-TASKS = ("news", "credit", "transactions")
+TASKS = ("news", "credit", "transactions", "news_plain")
 TYPOLOGIES = ("structuring", "fan_in", "cycle", "pass_through")
 
 CASH_DESK_BASE = 900_000_000
@@ -41,7 +43,7 @@ REPORTING_THRESHOLD = 10_000.0
 HORIZON_STEPS = 90  # one step is one day
 
 _T = TypeVar("_T")
-_TASK_STREAM = {task: number for number, task in enumerate(TASKS, start=1)}
+_TASK_STREAM = {task: number for number, task in enumerate(TASKS, start=1)} | {"news_plain": 1}  # the news records
 _BULLISH, _NEUTRAL = SENTIMENTS.index("bullish"), SENTIMENTS.index("neutral")
 
 
@@ -543,10 +545,18 @@ _AGENCIES = ("Moody's", "S&P", "Fitch")
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday")
 _BROKERS = ("Barclays", "UBS", "Jefferies", "Deutsche Bank", "BNP Paribas")
 
-NEWS_LABEL_NOISE = 0.07  # share of news labels replaced by another label
-_NEGATED_SHARE = 0.25  # share of directional news phrased as a negation
-_HEDGED_SHARE = 0.45  # share of neutral news that hedges about a directional event
-_ASIDE_SHARE = 0.2  # share of directional news with an aside pointing the other way
+
+@dataclass(frozen=True)
+class NewsStyle:
+    """How hard the news is to read: the shares of the sentences that need more than their words."""
+
+    label_noise: float  # share of news labels replaced by another label
+    negated: float  # share of directional news phrased as a negation
+    hedged: float  # share of neutral news that hedges about a directional event
+    aside: float  # share of directional news with an aside pointing the other way
+
+
+NEWS_STYLES = {"news": NewsStyle(0.07, 0.25, 0.45, 0.2), "news_plain": NewsStyle(0.0, 0.0, 0.0, 0.0)}
 
 
 def _slot_values(rng: np.random.Generator, n: int) -> list[dict[str, object]]:
@@ -576,30 +586,32 @@ def _subject(topic: _Topic, tickers: tuple[str, ...], u: np.ndarray) -> str:
     return _pick((f"${ticker}", _COMPANIES[ticker], f"{_COMPANIES[ticker]} (${ticker})"), u[3])
 
 
-def _clause(label: int, topic: _Topic, subject: str, u: np.ndarray) -> str:
+def _clause(label: int, topic: _Topic, subject: str, u: np.ndarray, style: NewsStyle) -> str:
     """Main clause whose true sentiment is ``label``, plainly stated, negated or hedged."""
     event = _pick(topic.events, u[0])
     if label == _NEUTRAL:
-        if u[1] >= _HEDGED_SHARE:
+        if u[1] >= style.hedged:
             return f"{subject} {_pick(topic.neutral, u[2])}"
         verb = (event.good if u[3] < 0.5 else event.bad)[0]
         return _pick(_HEDGES, u[2]).format(s=subject, v=verb)
     good = label == _BULLISH
-    if u[1] >= _NEGATED_SHARE:
+    if u[1] >= style.negated:
         return f"{subject} {(event.good if good else event.bad)[1]}"
     templates = _DENIALS if good else _FAILURES
     return _pick(templates, u[2]).format(s=subject, v=(event.bad if good else event.good)[0])
 
 
-def _tail(label: int, u: np.ndarray) -> str:
-    if label != _NEUTRAL and u[0] < _ASIDE_SHARE:
+def _tail(label: int, u: np.ndarray, style: NewsStyle) -> str:
+    if label != _NEUTRAL and u[0] < style.aside:
         return _pick(_ASIDES_AGAINST_GOOD if label == _BULLISH else _ASIDES_AGAINST_BAD, u[1])
     return _pick(_TAILS, u[1])
 
 
-def _sentence(label: int, topic: _Topic, tickers: tuple[str, ...], u: np.ndarray, values: dict[str, object]) -> str:
+def _sentence(
+    label: int, topic: _Topic, tickers: tuple[str, ...], u: np.ndarray, values: dict[str, object], style: NewsStyle
+) -> str:
     subject = _subject(topic, tickers, u[0:4])
-    text = _pick(_LEADS, u[4]) + _clause(label, topic, subject, u[5:9]) + _tail(label, u[9:11])
+    text = _pick(_LEADS, u[4]) + _clause(label, topic, subject, u[5:9], style) + _tail(label, u[9:11], style)
     text = text.format(**values) + "."
     return text[0].upper() + text[1:]
 
@@ -610,7 +622,7 @@ def _noisy(labels: np.ndarray, rng: np.random.Generator, rate: float) -> np.ndar
     return np.where(flip, (labels + rng.integers(1, 3, len(labels))) % 3, labels)
 
 
-def _bank_news(index: int, n: int, rng: np.random.Generator) -> pd.DataFrame:
+def _bank_news(index: int, n: int, rng: np.random.Generator, style: NewsStyle) -> pd.DataFrame:
     profile = bank_profile(index)
     weights = np.array([profile.topics[name] for name in _TOPIC_NAMES])
     labels = rng.choice(3, size=n, p=profile.sentiment)
@@ -618,18 +630,19 @@ def _bank_news(index: int, n: int, rng: np.random.Generator) -> pd.DataFrame:
     uniforms = rng.random((n, 11))
     values = _slot_values(rng, n)
     texts = [
-        _sentence(labels[i], _TOPICS[_TOPIC_NAMES[topics[i]]], profile.tickers, uniforms[i], values[i])
+        _sentence(labels[i], _TOPICS[_TOPIC_NAMES[topics[i]]], profile.tickers, uniforms[i], values[i], style)
         for i in range(n)
     ]
-    sentiment = np.array(SENTIMENTS)[_noisy(labels, rng, NEWS_LABEL_NOISE)]
+    sentiment = np.array(SENTIMENTS)[_noisy(labels, rng, style.label_noise)]
     return pd.DataFrame({"text": texts, "sentiment": sentiment, "bank": bank_name(index)})
 
 
-def generate_news(num_banks: int, rows_per_bank: int, seed: int) -> pd.DataFrame:
-    """Financial news sentences: columns ``text``, ``sentiment``, ``bank``."""
+def generate_news(num_banks: int, rows_per_bank: int, seed: int, style: str = "news") -> pd.DataFrame:
+    """Financial news sentences: columns ``text``, ``sentiment``, ``bank``; `style`: ``news`` or
+    ``news_plain`` (NEWS_STYLES)."""
     _check_args(num_banks, rows_per_bank, seed)
     sizes = bank_sizes(num_banks, rows_per_bank)
-    frames = [_bank_news(i, n, _bank_rng(seed, "news", i)) for i, n in enumerate(sizes)]
+    frames = [_bank_news(i, n, _bank_rng(seed, "news", i), NEWS_STYLES[style]) for i, n in enumerate(sizes)]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -1056,7 +1069,9 @@ def write_federation(task: str, out_dir: str | Path, num_banks: int, rows_per_ba
         accounts.to_csv(paths["train"], index=False)
         transfers.to_csv(paths["series"], index=False)
         return paths
-    generate = generate_news if task == "news" else generate_credit
     path = out / f"{task}.csv"
-    generate(num_banks, rows_per_bank, seed).to_csv(path, index=False)
+    if task == "credit":
+        generate_credit(num_banks, rows_per_bank, seed).to_csv(path, index=False)
+    else:
+        generate_news(num_banks, rows_per_bank, seed, task).to_csv(path, index=False)
     return {"train": path}

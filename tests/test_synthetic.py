@@ -312,3 +312,14 @@ def test_five_banks_of_thousand_rows_are_fast(generate) -> None:
     start = time.perf_counter()
     generate(5, 1000, 0)
     assert time.perf_counter() - start < 2.0
+
+
+def test_plain_news_is_the_same_records_without_the_hard_cases() -> None:
+    news, plain = generate_news(3, 200, 0), generate_news(3, 200, 0, "news_plain")
+    pd.testing.assert_series_equal(news["bank"], plain["bank"])
+    assert 0.85 < (news["sentiment"] == plain["sentiment"]).mean() < 1.0  # news alone has label noise
+    assert not plain["text"].str.contains("although|despite|failed to|not ", case=False).any()
+    train, test = train_test_split(plain, test_size=0.3, random_state=0)
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2))
+    model = LogisticRegression(max_iter=1000).fit(vectorizer.fit_transform(train["text"]), train["sentiment"])
+    assert (model.predict(vectorizer.transform(test["text"])) == test["sentiment"]).mean() > 0.9
