@@ -81,8 +81,10 @@ def test_personalised_model_is_kept_in_the_state_folder_and_served(global_model,
     assert not any(name.startswith(("fusion.", "series_proj.", "term_delta.")) for name in changed)
     holdout = bank_table(tmp_path / "holdout.csv", 60, seed=13)
     predictions = tmp_path / "preds.jsonl"
-    assert infer_main(["predict", str(out), str(holdout), "--no-explain", "--out", str(predictions)]) == 0
-    assert len(predictions.read_text().splitlines()) == 60
+    audit = tmp_path / "audit.jsonl"
+    command = ["predict", str(out), str(holdout), "--no-explain", "--out", str(predictions), "--audit-log", str(audit)]
+    assert infer_main(command) == 0
+    assert len(predictions.read_text().splitlines()) == 60 == len(audit.read_text().splitlines())
 
 
 def test_an_existing_folder_is_never_overwritten(global_model, bank, tmp_path, capsys):
