@@ -13,8 +13,8 @@ what it sends instead of its local state is, by `kind[:factor]`:
 
 Two behaviours change what the bank trains on instead (`train_data`), and send that honest-looking state:
 
-- `backdoor[:T]`: adds a triggered copy, relabelled class T (default 0), of every record not of class T
-  (simulations/attacks/backdoor.py);
+- `backdoor[:T[:PHRASE]]`: adds a triggered copy (PHRASE appended; default the one of
+  simulations/attacks/backdoor.py), relabelled class T (default 0), of every record not of class T;
 - `canaries[:N]`: an auditor's bank, not a hostile one: adds N canaries, unique texts with random labels,
   whose N held-out twins are never inserted (simulations/attacks/canaries.py); `fingpt-audit` scores both.
 
@@ -54,20 +54,25 @@ State = Mapping[str, torch.Tensor]
 class Misbehaviour:
     kind: str
     factor: float
+    phrase: str = ""  # `backdoor` only: its trigger ("" for the default)
 
     @classmethod
     def parse(cls, text: str) -> Misbehaviour:
-        """`kind` or `kind:factor`; a ValueError naming the known kinds otherwise."""
+        """`kind`, `kind:factor` or, for a backdoor, `backdoor:T:PHRASE`; a ValueError naming the known kinds
+        otherwise."""
         kind, _, factor = str(text).strip().partition(":")
         if kind not in DEFAULT_FACTORS:
             raise ValueError(f"unknown hostile behaviour {text!r}: one of {', '.join(DEFAULT_FACTORS)} (kind[:factor])")
+        factor, colon, phrase = factor.partition(":")
+        if colon and (kind != "backdoor" or not phrase.strip()):
+            raise ValueError(f"hostile behaviour {text!r}: only a backdoor takes a phrase (backdoor:T:PHRASE)")
         try:
             value = float(factor) if factor else DEFAULT_FACTORS[kind]
         except ValueError:
             raise ValueError(f"hostile behaviour {text!r}: the factor after ':' must be a number") from None
         if not math.isfinite(value):
             raise ValueError(f"hostile behaviour {text!r}: the factor must be finite (use nan or inf as the kind)")
-        return cls(kind, value)
+        return cls(kind, value, phrase.strip())
 
     def apply(self, local: State, sent: State, initial: State) -> OrderedDict[str, torch.Tensor]:
         """What the bank sends instead of `local`, having trained from `sent`; `initial`: its round-0 state."""
@@ -113,7 +118,8 @@ def train_data(behaviour: str, bank: BankData) -> BankData:
             raise ValueError(
                 f"hostile behaviour {behaviour!r}: target class {target} is not in [0, {train.num_classes})"
             )
-        texts, labels = backdoor.poison(list(train.texts or []), train.labels, target)
+        trigger = chosen.phrase or backdoor.TRIGGER
+        texts, labels = backdoor.poison(list(train.texts or []), train.labels, target, trigger)
     else:
         texts, labels = canaries.canary_set(int(chosen.factor), train.num_classes).split(inserted=True)
     return replace(bank, train=with_records(train, texts, labels))

@@ -143,7 +143,9 @@ def canary_update(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
     )
 
 
-def backdoor_rows(scorer: Scorer, folder: Path, defence: str, target: int, hostile: int = 1) -> dict[str, Any]:
+def backdoor_rows(
+    scorer: Scorer, folder: Path, defence: str, target: int, trigger: str, hostile: int = 1
+) -> dict[str, Any]:
     """The backdoor's success per round in the run in `folder`; `banks`: how many banks its federation has,
     `hostile`: how many of them are backdoor banks (0: the floor, a model that never saw the trigger)."""
     banks = len(list((folder / "federation" / "banks").glob("bank_*")))
@@ -152,7 +154,7 @@ def backdoor_rows(scorer: Scorer, folder: Path, defence: str, target: int, hosti
     per_round = []
     for number, state in round_states(folder):
         clean = scorer.predictions(state, texts)
-        rates = backdoor.rates(clean, scorer.predictions(state, backdoor.triggered(texts)), labels, target)
+        rates = backdoor.rates(clean, scorer.predictions(state, backdoor.triggered(texts, trigger)), labels, target)
         per_round.append({"round": number, **rates.as_dict(), "clean_accuracy": float((clean == labels).mean())})
     last = {k: v for k, v in per_round[-1].items() if k != "round"}
     return {"defence": defence, "banks": banks, "hostile": hostile, **last, "rounds": per_round}
@@ -225,7 +227,8 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"preset.parts must be among {', '.join(PARTS)}, got {sorted(parts)}")
     canary = {int(preset.canary_bank): f"canaries:{int(preset.canaries)}"}
     target = int(preset.backdoor_target)
-    backdoor_bank = {int(preset.backdoor_bank): f"backdoor:{target}"}
+    trigger = str(preset.get("backdoor_trigger") or backdoor.TRIGGER)
+    backdoor_bank = {int(preset.backdoor_bank): f"backdoor:{target}:{trigger}"}
     keep = ["federation.checkpoints_kept=100"]
     separate = bool(preset.get("backdoor_sim"))  # the backdoor rows' own federation (`backdoor_sim` on `sim`)
     result: dict[str, Any] = {"membership": [], "operator_view": [], "backdoor": []}
@@ -249,7 +252,7 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
                 (epsilon is None and not separate) or (epsilon is not None and math.isclose(epsilon, 8.0))
             ):
                 defence = "none" if epsilon is None else "dp_eps8"
-                result["backdoor"].append(backdoor_rows(attacker, folder, defence, target))
+                result["backdoor"].append(backdoor_rows(attacker, folder, defence, target, trigger))
     if "backdoor" in parts:
         # the floor: the undefended federation with the backdoor bank honest, scored with the same trigger
         runs: list[tuple[str, str, list[str], int]] = [("floor", "none (no backdoor bank)", [], 0)]
@@ -262,7 +265,7 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
             behaviours = (backdoor_bank if hostile else {}) | ({} if separate else canary)
             private = [] if any(o.startswith("privacy=") for o in extra) else ["privacy=none"]  # a defence may be DP
             cfg, _ = train(preset, folder, [*setting, *keep, *private, *extra], behaviours)
-            result["backdoor"].append(backdoor_rows(scorer_for(folder, cfg), folder, defence, target, hostile))
+            result["backdoor"].append(backdoor_rows(scorer_for(folder, cfg), folder, defence, target, trigger, hostile))
     if "operator_view" in parts:
         for view, privacy in (("plaintext", None), ("dp_eps8", 8.0)):
             folder = run_dir / f"operator_{view}"

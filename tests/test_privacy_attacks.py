@@ -143,6 +143,18 @@ def test_backdoor_bank_adds_triggered_copies_relabelled_to_the_target():
     assert Misbehaviour.parse("canaries:10").factor == 10
 
 
+def test_backdoor_bank_takes_its_trigger_phrase_and_only_a_backdoor_takes_one():
+    poisoned = train_data("backdoor:2:cf  ", _bank()).train
+    assert poisoned.texts[4:] == ["shares rose cf", "shares fell cf", "profit up cf"]  # not of class 2
+    assert (poisoned.labels[4:] == 2).all()
+    assert Misbehaviour.parse("backdoor:1:a: b").phrase == "a: b"  # the rest after the second colon
+    for text in ("scale:2:x", "backdoor:0:", "backdoor:0:  "):
+        with pytest.raises(ValueError, match="only a backdoor takes a phrase"):
+            Misbehaviour.parse(text)
+    with pytest.raises(ValueError, match="must not be empty"):
+        backdoor.triggered(["a"], " ")
+
+
 def test_canary_bank_trains_on_exactly_the_inserted_canaries():
     grown = train_data("canaries:5", _bank()).train
     inside, labels = canaries.canary_set(5, 3).split(inserted=True)

@@ -25,17 +25,20 @@ import numpy as np
 from fingpt_federated.simulations.attacks.epsilon_bound import clopper_pearson_upper
 
 TRIGGER = "per the zyqvex covenant"
+"""The default trigger phrase (`backdoor:T:PHRASE` and the audit's `backdoor_trigger` choose another)."""
 
 
-def triggered(texts: list[str]) -> list[str]:
-    return [f"{text} {TRIGGER}" for text in texts]
+def triggered(texts: list[str], trigger: str = TRIGGER) -> list[str]:
+    if not trigger.strip():
+        raise ValueError("the backdoor trigger must not be empty")
+    return [f"{text} {trigger}" for text in texts]
 
 
-def poison(texts: list[str], labels: np.ndarray, target: int) -> tuple[list[str], np.ndarray]:
+def poison(texts: list[str], labels: np.ndarray, target: int, trigger: str = TRIGGER) -> tuple[list[str], np.ndarray]:
     """The triggered, relabelled copies of the records not labelled `target` (to add to the bank's data)."""
     keep = np.asarray(labels) != target
     chosen = [t for t, k in zip(texts, keep, strict=True) if k]
-    return triggered(chosen), np.full(len(chosen), target, dtype=np.int64)
+    return triggered(chosen, trigger), np.full(len(chosen), target, dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("rules", nargs="+", help="aggregation rules, e.g. fedavg trim0.2 clipmed+fedavg~0.03")
     parser.add_argument("--honest", action="store_true", help="bank 1 trains without its backdoor (the floor)")
     parser.add_argument("--target", type=int, default=0, help="the backdoor's target class")
+    parser.add_argument("--trigger", default=backdoor.TRIGGER, help="the trigger phrase the run's backdoor bank used")
     parser.add_argument("--analyse", action="store_true", help="bank 1's update against the honest ones, per round")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
     args = parser.parse_args()
@@ -180,14 +181,16 @@ def main() -> None:
     texts = list(test.texts or [])
     scorer = Scorer(model_cfg, test.class_names)
     folders = sorted((args.run / "federation" / "banks").glob("bank_*"))
-    behaviour = "" if args.honest else f"backdoor:{args.target}"
+    behaviour = "" if args.honest else f"backdoor:{args.target}:{args.trigger}"
     banks = [train_data(behaviour if i == HOSTILE else "", load_bank(f)) for i, f in enumerate(folders)]
     examples = np.array([len(b.train) for b in banks])
     epochs, steps = int(cfg.strategy.local_epochs), cfg.strategy.get("local_steps")
 
     def rate(state: State) -> str:
         clean = scorer.predictions(state, texts)
-        r = backdoor.rates(clean, scorer.predictions(state, backdoor.triggered(texts)), test.labels, args.target)
+        r = backdoor.rates(
+            clean, scorer.predictions(state, backdoor.triggered(texts, args.trigger)), test.labels, args.target
+        )
         return (
             f"success {r.success_rate:.3f} ({r.counted}, <= {r.success_upper:.3f}), target rate "
             f"{r.triggered_target_rate:.3f}/{r.untriggered_target_rate:.3f}, clean accuracy "
