@@ -64,6 +64,8 @@ class StrategyConfig:
     server_lr_final: float | None = None  # FedOpt eta / FedAvgM server_learning_rate: cosine to this; None: constant
     scaffold: bool = False  # SCAFFOLD control variates against client drift (server/scaffold.py, client/scaffold.py)
     feddyn_alpha: float = 0.0  # > 0: FedDyn's dynamic regularisation, this alpha (server/feddyn.py)
+    fedexp: bool = False  # FedExP: the server steps past the banks' mean by an eta from their spread (server/fedexp.py)
+    fedexp_epsilon: float = 1e-3  # FedExP's epsilon in eta's denominator
 
 
 @dataclass

@@ -12,6 +12,7 @@ A `conf/strategy/*.yaml` entry:
     local_lr_final, server_lr_final: null, or the rates a cosine decays to over the rounds (server/round_schedule.py)
     scaffold: false          # true: SCAFFOLD's control variates correct the banks' drift (server/scaffold.py)
     feddyn_alpha: 0.0        # > 0: FedDyn's dynamic regularisation instead (server/feddyn.py)
+    fedexp: false            # true: FedExP's adaptive server step past the banks' mean (server/fedexp.py)
 
 The sampling and minimum arguments (fraction_train, fraction_evaluate, min_*_nodes) come from
 `cfg.federation`, so they are refused in `options`; a class that takes `proximal_mu` (FedProx)
@@ -35,6 +36,7 @@ from fingpt_federated.server.bank_rounds import BankRounds
 from fingpt_federated.server.encrypted_aggregation import EncryptedAggregation, plaintext_aggregation
 from fingpt_federated.server.encrypted_run import EncryptedRun
 from fingpt_federated.server.feddyn import FedDyn
+from fingpt_federated.server.fedexp import FedExP
 from fingpt_federated.server.history import History
 from fingpt_federated.server.lora_product import MEAN_STRATEGIES, LoRAProductMean
 from fingpt_federated.server.round_schedule import SERVER_RATES, RoundSchedule, server_rate_attribute
@@ -92,6 +94,7 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             "which HE (privacy=he or dp_he) is there to hide: use scaffold=false"
         )
     _check_feddyn(strat, encrypted)
+    _check_fedexp(strat, flower, encrypted)
     if strat.get("server_lr_final") is not None and server_rate_attribute(flower) is None:
         raise ValueError(
             f"strategy.server_lr_final: Flower's {flower.__name__} takes no server step (none of "
@@ -113,6 +116,22 @@ def _check_feddyn(strat: DictConfig, encrypted: bool) -> None:
         raise ValueError("strategy.scaffold and strategy.feddyn_alpha are two drift corrections: choose one")
     if float(strat.get("mu", 0.0)) > 0:
         raise ValueError("strategy.feddyn_alpha: FedDyn's quadratic term is FedProx's with mu = alpha: leave mu at 0")
+
+
+def _check_fedexp(strat: DictConfig, flower: type[Strategy], encrypted: bool) -> None:
+    if not strat.get("fedexp", False):
+        return
+    if encrypted:
+        raise ValueError("strategy.fedexp: FedExP sizes its step from each bank's plaintext update: not with HE")
+    if flower is not flower_strategies.FedAvg and flower is not flower_strategies.FedProx:
+        raise ValueError(
+            f"strategy.fedexp extrapolates FedAvg's mean; Flower's {flower.__name__} aggregates otherwise "
+            "(a robust rule or a server optimizer of its own): use strategy=fedavg or fedprox with fedexp"
+        )
+    if float(strat.get("feddyn_alpha", 0.0)) > 0:
+        raise ValueError("strategy.fedexp and strategy.feddyn_alpha both rewrite the server step: choose one")
+    if not float(strat.get("fedexp_epsilon", 1e-3)) > 0:
+        raise ValueError(f"strategy.fedexp_epsilon must be > 0, got {strat.get('fedexp_epsilon')}")
 
 
 def _check_lora_aggregation(how: str, flower: type[Strategy], encrypted: bool) -> None:
@@ -149,6 +168,8 @@ def build_strategy(
         inner = Scaffold(inner)
     if float(cfg.strategy.get("feddyn_alpha", 0.0)) > 0:
         inner = FedDyn(inner, float(cfg.strategy.feddyn_alpha))
+    if cfg.strategy.get("fedexp", False):
+        inner = FedExP(inner, float(cfg.strategy.get("fedexp_epsilon", 1e-3)))
     check_update, update_gate = None, None
     if encryption is not None:
         inner = encrypted = EncryptedAggregation(inner, **encryption.strategy_kwargs())
