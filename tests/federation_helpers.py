@@ -21,11 +21,13 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import DictConfig, OmegaConf
 
+from fingpt_federated.client.app import app as client_app
 from fingpt_federated.conf import compose_config
 from fingpt_federated.data.bank_data import BankData, save_bank
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.federation_spec import BankSite, FederationSpec
+from fingpt_federated.server.app import run_federation
 
 CLASSES = ["bearish", "bullish", "neutral"]
 SKEWED = ([0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8])
@@ -244,3 +246,13 @@ class RecordingGrid(InProcessGrid):
         replies = list(super().send_and_receive(messages, timeout=timeout))
         self.replies += replies
         return replies
+
+
+def recorded_federation(root: Path, *overrides: str) -> RecordingGrid:
+    """`write_federation`'s three banks under `root / "data"`, federated in-process with `overrides` into
+    `root / "run"`; the grid keeps every message sent and every reply."""
+    spec = write_federation(root / "data")
+    nodes, run_config = simulated_nodes(root / "data" / "spec.json", len(spec.banks))
+    grid = RecordingGrid(client_app, nodes, run_config)
+    run_federation(grid, config(*overrides), spec, root / "run")
+    return grid

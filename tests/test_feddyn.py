@@ -10,23 +10,20 @@ import numpy as np
 import pytest
 import torch
 from federation_helpers import (  # noqa: F401
-    RecordingGrid,
     config,
     one_torch_thread,
-    simulated_nodes,
-    write_federation,
+    recorded_federation,
 )
 from flwr.app import MessageType
 from safetensors.numpy import load_file
 from test_training import built, quadrant_task, text_only
 
-from fingpt_federated.client.app import app as client_app
 from fingpt_federated.client.feddyn import updated_gradient
 from fingpt_federated.client.training import train_local
 from fingpt_federated.federation import protocol
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
-from fingpt_federated.server.app import CHECKPOINTS, run_federation
+from fingpt_federated.server.app import CHECKPOINTS
 from fingpt_federated.server.feddyn import moved_h
 from fingpt_federated.server.strategy_config import check_strategy
 
@@ -55,11 +52,8 @@ def test_the_linear_term_is_a_loss_term_and_g_k_moves_by_minus_alpha_times_the_b
 
 
 def test_the_servers_h_is_the_mean_of_the_banks_g_k_and_corrects_the_average(tmp_path: Path):
-    spec = write_federation(tmp_path / "data")
-    nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(spec.banks))
-    cfg = config("strategy=feddyn", "strategy.feddyn_alpha=0.5", "strategy.local_steps=3", "federation.rounds=2")
-    grid = RecordingGrid(client_app, nodes, run_config)
-    run_federation(grid, cfg, spec, tmp_path / "run")
+    overrides = ("strategy=feddyn", "strategy.feddyn_alpha=0.5", "strategy.local_steps=3", "federation.rounds=2")
+    grid = recorded_federation(tmp_path, *overrides)
     sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert len(sent) == 6
     assert all(m.content["config"][protocol.FEDDYN_ALPHA] == 0.5 for m in sent)

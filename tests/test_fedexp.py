@@ -8,17 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from federation_helpers import (  # noqa: F401
-    RecordingGrid,
     config,
     one_torch_thread,
-    simulated_nodes,
-    write_federation,
+    recorded_federation,
 )
 from flwr.app import MessageType
 
-from fingpt_federated.client.app import app as client_app
 from fingpt_federated.federation import protocol
-from fingpt_federated.server.app import run_federation
 from fingpt_federated.server.fedexp import ETA_METRIC, extrapolation, squared_norm
 from fingpt_federated.server.strategy_config import check_strategy
 
@@ -39,11 +35,7 @@ def test_eta_is_one_when_the_banks_agree_and_grows_with_their_disagreement():
 
 
 def test_the_server_steps_eta_times_the_banks_weighted_mean_update(tmp_path: Path):
-    spec = write_federation(tmp_path / "data")
-    nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(spec.banks))
-    cfg = config("strategy=fedexp", "strategy.local_steps=3", "federation.rounds=2")
-    grid = RecordingGrid(client_app, nodes, run_config)
-    run_federation(grid, cfg, spec, tmp_path / "run")
+    grid = recorded_federation(tmp_path, "strategy=fedexp", "strategy.local_steps=3", "federation.rounds=2")
     sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     replies = [r for r in grid.replies if r.metadata.message_type == MessageType.TRAIN]
     assert len(sent) == 6 and len(replies) == 6

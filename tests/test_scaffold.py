@@ -10,23 +10,20 @@ import numpy as np
 import pytest
 import torch
 from federation_helpers import (  # noqa: F401
-    RecordingGrid,
     config,
     one_torch_thread,
-    simulated_nodes,
-    write_federation,
+    recorded_federation,
 )
 from flwr.app import MessageType
 from safetensors.numpy import load_file
 from test_training import built, quadrant_task, text_only
 
-from fingpt_federated.client.app import app as client_app
 from fingpt_federated.client.scaffold import correction, updated_variate
 from fingpt_federated.client.training import reached_parameters, train_local
 from fingpt_federated.federation import protocol
 from fingpt_federated.model.state import federated_state
 from fingpt_federated.model.train_config import TrainConfig
-from fingpt_federated.server.app import CHECKPOINTS, run_federation
+from fingpt_federated.server.app import CHECKPOINTS
 from fingpt_federated.server.scaffold import moved_control
 from fingpt_federated.server.strategy_config import check_strategy
 
@@ -57,11 +54,7 @@ def test_a_corrected_step_moves_by_lr_times_c_minus_ci_and_the_new_variate_is_th
 
 
 def test_the_servers_variate_is_the_mean_of_the_banks_and_travels_with_every_train_message(tmp_path: Path):
-    spec = write_federation(tmp_path / "data")
-    nodes, run_config = simulated_nodes(tmp_path / "data" / "spec.json", len(spec.banks))
-    cfg = config("strategy=scaffold", "strategy.local_steps=3", "federation.rounds=2")
-    grid = RecordingGrid(client_app, nodes, run_config)
-    run_federation(grid, cfg, spec, tmp_path / "run")
+    grid = recorded_federation(tmp_path, "strategy=scaffold", "strategy.local_steps=3", "federation.rounds=2")
     sent = [m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN]
     assert len(sent) == 6 and all(protocol.CONTROL in m.content.array_records for m in sent)
     first = {n: a.numpy() for n, a in sent[0].content[protocol.CONTROL].items()}
