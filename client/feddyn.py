@@ -23,17 +23,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from fingpt_federated.model.state import trainable_parameters
+from fingpt_federated.model.state import covered_trainable_parameters
 
 State = Mapping[str, torch.Tensor]
 
 
 def add_linear_term(optimizer: Optimizer, model: nn.Module, gradient: State) -> RemovableHandle:
     """Before every step of `optimizer`, grad -= gradient[name] for each parameter with a gradient; `.remove()` it."""
-    params = trainable_parameters(model)
-    missing = sorted(set(params) - set(gradient))
-    if missing:
-        raise KeyError(f"FedDyn's linear term lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
+    params = covered_trainable_parameters(model, gradient, "FedDyn's linear term")
     pairs = [(p, gradient[name].to(device=p.device, dtype=p.dtype)) for name, p in params.items()]
 
     def correct(_optimizer: Optimizer, _args: tuple, _kwargs: dict) -> None:

@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from fingpt_federated.model.state import as_tensor, trainable_parameters
+from fingpt_federated.model.state import as_tensor, covered_trainable_parameters
 
 
 def add_proximal_correction(
@@ -34,10 +34,7 @@ def add_proximal_correction(
     """Register the correction for every trainable parameter of `model`; remove it with `.remove()`."""
     if mu < 0:
         raise ValueError(f"proximal mu must be >= 0, got {mu}")
-    params = trainable_parameters(model)
-    missing = sorted(set(params) - set(global_state))
-    if missing:
-        raise KeyError(f"the global state lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
+    params = covered_trainable_parameters(model, global_state, "the global state")
     anchors = [
         (p, as_tensor(global_state[name]).to(device=p.device, dtype=p.dtype, copy=True)) for name, p in params.items()
     ]

@@ -33,17 +33,14 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from fingpt_federated.model.state import trainable_parameters
+from fingpt_federated.model.state import covered_trainable_parameters
 
 State = Mapping[str, torch.Tensor]
 
 
 def add_drift_correction(optimizer: Optimizer, model: nn.Module, correction: State) -> RemovableHandle:
     """After every step of `optimizer`, w -= lr · correction[name] for each stepped parameter; `.remove()` it."""
-    params = trainable_parameters(model)
-    missing = sorted(set(params) - set(correction))
-    if missing:
-        raise KeyError(f"the drift correction lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
+    params = covered_trainable_parameters(model, correction, "the drift correction")
     stepping = getattr(optimizer, "original_optimizer", optimizer)  # an Opacus DPOptimizer steps its inner one
     rates = {id(p): group for group in stepping.param_groups for p in group["params"]}
     pairs = [

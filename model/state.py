@@ -53,6 +53,15 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in _unwrap(model).named_parameters() if p.requires_grad}
 
 
+def covered_trainable_parameters(model: nn.Module, tensors: Mapping[str, object], what: str) -> dict[str, nn.Parameter]:
+    """The trainable parameters, once `tensors` (`what`: e.g. "the global state") is known to hold one for each."""
+    params = trainable_parameters(model)
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise KeyError(f"{what} lacks {len(missing)} trainable tensor(s), e.g. {missing[:3]}")
+    return params
+
+
 def as_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(value)) if isinstance(value, np.ndarray) else value
 

@@ -12,6 +12,7 @@ import torch
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.state import (
     StateSchemaError,
+    covered_trainable_parameters,
     federated_state,
     load_federated_state,
     load_model,
@@ -57,6 +58,15 @@ def test_federated_state_is_exactly_the_trainable_tensors_sorted_as_cpu_copies()
     assert all(t.device.type == "cpu" and not t.requires_grad for t in state.values())
     state["head.1.weight"].add_(1.0)
     assert not torch.equal(state["head.1.weight"], model.head[1].weight)
+
+
+def test_a_term_per_tensor_must_cover_every_trainable_parameter():
+    model, _ = built()
+    state = federated_state(model)
+    assert sorted(covered_trainable_parameters(model, state, "x")) == list(state)
+    del state["head.1.bias"]
+    with pytest.raises(KeyError, match=r"the drift correction lacks 1 trainable tensor\(s\), e.g. \['head.1.bias'\]"):
+        covered_trainable_parameters(model, state, "the drift correction")
 
 
 def test_freeze_lora_a_keeps_a_out_of_the_state_and_identical_everywhere():
