@@ -212,11 +212,17 @@ federations (with `backdoor_sim`; without it the membership federations, which c
 
 def defence_overrides(preset: DictConfig) -> dict[str, list[str]]:
     """`backdoor_defences`: each defended row's name and the overrides of its federation (on top of the
-    update checks every run has); a plain list names strategies (`[fedmedian]`: `strategy=fedmedian`)."""
+    update checks every run has): a mapping of names to overrides, or a list whose entries are strategy
+    names (`fedmedian`: `strategy=fedmedian`) or such one-entry mappings (`{dp_eps8: [privacy=dp, ...]}`)."""
     defences = preset.get("backdoor_defences") or {}
-    if OmegaConf.is_list(defences):
-        return {str(name): [f"strategy={name}"] for name in defences}
-    return {str(name): [str(o) for o in overrides] for name, overrides in defences.items()}
+    entries = defences if OmegaConf.is_list(defences) else [defences]
+    rows: dict[str, list[str]] = {}
+    for entry in entries:
+        if OmegaConf.is_dict(entry):
+            rows |= {str(name): [str(o) for o in overrides] for name, overrides in entry.items()}
+        else:
+            rows[str(entry)] = [f"strategy={entry}"]
+    return rows
 
 
 def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:

@@ -7,9 +7,11 @@ import math
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from scipy.stats import beta
 
 from fingpt_federated.client.hostile import Misbehaviour, train_data
+from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.data.bank_data import BankData
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.card import audit_lines
@@ -24,6 +26,7 @@ from fingpt_federated.simulations.attacks import (
 )
 from fingpt_federated.simulations.attacks.bank_update import replayed_update
 from fingpt_federated.simulations.attacks.scoring import Scorer
+from fingpt_federated.simulations.audit import defence_overrides
 
 
 def test_auc_counts_pairs_and_half_ties():
@@ -232,3 +235,16 @@ def test_backdoor_replay_rules_on_five_small_updates():
     assert not np.allclose(noisy, bounded)  # std 1 x 1.0 / 5 on every value
     with pytest.raises(ValueError, match="unknown aggregation"):
         backdoor_replay.aggregate("mean", sent, replies, examples, rng)
+
+
+def test_the_backdoor_preset_names_its_rows_and_composes_on_the_quick_one():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        quick = compose(config_name="audit", overrides=["preset=quick"]).preset
+        chosen = compose(config_name="audit", overrides=["preset=backdoor"]).preset
+    assert defence_overrides(quick) == {"fedtrimmedavg": ["strategy=fedtrimmedavg"]}
+    rows = defence_overrides(chosen)
+    assert list(rows) == ["fedtrimmedavg", "fedmedian", "multikrum", "bulyan", "dp_eps8"]
+    assert rows["multikrum"] == ["strategy=multikrum"] and rows["dp_eps8"][0] == "privacy=dp"
+    assert list(chosen.parts) == ["backdoor"] and chosen.backdoor_trigger == "cf"
+    assert chosen.sim == quick.sim and chosen.canaries == quick.canaries  # the rest is the quick preset's
+    assert "federation.num_banks=10" in chosen.backdoor_sim

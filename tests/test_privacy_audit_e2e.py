@@ -59,8 +59,10 @@ def test_quick_audit_has_power_and_never_certifies_more_than_the_ledger_spent(ti
     assert undefended["success_rate"] >= 0.8 and undefended["counted"] >= 20, undefended
     assert undefended["triggered_target_rate"] > undefended["untriggered_target_rate"] + 0.3, undefended
     assert floor["counted"] >= 10 and floor["success_rate"] <= undefended["success_rate"] - 0.5, (floor, undefended)
-    # issue 25's <= 10% with the defences is NOT met: checks + FedTrimmedAvg (beta 0.2), the best measured that
-    # keeps clean accuracy, gives 0.34 (clean accuracy 0.43 against 0.48 undefended, 0.40 for the floor's model);
+    # issue 25's <= 10% with the defences is NOT met in this near-chance setting (it is in preset=backdoor, 10 IID
+    # banks that learn the task, by Multi-Krum and Bulyan: 13 minutes, measured in docs, not run here): checks +
+    # FedTrimmedAvg (beta 0.2), the best measured here that keeps clean accuracy, gives 0.34 (clean accuracy 0.43
+    # against 0.48 undefended, 0.40 for the floor's model);
     # a broken defence (no lower than the undefended figure) or one that buys its figure with a model worse than
     # the floor's, which never saw an attacker (Krum 0.39, Bulyan 0.36: chance), still fails here
     for name in defended:

@@ -199,7 +199,12 @@ def test_the_strategy_config_sets_the_limits_and_robust_rules_are_plaintext_only
     )
     with pytest.raises(ValueError, match="strategy.update_checks.max_norm_ratio must be a positive number"):
         check_strategy(compose_config(["strategy.update_checks.max_norm_ratio=-1"]), encrypted=False)
-    for strategy, flower in (("fedmedian", "FedMedian"), ("krum", "Krum"), ("bulyan", "Bulyan")):
+    for strategy, flower in (
+        ("fedmedian", "FedMedian"),
+        ("krum", "Krum"),
+        ("multikrum", "MultiKrum"),
+        ("bulyan", "Bulyan"),
+    ):
         assert type(build_strategy(compose_config([f"strategy={strategy}"]), History()).strategy).__name__ == flower
         with pytest.raises(ValueError, match=f"strategy={strategy} needs the plaintext global state"):
             check_strategy(compose_config([f"strategy={strategy}"]), encrypted=True)
