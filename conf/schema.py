@@ -66,6 +66,7 @@ class StrategyConfig:
     feddyn_alpha: float = 0.0  # > 0: FedDyn's dynamic regularisation, this alpha (server/feddyn.py)
     fedexp: bool = False  # FedExP: the server steps past the banks' mean by an eta from their spread (server/fedexp.py)
     fedexp_epsilon: float = 1e-3  # FedExP's epsilon in eta's denominator
+    fedexp_max_eta: float = 5.0  # FedExP's eta is capped here: a bank cancelling the others' mean cannot stretch it
 
 
 @dataclass

@@ -8,7 +8,11 @@ sized each round from the updates themselves (a POCS extrapolation, no learning 
     eta = max(1, sum_i w_i ||d_i||^2 / (2 (||d||^2 + epsilon))),   global <- x + eta · d,
 
 x the state sent, d_i = y_i - x each bank's update, w_i its example weight and d = sum_i w_i d_i = y - x.
-eta is 1 when the banks agree (d_i all equal: FedAvg) and grows with their disagreement. `FedExP`
+eta is 1 when the banks agree (d_i all equal: FedAvg) and grows with their disagreement. It is capped
+at `max_eta` (5 by default): the paper trusts its clients, but a hostile bank that sends nearly the
+negative of the others' mean makes ||d|| small and eta unbounded (eta · ||d|| peaks at
+sum_i w_i ||d_i||^2 / (4 sqrt(epsilon)), 8 times that sum with epsilon 1e-3), so without a cap it would
+stretch what is left of the mean into a step far longer than any bank's. `FedExP`
 wraps the Flower strategy (FedAvg; FedProx's proximal term lives in the banks) as FedDyn does; it reads
 the replies' states before the wrapped strategy averages them, so it is plaintext only (under HE the
 server never sees a bank's state). The round's eta goes into the round's metrics (`fedexp-eta`).
@@ -32,11 +36,14 @@ ETA_METRIC = "fedexp-eta"
 class FedExP(StrategyWrapper):
     """The wrapped strategy's mean, extrapolated by FedExP's eta; see the module docstring."""
 
-    def __init__(self, strategy: Strategy, epsilon: float) -> None:
+    def __init__(self, strategy: Strategy, epsilon: float, max_eta: float) -> None:
         if not epsilon > 0:
             raise ValueError(f"FedExP's epsilon must be > 0, got {epsilon}")
+        if not max_eta >= 1:
+            raise ValueError(f"FedExP's max_eta must be >= 1 (1: FedAvg), got {max_eta}")
         super().__init__(strategy)
         self.epsilon = epsilon
+        self.max_eta = max_eta
         self._sent: dict[str, np.ndarray] = {}
 
     def configure_train(
@@ -54,7 +61,7 @@ class FedExP(StrategyWrapper):
         if arrays is None or spread is None:
             return arrays, metrics
         mean = {name: array.numpy() for name, array in arrays.items()}
-        eta = extrapolation(spread, squared_norm(mean, self._sent), self.epsilon)
+        eta = min(self.max_eta, extrapolation(spread, squared_norm(mean, self._sent), self.epsilon))
         moved = {
             name: (self._sent[name] + eta * (value - self._sent[name])).astype(value.dtype)
             for name, value in mean.items()

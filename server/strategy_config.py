@@ -132,6 +132,8 @@ def _check_fedexp(strat: DictConfig, flower: type[Strategy], encrypted: bool) ->
         raise ValueError("strategy.fedexp and strategy.feddyn_alpha both rewrite the server step: choose one")
     if not float(strat.get("fedexp_epsilon", 1e-3)) > 0:
         raise ValueError(f"strategy.fedexp_epsilon must be > 0, got {strat.get('fedexp_epsilon')}")
+    if not float(strat.get("fedexp_max_eta", 5.0)) >= 1:
+        raise ValueError(f"strategy.fedexp_max_eta must be >= 1 (1: FedAvg), got {strat.get('fedexp_max_eta')}")
 
 
 def _check_lora_aggregation(how: str, flower: type[Strategy], encrypted: bool) -> None:
@@ -169,7 +171,9 @@ def build_strategy(
     if float(cfg.strategy.get("feddyn_alpha", 0.0)) > 0:
         inner = FedDyn(inner, float(cfg.strategy.feddyn_alpha))
     if cfg.strategy.get("fedexp", False):
-        inner = FedExP(inner, float(cfg.strategy.get("fedexp_epsilon", 1e-3)))
+        inner = FedExP(
+            inner, float(cfg.strategy.get("fedexp_epsilon", 1e-3)), float(cfg.strategy.get("fedexp_max_eta", 5.0))
+        )
     check_update, update_gate = None, None
     if encryption is not None:
         inner = encrypted = EncryptedAggregation(inner, **encryption.strategy_kwargs())

@@ -12,10 +12,11 @@ from federation_helpers import (  # noqa: F401
     one_torch_thread,
     recorded_federation,
 )
-from flwr.app import MessageType
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from fingpt_federated.federation import protocol
-from fingpt_federated.server.fedexp import ETA_METRIC, extrapolation, squared_norm
+from fingpt_federated.server.fedexp import ETA_METRIC, FedExP, extrapolation, squared_norm
 from fingpt_federated.server.strategy_config import check_strategy
 
 pytestmark = pytest.mark.usefixtures("tiny_setting")
@@ -62,8 +63,40 @@ def test_the_server_steps_eta_times_the_banks_weighted_mean_update(tmp_path: Pat
         (["strategy.flower=FedMedian"], False, "extrapolates FedAvg's mean"),
         (["strategy.feddyn_alpha=0.1"], False, "choose one"),
         (["strategy.fedexp_epsilon=0"], False, "must be > 0"),
+        (["strategy.fedexp_max_eta=0.5"], False, "must be >= 1"),
     ],
 )
 def test_fedexp_is_refused_where_it_cannot_work(overrides, encrypted, message):
     with pytest.raises(ValueError, match=message):
         check_strategy(config("strategy=fedexp", *overrides), encrypted=encrypted)
+
+
+def _reply(update: np.ndarray, examples: int, sent: Message) -> Message:
+    content = RecordDict(
+        {
+            protocol.ARRAYS: ArrayRecord({"w": Array(update.astype(np.float32))}),
+            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: examples}),
+        }
+    )
+    return Message(content, reply_to=sent)
+
+
+def test_a_bank_that_cancels_the_others_mean_cannot_stretch_the_step_past_max_eta():
+    """Two banks at +d, one at -1.9 d (a hostile one): the mean is d / 30, and FedExP's eta, uncapped, would
+    be about 720: a step of 24 d, far longer than any bank's update."""
+    x, d = np.zeros(4), np.array([1.0, -2.0, 0.5, 0.0])
+    wrapper = FedExP(FedAvg(), epsilon=1e-3, max_eta=5.0)
+    sent = Message(
+        RecordDict({protocol.ARRAYS: ArrayRecord({"w": Array(x.astype(np.float32))})}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
+    wrapper._sent = {"w": x.astype(np.float32)}
+    replies = [_reply(x + d, 10, sent), _reply(x + d, 10, sent), _reply(x - 1.9 * d, 10, sent)]
+    arrays, metrics = wrapper.aggregate_train(1, replies)
+    mean = d * (2 - 1.9) / 3
+    uncapped = extrapolation(float(np.dot([1 / 3] * 3, [d @ d, d @ d, 3.61 * (d @ d)])), float(mean @ mean), 1e-3)
+    assert uncapped > 700
+    assert metrics[ETA_METRIC] == 5.0
+    np.testing.assert_allclose(arrays["w"].numpy(), x + 5.0 * mean, rtol=1e-5)
+    assert float(np.linalg.norm(arrays["w"].numpy() - x)) < float(np.linalg.norm(d))  # no longer than a bank's
