@@ -13,6 +13,7 @@ own test split when it has one (personalization on: simulations/personalization.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -33,6 +34,8 @@ from fingpt_federated.model.evaluation import evaluate
 from fingpt_federated.model.state import federated_state, load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.classical_baseline import classical_results
+
+log = logging.getLogger(__name__)
 
 CENTRALIZED = "centralized"
 LOCAL = "local-only"
@@ -126,12 +129,14 @@ def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult
     central_steps = round(rounds * sum(per_round.values()) * sampled / len(banks))
 
     def train_alone(kind: str, name: str, train: BankDataset, steps: int, scored: list[str]) -> BaselineResult:
+        log.info("baseline %s (%s): %d steps on %d rows ...", kind, name, steps, len(train))
         load_federated_state(model, initial)
         fit_to_bank(model, train)
         epochs = math.ceil(steps / math.ceil(len(train) / base.batch_size))
         result = train_local(model, tokenizer, train, replace(base, epochs=epochs, progress=False), max_steps=steps)
         metrics = evaluate(model, tokenizer, test, base.eval_batch_size)
         own = {bank: evaluate(model, tokenizer, own_tests[bank], base.eval_batch_size) for bank in scored}
+        log.info("baseline %s (%s): test accuracy %.4f after %.0f s", kind, name, metrics["accuracy"], result.seconds)
         return BaselineResult(kind, name, result.steps, len(train), result.seconds, metrics, own)
 
     pool = pooled([train for _, train in banks])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import pytest
 from federation_helpers import config, news_data_overrides, write_news_csv
@@ -38,7 +39,7 @@ def test_the_report_names_the_strategy_with_its_settings():
     assert strategy_label(config("strategy=fedavg").strategy) == "fedavg"
 
 
-def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(news_csv, tmp_path):
+def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(news_csv, tmp_path, caplog):
     cfg = config(
         *news_data_overrides(news_csv),
         *SKEWED_BANKS,
@@ -48,7 +49,11 @@ def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(n
         "++baseline=true",
         model="minilm",
     )
-    summary = simulate(cfg, tmp_path, echo=False)
+    with caplog.at_level(logging.INFO, logger="fingpt_federated.simulations.baselines"):
+        summary = simulate(cfg, tmp_path, echo=False)
+    progress = [r.getMessage() for r in caplog.records if r.name == "fingpt_federated.simulations.baselines"]
+    assert len(progress) == 2 * 4 and progress[0].startswith("baseline centralized (all banks): ")  # start, end
+    assert progress[-1].startswith("baseline local-only (bank_02): test accuracy ")
 
     local = mean_local(summary.baselines)
     assert [r.round for r in summary.rounds] == [0, 1, 2]
