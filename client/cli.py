@@ -106,6 +106,7 @@ def cmd_he_decrypt(args: argparse.Namespace) -> int:
 def cmd_personalize(args: argparse.Namespace) -> int:
     """Fine-tune the bank's head on top of the published global model; keep (or publish) it if it does better."""
     from fingpt_federated.client.personal_model import personalise_published
+    from fingpt_federated.client.personalization import PRIOR
     from fingpt_federated.client.state_folder import bank_state_dir
 
     out = args.publish or args.out or bank_state_dir(args.data, args.state_dir) / PERSONAL_MODEL_DIR
@@ -119,6 +120,7 @@ def cmd_personalize(args: argparse.Namespace) -> int:
             out,
             train,
             steps=args.steps,
+            label_prior=args.label_prior,
             variants=args.variants,
             expected_hash=args.model_hash,
             readable=args.publish is not None,
@@ -132,7 +134,10 @@ def cmd_personalize(args: argparse.Namespace) -> int:
         print(f"bank {done.bank}: the global model stays the better one ({scores}); nothing written")
         return 0
     shared = "readable by others" if args.publish else "owner-only"
-    print(f"bank {done.bank}: personalised head kept ({scores}, {result.steps} steps, {result.seconds:.1f} s)")
+    if result.valid_prior is not None:
+        scores += f", with the label prior only {_metric(result.valid_prior, train.monitor)}"
+    kept = "head with its label prior" if result.choice == PRIOR else "personalised head"
+    print(f"bank {done.bank}: {kept} kept ({scores}, {result.steps} steps, {result.seconds:.1f} s)")
     print(f"personalised model: {done.out} ({shared}, model hash {done.card['model_hash']}); serve it with")
     print(f"  fingpt-infer serve {done.out}")
     return 0
@@ -331,6 +336,12 @@ def add_personalize(commands: argparse._SubParsersAction) -> None:
     where.add_argument("--publish", type=Path, help="write it here readable by others (to serve it); must not exist")
     personal.add_argument("--state-dir", type=Path, help="the bank's state folder (default: state/ beside its data)")
     personal.add_argument("--steps", type=int, default=20, help="optimizer steps of the head's fine-tuning")
+    personal.add_argument(
+        "--label-prior",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="first shift the head's bias to this bank's label mix (one number per class, fitted on its train rows)",
+    )
     personal.add_argument("--lr", type=float, default=DEFAULT_TRAIN.lr, help="learning rate")
     personal.add_argument("--batch-size", type=int, default=DEFAULT_TRAIN.batch_size, help="batch size")
     personal.add_argument(

@@ -68,6 +68,7 @@ def personalise_published(
     train: TrainConfig,
     *,
     steps: int,
+    label_prior: bool = False,
     variants: list[str] | None = None,
     expected_hash: str | None = None,
     readable: bool = False,
@@ -91,7 +92,9 @@ def personalise_published(
     check_fits(published, bank)
     model, tokenizer = published.model, published.tokenizer
     fit_to_bank(model, bank.train)
-    result = personalize(model, tokenizer, bank.train, bank.valid, train, part=HEAD, steps=steps)
+    result = personalize(
+        model, tokenizer, bank.train, bank.valid, train, part=HEAD, steps=steps, label_prior=label_prior
+    )
     if not result.kept:
         return PersonalModel(bank.name, str(card["model_hash"]), result, None, None)
     model.eval()
@@ -157,6 +160,8 @@ def card_content(
             "bank": bank.name,
             "global_model_hash": model_hash,
             "part": HEAD,
+            "label_prior": result.label_prior,
+            "choice": result.choice,
             "steps": result.steps,
             "seconds": result.seconds,
             "train_rows": len(bank.train),
@@ -164,6 +169,7 @@ def card_content(
             "train": {key: value for key, value in asdict(train).items() if key in TRAIN_KEYS},
             "valid_global": result.valid_global,
             "valid_personalised": result.valid_personalised,
+            "valid_label_prior": result.valid_prior,
             "readable_by_others": readable,
             "privacy": "the head and the statistics were fitted on this bank's own records without differential "
             "privacy: the model is for the bank's own use; sharing it shares what they learned of its customers",

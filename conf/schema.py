@@ -137,6 +137,7 @@ class PersonalizeConfig:
 
     steps: int = 0  # optimizer steps of each bank's fine-tuning; 0 = no personalization, no own test split
     part: str = "head"  # head: the classification head only (FedRep) | head+lora: also the LoRA adapters
+    label_prior: bool = False  # first shift the head's bias to the bank's own label mix (client/personalization.py)
     test_fraction: float = 0.2  # each bank's own test split: this share of its rows, held out before training
 
     def __post_init__(self) -> None:

@@ -22,10 +22,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(
+def logits_of(
     model: HybridFinGPT, tokenizer: PreTrainedTokenizerBase, data: BankDataset, batch_size: int = 64
-) -> dict[str, float]:
-    """loss, accuracy, macro_f1 and roc_auc (model/task_metrics.py; NaN where the split cannot define it)."""
+) -> torch.Tensor:
+    """The model's class logits (rows, classes) for every row of `data`, in order, in eval mode, on the CPU."""
     check_compatible(model, data)
     device = next(model.parameters()).device
     was_training = model.training
@@ -34,7 +34,14 @@ def evaluate(
     for batch in make_loader(data, tokenizer, model.config.max_length, batch_size, shuffle=False):
         logits.append(model(**batch.to(device).inputs()).float().cpu())
     model.train(was_training)
-    all_logits = torch.cat(logits)
+    return torch.cat(logits)
+
+
+def evaluate(
+    model: HybridFinGPT, tokenizer: PreTrainedTokenizerBase, data: BankDataset, batch_size: int = 64
+) -> dict[str, float]:
+    """loss, accuracy, macro_f1 and roc_auc (model/task_metrics.py; NaN where the split cannot define it)."""
+    all_logits = logits_of(model, tokenizer, data, batch_size)
     labels = torch.as_tensor(data.labels, dtype=torch.long)
     predicted = all_logits.argmax(dim=1).numpy()
     metrics = {

@@ -76,6 +76,15 @@ class HybridFinGPT(nn.Module):
             self.series_proj = nn.Linear(d_series, d_text)
         self.head = nn.Sequential(nn.Dropout(config.head_dropout), nn.Linear(d_text, num_classes))
 
+    @torch.no_grad()
+    def shift_logits(self, shift: torch.Tensor) -> None:
+        """Add `shift` (num_classes) to every logit the model outputs: to the head's output bias."""
+        output = self.head[-1]
+        assert isinstance(output, nn.Linear) and output.bias is not None
+        if shift.shape != output.bias.shape:
+            raise ValueError(f"a logit shift needs shape {tuple(output.bias.shape)}, got {tuple(shift.shape)}")
+        output.bias.add_(shift.to(output.bias))
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

@@ -46,7 +46,7 @@ class BankComparison:
     personalised: float
     pooled: float
     alone: float
-    kept: bool  # the personalised part was kept (else the personalised model is the global one)
+    kept: str  # what the bank kept, the best on its validation split: global, label prior or fine-tuned
 
     def value(self, column: str) -> float:
         return float(getattr(self, "global_" if column == "global" else column))
@@ -96,7 +96,14 @@ def _compare(
         fit_to_bank(model, bank.train)
         global_metrics = evaluate(model, tokenizer, bank.test, train_cfg.eval_batch_size)
         result = personalize(
-            model, tokenizer, bank.train, bank.valid, train_cfg, part=settings.part, steps=settings.steps
+            model,
+            tokenizer,
+            bank.train,
+            bank.valid,
+            train_cfg,
+            part=settings.part,
+            steps=settings.steps,
+            label_prior=settings.label_prior,
         )
         personal = evaluate(model, tokenizer, bank.test, train_cfg.eval_batch_size)
         rows.append(
@@ -107,7 +114,7 @@ def _compare(
                 personal[METRIC],
                 pooled.get(site.name, {}).get(METRIC, math.nan),
                 alone.get(site.name, {}).get(METRIC, math.nan),
-                result.kept,
+                result.choice,
             )
         )
     return rows
@@ -145,16 +152,19 @@ def summary(rows: Sequence[BankComparison], settings: PersonalizeConfig) -> dict
 
 def markdown_section(rows: Sequence[BankComparison], settings: PersonalizeConfig) -> list[str]:
     """The report's section: the per-bank table, the worst bank of each model, the two yes/no lines."""
-    table = ["| bank | test rows | global | personalised | pooled | alone | part kept |", "|" + " --- |" * 7]
+    table = ["| bank | test rows | global | personalised | pooled | alone | kept |", "|" + " --- |" * 7]
     table += [
         f"| {r.bank} | {r.test_rows} | {figure(r.global_)} | {figure(r.personalised)} | {figure(r.pooled)} "
-        f"| {figure(r.alone)} | {'yes' if r.kept else 'no (global)'} |"
+        f"| {figure(r.alone)} | {r.kept} |"
         for r in rows
     ]
     return [
         "## Per bank: global, personalised, pooled and alone (accuracy on each bank's own test split)",
-        f"Personalization: each bank fine-tunes its {settings.part} for {settings.steps} steps on its train split, "
-        "from the final global model; it keeps the result only if it is no worse on its validation split "
+        "Personalization: each bank "
+        + ("shifts its head's bias to its own label mix, then " if settings.label_prior else "")
+        + f"fine-tunes its {settings.part} for {settings.steps} steps on its train split, "
+        "from the final global model; it keeps the global, label-prior or fine-tuned model, "
+        "the best on its validation split "
         f"(own test split: {settings.test_fraction:.0%} of each bank's rows, held out before training). "
         "Pooled and alone are the centralized and local-only baselines.",
         "\n".join(table),

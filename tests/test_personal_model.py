@@ -73,6 +73,7 @@ def test_personalised_model_is_kept_in_the_state_folder_and_served(global_model,
     assert card["model_hash"] != global_card["model_hash"]
     found = card["personalization"]
     assert found["bank"] == "bank_a" and found["global_model_hash"] == global_card["model_hash"]
+    assert found["label_prior"] is False
     assert found["valid_personalised"]["loss"] <= found["valid_global"]["loss"]
     assert "without differential privacy" in (out / CARD_MD).read_text()
     ours, theirs = load_file(out / HYBRID_WEIGHTS), load_file(global_model / HYBRID_WEIGHTS)
@@ -85,6 +86,15 @@ def test_personalised_model_is_kept_in_the_state_folder_and_served(global_model,
     command = ["predict", str(out), str(holdout), "--no-explain", "--out", str(predictions), "--audit-log", str(audit)]
     assert infer_main(command) == 0
     assert len(predictions.read_text().splitlines()) == 60 == len(audit.read_text().splitlines())
+
+
+def test_the_label_prior_is_fitted_on_request_and_recorded(global_model, bank, tmp_path):
+    out = tmp_path / "with_prior"
+    assert personalize(global_model, bank, "--label-prior", "--steps", "1", "--out", str(out)) == 0
+    _, card = open_model(out)
+    found = card["personalization"]
+    assert found["label_prior"] is True and found["steps"] == 1
+    assert found["valid_personalised"]["loss"] <= found["valid_global"]["loss"]
 
 
 def test_an_existing_folder_is_never_overwritten(global_model, bank, tmp_path, capsys):

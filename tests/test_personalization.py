@@ -9,20 +9,23 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from fingpt_federated.client.personalization import local_part, personalize
+from fingpt_federated.client.personalization import fit_label_prior, local_part, personalize
 from fingpt_federated.client.training import train_local
 from fingpt_federated.conf import compose_config
+from fingpt_federated.conf.schema import PersonalizeConfig
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.federation_layout import prepare_federation
 from fingpt_federated.model.build import build_model
+from fingpt_federated.model.evaluation import evaluate, logits_of
 from fingpt_federated.model.state import federated_state, trainable_parameters
 from fingpt_federated.model.train_config import TrainConfig
-from fingpt_federated.simulations.personalization import BankComparison, verdict_lines, verdicts
+from fingpt_federated.simulations.personalization import BankComparison, markdown_section, verdict_lines, verdicts
 from tests.federation_helpers import CLASSES, config, news, news_data_overrides, tiny_model, write_news_csv
 
 TRAIN = TrainConfig(lr=3e-3, batch_size=16, epochs=1, progress=False, patience=None)
@@ -90,8 +93,67 @@ def test_personalizing_learns_the_banks_own_label_mix(model):
     assert result.valid_personalised["loss"] < result.valid_global["loss"]
 
 
+def test_the_label_prior_moves_only_the_heads_bias_and_matches_the_banks_label_mix(model):
+    """Minimising cross-entropy over a bias shift matches the model's mean predicted distribution on the
+    bank's rows to the bank's label shares, up to the weak L2 penalty: its first-order condition."""
+    built, tokenizer = model
+    own = news(200, [0.05, 0.15, 0.8], seed=8)
+    start = federated_state(built)
+    shift = fit_label_prior(built, tokenizer, own, 64)
+    changed = _changed(start, federated_state(built))
+    bias = [name for name in changed if name.startswith("head.")]
+    assert changed == set(bias) and len(bias) == 1 and bias[0].endswith("bias")
+    assert torch.allclose(federated_state(built)[bias[0]] - start[bias[0]], shift)
+    predicted = logits_of(built, tokenizer, own).softmax(dim=1).mean(dim=0)
+    shares = torch.bincount(torch.as_tensor(own.labels), minlength=3).float() / len(own)
+    # zero gradient of mean CE(logits + b) + |b|^2 / 2n: mean softmax = shares - b / n
+    assert torch.allclose(predicted, shares - shift / len(own), atol=2e-3), (predicted, shares, shift)
+    assert torch.allclose(predicted, shares, atol=0.015)
+    assert shift[2] - shift[0] > 1.0  # the untrained model predicts about a third each: a large move
+
+
+def test_a_class_missing_from_the_banks_rows_stays_possible(model):
+    built, tokenizer = model
+    own = news(60, [0.5, 0.5, 0.0], seed=9)
+    shift = fit_label_prior(built, tokenizer, own, 64)
+    assert torch.isfinite(shift).all()
+    assert 0 < logits_of(built, tokenizer, own).softmax(dim=1)[:, 2].mean() < 0.1
+
+
+def test_the_label_prior_reaches_a_skewed_banks_mix_that_a_few_head_steps_do_not(tiny_setting):
+    """A global model trained on balanced rows, a bank 90% negative: one fine-tuning step of the head
+    barely moves its bias; with the label prior first, the bank's validation loss is far lower."""
+    losses = {}
+    for label_prior in (False, True):
+        torch.manual_seed(0)
+        built, tokenizer = build_model(tiny_model(), len(CLASSES), 0)
+        train_local(built, tokenizer, news(96, [1 / 3] * 3, seed=5), TRAIN, max_steps=6)
+        own, valid = news(64, [0.9, 0.05, 0.05], seed=10), news(40, [0.9, 0.05, 0.05], seed=11)
+        result = personalize(built, tokenizer, own, valid, TRAIN, part="head", steps=1, label_prior=label_prior)
+        assert result.valid_personalised is not None
+        losses[label_prior] = result.valid_personalised["loss"]
+    assert losses[True] < 0.8 * losses[False], losses
+
+
+def test_a_bank_whose_fine_tuning_hurts_keeps_its_label_prior(tiny_setting):
+    """Train rows with the bank's label mix but texts shuffled across rows: the prior is right, the
+    fine-tuning learns noise; the bank keeps the global model with its label prior, bit for bit."""
+    torch.manual_seed(0)
+    built, tokenizer = build_model(tiny_model(), len(CLASSES), 0)
+    train_local(built, tokenizer, news(96, [1 / 3] * 3, seed=5), TRAIN, max_steps=12)
+    own, valid = news(64, [0.8, 0.1, 0.1], seed=12), news(40, [0.8, 0.1, 0.1], seed=13)
+    own.texts = list(np.random.default_rng(0).permutation(own.texts))
+    noisy = replace(TRAIN, lr=3e-2)
+    result = personalize(built, tokenizer, own, valid, noisy, part="head+lora", steps=30, label_prior=True)
+    assert result.choice == "label prior", result
+    assert result.valid_prior is not None and result.valid_personalised is not None and result.valid_global
+    assert result.valid_prior["loss"] < result.valid_global["loss"]
+    assert result.valid_prior["loss"] < result.valid_personalised["loss"]
+    assert evaluate(built, tokenizer, valid, 64) == result.valid_prior  # the model holds what was chosen
+
+
 def _row(bank: str, personalised: float, alone: float, global_: float = 0.5) -> BankComparison:
-    return BankComparison(bank, 20, global_, personalised, 0.7, alone, True)
+    return BankComparison(bank, 20, global_, personalised, 0.7, alone, "fine-tuned")
 
 
 def test_verdicts_follow_the_numbers():
@@ -104,6 +166,15 @@ def test_verdicts_follow_the_numbers():
     alone_missing = [_row("a", 0.8, math.nan)]
     assert verdicts(alone_missing)["every_bank_better_off_than_alone"] is None
     assert "every bank better off than alone: not run (baseline=false)" in verdict_lines(alone_missing)
+
+
+def test_the_report_says_how_banks_personalised():
+    rows = [_row("a", 0.8, 0.6)]
+    plain = "\n".join(markdown_section(rows, PersonalizeConfig(steps=20)))
+    assert "fine-tunes its head for 20 steps" in plain and "label mix" not in plain
+    prior = "\n".join(markdown_section(rows, PersonalizeConfig(steps=5, part="head+lora", label_prior=True)))
+    assert "shifts its head's bias to its own label mix, then fine-tunes its head+lora for 5 steps" in prior
+    assert "| a | 20 | 0.5000 | 0.8000 | 0.7000 | 0.6000 | fine-tuned |" in prior
 
 
 def test_each_bank_gets_its_own_seeded_test_split_only_with_personalization(tmp_path, tiny_setting):
