@@ -26,6 +26,7 @@ from fingpt_federated.model.evaluation import evaluate, logits_of
 from fingpt_federated.model.state import federated_state, trainable_parameters
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.personalization import BankComparison, markdown_section, verdict_lines, verdicts
+from fingpt_federated.simulations.repersonalize import main as repersonalize_main
 from tests.federation_helpers import CLASSES, config, news, news_data_overrides, tiny_model, write_news_csv
 
 TRAIN = TrainConfig(lr=3e-3, batch_size=16, epochs=1, progress=False, patience=None)
@@ -244,3 +245,21 @@ def test_quick_parity_through_fingpt_sim(tmp_path, tiny_setting):
     assert f"- every bank better off than alone: {alone_line}" in report
     at_least = "yes" if per_bank["personalised_at_least_global_every_bank"] else "no"
     assert f"- personalised >= global for every bank: {at_least}" in report
+    # the same comparison again on the finished run reproduces its table; other settings change it
+    run = tmp_path / "run"
+    again = tmp_path / "again.json"
+    assert repersonalize_main([str(run), "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["banks"] == per_bank["banks"]
+    assert repersonalize_main([str(run), "--out", str(again)]) == 2  # never over an existing file
+    other = tmp_path / "prior.json"
+    assert repersonalize_main([str(run), "personalize.label_prior=true", "--out", str(other)]) == 0
+    found = json.loads(other.read_text())
+    assert found["personalize"]["label_prior"] is True
+    assert [row["alone"] for row in found["banks"]] == [row["alone"] for row in per_bank["banks"]]
+
+
+def test_repersonalize_refuses_what_a_finished_run_cannot_change(tmp_path, capsys):
+    assert repersonalize_main([str(tmp_path), "federation.rounds=3"]) == 2
+    assert "only personalize.* and model.train.*" in capsys.readouterr().err
+    assert repersonalize_main([str(tmp_path), "personalize.steps=5"]) == 2
+    assert "not a finished fingpt-sim run: resolved_config.yaml is missing" in capsys.readouterr().err
