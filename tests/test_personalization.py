@@ -210,7 +210,9 @@ def test_tfns_parity_composes_with_and_without_dp():
     assert (cfg.data.name, cfg.model.backbone) == ("tfns", compose_config([]).model.backbone)
     assert (cfg.federation.partitioner, cfg.federation.num_banks, cfg.federation.alpha) == ("dirichlet", 10, 0.3)
     assert cfg.strategy.name == "fedavg" and cfg.model.train.logit_adjustment == 1.0
-    assert cfg.baseline and cfg.personalize.steps > 0
+    assert cfg.baseline and cfg.personalize.part == "head+lora"
+    # each bank personalises with the budget it trains alone with: no more local work than alone
+    assert cfg.personalize.steps == cfg.federation.rounds * cfg.strategy.local_steps
     assert not cfg.privacy.dp.enabled
     dp = compose_config(["+experiment=tfns_parity", "privacy=dp"])
     assert dp.privacy.dp.enabled
