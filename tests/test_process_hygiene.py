@@ -206,6 +206,13 @@ def wait_for_descendant(proc: subprocess.Popen, marker: str, timeout: float) -> 
         time.sleep(0.5)
 
 
+def _default_sigint() -> None:
+    """Ctrl-C's default action in the child, whatever pytest was started with: a shell without job
+    control starts `cmd &` with SIGINT ignored, which Python and its children inherit and keep (a sim
+    started so rightly ignores SIGINT, and the SIGINT case would run to its end)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 STOP_WAIT_S = 120  # under load: the log stream's 10 s, the guard's 10 s grace, Ray's actors ending
 
 
@@ -225,6 +232,7 @@ def test_fingpt_sim_stopped_mid_run_stops_flower_and_ray(tmp_path, signum):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )
     try:
         wait_for_descendant(sim, "ClientAppActor", RUN_TIMEOUT_S)
