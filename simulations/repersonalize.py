@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         spec, baselines = load_run(args.run_dir)
         cfg = run_config(args.run_dir, args.overrides)
         rows = compare_banks(cfg, spec, args.run_dir / FINAL_STATE, baselines)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, TypeError, KeyError) as error:  # also a damaged baselines.json or spec
         print(f"repersonalize: error: {error}", file=sys.stderr)
         return 2
     settings = personalize_settings(cfg)

@@ -265,3 +265,8 @@ def test_repersonalize_refuses_what_a_finished_run_cannot_change(tmp_path, capsy
     assert "only personalize.* and model.train.*" in capsys.readouterr().err
     assert repersonalize_main([str(tmp_path), "personalize.steps=5"]) == 2
     assert "not a finished fingpt-sim run: resolved_config.yaml is missing" in capsys.readouterr().err
+    for name in ("resolved_config.yaml", "federation_spec.json", "global_state.safetensors"):
+        (tmp_path / name).write_text("{}")
+    (tmp_path / "baselines.json").write_text('[{"kind": "centralized", "unexpected": 1}]')
+    assert repersonalize_main([str(tmp_path)]) == 2  # a damaged run folder: one line, no traceback
+    assert capsys.readouterr().err.startswith("repersonalize: error:")
