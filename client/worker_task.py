@@ -17,8 +17,8 @@ process loaded a backbone since its previous train reply (1 then 0 in a worker, 
 message of a per-message ClientApp).
 
 One cached model serves every bank of an actor: each message loads the global state into it
-and refits the series normaliser on that bank's own train split, so nothing of one bank stays
-behind for the next.
+and refits the series normaliser and the static features' statistics on that bank's own train
+split, so nothing of one bank stays behind for the next.
 
 Differential privacy: when the round config carries a `dp-config`, the bank trains with Opacus
 DP-SGD against its own privacy ledger in its state folder (node config `state-dir`, else
@@ -62,6 +62,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fingpt_federated.client import encryption, feddyn, hostile, scaffold
 from fingpt_federated.client.app import planned_steps
+from fingpt_federated.client.personalization import fit_to_bank
 from fingpt_federated.client.state_folder import bank_state_dir
 from fingpt_federated.client.training import private_config, train_local
 from fingpt_federated.data.bank_data import BankData, load_bank
@@ -412,8 +413,7 @@ def _prepare(content: RecordDict, context: Context) -> tuple[RoundTask, BankSite
         )
     worker = _model_for(task)
     load_federated_state(worker.model, _global_state(task, site, context, worker, arrays))
-    if bank.train.series is not None and bank.train.mask is not None:  # BankDataset: a series has its mask
-        worker.model.fit_normalizer(bank.train.series, bank.train.mask)
+    fit_to_bank(worker.model, bank.train)  # the series normaliser and the static features' statistics
     return task, site, bank, worker
 
 
