@@ -221,6 +221,8 @@ class BankRounds(Strategy):
             )
             failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
             candidates = [c for c in candidates if c.node not in refused]
+        # in bank order, not arrival order: the aggregate's float sums, and so the run, are reproducible
+        candidates.sort(key=lambda c: (self._bank(c.node), c.node))
         accepted = [c.reply for c in candidates if self._record(phase, server_round, c)]
         failures += self._missing(phase, server_round, sent_to, replies)
         required = min(self.min_banks, len(sent_to) - declined)

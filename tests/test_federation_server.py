@@ -153,6 +153,22 @@ def test_a_bank_that_never_answers_counts_as_failed(tmp_path):
         run_federation(grid, cfg, spec, tmp_path / "run")
 
 
+def test_the_order_replies_arrive_in_does_not_change_the_aggregate(tmp_path):
+    """Banks answer in any order on a real SuperLink; the server averages them in bank order, so a run
+    is reproducible to the last bit (float sums in another order differ in the last digits)."""
+    finals = []
+    for reverse in (False, True):
+        cfg, spec, grid = federation(tmp_path / str(reverse), "strategy=fedavg", "federation.rounds=1")
+        if reverse:
+            grid.send_and_receive = lambda messages, timeout=None, deliver=grid.send_and_receive: list(
+                deliver(messages)
+            )[::-1]
+        run_federation(grid, cfg, spec, tmp_path / str(reverse) / "run")
+        finals.append(load_file(str(tmp_path / str(reverse) / "run" / FINAL_STATE)))
+    assert finals[0].keys() == finals[1].keys()
+    assert all(np.array_equal(finals[0][name], finals[1][name]) for name in finals[0])
+
+
 def test_fedavg_can_drop_stragglers_as_in_the_fedprox_paper(tmp_path):
     cfg, spec, grid = federation(
         tmp_path, "strategy=fedavg", "strategy.drop_stragglers=true", "federation.rounds=1", work={0: 0.3}
