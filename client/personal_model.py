@@ -25,7 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fingpt_federated.client.personalization import HEAD, Personalization, fit_to_bank, personalize
+from fingpt_federated.client.personalization import HEAD, Personalization, personalize
+from fingpt_federated.client.training import fit_to_bank
 from fingpt_federated.data.bank_data import BankData, load_bank
 from fingpt_federated.infer.loading import open_model
 from fingpt_federated.model.card import variant_sizes, write_card

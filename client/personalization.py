@@ -41,7 +41,6 @@ from transformers import PreTrainedTokenizerBase
 from fingpt_federated.client.training import LOWER_IS_BETTER, train_local
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.evaluation import evaluate, logits_of
-from fingpt_federated.model.features import fit_features_on
 from fingpt_federated.model.hybrid import HybridFinGPT
 from fingpt_federated.model.state import federated_state, load_federated_state, trainable_parameters
 from fingpt_federated.model.train_config import TrainConfig
@@ -62,15 +61,6 @@ def local_part(model: nn.Module, part: str) -> list[str]:
     if not names:
         raise ValueError(f"the model has no trainable tensors in its {part!r} part")
     return sorted(names)
-
-
-def fit_to_bank(model: HybridFinGPT, train: BankDataset) -> None:
-    """The statistics a bank fits on its own train rows (series normaliser, static features), refitted."""
-    if train.series is not None and train.mask is not None:  # BankDataset: a series has its mask
-        model.fit_normalizer(train.series, train.mask)
-    if model.features is not None:
-        model.features.fitted.fill_(False)  # refitted on this bank's rows
-    fit_features_on(model, train)
 
 
 @contextmanager

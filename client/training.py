@@ -95,6 +95,15 @@ class TrainResult:
     noise_multiplier: float | None = None
 
 
+def fit_to_bank(model: HybridFinGPT, train: BankDataset) -> None:
+    """The statistics a bank fits on its own train rows (series normaliser, static features), refitted."""
+    if train.series is not None and train.mask is not None:  # BankDataset: a series has its mask
+        model.fit_normalizer(train.series, train.mask)
+    if model.features is not None:
+        model.features.fitted.fill_(False)  # refitted on this bank's rows
+    fit_features_on(model, train)
+
+
 def private_config(cfg: TrainConfig, dp: DPSettings, server_round: int | None = None) -> TrainConfig:
     """The train config under DP: batches are the logical batches; `dp.lr` (in `server_round`, see
     `DPSettings.lr_in_round`), `dp.optimizer` and `dp.weight_decay` when set."""

@@ -62,9 +62,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fingpt_federated.client import encryption, feddyn, hostile, scaffold
 from fingpt_federated.client.app import planned_steps
-from fingpt_federated.client.personalization import fit_to_bank
 from fingpt_federated.client.state_folder import bank_state_dir
-from fingpt_federated.client.training import private_config, train_local
+from fingpt_federated.client.training import fit_to_bank, private_config, train_local
 from fingpt_federated.data.bank_data import BankData, load_bank
 from fingpt_federated.federation import protocol, run_inputs
 from fingpt_federated.federation.console import quiet_console

@@ -22,8 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from fingpt_federated.client.app import planned_steps
-from fingpt_federated.client.personalization import fit_to_bank
-from fingpt_federated.client.training import train_local
+from fingpt_federated.client.training import fit_to_bank, train_local
 from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.features import StaticFeatures

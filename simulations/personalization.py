@@ -19,7 +19,8 @@ import torch
 from omegaconf import DictConfig
 from safetensors.torch import load_file
 
-from fingpt_federated.client.personalization import fit_to_bank, personalize
+from fingpt_federated.client.personalization import personalize
+from fingpt_federated.client.training import fit_to_bank
 from fingpt_federated.conf.schema import PersonalizeConfig
 from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
