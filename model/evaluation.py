@@ -41,18 +41,20 @@ def evaluate(
     model: HybridFinGPT, tokenizer: PreTrainedTokenizerBase, data: BankDataset, batch_size: int = 64
 ) -> dict[str, float]:
     """loss, accuracy, macro_f1 and roc_auc (model/task_metrics.py; NaN where the split cannot define it)."""
-    all_logits = logits_of(model, tokenizer, data, batch_size)
-    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    return metrics_of(logits_of(model, tokenizer, data, batch_size), np.asarray(data.labels))
+
+
+def metrics_of(all_logits: torch.Tensor, labels: np.ndarray) -> dict[str, float]:
+    """`evaluate`'s metrics from logits already computed (rows, classes) and the rows' labels."""
     predicted = all_logits.argmax(dim=1).numpy()
-    metrics = {
-        "loss": F.cross_entropy(all_logits, labels).item(),
-        "accuracy": float((predicted == data.labels).mean()),
+    return {
+        "loss": F.cross_entropy(all_logits, torch.as_tensor(labels, dtype=torch.long)).item(),
+        "accuracy": float((predicted == labels).mean()),
         "macro_f1": float(
-            f1_score(data.labels, predicted, labels=list(range(model.num_classes)), average="macro", zero_division=0)
+            f1_score(labels, predicted, labels=list(range(all_logits.shape[1])), average="macro", zero_division=0)
         ),
-        "roc_auc": roc_auc(data.labels, all_logits.softmax(dim=1).numpy()),
+        "roc_auc": roc_auc(labels, all_logits.softmax(dim=1).numpy()),
     }
-    return metrics
 
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:

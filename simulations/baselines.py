@@ -29,7 +29,7 @@ from fingpt_federated.data.features import StaticFeatures
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.federation.federation_spec import FederationSpec
 from fingpt_federated.model.build import build_model
-from fingpt_federated.model.evaluation import evaluate
+from fingpt_federated.model.evaluation import evaluate, logits_of, metrics_of
 from fingpt_federated.model.state import federated_state, load_federated_state
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.classical_baseline import classical_results
@@ -50,6 +50,9 @@ class BaselineResult:
     test: dict[str, float]
     own_tests: dict[str, dict[str, float]] = field(default_factory=dict)
     """Banks' own test splits, where they have one (bank -> metrics): local-only its own, centralized every bank's."""
+    own_predictions: dict[str, list[int]] = field(default_factory=dict)
+    """The class predicted for each row of those splits, in order (bank -> classes): the paired test of
+    simulations/paired_test.py compares them with the personalised model's, row by row."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,9 +137,11 @@ def _run_baselines(cfg: DictConfig, spec: FederationSpec) -> list[BaselineResult
         epochs = math.ceil(steps / math.ceil(len(train) / base.batch_size))
         result = train_local(model, tokenizer, train, replace(base, epochs=epochs, progress=False), max_steps=steps)
         metrics = evaluate(model, tokenizer, test, base.eval_batch_size)
-        own = {bank: evaluate(model, tokenizer, own_tests[bank], base.eval_batch_size) for bank in scored}
+        logits = {bank: logits_of(model, tokenizer, own_tests[bank], base.eval_batch_size) for bank in scored}
+        own = {bank: metrics_of(logits[bank], np.asarray(own_tests[bank].labels)) for bank in scored}
+        predicted = {bank: logits[bank].argmax(dim=1).tolist() for bank in scored}
         log.info("baseline %s (%s): test accuracy %.4f after %.0f s", kind, name, metrics["accuracy"], result.seconds)
-        return BaselineResult(kind, name, result.steps, len(train), result.seconds, metrics, own)
+        return BaselineResult(kind, name, result.steps, len(train), result.seconds, metrics, own, predicted)
 
     pool = pooled([train for _, train in banks])
     results = [train_alone(CENTRALIZED, "all banks", pool, central_steps, list(own_tests))]

@@ -167,6 +167,24 @@ def test_verdicts_follow_the_numbers():
     alone_missing = [_row("a", 0.8, math.nan)]
     assert verdicts(alone_missing)["every_bank_better_off_than_alone"] is None
     assert "every bank better off than alone: not run (baseline=false)" in verdict_lines(alone_missing)
+    assert verdicts(alone_missing)["worse_than_alone_beyond_chance"] is None  # nothing to test against
+
+
+TEST_WORDING = "exact McNemar test on each bank's own test rows, one-sided p < 0.05"
+
+
+def test_the_paired_test_names_only_the_banks_worse_beyond_chance():
+    one_row_short = replace(_row("small", 0.89, 0.95), p_worse_than_alone=0.5, p_worse_than_global=1.0)
+    really_worse = replace(_row("large", 0.70, 0.80), p_worse_than_alone=0.001, p_worse_than_global=0.2)
+    found = verdicts([one_row_short, really_worse])
+    assert found["every_bank_better_off_than_alone"] is False  # the strict line stays strict
+    assert found["worse_than_alone_beyond_chance"] == ["large"]
+    assert found["worse_than_global_beyond_chance"] == []
+    lines = verdict_lines([one_row_short, really_worse])
+    against_alone = [line for line in lines if line.startswith("banks worse off than alone beyond chance")]
+    against_global = [line for line in lines if line.startswith("banks worse off than global beyond chance")]
+    assert against_alone == [f"banks worse off than alone beyond chance ({TEST_WORDING}): large"], lines
+    assert against_global == [f"banks worse off than global beyond chance ({TEST_WORDING}): none"], lines
 
 
 def test_the_report_says_how_banks_personalised():
@@ -247,6 +265,13 @@ def test_quick_parity_through_fingpt_sim(tmp_path, tiny_setting):
     assert f"- every bank better off than alone: {alone_line}" in report
     at_least = "yes" if per_bank["personalised_at_least_global_every_bank"] else "no"
     assert f"- personalised >= global for every bank: {at_least}" in report
+    # the paired test against alone runs on every bank (the alone models' predictions were kept): a bank
+    # named worse beyond chance is one the strict line also calls worse
+    for row in per_bank["banks"]:
+        assert 0.0 < row["p_worse_than_alone"] <= 1.0 and 0.0 < row["p_worse_than_global"] <= 1.0
+    worse = per_bank["worse_than_alone_beyond_chance"]
+    assert all(row["personalised"] < row["alone"] for row in per_bank["banks"] if row["bank"] in worse)
+    assert "- banks worse off than alone beyond chance (exact McNemar" in report
     # the same comparison again on the finished run reproduces its table; other settings change it
     run = tmp_path / "run"
     again = tmp_path / "again.json"
