@@ -160,6 +160,16 @@ def backdoor_rows(
     return {"defence": defence, "banks": banks, "hostile": hostile, **last, "rounds": per_round}
 
 
+def round_step(cfg: DictConfig) -> tuple[float, int]:
+    """The learning rate and (expected) batch size of the bank's local steps, as the operator who set the run
+    knows them: under DP `privacy.dp.lr` (when set) and the logical batch replace `model.train`'s."""
+    train = TrainConfig.from_mapping(config_dict(cfg.model.train))
+    dp = cfg.privacy.dp
+    if not dp.enabled:
+        return train.lr, train.batch_size
+    return float(dp.lr if dp.lr is not None else train.lr), int(dp.logical_batch_size)
+
+
 def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictConfig, view: str) -> list[dict]:
     """The histogram and batch-membership attacks on the one bank's one-round update (the new global)."""
     bank = train_data(f"canaries:{int(preset.canaries)}", load_bank(folder / "federation" / "banks" / "bank_00"))
@@ -167,16 +177,16 @@ def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
     after = state_of(folder / FINAL_STATE)
     before = {k: v.numpy() for k, v in scorer.initial.items()}
     bias = next(name for name in after if name.endswith("head.1.bias"))
-    tcfg = TrainConfig.from_mapping(config_dict(cfg.model.train))
+    lr, batch_size = round_step(cfg)
     test = load_bank(folder / "federation" / "test").train
     # the bias moves by the mean prediction of each step: between the round's two ends, the average of the two
     texts = list(test.texts or [])
     ends = [scorer.logits(state, texts, test.labels).softmax(dim=1).mean(dim=0).numpy() for state in (before, after)]
     mean_p = np.mean(ends, axis=0)
-    epochs = int(cfg.strategy.get("local_epochs") or tcfg.epochs)  # the round's task sets the epochs
-    steps = math.ceil(len(bank.train) / tcfg.batch_size) * epochs
+    epochs = int(cfg.strategy.get("local_epochs") or TrainConfig.from_mapping(config_dict(cfg.model.train)).epochs)
+    steps = math.ceil(len(bank.train) / batch_size) * epochs  # the round's task sets the epochs
     estimate = operator_view.histogram_from_bias(
-        after[bias] - before[bias], mean_p, len(bank.train), steps, tcfg.batch_size, tcfg.lr
+        after[bias] - before[bias], mean_p, len(bank.train), steps, batch_size, lr
     )
     chosen = canaries.canary_set(int(preset.canaries), len(scorer.class_names))
     drop = scorer.losses(before, chosen.texts, chosen.labels) - scorer.losses(after, chosen.texts, chosen.labels)

@@ -248,3 +248,16 @@ def test_the_backdoor_preset_names_its_rows_and_composes_on_the_quick_one():
     assert list(chosen.parts) == ["backdoor"] and chosen.backdoor_trigger == "cf"
     assert chosen.sim == quick.sim and chosen.canaries == quick.canaries  # the rest is the quick preset's
     assert "federation.num_banks=10" in chosen.backdoor_sim
+
+
+def test_the_operator_reads_a_dp_update_with_the_dp_steps_it_set():
+    """The histogram attack divides the bias change by the step's learning rate: under DP the bank steps at
+    privacy.dp.lr with the logical batch (the tfns recipe: 0.5 and 128), not model.train's (0.05 there)."""
+    from fingpt_federated.simulations.audit import privacy_overrides, round_step, sim_config
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        tfns = compose(config_name="audit", overrides=["preset=tfns"]).preset
+        plain = sim_config(tfns, [*tfns.operator_sim, *privacy_overrides(tfns, None)])
+        private = sim_config(tfns, [*tfns.operator_sim, *privacy_overrides(tfns, 8.0)])
+    assert round_step(plain) == (0.05, 128)
+    assert round_step(private) == (0.5, 128)
