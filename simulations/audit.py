@@ -45,11 +45,13 @@ from rich.table import Table
 from safetensors.numpy import load_file
 
 from fingpt_federated.client.hostile import train_data
+from fingpt_federated.client.training import private_config
 from fingpt_federated.conf import CONFIG_DIR
 from fingpt_federated.config_dicts import config_dict
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.errors import DataError
 from fingpt_federated.model.train_config import TrainConfig
+from fingpt_federated.privacy.dp_settings import DPSettings
 from fingpt_federated.server.checkpoint import CheckpointError
 from fingpt_federated.server.history import History
 from fingpt_federated.server.privacy_record import spent_by_bank
@@ -160,14 +162,13 @@ def backdoor_rows(
     return {"defence": defence, "banks": banks, "hostile": hostile, **last, "rounds": per_round}
 
 
-def round_step(cfg: DictConfig) -> tuple[float, int]:
-    """The learning rate and (expected) batch size of the bank's local steps, as the operator who set the run
-    knows them: under DP `privacy.dp.lr` (when set) and the logical batch replace `model.train`'s."""
+def round_step(cfg: DictConfig) -> TrainConfig:
+    """The bank's local-step settings in the run's first round, as the operator who set the run knows them:
+    under DP the bank's own rule (`private_config`: `privacy.dp.lr` and the logical batch)."""
     train = TrainConfig.from_mapping(config_dict(cfg.model.train))
-    dp = cfg.privacy.dp
-    if not dp.enabled:
-        return train.lr, train.batch_size
-    return float(dp.lr if dp.lr is not None else train.lr), int(dp.logical_batch_size)
+    if not cfg.privacy.dp.enabled:
+        return train
+    return private_config(train, DPSettings.from_mapping(config_dict(cfg.privacy.dp)), server_round=1)
 
 
 def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictConfig, view: str) -> list[dict]:
@@ -177,16 +178,16 @@ def operator_rows(scorer: Scorer, preset: DictConfig, folder: Path, cfg: DictCon
     after = state_of(folder / FINAL_STATE)
     before = {k: v.numpy() for k, v in scorer.initial.items()}
     bias = next(name for name in after if name.endswith("head.1.bias"))
-    lr, batch_size = round_step(cfg)
+    step = round_step(cfg)
     test = load_bank(folder / "federation" / "test").train
     # the bias moves by the mean prediction of each step: between the round's two ends, the average of the two
     texts = list(test.texts or [])
     ends = [scorer.logits(state, texts, test.labels).softmax(dim=1).mean(dim=0).numpy() for state in (before, after)]
     mean_p = np.mean(ends, axis=0)
-    epochs = int(cfg.strategy.get("local_epochs") or TrainConfig.from_mapping(config_dict(cfg.model.train)).epochs)
-    steps = math.ceil(len(bank.train) / batch_size) * epochs  # the round's task sets the epochs
+    epochs = int(cfg.strategy.get("local_epochs") or step.epochs)  # the round's task sets the epochs
+    steps = math.ceil(len(bank.train) / step.batch_size) * epochs
     estimate = operator_view.histogram_from_bias(
-        after[bias] - before[bias], mean_p, len(bank.train), steps, batch_size, lr
+        after[bias] - before[bias], mean_p, len(bank.train), steps, step.batch_size, step.lr
     )
     chosen = canaries.canary_set(int(preset.canaries), len(scorer.class_names))
     drop = scorer.losses(before, chosen.texts, chosen.labels) - scorer.losses(after, chosen.texts, chosen.labels)

@@ -259,5 +259,5 @@ def test_the_operator_reads_a_dp_update_with_the_dp_steps_it_set():
         tfns = compose(config_name="audit", overrides=["preset=tfns"]).preset
         plain = sim_config(tfns, [*tfns.operator_sim, *privacy_overrides(tfns, None)])
         private = sim_config(tfns, [*tfns.operator_sim, *privacy_overrides(tfns, 8.0)])
-    assert round_step(plain) == (0.05, 128)
-    assert round_step(private) == (0.5, 128)
+    assert (round_step(plain).lr, round_step(plain).batch_size) == (0.05, 128)
+    assert (round_step(private).lr, round_step(private).batch_size) == (0.5, 128)
