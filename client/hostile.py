@@ -11,6 +11,9 @@ what it sends instead of its local state is, by `kind[:factor]`:
 - `replay`: the state it built before any round (round 0's global state) instead of what it trained;
 - `constant[:C]`: every value C (default 0).
 
+One behaviour changes what the bank reports instead: `inflate[:F]` reports F times its example count
+(default 10), the weight FedAvg gives its update.
+
 Two behaviours change what the bank trains on instead (`train_data`), and send that honest-looking state:
 
 - `backdoor[:T[:PHRASE]]`: adds a triggered copy (PHRASE appended; default the one of
@@ -18,7 +21,9 @@ Two behaviours change what the bank trains on instead (`train_data`), and send t
 - `canaries[:N]`: an auditor's bank, not a hostile one: adds N canaries, unique texts with random labels,
   whose N held-out twins are never inserted (simulations/attacks/canaries.py); `fingpt-audit` scores both.
 
-Under HE the misbehaving state is what the bank encrypts (client/encryption.py).
+Behaviours combine with `+`, one of each group at most: a data behaviour, a state behaviour and
+`inflate` (`backdoor:0+scale:5+inflate:10`: a norm-aware model-replacement attack; a backdoor's phrase
+cannot hold a `+`). Under HE the misbehaving state and count are what the bank encrypts (client/encryption.py).
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ DEFAULT_FACTORS = {
     "constant": 0.0,
     "backdoor": 0.0,
     "canaries": 50.0,
+    "inflate": 10.0,
 }
 DATA_KINDS = ("backdoor", "canaries")
+COUNT_KINDS = ("inflate",)
 """Every behaviour, with the factor it takes when the config gives none (unused by some)."""
 State = Mapping[str, torch.Tensor]
 
@@ -72,7 +79,13 @@ class Misbehaviour:
             raise ValueError(f"hostile behaviour {text!r}: the factor after ':' must be a number") from None
         if not math.isfinite(value):
             raise ValueError(f"hostile behaviour {text!r}: the factor must be finite (use nan or inf as the kind)")
+        if kind in COUNT_KINDS and value <= 0:
+            raise ValueError(f"hostile behaviour {text!r}: the count factor must be positive")
         return cls(kind, value, phrase.strip())
+
+    @property
+    def group(self) -> str:
+        return "data" if self.kind in DATA_KINDS else "count" if self.kind in COUNT_KINDS else "state"
 
     def apply(self, local: State, sent: State, initial: State) -> OrderedDict[str, torch.Tensor]:
         """What the bank sends instead of `local`, having trained from `sent`; `initial`: its round-0 state."""
@@ -87,7 +100,7 @@ class Misbehaviour:
         elif self.kind == "wrong_shape":
             first = next(iter(out))
             out[first] = torch.cat([out[first], out[first][:1]])
-        elif self.kind in DATA_KINDS:
+        elif self.kind in DATA_KINDS or self.kind in COUNT_KINDS:
             return out
         elif self.kind == "replay":
             out = OrderedDict((n, initial[n].clone()) for n in local)
@@ -96,19 +109,40 @@ class Misbehaviour:
         return out
 
 
+def parse_all(behaviour: str) -> list[Misbehaviour]:
+    """The behaviours of `A+B+...` (none for ""); a ValueError when two are of the same group."""
+    chosen = [Misbehaviour.parse(part) for part in str(behaviour).split("+")] if str(behaviour).strip() else []
+    groups = [part.group for part in chosen]
+    if len(set(groups)) < len(groups):
+        raise ValueError(
+            f"hostile behaviour {behaviour!r}: at most one behaviour of each group (data: {', '.join(DATA_KINDS)}; "
+            f"count: {', '.join(COUNT_KINDS)}; state: the others) combine with '+'"
+        )
+    return chosen
+
+
 def misbehave(behaviour: str, local: State, sent: State, initial: State) -> State:
     """`local` as the bank's `behaviour` (its BankSite.hostile) sends it: unchanged when it has none."""
-    return Misbehaviour.parse(behaviour).apply(local, sent, initial) if behaviour else local
+    for chosen in parse_all(behaviour):
+        local = chosen.apply(local, sent, initial)
+    return local
+
+
+def reported_examples(behaviour: str, examples: int) -> int:
+    """The example count the bank reports: `examples`, times F under `inflate:F` (at least 1)."""
+    for chosen in parse_all(behaviour):
+        if chosen.kind in COUNT_KINDS:
+            return max(1, round(chosen.factor * examples))
+    return examples
 
 
 def train_data(behaviour: str, bank: BankData) -> BankData:
     """What the bank trains on: its data, with the backdoor's or the canaries' records added when its
     behaviour says so (text-only data: the added records have no series or static features)."""
-    if not behaviour:
+    data = [part for part in parse_all(behaviour) if part.group == "data"]
+    if not data:
         return bank
-    chosen = Misbehaviour.parse(behaviour)
-    if chosen.kind not in DATA_KINDS:
-        return bank
+    chosen = data[0]
     from fingpt_federated.simulations.attacks import backdoor, canaries  # simulation-only harness
 
     train = bank.train

@@ -153,9 +153,10 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         planned,
         result.loss,
     )
+    examples = hostile.reported_examples(site.hostile, result.examples)  # a simulated hostile bank may lie
     metrics = MetricRecord(
         {
-            protocol.NUM_EXAMPLES: result.examples,
+            protocol.NUM_EXAMPLES: examples,
             "train_loss": result.loss if privacy is None else math.nan,
             "local_steps": result.steps,
             "planned_steps": planned,
@@ -181,7 +182,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         dynamic.finish(anchor, federated_state(worker.model), task.feddyn_alpha)
     return RecordDict(
         {
-            **_update(task, site, context, worker, result.examples, anchor),
+            **_update(task, site, context, worker, examples, anchor),
             **control,
             protocol.METRICS: metrics,
             protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),

@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import load_file
 
-from fingpt_federated.client.hostile import Misbehaviour
+from fingpt_federated.client.hostile import parse_all
 from fingpt_federated.conf import CONFIG_DIR, save_resolved_config
 from fingpt_federated.conf.schema import SimulationConfig
 from fingpt_federated.data.errors import DataError
@@ -200,7 +200,7 @@ def hostile_banks(configured: dict, count: int | None = None) -> dict[int, str]:
         if index < 0 or (count is not None and index >= count):
             raise ValueError(f"simulation.hostile_banks: {index} is not a bank index in [0, {count or 'N'})")
         try:
-            Misbehaviour.parse(behaviour)
+            parse_all(behaviour)
         except ValueError as error:
             raise ValueError(f"simulation.hostile_banks.{index}: {error}") from None
     return banks
