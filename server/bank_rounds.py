@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 
 import numpy as np
@@ -69,6 +69,7 @@ class _Candidate:
     reply: Message
     node: int
     norm: float
+    bounded: dict[str, float] = field(default_factory=dict)  # what the round's bounds changed, for the History
 
 
 class BankRounds(Strategy):
@@ -220,7 +221,7 @@ class BankRounds(Strategy):
                 {c.node: frozenset(reply_metrics(c.reply)) for c in candidates},
             )
             failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
-            candidates = [c for c in candidates if c.node not in refused]
+            candidates = self._bounded(server_round, [c for c in candidates if c.node not in refused])
         # in bank order, not arrival order: the aggregate's float sums, and so the run, are reproducible
         candidates.sort(key=lambda c: (self._bank(c.node), c.node))
         accepted = [c.reply for c in candidates if self._record(phase, server_round, c)]
@@ -241,6 +242,34 @@ class BankRounds(Strategy):
             return self.update_gate.check(reply.content)
         return problem, math.nan
 
+    def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
+        """The candidates with the update gate's bounds (clipped norm, capped count) applied and noted."""
+        assert self.update_gate is not None
+        bounds = self.update_gate.bounds(
+            {c.node: c.norm for c in candidates},
+            {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates},
+        )
+        out = []
+        for candidate in candidates:
+            bound = bounds.get(candidate.node)
+            if bound is None:
+                out.append(candidate)
+                continue
+            reported = float(reply_metrics(candidate.reply)[protocol.NUM_EXAMPLES])
+            self.update_gate.bound(candidate.reply.content, bound, self._bank(candidate.node), server_round)
+            noted = {"clip_scale": bound.scale} | ({"reported_examples": reported} if bound.examples else {})
+            log(
+                WARNING,
+                "round %d train: %s bounded: update scaled by %.3g, weighed as %g examples (reported %g)",
+                server_round,
+                self._who(candidate.node),
+                bound.scale,
+                bound.examples or reported,
+                reported,
+            )
+            out.append(replace(candidate, bounded=noted))
+        return out
+
     def _failed(self, phase: str, server_round: int, node: int, problem: str) -> str:
         """Log and record a bank's failure of the round; its failure line."""
         log(WARNING, "round %d %s: %s failed: %s", server_round, phase, self._who(node), problem)
@@ -253,6 +282,7 @@ class BankRounds(Strategy):
         metrics = dict(reply_metrics(candidate.reply))
         if math.isfinite(candidate.norm):
             metrics["update_norm"] = candidate.norm  # measured here, for setting strategy.update_checks
+        metrics.update(candidate.bounded)
         if phase == "train" and self.drop_stragglers and metrics.get("straggler", 0.0) > 0:
             log(
                 INFO,
@@ -267,8 +297,8 @@ class BankRounds(Strategy):
             )
             return False
         self.history.add(server_round, phase, bank, metrics, node_id=node)
-        if phase == "train" and self.update_gate is not None:
-            self.update_gate.accepted(candidate.reply.content, bank, server_round)
+        if phase == "train" and self.update_gate is not None and not candidate.bounded:
+            self.update_gate.accepted(candidate.reply.content, bank, server_round)  # a bounded one already was
         return True
 
     def _missing(self, phase: str, server_round: int, sent_to: set[int], replies: list[Message]) -> list[str]:

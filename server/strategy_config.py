@@ -7,7 +7,8 @@ A `conf/strategy/*.yaml` entry:
     options: {eta: 0.01}     # keyword arguments of that class
     mu: 0.0                  # FedProx proximal term the banks apply, with any class (`proximal-mu`)
     local_epochs, local_steps, drop_stragglers, round_timeout: the banks' work and the round's wait
-    update_checks: {max_norm: null, max_norm_ratio: 10.0}   # bounds on plaintext updates (server/update_checks.py)
+    update_checks: {max_norm: null, max_norm_ratio: 10.0, clip_norm_ratio: null, max_examples_ratio: null}
+                             # bounds on plaintext updates (server/update_checks.py)
     lora_aggregation: mean   # or product: LoRA B refitted to the mean of the banks' B·A (server/lora_product.py)
     local_lr_final, server_lr_final: null, or the rates a cosine decays to over the rounds (server/round_schedule.py)
     scaffold: false          # true: SCAFFOLD's control variates correct the banks' drift (server/scaffold.py)
@@ -87,7 +88,12 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             f"{flower.__name__} aggregates them), which the server never sees under HE (privacy=he or "
             "dp_he): use a strategy that aggregates as FedAvg does, e.g. strategy=fedavg or fedprox"
         )
-    update_checks(strat)
+    checks = update_checks(strat)
+    if encrypted and (checks.clip_norm_ratio is not None or checks.max_examples_ratio is not None):
+        raise ValueError(
+            "strategy.update_checks.clip_norm_ratio / max_examples_ratio bound each bank's plaintext update "
+            "and weight, which the server never sees under HE (privacy=he or dp_he): set both to null"
+        )
     if encrypted and strat.get("scaffold", False):
         raise ValueError(
             "strategy.scaffold: SCAFFOLD's control variates are the banks' update directions in plaintext, "

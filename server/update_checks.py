@@ -15,6 +15,11 @@ the key-holding banks check the decrypted aggregate, client/encryption.py):
   times their median (from 3 replies on: the median of two is their mean and hides nothing), and
   the metric keys, which must be the most common set (a reply with other keys would make Flower
   skip the round's aggregation);
+- per round, opt-in (`bounds`): the influence of each accepted reply, against the round's medians:
+  an update whose norm is above `clip_norm_ratio` times the median is scaled down to it (norm
+  bounding, Sun et al. 2019, "Can You Really Backdoor Federated Learning?"), and an example count
+  above `max_examples_ratio` times the median count is weighed as that many (FedAvg weighs a bank
+  by the count it reports: a bank that inflates it would otherwise outweigh all the others);
 - after aggregation (`non_finite`): a global state with a non-finite value is never adopted.
 
 What is out of reach: a bank that lies consistently within the bounds (a small push in a chosen
@@ -27,12 +32,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from fingpt_federated.federation import protocol
 
@@ -50,14 +55,21 @@ class UpdateChecks:
     `replay_memory`: how many states (globals sent, updates accepted) the replay check remembers, the
     oldest forgotten first: it grows by the sampled banks every round, so a long run would grow without
     end (10,000: 500 rounds of 20 banks, about 2 MB; a forgotten state is old and far from the global).
+    `clip_norm_ratio`, `max_examples_ratio` (null: off): bound what an accepted reply weighs instead of
+    refusing it: its update is scaled down to `clip_norm_ratio` times the round's median norm, its
+    example count capped at `max_examples_ratio` times the median count. Off by default: on banks of
+    very different sizes a count cap takes weight from the honest large banks too (the audit measures
+    both, docs/privacy-utility.md "Bounded influence").
     """
 
     max_norm: float | None = None
     max_norm_ratio: float | None = 10.0
     replay_memory: int = 10_000
+    clip_norm_ratio: float | None = None
+    max_examples_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        for key in ("max_norm", "max_norm_ratio"):
+        for key in ("max_norm", "max_norm_ratio", "clip_norm_ratio", "max_examples_ratio"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"strategy.update_checks.{key} must be a positive number or null, got {value}")
@@ -128,6 +140,59 @@ class UpdateGate:
                     f"strategy.update_checks.max_norm_ratio={ratio:g}"
                 )
         return refused
+
+    def bound(self, content: RecordDict, bound: Bound, bank: str, server_round: int) -> None:
+        """Apply `bound` to an accepted reply in place; the reply as sent is remembered as accepted."""
+        self.accepted(content, bank, server_round)
+        bound.apply(content, self._sent)
+
+    def bounds(self, norms: Mapping[K, float], examples: Mapping[K, float]) -> dict[K, Bound]:
+        """How the accepted replies of a round (by any key) are bounded against the round's medians:
+        only those changed (none from fewer than 3 replies, as for `outliers`)."""
+        if len(norms) < MIN_REPLIES_FOR_RATIO:
+            return {}
+        norm_cap = _cap(self.limits.clip_norm_ratio, norms.values())
+        count_cap = _cap(self.limits.max_examples_ratio, examples.values())
+        bounded = {}
+        for key, norm in norms.items():
+            scale = norm_cap / norm if norm_cap is not None and norm > norm_cap else 1.0
+            count = count_cap if count_cap is not None and examples[key] > count_cap else None
+            if scale < 1.0 or count is not None:
+                bounded[key] = Bound(scale, count)
+        return bounded
+
+
+@dataclass(frozen=True)
+class Bound:
+    """How one accepted reply is bounded: its update scaled by `scale`, its count replaced by `examples`."""
+
+    scale: float = 1.0
+    examples: float | None = None
+
+    def apply(self, content: RecordDict, sent: Mapping[str, np.ndarray]) -> None:
+        """Bound the reply in place: its state becomes sent + scale (state - sent), in its dtypes."""
+        if self.scale < 1.0:
+            arrays = content.array_records[protocol.ARRAYS]
+            content[protocol.ARRAYS] = ArrayRecord(
+                {name: Array(_scaled(array.numpy(), sent[name], self.scale)) for name, array in arrays.items()}
+            )
+        if self.examples is not None:
+            content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] = self.examples
+
+
+def _scaled(state: np.ndarray, sent: np.ndarray, scale: float) -> np.ndarray:
+    if not np.issubdtype(state.dtype, np.floating):
+        return state
+    moved = sent.astype(np.float64) + scale * (state.astype(np.float64) - sent.astype(np.float64))
+    return moved.astype(state.dtype)
+
+
+def _cap(ratio: float | None, values: Iterable[float]) -> float | None:
+    """`ratio` times the median of `values` (None when off or the median is not positive)."""
+    if ratio is None:
+        return None
+    median = float(np.median(list(values)))
+    return ratio * median if median > 0 else None
 
 
 def update_norm(state: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:

@@ -13,6 +13,8 @@ Runs (sub-folders of the run folder), each a full `fingpt-sim` run:
 - with `backdoor_sim` (overrides on top of `sim`, e.g. 10 banks), the backdoor rows without DP come from
   federations of their own instead, with the backdoor bank only: `backdoor_none`, `backdoor_floor`,
   `backdoor_<defence>`;
+- `backdoor_with` (e.g. `scale:5+inflate:10`) adds behaviours to the backdoor bank's: a boosted,
+  count-inflating model-replacement attack (conf/preset/backdoor_boosted.yaml);
 - `operator_plaintext`, `operator_dp`: one bank, one round of plain SGD (its update is the new global).
 The canary bank's last update in `federation_none` is not stored by the simulation: it is repeated from the
 checkpoints (simulations/attacks/bank_update.py).
@@ -162,6 +164,17 @@ def backdoor_rows(
     return {"defence": defence, "banks": banks, "hostile": hostile, **last, "rounds": per_round}
 
 
+def hostile_fate(folder: Path, index: int) -> dict[str, int]:
+    """In how many rounds the server took the backdoor bank's train reply as sent, bounded it
+    (strategy.update_checks.clip_norm_ratio / max_examples_ratio) or refused it."""
+    bank = load_bank(folder / "federation" / "banks" / f"bank_{index:02d}").name
+    history = History.from_json((folder / METRICS_JSON).read_text(encoding="utf-8"))
+    rows = [row for row in history.rows if row.phase == "train" and row.bank == bank]
+    bounded = sum(row.status == "ok" and "clip_scale" in row.metrics for row in rows)
+    accepted = sum(row.status == "ok" for row in rows) - bounded
+    return {"hostile_accepted": accepted, "hostile_bounded": bounded, "hostile_refused": len(rows) - accepted - bounded}
+
+
 def round_step(cfg: DictConfig) -> TrainConfig:
     """The bank's local-step settings in the run's first round, as the operator who set the run knows them:
     under DP the bank's own rule (`private_config`: `privacy.dp.lr` and the logical batch)."""
@@ -225,7 +238,9 @@ def defence_overrides(preset: DictConfig) -> dict[str, list[str]]:
     """`backdoor_defences`: each defended row's name and the overrides of its federation (on top of the
     update checks every run has): a mapping of names to overrides, or a list whose entries are strategy
     names (`fedmedian`: `strategy=fedmedian`) or such one-entry mappings (`{dp_eps8: [privacy=dp, ...]}`)."""
-    defences = preset.get("backdoor_defences") or {}
+    defences = preset.get("backdoor_defences")
+    if not defences:
+        return {}
     entries = defences if OmegaConf.is_list(defences) else [defences]
     rows: dict[str, list[str]] = {}
     for entry in entries:
@@ -245,10 +260,11 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
     canary = {int(preset.canary_bank): f"canaries:{int(preset.canaries)}"}
     target = int(preset.backdoor_target)
     trigger = str(preset.get("backdoor_trigger") or backdoor.TRIGGER)
-    backdoor_bank = {int(preset.backdoor_bank): f"backdoor:{target}:{trigger}"}
+    boost = str(preset.get("backdoor_with") or "")  # e.g. scale:5+inflate:10: a model-replacement attack
+    backdoor_bank = {int(preset.backdoor_bank): f"backdoor:{target}:{trigger}" + (f"+{boost}" if boost else "")}
     keep = ["federation.checkpoints_kept=100"]
     separate = bool(preset.get("backdoor_sim"))  # the backdoor rows' own federation (`backdoor_sim` on `sim`)
-    result: dict[str, Any] = {"membership": [], "operator_view": [], "backdoor": []}
+    result: dict[str, Any] = {"membership": [], "operator_view": [], "backdoor": [], "backdoor_bank": backdoor_bank}
     rocs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     scorer: Scorer | None = None
 
@@ -282,7 +298,8 @@ def audit(preset: DictConfig, run_dir: Path) -> dict[str, Any]:
             behaviours = (backdoor_bank if hostile else {}) | ({} if separate else canary)
             private = [] if any(o.startswith("privacy=") for o in extra) else ["privacy=none"]  # a defence may be DP
             cfg, _ = train(preset, folder, [*setting, *keep, *private, *extra], behaviours)
-            result["backdoor"].append(backdoor_rows(scorer_for(folder, cfg), folder, defence, target, trigger, hostile))
+            row = backdoor_rows(scorer_for(folder, cfg), folder, defence, target, trigger, hostile)
+            result["backdoor"].append(row | (hostile_fate(folder, int(preset.backdoor_bank)) if hostile else {}))
     if "operator_view" in parts:
         for view, privacy in (("plaintext", None), ("dp_eps8", 8.0)):
             folder = run_dir / f"operator_{view}"
@@ -355,21 +372,30 @@ def markdown(result: dict[str, Any]) -> str:
         "as the target with it (out of `counted`); beside it the share of all non-target records classified",
         "as the target with and without the trigger (the model's baseline). The row with no hostile bank is",
         "the floor: what the trigger phrase alone does to a model that never saw it. The bound is the one-sided",
-        "95% Clopper-Pearson upper bound on the success from the records counted.",
+        "95% Clopper-Pearson upper bound on the success from the records counted. The hostile bank's rounds:",
+        "its train replies the server took as sent / bounded / refused.",
+        "",
+        f"The backdoor bank's behaviour: `{next(iter(result.get('backdoor_bank', {}).values()), '')}`.",
         "",
         "| defence | banks | hostile | attack success (counted, 95% upper bound) | target rate triggered / untriggered "
-        "| clean accuracy |",
-        "|---|---|---|---|---|---|",
+        "| clean accuracy | hostile bank's rounds |",
+        "|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {r['defence']} | {r['banks']} | {r['hostile']} | {figure(r['success_rate'], 3)} ({r['counted']}, "
         f"<= {figure(r['success_upper'], 3)}) | "
         f"{figure(r['triggered_target_rate'], 3)} / "
-        f"{figure(r['untriggered_target_rate'], 3)} | {figure(r['clean_accuracy'], 3)} |"
+        f"{figure(r['untriggered_target_rate'], 3)} | {figure(r['clean_accuracy'], 3)} | {fate(r)} |"
         for r in result["backdoor"]
     ]
     lines += ["", "![ROC](roc.png) ![backdoor](backdoor.png)", ""]
     return "\n".join(lines)
+
+
+def fate(row: dict[str, Any]) -> str:
+    if "hostile_accepted" not in row:
+        return "-"
+    return f"{row['hostile_accepted']} / {row['hostile_bounded']} / {row['hostile_refused']}"
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:

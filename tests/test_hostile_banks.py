@@ -169,6 +169,49 @@ def _distance(a, b) -> float:
     return float(np.sqrt(sum(float(((np.asarray(a[n]) - np.asarray(b[n])) ** 2).sum()) for n in a)))
 
 
+@pytest.mark.parametrize("bounded", [False, True])
+def test_bounds_keep_an_inflated_scaled_bank_to_the_weight_and_norm_of_a_typical_one(tmp_path, bounded):
+    """`scale:5+inflate:100` passes every refusal (5 x its norm is within 10 x the median): unbounded, its
+    claimed 100 x count makes it most of the FedAvg mean; bounded, the aggregate is the weighted mean of
+    the bounded replies, in which it weighs at most twice the median count with the median norm."""
+    limits = ["strategy.update_checks.clip_norm_ratio=1", "strategy.update_checks.max_examples_ratio=2"]
+    cfg, spec, grid = hostile_federation(
+        tmp_path,
+        {HOSTILE: "scale:5+inflate:100"},
+        "federation.rounds=1",
+        *(limits if bounded else []),
+        grid=StateRecordingGrid,
+    )
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    rows = {f"bank_{i}": train_rows(history, f"bank_{i}")[0] for i in range(3)}
+    hostile, honest = rows.pop(f"bank_{HOSTILE}"), list(rows.values())
+    assert hostile.status == "ok" and all(row.status == "ok" for row in honest)
+    final = load_file(str(tmp_path / "run" / FINAL_STATE))
+    sent = protocol.record_to_state(
+        next(m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN).content[protocol.ARRAYS]
+    )
+    distance = {name: _distance(final, state) for name, state in grid.states.items()}
+    if not bounded:
+        assert distance[f"bank_{HOSTILE}"] < min(d for n, d in distance.items() if n != f"bank_{HOSTILE}")
+        return
+    counts = sorted(float(row.metrics[protocol.NUM_EXAMPLES]) for row in honest)
+    assert hostile.metrics["reported_examples"] > 50 * counts[-1]
+    assert hostile.metrics[protocol.NUM_EXAMPLES] <= 2 * counts[-1] and hostile.metrics["clip_scale"] < 0.5
+    weights = {f"bank_{HOSTILE}": float(hostile.metrics[protocol.NUM_EXAMPLES])}
+    weights |= {row.bank: float(row.metrics[protocol.NUM_EXAMPLES]) for row in honest}
+    scales = {f"bank_{HOSTILE}": hostile.metrics["clip_scale"]} | {
+        row.bank: row.metrics.get("clip_scale", 1.0) for row in honest
+    }
+    total = sum(weights.values())
+    for name in final:
+        base = np.asarray(sent[name], dtype=np.float64)
+        expected = base + sum(
+            weights[b] / total * scales[b] * (np.asarray(grid.states[b][name], dtype=np.float64) - base)
+            for b in weights
+        )
+        assert np.allclose(final[name], expected, atol=1e-5), name
+
+
 def test_honest_dp_banks_pass_the_default_checks(tmp_path):
     cfg, spec, grid = hostile_federation(
         tmp_path,

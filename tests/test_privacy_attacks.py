@@ -8,14 +8,17 @@ import math
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from scipy.stats import beta
 
-from fingpt_federated.client.hostile import Misbehaviour, train_data
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.client.hostile import Misbehaviour, parse_all, train_data
+from fingpt_federated.conf import CONFIG_DIR, compose_config
 from fingpt_federated.data.bank_data import BankData
 from fingpt_federated.data.records import BankDataset
 from fingpt_federated.model.card import audit_lines
 from fingpt_federated.server.run_audit import audit_of_run
+from fingpt_federated.server.strategy_config import update_checks
+from fingpt_federated.server.update_checks import UpdateChecks
 from fingpt_federated.simulations.attacks import (
     backdoor,
     backdoor_replay,
@@ -248,6 +251,17 @@ def test_the_backdoor_preset_names_its_rows_and_composes_on_the_quick_one():
     assert list(chosen.parts) == ["backdoor"] and chosen.backdoor_trigger == "cf"
     assert chosen.sim == quick.sim and chosen.canaries == quick.canaries  # the rest is the quick preset's
     assert "federation.num_banks=10" in chosen.backdoor_sim
+    assert defence_overrides(OmegaConf.create({"backdoor_defences": []})) == {}  # no defended rows, not a "{}" one
+
+
+def test_the_boosted_backdoor_preset_attacks_with_a_scaled_inflated_update_and_bounds_it():
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        boosted = compose(config_name="audit", overrides=["preset=backdoor_boosted"]).preset
+    parse_all(f"backdoor:0:{boosted.backdoor_trigger}+{boosted.backdoor_with}")  # a behaviour the harness runs
+    assert "federation=dirichlet" in boosted.backdoor_sim
+    bounded = defence_overrides(boosted)["bounded"]
+    cfg = compose_config(["model=tiny_encoder", *bounded])
+    assert update_checks(cfg.strategy) == UpdateChecks(clip_norm_ratio=1.0, max_examples_ratio=2.0)
 
 
 def test_the_operator_reads_a_dp_update_with_the_dp_steps_it_set():

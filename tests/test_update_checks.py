@@ -12,13 +12,13 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fingpt_federated.client.encryption import AggregateRefused, check_aggregate
-from fingpt_federated.client.hostile import Misbehaviour, misbehave
+from fingpt_federated.client.hostile import Misbehaviour, misbehave, parse_all, reported_examples
 from fingpt_federated.conf import compose_config
 from fingpt_federated.federation import protocol
 from fingpt_federated.server.history import History
 from fingpt_federated.server.replies import unusable_metrics
 from fingpt_federated.server.strategy_config import build_strategy, check_strategy
-from fingpt_federated.server.update_checks import UpdateChecks, UpdateGate, non_finite
+from fingpt_federated.server.update_checks import Bound, UpdateChecks, UpdateGate, non_finite
 
 SENT = {"a.weight": np.ones((4, 3), dtype=np.float32), "b.bias": np.zeros(5, dtype=np.float32)}
 
@@ -120,6 +120,30 @@ def test_updates_far_above_the_rounds_median_are_refused():
     assert gate().outliers({"a": 1.0, "b": 1000.0}, {"a": frozenset(), "b": frozenset()}) == {}
 
 
+def test_bounds_scale_updates_and_cap_counts_above_the_rounds_medians():
+    norms = {"a": 1.0, "b": 1.2, "c": 0.9, "d": 5.0}  # median 1.1
+    examples = {"a": 10.0, "b": 30.0, "c": 20.0, "d": 1000.0}  # median 25
+    bounded = gate(clip_norm_ratio=1.0, max_examples_ratio=2.0).bounds(norms, examples)
+    assert set(bounded) == {"b", "d"}
+    assert bounded["d"].scale == pytest.approx(1.1 / 5.0) and bounded["d"].examples == 50.0
+    assert bounded["b"].scale == pytest.approx(1.1 / 1.2) and bounded["b"].examples is None
+    assert gate(max_examples_ratio=2.0).bounds(norms, examples) == {"d": Bound(1.0, 50.0)}
+    assert gate().bounds(norms, examples) == {}  # off by default
+    # Two replies: no median to bound them by.
+    assert gate(clip_norm_ratio=1.0).bounds({"a": 1.0, "b": 9.0}, {"a": 1.0, "b": 1.0}) == {}
+
+
+def test_a_bound_moves_the_reply_toward_the_state_sent_and_replaces_its_count():
+    checks = gate(clip_norm_ratio=1.0)
+    content = reply(moved(2.0), examples=500)
+    checks.bound(content, Bound(0.25, 40.0), "bank_d", 1)
+    state = {name: array.numpy() for name, array in content[protocol.ARRAYS].items()}
+    assert all(np.allclose(state[name], SENT[name] + 0.5) and state[name].dtype == np.float32 for name in SENT)
+    assert content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] == 40.0
+    # The reply as the bank sent it counts as accepted: sending it again is a replay.
+    assert checks.check(reply(moved(2.0)))[0] == "replayed state: it is the update of bank_d in round 1"
+
+
 def test_a_reply_whose_metric_keys_differ_from_the_others_is_refused():
     keys = {"a": frozenset({"n", "loss"}), "b": frozenset({"n", "loss"}), "c": frozenset({"n", "loss", "x"})}
     refused = gate().outliers({"a": 1.0, "b": 1.0, "c": 1.0}, keys)
@@ -179,6 +203,20 @@ def test_an_unknown_behaviour_is_refused_naming_the_known_ones(text, message):
         Misbehaviour.parse(text)
 
 
+def test_behaviours_combine_one_of_each_group():
+    assert [b.kind for b in parse_all("backdoor:0:cf+scale:5+inflate:10")] == ["backdoor", "scale", "inflate"]
+    assert parse_all("") == []
+    sent, local = torch_state(1.0), torch_state(1.5)
+    out = misbehave("backdoor:0+scale:4", local, sent, sent)  # the data part changes what it trains on only
+    assert all(torch.allclose(value, torch.full_like(value, 3.0)) for value in out.values())
+    assert reported_examples("scale:4+inflate:10", 37) == 370 and reported_examples("scale:4", 37) == 37
+    assert reported_examples("inflate:0.001", 37) == 1
+    with pytest.raises(ValueError, match="at most one behaviour of each group"):
+        parse_all("scale:2+sign_flip")
+    with pytest.raises(ValueError, match="the count factor must be positive"):
+        parse_all("inflate:-1")
+
+
 def test_a_bank_refuses_a_decrypted_aggregate_that_is_not_finite_or_out_of_bounds():
     initial = torch_state(0.0)
     fine = {name: np.full(array.shape, 3.0, np.float32) for name, array in SENT.items()}
@@ -199,6 +237,8 @@ def test_the_strategy_config_sets_the_limits_and_robust_rules_are_plaintext_only
     )
     with pytest.raises(ValueError, match="strategy.update_checks.max_norm_ratio must be a positive number"):
         check_strategy(compose_config(["strategy.update_checks.max_norm_ratio=-1"]), encrypted=False)
+    with pytest.raises(ValueError, match="clip_norm_ratio / max_examples_ratio bound each bank's plaintext"):
+        check_strategy(compose_config(["strategy.update_checks.clip_norm_ratio=1"]), encrypted=True)
     for strategy, flower in (
         ("fedmedian", "FedMedian"),
         ("krum", "Krum"),
