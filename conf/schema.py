@@ -124,6 +124,8 @@ class SimulationConfig:
     fail_banks: list[int] = field(default_factory=list)  # fault injection: indices of banks whose ClientApp raises
     # hostile banks: bank index -> misbehaviour of its train replies (client/hostile.py), e.g. {0: nan, 1: "scale:100"}
     hostile_banks: dict[int, str] = field(default_factory=dict)
+    # true: strategy.update_checks.registered_examples = each prepared bank's train rows (the consortium's registry)
+    register_examples: bool = False
 
 
 PERSONALIZED_PARTS = ("head", "head+lora")

@@ -239,7 +239,8 @@ class BankRounds(Strategy):
         """Why a train reply's update must not be aggregated ("" if it may), and its norm (NaN if unknown)."""
         problem = self.check_update(reply, server_round, state_hash) if self.check_update is not None else ""
         if not problem and self.update_gate is not None:
-            return self.update_gate.check(reply.content)
+            problem = self.update_gate.unregistered(self._bank(reply.metadata.src_node_id))
+            return (problem, math.nan) if problem else self.update_gate.check(reply.content)
         return problem, math.nan
 
     def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
@@ -248,6 +249,7 @@ class BankRounds(Strategy):
         bounds = self.update_gate.bounds(
             {c.node: c.norm for c in candidates},
             {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates},
+            {c.node: self._bank(c.node) for c in candidates},
         )
         out = []
         for candidate in candidates:

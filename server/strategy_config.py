@@ -89,10 +89,12 @@ def check_strategy(cfg: DictConfig, encrypted: bool) -> StrategyChoice:
             "dp_he): use a strategy that aggregates as FedAvg does, e.g. strategy=fedavg or fedprox"
         )
     checks = update_checks(strat)
-    if encrypted and (checks.clip_norm_ratio is not None or checks.max_examples_ratio is not None):
+    bounded = checks.clip_norm_ratio is not None or checks.max_examples_ratio is not None
+    if encrypted and (bounded or checks.registered_examples):
         raise ValueError(
-            "strategy.update_checks.clip_norm_ratio / max_examples_ratio bound each bank's plaintext update "
-            "and weight, which the server never sees under HE (privacy=he or dp_he): set both to null"
+            "strategy.update_checks.clip_norm_ratio / max_examples_ratio / registered_examples bound each bank's "
+            "plaintext update and weight, which the server never sees under HE (privacy=he or dp_he): set them "
+            "to null / {}"
         )
     if encrypted and strat.get("scaffold", False):
         raise ValueError(

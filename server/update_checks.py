@@ -18,8 +18,9 @@ the key-holding banks check the decrypted aggregate, client/encryption.py):
 - per round, opt-in (`bounds`): the influence of each accepted reply, against the round's medians:
   an update whose norm is above `clip_norm_ratio` times the median is scaled down to it (norm
   bounding, Sun et al. 2019, "Can You Really Backdoor Federated Learning?"), and an example count
-  above `max_examples_ratio` times the median count is weighed as that many (FedAvg weighs a bank
-  by the count it reports: a bank that inflates it would otherwise outweigh all the others);
+  above `max_examples_ratio` times the median count, or above the bank's `registered_examples`, is
+  weighed as that many (FedAvg weighs a bank by the count it reports: a bank that inflates it would
+  otherwise outweigh all the others); with a registry, a bank missing from it is refused;
 - after aggregation (`non_finite`): a global state with a non-finite value is never adopted.
 
 What is out of reach: a bank that lies consistently within the bounds (a small push in a chosen
@@ -33,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -59,7 +60,9 @@ class UpdateChecks:
     refusing it: its update is scaled down to `clip_norm_ratio` times the round's median norm, its
     example count capped at `max_examples_ratio` times the median count. Off by default: on banks of
     very different sizes a count cap takes weight from the honest large banks too (the audit measures
-    both, docs/privacy-utility.md "Bounded influence").
+    both, docs/privacy-utility.md "Bounded influence"). `registered_examples`: bank name -> the most
+    records it may be weighed as, agreed when it joined (empty: no registry; `fingpt-sim` fills it from
+    the prepared banks with `simulation.register_examples=true`); a bank not in a non-empty registry is refused.
     """
 
     max_norm: float | None = None
@@ -67,8 +70,14 @@ class UpdateChecks:
     replay_memory: int = 10_000
     clip_norm_ratio: float | None = None
     max_examples_ratio: float | None = None
+    registered_examples: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for bank, count in self.registered_examples.items():
+            if not (isinstance(count, int | float) and math.isfinite(count) and count > 0):
+                raise ValueError(
+                    f"strategy.update_checks.registered_examples.{bank} must be a positive count, got {count}"
+                )
         for key in ("max_norm", "max_norm_ratio", "clip_norm_ratio", "max_examples_ratio"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -146,17 +155,27 @@ class UpdateGate:
         self.accepted(content, bank, server_round)
         bound.apply(content, self._sent)
 
-    def bounds(self, norms: Mapping[K, float], examples: Mapping[K, float]) -> dict[K, Bound]:
-        """How the accepted replies of a round (by any key) are bounded against the round's medians:
-        only those changed (none from fewer than 3 replies, as for `outliers`)."""
-        if len(norms) < MIN_REPLIES_FOR_RATIO:
-            return {}
-        norm_cap = _cap(self.limits.clip_norm_ratio, norms.values())
-        count_cap = _cap(self.limits.max_examples_ratio, examples.values())
+    def unregistered(self, bank: str) -> str:
+        """Why `bank` may not be aggregated under the registry of example counts ("" if it may)."""
+        registry = self.limits.registered_examples
+        if not registry or bank in registry:
+            return ""
+        return (
+            f"{bank} has no count in strategy.update_checks.registered_examples (registered: {_few(sorted(registry))})"
+        )
+
+    def bounds(self, norms: Mapping[K, float], examples: Mapping[K, float], banks: Mapping[K, str]) -> dict[K, Bound]:
+        """How the accepted replies of a round (by any key; `banks`: their names) are bounded: against the
+        round's medians (none from fewer than 3 replies, as for `outliers`) and each bank's registered
+        count; only those changed."""
+        ratios = len(norms) >= MIN_REPLIES_FOR_RATIO
+        norm_cap = _cap(self.limits.clip_norm_ratio, norms.values()) if ratios else None
+        median_count_cap = _cap(self.limits.max_examples_ratio, examples.values()) if ratios else None
         bounded = {}
         for key, norm in norms.items():
             scale = norm_cap / norm if norm_cap is not None and norm > norm_cap else 1.0
-            count = count_cap if count_cap is not None and examples[key] > count_cap else None
+            caps = [c for c in (median_count_cap, self.limits.registered_examples.get(banks[key])) if c is not None]
+            count = min(caps) if caps and examples[key] > min(caps) else None
             if scale < 1.0 or count is not None:
                 bounded[key] = Bound(scale, count)
         return bounded

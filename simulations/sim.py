@@ -16,7 +16,8 @@ Simulation-only settings, read with these defaults when the config lacks them:
 `simulation.stragglers` (share of banks that do only part of each round's work, 0),
 `simulation.straggler_work` (the part they do, 0.5), `simulation.fail_banks` (indices of banks
 whose ClientApp raises, []), `simulation.hostile_banks` (bank index -> misbehaviour of its train
-replies, client/hostile.py, {}); `baseline` (false).
+replies, client/hostile.py, {}), `simulation.register_examples` (false; true: each bank's train rows become
+its registered example count, `strategy.update_checks.registered_examples`); `baseline` (false).
 
 `personalize.steps=N` (0: off): each bank also gets its own test split (`personalize.test_fraction` of
 its rows, held out before training), personalises the final global model's head (`personalize.part=head`)
@@ -32,6 +33,7 @@ the run the final encrypted global is decrypted as a bank would for publishing.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -42,7 +44,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from rich.console import Console
 from rich.table import Table
 from safetensors.numpy import load_file
@@ -192,6 +194,16 @@ def federation_spec(cfg: DictConfig, layout: FederationLayout) -> FederationSpec
     return FederationSpec(list(layout.class_names), int(layout.num_features), str(layout.test_dir.resolve()), banks)
 
 
+def with_registered_examples(cfg: DictConfig, layout: FederationLayout) -> DictConfig:
+    """`cfg` with `strategy.update_checks.registered_examples` set to each prepared bank's train rows, as a
+    consortium would register them when a bank joins (before any hostile behaviour adds records)."""
+    cfg = copy.deepcopy(cfg)
+    counts = {name: int(rows) for name, rows in zip(layout.bank_names, layout.train_counts.sum(axis=1), strict=True)}
+    with open_dict(cfg):
+        cfg.strategy.update_checks.registered_examples = counts
+    return cfg
+
+
 def hostile_banks(configured: dict, count: int | None = None) -> dict[int, str]:
     """`simulation.hostile_banks` checked: behaviours client/hostile.py knows, bank indices in [0, count)
     (not checked while the number of banks is unknown, before the federation is prepared)."""
@@ -219,6 +231,7 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
     cfg = encryption.operator_paths(cfg, run_dir) if encrypted else cfg
     layout = prepare_federation(cfg, run_dir / "federation")
     cfg = with_max_length(cfg, layout_texts(layout), TRAINING_TEXTS)  # auto resolved, long texts warned of
+    cfg = with_registered_examples(cfg, layout) if simulation_settings(cfg)["register_examples"] else cfg
     config_path = save_resolved_config(cfg, run_dir)
     spec = federation_spec(cfg, layout)
     if encrypted:

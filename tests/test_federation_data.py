@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from fingpt_federated.conf import CONFIG_DIR
+from fingpt_federated.conf import CONFIG_DIR, compose_config
 from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.data.federation_layout import prepare_federation
+from fingpt_federated.server.strategy_config import update_checks
+from fingpt_federated.simulations.sim import with_registered_examples
 from tests.conftest import require_shared_data
 
 
@@ -23,6 +25,14 @@ def federation_config(data: str, **federation) -> dict:
     fed.update(federation)
     data_cfg = OmegaConf.load(CONFIG_DIR / "data" / f"{data}.yaml")
     return OmegaConf.create({"data": data_cfg, "federation": fed, "seed": 0})
+
+
+def test_a_simulation_registers_each_banks_train_rows_as_its_example_count(tmp_path):
+    layout = prepare_federation(federation_config("synthetic_news"), tmp_path)
+    cfg = with_registered_examples(compose_config(["model=tiny_encoder"]), layout)
+    registry = update_checks(cfg.strategy).registered_examples
+    banks = zip(layout.bank_names, layout.bank_dirs, strict=True)
+    assert registry == {name: len(load_bank(folder).train) for name, folder in banks}
 
 
 def test_synthetic_banks_are_the_generated_profiles_and_test_rows_stay_out(tmp_path):

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from safetensors.numpy import load_file
 
 from fingpt_federated.client.app import app as client_app
+from fingpt_federated.data.bank_data import load_bank
 from fingpt_federated.federation import protocol
 from fingpt_federated.model.build import build_model
 from fingpt_federated.model.state import federated_state
@@ -169,17 +170,22 @@ def _distance(a, b) -> float:
     return float(np.sqrt(sum(float(((np.asarray(a[n]) - np.asarray(b[n])) ** 2).sum()) for n in a)))
 
 
-@pytest.mark.parametrize("bounded", [False, True])
+@pytest.mark.parametrize("bounded", ["", "median", "registered"])
 def test_bounds_keep_an_inflated_scaled_bank_to_the_weight_and_norm_of_a_typical_one(tmp_path, bounded):
     """`scale:5+inflate:100` passes every refusal (5 x its norm is within 10 x the median): unbounded, its
     claimed 100 x count makes it most of the FedAvg mean; bounded, the aggregate is the weighted mean of
-    the bounded replies, in which it weighs at most twice the median count with the median norm."""
-    limits = ["strategy.update_checks.clip_norm_ratio=1", "strategy.update_checks.max_examples_ratio=2"]
+    the bounded replies, in which it has the median norm and weighs at most twice the median count
+    (`median`) or its registered count (`registered`)."""
+    limits = ["strategy.update_checks.clip_norm_ratio=1"] if bounded else []
+    limits += ["strategy.update_checks.max_examples_ratio=2"] if bounded == "median" else []
+    registry = {bank.name: len(load_bank(bank.path).train) for bank in write_federation(tmp_path / "data").banks}
+    registered = [f"++strategy.update_checks.registered_examples.{bank}={count}" for bank, count in registry.items()]
     cfg, spec, grid = hostile_federation(
         tmp_path,
         {HOSTILE: "scale:5+inflate:100"},
         "federation.rounds=1",
-        *(limits if bounded else []),
+        *limits,
+        *(registered if bounded == "registered" else []),
         grid=StateRecordingGrid,
     )
     history = run_federation(grid, cfg, spec, tmp_path / "run")
@@ -197,6 +203,8 @@ def test_bounds_keep_an_inflated_scaled_bank_to_the_weight_and_norm_of_a_typical
     counts = sorted(float(row.metrics[protocol.NUM_EXAMPLES]) for row in honest)
     assert hostile.metrics["reported_examples"] > 50 * counts[-1]
     assert hostile.metrics[protocol.NUM_EXAMPLES] <= 2 * counts[-1] and hostile.metrics["clip_scale"] < 0.5
+    if bounded == "registered":
+        assert hostile.metrics[protocol.NUM_EXAMPLES] == registry[f"bank_{HOSTILE}"]
     weights = {f"bank_{HOSTILE}": float(hostile.metrics[protocol.NUM_EXAMPLES])}
     weights |= {row.bank: float(row.metrics[protocol.NUM_EXAMPLES]) for row in honest}
     scales = {f"bank_{HOSTILE}": hostile.metrics["clip_scale"]} | {

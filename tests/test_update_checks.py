@@ -123,14 +123,31 @@ def test_updates_far_above_the_rounds_median_are_refused():
 def test_bounds_scale_updates_and_cap_counts_above_the_rounds_medians():
     norms = {"a": 1.0, "b": 1.2, "c": 0.9, "d": 5.0}  # median 1.1
     examples = {"a": 10.0, "b": 30.0, "c": 20.0, "d": 1000.0}  # median 25
-    bounded = gate(clip_norm_ratio=1.0, max_examples_ratio=2.0).bounds(norms, examples)
+    banks = {key: f"bank_{key}" for key in norms}
+    bounded = gate(clip_norm_ratio=1.0, max_examples_ratio=2.0).bounds(norms, examples, banks)
     assert set(bounded) == {"b", "d"}
     assert bounded["d"].scale == pytest.approx(1.1 / 5.0) and bounded["d"].examples == 50.0
     assert bounded["b"].scale == pytest.approx(1.1 / 1.2) and bounded["b"].examples is None
-    assert gate(max_examples_ratio=2.0).bounds(norms, examples) == {"d": Bound(1.0, 50.0)}
-    assert gate().bounds(norms, examples) == {}  # off by default
+    assert gate(max_examples_ratio=2.0).bounds(norms, examples, banks) == {"d": Bound(1.0, 50.0)}
+    assert gate().bounds(norms, examples, banks) == {}  # off by default
     # Two replies: no median to bound them by.
-    assert gate(clip_norm_ratio=1.0).bounds({"a": 1.0, "b": 9.0}, {"a": 1.0, "b": 1.0}) == {}
+    assert gate(clip_norm_ratio=1.0).bounds({"a": 1.0, "b": 9.0}, {"a": 1.0, "b": 1.0}, banks) == {}
+
+
+def test_a_registered_count_caps_what_a_bank_is_weighed_as_and_an_unregistered_bank_is_refused():
+    registry = {"bank_a": 10.0, "bank_b": 30.0, "bank_d": 15.0}
+    checks = gate(registered_examples=registry)
+    norms, examples = {"a": 1.0, "d": 1.0}, {"a": 10.0, "d": 1000.0}
+    banks = {"a": "bank_a", "d": "bank_d"}
+    assert checks.bounds(norms, examples, banks) == {"d": Bound(1.0, 15.0)}  # also with fewer than 3 replies
+    # with a median cap too, the lower of the two caps
+    both = gate(registered_examples=registry, max_examples_ratio=1.0)
+    assert both.bounds({**norms, "b": 1.0}, {**examples, "b": 12.0}, {**banks, "b": "bank_b"})["d"].examples == 12.0
+    assert checks.unregistered("bank_a") == ""
+    assert "bank_x has no count in strategy.update_checks.registered_examples" in checks.unregistered("bank_x")
+    assert gate().unregistered("bank_x") == ""  # no registry: nobody is refused for it
+    with pytest.raises(ValueError, match="registered_examples.bank_a must be a positive count"):
+        UpdateChecks(registered_examples={"bank_a": 0})
 
 
 def test_a_bound_moves_the_reply_toward_the_state_sent_and_replaces_its_count():
@@ -237,8 +254,12 @@ def test_the_strategy_config_sets_the_limits_and_robust_rules_are_plaintext_only
     )
     with pytest.raises(ValueError, match="strategy.update_checks.max_norm_ratio must be a positive number"):
         check_strategy(compose_config(["strategy.update_checks.max_norm_ratio=-1"]), encrypted=False)
-    with pytest.raises(ValueError, match="clip_norm_ratio / max_examples_ratio bound each bank's plaintext"):
-        check_strategy(compose_config(["strategy.update_checks.clip_norm_ratio=1"]), encrypted=True)
+    for bound in (
+        "strategy.update_checks.clip_norm_ratio=1",
+        "++strategy.update_checks.registered_examples={bank_a:10}",
+    ):
+        with pytest.raises(ValueError, match="registered_examples bound each bank's plaintext update"):
+            check_strategy(compose_config([bound]), encrypted=True)
     for strategy, flower in (
         ("fedmedian", "FedMedian"),
         ("krum", "Krum"),
