@@ -10,7 +10,8 @@ sampling, message construction and aggregation to it:
   a `RoundSchedule`: server/round_schedule.py), numbers rounds globally (a
   resumed run continues at round k+1, not at 1; the wrapped strategy sees global numbers too);
   under DP every train message also carries the bank's recorded privacy spend (server/privacy_record.py);
-- aggregate_*: checks every reply (error, stale receipt, straggler to drop), logs each failed
+- aggregate_*: checks every reply (error, stale receipt, a bank name another node answered with or a
+  node answering under a new name, straggler to drop), logs each failed
   bank with its reason at WARNING, raises `FederationRoundError` listing all reasons when fewer
   banks than the minimum succeeded, records every bank's metrics in the run's History, and only
   then hands the accepted replies to the wrapped strategy. `check_update` is an optional per-update
@@ -200,7 +201,8 @@ class BankRounds(Strategy):
             node = reply.metadata.src_node_id
             problem, receipt = check_reply(reply, server_round, state_hash)
             if receipt is not None:
-                self.bank_of_node[node] = receipt.bank
+                problem = problem or self._impersonation(node, receipt.bank)
+                self.bank_of_node.setdefault(node, receipt.bank)
             reason = "" if problem else declined_reason(reply)
             norm = math.nan
             if phase == "train" and not problem and not reason:
@@ -234,6 +236,15 @@ class BankRounds(Strategy):
                 f"the minimum is {required}. Failures:\n  {detail}"
             )
         return accepted
+
+    def _impersonation(self, node: int, bank: str) -> str:
+        """Why a reply naming `bank` from `node` is refused: a node keeps the name it first answered with,
+        and two nodes never share one (the name picks the bank's registered count and its record)."""
+        known = self.bank_of_node.get(node)
+        if known is not None and known != bank:
+            return f"node {node} answered as bank {known} before, now as {bank}"
+        other = next((n for n, name in self.bank_of_node.items() if name == bank and n != node), None)
+        return "" if other is None else f"bank name {bank} already answered from node {other}"
 
     def _check_update(self, reply: Message, server_round: int, state_hash: str) -> tuple[str, float]:
         """Why a train reply's update must not be aggregated ("" if it may), and its norm (NaN if unknown)."""

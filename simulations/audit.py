@@ -3,6 +3,7 @@ on Flower's simulation engine) and attack them.
 
     fingpt-audit preset=quick        # tiny model, synthetic news: minutes on 2 cores
     fingpt-audit preset=tfns         # MiniLM, TFNS, 10 banks Dirichlet 0.3, the DP recipe
+    fingpt-audit preset=backdoor_boosted   # a boosted, count-inflating backdoor bank against bounded influence
 
 Runs (sub-folders of the run folder), each a full `fingpt-sim` run:
 - `federation_none`, `federation_eps<E>`: the preset's federation without DP and at each target epsilon;

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from fingpt_federated.client.encryption import AggregateRefused, check_aggregate
 from fingpt_federated.client.hostile import Misbehaviour, misbehave, parse_all, reported_examples
 from fingpt_federated.conf import compose_config
 from fingpt_federated.federation import protocol
+from fingpt_federated.server.bank_rounds import BankRounds
 from fingpt_federated.server.history import History
 from fingpt_federated.server.replies import unusable_metrics
 from fingpt_federated.server.strategy_config import build_strategy, check_strategy
@@ -290,3 +292,13 @@ def test_an_evaluate_reply_with_unusable_metrics_is_refused(metrics, expected):
     reason = unusable_metrics(MetricRecord(metrics))
     assert (reason == "") == (expected == "")
     assert expected in reason
+
+
+def test_a_node_keeps_its_bank_name_and_no_two_nodes_share_one():
+    """The name picks the registered count a reply is weighed by: a node may not take another bank's name."""
+    rounds = BankRounds(FedAvg(), min_banks=1, history=History())
+    assert rounds._impersonation(1, "bank_a") == ""
+    rounds.bank_of_node[1] = "bank_a"
+    assert rounds._impersonation(1, "bank_a") == ""
+    assert rounds._impersonation(2, "bank_a") == "bank name bank_a already answered from node 1"
+    assert rounds._impersonation(1, "bank_b") == "node 1 answered as bank bank_a before, now as bank_b"
