@@ -165,15 +165,22 @@ def backdoor_rows(
     return {"defence": defence, "banks": banks, "hostile": hostile, **last, "rounds": per_round}
 
 
-def hostile_fate(folder: Path, index: int) -> dict[str, int]:
-    """In how many rounds the server took the backdoor bank's train reply as sent, bounded it
-    (strategy.update_checks.clip_norm_ratio / max_examples_ratio) or refused it."""
-    bank = load_bank(folder / "federation" / "banks" / f"bank_{index:02d}").name
+def hostile_fate(folder: Path, index: int) -> dict[str, Any]:
+    """The backdoor bank's share of the federation's train rows (before its poisoned copies), and in how
+    many rounds the server took its train reply as sent, bounded it (strategy.update_checks.clip_norm_ratio,
+    max_examples_ratio, registered_examples) or refused it."""
+    banks = [load_bank(path) for path in sorted((folder / "federation" / "banks").glob("bank_*"))]
+    hostile = load_bank(folder / "federation" / "banks" / f"bank_{index:02d}")
     history = History.from_json((folder / METRICS_JSON).read_text(encoding="utf-8"))
-    rows = [row for row in history.rows if row.phase == "train" and row.bank == bank]
+    rows = [row for row in history.rows if row.phase == "train" and row.bank == hostile.name]
     bounded = sum(row.status == "ok" and "clip_scale" in row.metrics for row in rows)
     accepted = sum(row.status == "ok" for row in rows) - bounded
-    return {"hostile_accepted": accepted, "hostile_bounded": bounded, "hostile_refused": len(rows) - accepted - bounded}
+    return {
+        "hostile_share": len(hostile.train) / sum(len(bank.train) for bank in banks),
+        "hostile_accepted": accepted,
+        "hostile_bounded": bounded,
+        "hostile_refused": len(rows) - accepted - bounded,
+    }
 
 
 def round_step(cfg: DictConfig) -> TrainConfig:
@@ -374,7 +381,7 @@ def markdown(result: dict[str, Any]) -> str:
         "as the target with and without the trigger (the model's baseline). The row with no hostile bank is",
         "the floor: what the trigger phrase alone does to a model that never saw it. The bound is the one-sided",
         "95% Clopper-Pearson upper bound on the success from the records counted. The hostile bank's rounds:",
-        "its train replies the server took as sent / bounded / refused.",
+        "its train replies the server took as sent / bounded / refused; its share: of the train rows.",
         "",
         f"The backdoor bank's behaviour: `{next(iter(result.get('backdoor_bank', {}).values()), '')}`.",
         "",
@@ -396,7 +403,8 @@ def markdown(result: dict[str, Any]) -> str:
 def fate(row: dict[str, Any]) -> str:
     if "hostile_accepted" not in row:
         return "-"
-    return f"{row['hostile_accepted']} / {row['hostile_bounded']} / {row['hostile_refused']}"
+    share = f"{row['hostile_share']:.1%}"
+    return f"{row['hostile_accepted']} / {row['hostile_bounded']} / {row['hostile_refused']} (share {share})"
 
 
 def print_table(result: dict[str, Any], console: Console | None = None) -> None:

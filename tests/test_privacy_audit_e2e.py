@@ -57,6 +57,11 @@ def test_quick_audit_has_power_and_never_certifies_more_than_the_ledger_spent(ti
     # of 19 records: why issue 25's <= 10% cannot be told apart from noise here, docs/privacy-utility.md)
     undefended, floor = backdoors["none"], backdoors[floor_name]
     assert undefended["success_rate"] >= 0.8 and undefended["counted"] >= 20, undefended
+    # the plain backdoor bank (about a tenth of the rows) passes every check, unbounded, in every round
+    assert 0.05 < undefended["hostile_share"] < 0.2, undefended
+    fate = [undefended[f"hostile_{how}"] for how in ("accepted", "bounded", "refused")]
+    assert fate == [len(undefended["rounds"]), 0, 0], undefended
+    assert "hostile_share" not in floor
     assert undefended["triggered_target_rate"] > undefended["untriggered_target_rate"] + 0.3, undefended
     assert floor["counted"] >= 10 and floor["success_rate"] <= undefended["success_rate"] - 0.5, (floor, undefended)
     # issue 25's <= 10% with the defences is NOT met in this near-chance setting (it is in preset=backdoor, 10 IID
