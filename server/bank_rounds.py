@@ -203,6 +203,7 @@ class BankRounds(Strategy):
             if receipt is not None:
                 problem = problem or self._impersonation(node, receipt.bank)
                 self.bank_of_node.setdefault(node, receipt.bank)
+                problem = problem or (self.update_gate.unregistered(receipt.bank) if self.update_gate else "")
             reason = "" if problem else declined_reason(reply)
             norm = math.nan
             if phase == "train" and not problem and not reason:
@@ -224,6 +225,9 @@ class BankRounds(Strategy):
             )
             failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
             candidates = self._bounded(server_round, [c for c in candidates if c.node not in refused])
+        elif self.update_gate is not None:  # evaluate: counts weigh the validation metrics, and so the best round
+            for c in candidates:
+                self.update_gate.cap_registered(c.reply.content, self._bank(c.node))
         # in bank order, not arrival order: the aggregate's float sums, and so the run, are reproducible
         candidates.sort(key=lambda c: (self._bank(c.node), c.node))
         accepted = [c.reply for c in candidates if self._record(phase, server_round, c)]
@@ -250,8 +254,7 @@ class BankRounds(Strategy):
         """Why a train reply's update must not be aggregated ("" if it may), and its norm (NaN if unknown)."""
         problem = self.check_update(reply, server_round, state_hash) if self.check_update is not None else ""
         if not problem and self.update_gate is not None:
-            problem = self.update_gate.unregistered(self._bank(reply.metadata.src_node_id))
-            return (problem, math.nan) if problem else self.update_gate.check(reply.content)
+            return self.update_gate.check(reply.content)
         return problem, math.nan
 
     def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:

@@ -20,7 +20,8 @@ the key-holding banks check the decrypted aggregate, client/encryption.py):
   bounding, Sun et al. 2019, "Can You Really Backdoor Federated Learning?"), and an example count
   above `max_examples_ratio` times the median count, or above the bank's `registered_examples`, is
   weighed as that many (FedAvg weighs a bank by the count it reports: a bank that inflates it would
-  otherwise outweigh all the others); with a registry, a bank missing from it is refused;
+  otherwise outweigh all the others); with a registry, a bank missing from it is refused, and the
+  counts of its evaluate replies (which weigh the validation metrics) are capped as well;
 - after aggregation (`non_finite`): a global state with a non-finite value is never adopted.
 
 What is out of reach: a bank that lies consistently within the bounds (a small push in a chosen
@@ -163,6 +164,13 @@ class UpdateGate:
         return (
             f"{bank} has no count in strategy.update_checks.registered_examples (registered: {_few(sorted(registry))})"
         )
+
+    def cap_registered(self, content: RecordDict, bank: str) -> None:
+        """An evaluate reply's count capped in place at the bank's registered count (when it has one)."""
+        metrics = content.metric_records[protocol.METRICS]
+        cap, count = self.limits.registered_examples.get(bank), metrics[protocol.NUM_EXAMPLES]
+        if cap is not None and isinstance(count, int | float) and count > cap:  # checked by unusable_metrics
+            metrics[protocol.NUM_EXAMPLES] = cap
 
     def bounds(self, norms: Mapping[K, float], examples: Mapping[K, float], banks: Mapping[K, str]) -> dict[K, Bound]:
         """How the accepted replies of a round (by any key; `banks`: their names) are bounded: against the

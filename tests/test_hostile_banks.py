@@ -220,6 +220,19 @@ def test_bounds_keep_an_inflated_scaled_bank_to_the_weight_and_norm_of_a_typical
         assert np.allclose(final[name], expected, atol=1e-5), name
 
 
+def test_a_bank_missing_from_the_registry_is_refused_in_training_and_evaluation(tmp_path):
+    registered = [
+        "++strategy.update_checks.registered_examples.bank_0=1000",
+        "++strategy.update_checks.registered_examples.bank_1=1000",
+    ]
+    cfg, spec, grid = hostile_federation(tmp_path, {}, "federation.rounds=1", *registered)
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    rows = [row for row in history.rows if row.bank == "bank_2"]
+    assert {row.phase for row in rows} == {"train", "evaluate"} and all(row.status == "failed" for row in rows)
+    assert all("bank_2 has no count in strategy.update_checks.registered_examples" in row.reason for row in rows)
+    assert [row.status for row in train_rows(history, "bank_0")] == ["ok"]
+
+
 def test_honest_dp_banks_pass_the_default_checks(tmp_path):
     cfg, spec, grid = hostile_federation(
         tmp_path,
