@@ -260,10 +260,9 @@ class BankRounds(Strategy):
     def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
         """The candidates with the update gate's bounds (clipped norm, capped count) applied and noted."""
         assert self.update_gate is not None
+        examples = {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
         bounds = self.update_gate.bounds(
-            {c.node: c.norm for c in candidates},
-            {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates},
-            {c.node: self._bank(c.node) for c in candidates},
+            {c.node: c.norm for c in candidates}, examples, {c.node: self._bank(c.node) for c in candidates}
         )
         out = []
         for candidate in candidates:
@@ -271,7 +270,7 @@ class BankRounds(Strategy):
             if bound is None:
                 out.append(candidate)
                 continue
-            reported = float(reply_metrics(candidate.reply)[protocol.NUM_EXAMPLES])
+            reported = examples[candidate.node]
             self.update_gate.bound(candidate.reply.content, bound, self._bank(candidate.node), server_round)
             noted = {"clip_scale": bound.scale} | ({"reported_examples": reported} if bound.examples else {})
             log(

@@ -167,10 +167,10 @@ class UpdateGate:
 
     def cap_registered(self, content: RecordDict, bank: str) -> None:
         """An evaluate reply's count capped in place at the bank's registered count (when it has one)."""
-        metrics = content.metric_records[protocol.METRICS]
-        cap, count = self.limits.registered_examples.get(bank), metrics[protocol.NUM_EXAMPLES]
+        cap = self.limits.registered_examples.get(bank)
+        count = content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
         if cap is not None and isinstance(count, int | float) and count > cap:  # checked by unusable_metrics
-            metrics[protocol.NUM_EXAMPLES] = cap
+            Bound(examples=cap).apply(content, self._sent)
 
     def bounds(self, norms: Mapping[K, float], examples: Mapping[K, float], banks: Mapping[K, str]) -> dict[K, Bound]:
         """How the accepted replies of a round (by any key; `banks`: their names) are bounded: against the
