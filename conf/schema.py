@@ -88,6 +88,9 @@ class FederationConfig:
     min_banks: int = 2  # a round with fewer successful banks fails the run
     checkpoints_kept: int = 2  # the newest rounds kept in RUN_DIR/checkpoints (at least 1)
     resume_from_round: int | None = None  # resume from this intact checkpoint; later ones are moved aside
+    # a deployment's banks folder (WORKDIR/banks; fingpt-server run sets it under TLS): each reply must name the
+    # bank its authenticated node is registered as (registry.json), so a bank cannot answer as another
+    bank_registry: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoints_kept < 1:

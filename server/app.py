@@ -53,6 +53,7 @@ from fingpt_federated.model.state import (
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.privacy.atomic_file import atomic_write_bytes
 from fingpt_federated.privacy.dp_settings import DPSettings
+from fingpt_federated.server.banks import authenticated_banks
 from fingpt_federated.server.best_round import RoundSelection
 from fingpt_federated.server.checkpoint import Checkpointer, save_state
 from fingpt_federated.server.encrypted_run import EncryptedRun, he_enabled
@@ -126,7 +127,9 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     arrays = resumed.arrays if resumed else fresh
     if resumed:
         log(WARNING, "Resuming from %s: %d of %d rounds done", checkpointer.path(done), done, rounds)
-    strategy = build_strategy(cfg, history, round_offset=done, encryption=encryption)
+    registry = cfg.federation.get("bank_registry")
+    nodes = authenticated_banks(Path(str(registry)).expanduser()) if registry else None
+    strategy = build_strategy(cfg, history, round_offset=done, encryption=encryption, registered_nodes=nodes)
     if resumed:
         strategy.restore_server_state(resumed.server_state)
     round_end = RoundEnd(

@@ -11,7 +11,8 @@ sampling, message construction and aggregation to it:
   resumed run continues at round k+1, not at 1; the wrapped strategy sees global numbers too);
   under DP every train message also carries the bank's recorded privacy spend (server/privacy_record.py);
 - aggregate_*: checks every reply (error, stale receipt, a bank name another node answered with or a
-  node answering under a new name, straggler to drop), logs each failed
+  node answering under a new name; in a deployment, a node answering under any name but the one the
+  operator registered its key as, or a node not in the registry; straggler to drop), logs each failed
   bank with its reason at WARNING, raises `FederationRoundError` listing all reasons when fewer
   banks than the minimum succeeded, records every bank's metrics in the run's History, and only
   then hands the accepted replies to the wrapped strategy. `check_update` is an optional per-update
@@ -88,6 +89,7 @@ class BankRounds(Strategy):
         check_update: UpdateCheck | None = None,
         update_gate: UpdateGate | None = None,
         schedule: RoundSchedule | None = None,
+        registered_nodes: Mapping[int, str] | None = None,
     ) -> None:
         if min_banks < 1:
             raise ValueError(f"min_banks must be at least 1, got {min_banks}")
@@ -102,7 +104,10 @@ class BankRounds(Strategy):
         self.check_update = check_update
         self.update_gate = update_gate
         self.schedule = schedule
-        self.bank_of_node: dict[int, str] = {}
+        # a deployment's authenticated node ids and the names the operator registered them under: a node answers
+        # for that bank only; without a registry (a simulation) a node keeps the first name it answers with
+        self.registered_nodes = dict(registered_nodes or {})
+        self.bank_of_node: dict[int, str] = dict(self.registered_nodes)
         self._sent: dict[str, tuple[set[int], str]] = {}
         self._download_bytes: dict[str, int] = {}
         self._sent_dtypes: dict[str, str] = {}
@@ -199,17 +204,7 @@ class BankRounds(Strategy):
         declined = 0
         for reply in replies:
             node = reply.metadata.src_node_id
-            problem, receipt = check_reply(reply, server_round, state_hash)
-            if receipt is not None:
-                problem = problem or self._impersonation(node, receipt.bank)
-                self.bank_of_node.setdefault(node, receipt.bank)
-                problem = problem or (self.update_gate.unregistered(receipt.bank) if self.update_gate else "")
-            reason = "" if problem else declined_reason(reply)
-            norm = math.nan
-            if phase == "train" and not problem and not reason:
-                problem, norm = self._check_update(reply, server_round, state_hash)
-            if phase == "evaluate" and not problem:
-                problem = unusable_metrics(reply_metrics(reply))
+            problem, reason, norm = self._screen(phase, server_round, reply, state_hash)
             if problem:
                 failures.append(self._failed(phase, server_round, node, problem))
             elif reason:
@@ -218,16 +213,7 @@ class BankRounds(Strategy):
                 declined += 1
             else:
                 candidates.append(_Candidate(reply, node, norm))
-        if phase == "train" and self.update_gate is not None:
-            refused = self.update_gate.outliers(
-                {c.node: c.norm for c in candidates},
-                {c.node: frozenset(reply_metrics(c.reply)) for c in candidates},
-            )
-            failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
-            candidates = self._bounded(server_round, [c for c in candidates if c.node not in refused])
-        elif self.update_gate is not None:  # evaluate: counts weigh the validation metrics, and so the best round
-            for c in candidates:
-                self.update_gate.cap_registered(c.reply.content, self._bank(c.node))
+        candidates = self._compared(phase, server_round, candidates, failures)
         # in bank order, not arrival order: the aggregate's float sums, and so the run, are reproducible
         candidates.sort(key=lambda c: (self._bank(c.node), c.node))
         accepted = [c.reply for c in candidates if self._record(phase, server_round, c)]
@@ -241,11 +227,55 @@ class BankRounds(Strategy):
             )
         return accepted
 
+    def _screen(self, phase: str, server_round: int, reply: Message, state_hash: str) -> tuple[str, str, float]:
+        """One reply on its own: why it fails ("" if it does not), why the bank declined ("" if it did not),
+        and its update's norm (NaN if unknown)."""
+        node = reply.metadata.src_node_id
+        problem, receipt = check_reply(reply, server_round, state_hash)
+        if receipt is not None:
+            problem = problem or self._impersonation(node, receipt.bank)
+            self.bank_of_node.setdefault(node, receipt.bank)
+            problem = problem or (self.update_gate.unregistered(receipt.bank) if self.update_gate else "")
+        reason = "" if problem else declined_reason(reply)
+        norm = math.nan
+        if phase == "train" and not problem and not reason:
+            problem, norm = self._check_update(reply, server_round, state_hash)
+        if phase == "evaluate" and not problem:
+            problem = unusable_metrics(reply_metrics(reply))
+        return problem, reason, norm
+
+    def _compared(
+        self, phase: str, server_round: int, candidates: list[_Candidate], failures: list[str]
+    ) -> list[_Candidate]:
+        """The round's replies against each other (the update gate's outliers refused, into `failures`; its
+        bounds applied); evaluate counts capped by the registry, as they weigh the validation metrics."""
+        if self.update_gate is None:
+            return candidates
+        if phase == "evaluate":
+            for c in candidates:
+                self.update_gate.cap_registered(c.reply.content, self._bank(c.node))
+            return candidates
+        refused = self.update_gate.outliers(
+            {c.node: c.norm for c in candidates},
+            {c.node: frozenset(reply_metrics(c.reply)) for c in candidates},
+        )
+        failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
+        return self._bounded(server_round, [c for c in candidates if c.node not in refused])
+
     def _impersonation(self, node: int, bank: str) -> str:
-        """Why a reply naming `bank` from `node` is refused: a node keeps the name it first answered with,
-        and two nodes never share one (the name picks the bank's registered count and its record)."""
+        """Why a reply naming `bank` from `node` is refused: a node answers for the bank it is registered as
+        (a deployment) or else keeps the name it first answered with, and two nodes never share one (the
+        name picks the bank's registered count, its DP ledger and its record)."""
+        if self.registered_nodes and node not in self.registered_nodes:
+            return f"node {node} is not in the operator's bank registry"
         known = self.bank_of_node.get(node)
         if known is not None and known != bank:
+            if node in self.registered_nodes:
+                return (
+                    f"node {node} is registered as bank {known}, its reply names {bank} (a bank answers under the "
+                    f"name its key was registered as; if {bank} is that bank's own name: fingpt-server rename-bank "
+                    f"{known} {bank})"
+                )
             return f"node {node} answered as bank {known} before, now as {bank}"
         other = next((n for n, name in self.bank_of_node.items() if name == bank and n != node), None)
         return "" if other is None else f"bank name {bank} already answered from node {other}"

@@ -281,3 +281,16 @@ def _parse(data: Any) -> Recorded:
             raise ValueError("bad revoked entry")
         int(entry["node_id"])
     return recorded
+
+
+def authenticated_banks(folder: Path) -> dict[int, str]:
+    """{node id: bank name} as `registry.json` in a deployment's banks folder recorded them when the run's
+    services started. The SuperLink admits only these keys, so a reply's node id is authenticated and
+    this is the name it answers for. A folder without a registry is an error, not a run that trusts every name."""
+    registry = BankRegistry(folder.parent)
+    if folder.name != registry.folder.name or not registry.registry_path.is_file():
+        raise ValueError(
+            f"federation.bank_registry={folder} is not an operator's banks folder with a {registry.registry_path.name} "
+            "(WORKDIR/banks, written when fingpt-server run admits the banks)"
+        )
+    return {node_id: name for name, node_id in registry.node_ids().items()}

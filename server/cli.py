@@ -208,6 +208,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.from_round is not None:
             cfg.federation.resume_from_round = args.from_round
         encrypted_run_paths(cfg, args.he_public_context, args.workdir)
+        if tls is not None:  # node authentication is on: bind each node to the name its key was registered as
+            cfg.federation.bank_registry = str(BankRegistry(args.workdir).folder.resolve())
         check_strategy(cfg, he_enabled(cfg))
         check_checkpoints(run_dir, cfg.federation.get("resume_from_round"))
     except (HydraException, OmegaConfBaseException) as exc:

@@ -26,6 +26,7 @@ plaintext only. Every plaintext update passes `UpdateGate` first (server/update_
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,10 +166,15 @@ def update_checks(strategy: DictConfig) -> UpdateChecks:
 
 
 def build_strategy(
-    cfg: DictConfig, history: History, round_offset: int = 0, encryption: EncryptedRun | None = None
+    cfg: DictConfig,
+    history: History,
+    round_offset: int = 0,
+    encryption: EncryptedRun | None = None,
+    registered_nodes: Mapping[int, str] | None = None,
 ) -> BankRounds:
     """The Flower strategy `cfg.strategy` names inside `BankRounds`; with `encryption`, inside
-    `EncryptedAggregation` first (public context, replay guard)."""
+    `EncryptedAggregation` first (public context, replay guard); `registered_nodes` (a deployment's
+    node id -> registered bank name) binds each node to its bank's name."""
     inner = check_strategy(cfg, encrypted=encryption is not None).build()
     schedule = round_schedule(cfg, inner)
     if cfg.strategy.get("lora_aggregation", MEAN) == PRODUCT:
@@ -199,6 +205,7 @@ def build_strategy(
         check_update=check_update,
         update_gate=update_gate,
         schedule=schedule,
+        registered_nodes=registered_nodes,
     )
 
 

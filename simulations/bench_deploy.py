@@ -189,7 +189,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     keys = []
     for number in range(args.banks):
         private, public = generate_bank_keys(root / f"bank{number}" / "bank.key")
-        registry.add(public, f"bank{number}")
+        registry.add(public, layout.bank_names[number])
         keys.append(private)
     settings = OperatorSettings(workdir, tls, fleet_host=LOOPBACK, fleet_port=free_port(), control_port=free_port())
     control = FlowerControl(settings.flwr_home)

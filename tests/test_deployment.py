@@ -53,7 +53,7 @@ def federation(tmp_path_factory):
             "register-bank",
             str(key) + ".pub",
             "--name",
-            f"bank{number}",
+            layout.bank_names[number],  # the bank's data name: a node answers only for the name it is registered as
             "--workdir",
             str(workdir),
         )
@@ -102,7 +102,7 @@ def federation(tmp_path_factory):
         "300",
     ]
     try:
-        yield {"root": root, "server_args": server_args, "banks": banks}
+        yield {"root": root, "server_args": server_args, "banks": banks, "names": set(layout.bank_names)}
     finally:
         for bank in banks:
             if bank.poll() is None:
@@ -145,7 +145,7 @@ def test_two_banks_two_rounds_over_tls_write_final_state_and_metrics(federation)
     assert "banks online: 2/2" in result.stdout and "completed" in result.stdout
     assert (run_dir / FINAL_STATE).stat().st_size > 0
     train = rounds_in(run_dir / METRICS_JSON, "train")
-    assert {r: len(banks - {"federation"}) for r, banks in train.items()} == {1: 2, 2: 2}
+    assert {r: banks - {"federation"} for r, banks in train.items()} == {1: federation["names"], 2: federation["names"]}
     summary = json.loads((run_dir / "deployment.json").read_text())
     assert summary["status"] == "finished:completed"
     assert all(bank.poll() is None for bank in federation["banks"]), "a bank's node died during the run"

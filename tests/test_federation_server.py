@@ -36,6 +36,7 @@ from fingpt_federated.server.app import (
     run_federation,
 )
 from fingpt_federated.server.bank_rounds import BankRounds, FederationRoundError
+from fingpt_federated.server.banks import Recorded
 from fingpt_federated.server.checkpoint import Checkpointer, CheckpointMismatch
 from fingpt_federated.server.history import CENTRAL, FEDERATION, History
 from fingpt_federated.server.replies import short_reason
@@ -328,3 +329,47 @@ def test_a_bank_error_is_reported_by_its_message_not_by_flowers_wrapping():
     data_error = "<class 'fingpt_federated.data.errors.DataError'>:<'bank.csv, row 3: bad label'>"
     assert short_reason(data_error) == "DataError: bank.csv, row 3: bad label"
     assert short_reason("no reply") == "no reply"
+
+
+def registered(workdir: Path, nodes: dict[int, str]) -> Path:
+    """An operator's banks folder whose registry.json records `nodes` (node id -> registered name)."""
+    banks = {name: {"fingerprint": f"SHA256:key-of-{name}", "node_id": node} for node, name in nodes.items()}
+    (workdir / "banks").mkdir(parents=True)
+    (workdir / "banks" / "registry.json").write_bytes(Recorded(banks).to_json())
+    return workdir / "banks"
+
+
+def test_in_a_deployment_a_node_answers_only_for_the_bank_its_key_was_registered_as(tmp_path):
+    """The banks' data names are bank_0..bank_2 on nodes 1..3; the operator registered nodes 1 and 2 the other
+    way round and never registered node 3: only what the registry says is believed, nothing is aggregated."""
+    folder = registered(tmp_path / "operator", {1: "bank_1", 2: "bank_0"})
+    cfg, spec, grid = federation(
+        tmp_path, "federation.rounds=1", "federation.min_banks=1", f"federation.bank_registry={folder}"
+    )
+    with pytest.raises(FederationRoundError) as error:
+        run_federation(grid, cfg, spec, tmp_path / "run")
+    message = str(error.value)
+    assert "round 1 train: 0 of 3 sampled banks succeeded" in message
+    assert "node 1 is registered as bank bank_1, its reply names bank_0" in message
+    assert "node 2 is registered as bank bank_0, its reply names bank_1" in message
+    assert "node 3 is not in the operator's bank registry" in message
+
+
+def test_registered_names_that_match_the_banks_data_run_as_before(tmp_path):
+    folder = registered(tmp_path / "operator", {1: "bank_0", 2: "bank_1", 3: "bank_2"})
+    cfg, spec, grid = federation(
+        tmp_path, "federation.rounds=1", "federation.min_banks=3", f"federation.bank_registry={folder}"
+    )
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    rows = [r for r in history.select("train") if r.bank != FEDERATION]
+    assert {(r.node_id, r.bank) for r in rows} == {(1, "bank_0"), (2, "bank_1"), (3, "bank_2")}
+
+
+def test_a_bank_registry_setting_without_a_registry_stops_the_run_before_any_round(tmp_path):
+    (tmp_path / "operator" / "banks").mkdir(parents=True)
+    cfg, spec, grid = federation(
+        tmp_path, "federation.rounds=1", f"federation.bank_registry={tmp_path / 'operator' / 'banks'}"
+    )
+    with pytest.raises(ValueError, match="is not an operator's banks folder with a registry.json"):
+        run_federation(grid, cfg, spec, tmp_path / "run")
+    assert not grid.sent

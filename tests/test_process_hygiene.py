@@ -137,7 +137,7 @@ def test_a_bank_killed_with_sigkill_leaves_nothing_and_rejoins_the_run(tmp_path)
     fleet_port, control_port = free_port(), free_port()
     banks = []
     for number, data in enumerate(layout.bank_dirs):
-        key = registered_bank_key(workdir, tmp_path / f"bank{number}" / "bank.key", f"bank{number}")
+        key = registered_bank_key(workdir, tmp_path / f"bank{number}" / "bank.key", layout.bank_names[number])
         args = (f"localhost:{fleet_port}", workdir / "tls" / "ca.crt", key, data, free_port())
         banks.append((args, tmp_path / f"bank{number}" / "flwr-home", tmp_path / f"bank{number}.log"))
     clients = [start_bank(*args, home, log) for args, home, log in banks]
