@@ -12,7 +12,9 @@ what it sends instead of its local state is, by `kind[:factor]`:
 - `constant[:C]`: every value C (default 0).
 
 One behaviour changes what the bank reports instead: `inflate[:F]` reports F times its example count
-(default 10), the weight FedAvg gives its update.
+(default 10), the weight FedAvg gives its update. One changes its SCAFFOLD reply: `control[:F]` sends F times
+the change of its control variate (default 10,000; it keeps its true variate), which goes into the
+federation's c and so corrects every bank's local steps, while its update stays honest.
 
 Two behaviours change what the bank trains on instead (`train_data`), and send that honest-looking state:
 
@@ -21,8 +23,8 @@ Two behaviours change what the bank trains on instead (`train_data`), and send t
 - `canaries[:N]`: an auditor's bank, not a hostile one: adds N canaries, unique texts with random labels,
   whose N held-out twins are never inserted (simulations/attacks/canaries.py); `fingpt-audit` scores both.
 
-Behaviours combine with `+`, one of each group at most: a data behaviour, a state behaviour and
-`inflate` (`backdoor:0+scale:5+inflate:10`: a norm-aware model-replacement attack; a backdoor's phrase
+Behaviours combine with `+`, one of each group at most: a data behaviour, a state behaviour, `inflate`
+and `control` (`backdoor:0+scale:5+inflate:10`: a norm-aware model-replacement attack; a backdoor's phrase
 cannot hold a `+`). Under HE the misbehaving state and count are what the bank encrypts (client/encryption.py).
 """
 
@@ -50,9 +52,11 @@ DEFAULT_FACTORS = {
     "backdoor": 0.0,
     "canaries": 50.0,
     "inflate": 10.0,
+    "control": 1e4,
 }
 DATA_KINDS = ("backdoor", "canaries")
 COUNT_KINDS = ("inflate",)
+CONTROL_KINDS = ("control",)
 """Every behaviour, with the factor it takes when the config gives none (unused by some)."""
 State = Mapping[str, torch.Tensor]
 
@@ -85,7 +89,9 @@ class Misbehaviour:
 
     @property
     def group(self) -> str:
-        return "data" if self.kind in DATA_KINDS else "count" if self.kind in COUNT_KINDS else "state"
+        if self.kind in DATA_KINDS:
+            return "data"
+        return "count" if self.kind in COUNT_KINDS else "control" if self.kind in CONTROL_KINDS else "state"
 
     def apply(self, local: State, sent: State, initial: State) -> OrderedDict[str, torch.Tensor]:
         """What the bank sends instead of `local`, having trained from `sent`; `initial`: its round-0 state."""
@@ -100,7 +106,7 @@ class Misbehaviour:
         elif self.kind == "wrong_shape":
             first = next(iter(out))
             out[first] = torch.cat([out[first], out[first][:1]])
-        elif self.kind in DATA_KINDS or self.kind in COUNT_KINDS:
+        elif self.group != "state":
             return out
         elif self.kind == "replay":
             out = OrderedDict((n, initial[n].clone()) for n in local)
@@ -116,7 +122,7 @@ def parse_all(behaviour: str) -> list[Misbehaviour]:
     if len(set(groups)) < len(groups):
         raise ValueError(
             f"hostile behaviour {behaviour!r}: at most one behaviour of each group (data: {', '.join(DATA_KINDS)}; "
-            f"count: {', '.join(COUNT_KINDS)}; state: the others) combine with '+'"
+            f"count: {', '.join(COUNT_KINDS)}; control: {', '.join(CONTROL_KINDS)}; state: the others) combine with '+'"
         )
     return chosen
 
@@ -134,6 +140,14 @@ def reported_examples(behaviour: str, examples: int) -> int:
         if chosen.kind in COUNT_KINDS:
             return max(1, round(chosen.factor * examples))
     return examples
+
+
+def control_change(behaviour: str, change: State) -> State:
+    """The SCAFFOLD control variate change the bank sends: `change`, times F under `control:F`."""
+    for chosen in parse_all(behaviour):
+        if chosen.group == "control":
+            return OrderedDict((name, value * chosen.factor) for name, value in change.items())
+    return change
 
 
 def train_data(behaviour: str, bank: BankData) -> BankData:

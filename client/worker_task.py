@@ -177,9 +177,10 @@ def train(content: RecordDict, context: Context) -> RecordDict:
             privacy.settings.target_epsilon,
         )
         metrics.update(epsilon=result.epsilon, delta=privacy.settings.delta, noise_multiplier=result.noise_multiplier)
-    control = {} if variates is None else variates.finish(anchor, federated_state(worker.model), result.steps, cfg.lr)
+    trained = federated_state(worker.model)
+    control = {} if variates is None else variates.finish(anchor, trained, result.steps, cfg.lr, site.hostile)
     if dynamic is not None:
-        dynamic.finish(anchor, federated_state(worker.model), task.feddyn_alpha)
+        dynamic.finish(anchor, trained, task.feddyn_alpha)
     return RecordDict(
         {
             **_update(task, site, context, worker, examples, anchor),
@@ -216,12 +217,17 @@ class _BankVariates:
         return scaffold.correction(self.server, self.bank)
 
     def finish(
-        self, sent: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], steps: int, lr: float
+        self,
+        sent: Mapping[str, torch.Tensor],
+        trained: Mapping[str, torch.Tensor],
+        steps: int,
+        lr: float,
+        hostile_as: str,
     ) -> dict:
-        """Keep the bank's new c_i; the reply's record of its change."""
+        """Keep the bank's new c_i; the reply's record of its change (as a simulated hostile bank sends it)."""
         new = scaffold.updated_variate(self.bank, self.server, sent, trained, steps, lr)
         scaffold.save_variate(self.path, new)
-        change = {name: new[name] - self.bank[name] for name in new}
+        change = hostile.control_change(hostile_as, {name: new[name] - self.bank[name] for name in new})
         return {protocol.CONTROL_UPDATE: protocol.state_to_record(change)}
 
 

@@ -72,6 +72,7 @@ class _Candidate:
     node: int
     norm: float
     bounded: dict[str, float] = field(default_factory=dict)  # what the round's bounds changed, for the History
+    control_norm: float = math.nan  # SCAFFOLD: the norm of the bank's control variate change
 
 
 class BankRounds(Strategy):
@@ -255,12 +256,15 @@ class BankRounds(Strategy):
             for c in candidates:
                 self.update_gate.cap_registered(c.reply.content, self._bank(c.node))
             return candidates
+        candidates = [replace(c, control_norm=self.update_gate.control_norm(c.reply.content)) for c in candidates]
+        controls = {c.node: c.control_norm for c in candidates}
         refused = self.update_gate.outliers(
             {c.node: c.norm for c in candidates},
             {c.node: frozenset(reply_metrics(c.reply)) for c in candidates},
+            controls,
         )
         failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
-        return self._bounded(server_round, [c for c in candidates if c.node not in refused])
+        return self._bounded(server_round, [c for c in candidates if c.node not in refused], controls)
 
     def _impersonation(self, node: int, bank: str) -> str:
         """Why a reply naming `bank` from `node` is refused: a node answers for the bank it is registered as
@@ -287,12 +291,17 @@ class BankRounds(Strategy):
             return self.update_gate.check(reply.content)
         return problem, math.nan
 
-    def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
-        """The candidates with the update gate's bounds (clipped norm, capped count) applied and noted."""
+    def _bounded(
+        self, server_round: int, candidates: list[_Candidate], control_norms: Mapping[int, float]
+    ) -> list[_Candidate]:
+        """The candidates with the update gate's bounds (clipped norms, capped count) applied and noted."""
         assert self.update_gate is not None
         examples = {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
         bounds = self.update_gate.bounds(
-            {c.node: c.norm for c in candidates}, examples, {c.node: self._bank(c.node) for c in candidates}
+            {c.node: c.norm for c in candidates},
+            examples,
+            {c.node: self._bank(c.node) for c in candidates},
+            {c.node: control_norms[c.node] for c in candidates},
         )
         out = []
         for candidate in candidates:
@@ -303,12 +312,16 @@ class BankRounds(Strategy):
             reported = examples[candidate.node]
             self.update_gate.bound(candidate.reply.content, bound, self._bank(candidate.node), server_round)
             noted = {"clip_scale": bound.scale} | ({"reported_examples": reported} if bound.examples else {})
+            if bound.control_scale < 1.0:
+                noted["control_clip_scale"] = bound.control_scale
             log(
                 WARNING,
-                "round %d train: %s bounded: update scaled by %.3g, weighed as %g examples (reported %g)",
+                "round %d train: %s bounded: update scaled by %.3g (control variate change by %.3g), "
+                "weighed as %g examples (reported %g)",
                 server_round,
                 self._who(candidate.node),
                 bound.scale,
+                bound.control_scale,
                 bound.examples or reported,
                 reported,
             )
@@ -327,6 +340,8 @@ class BankRounds(Strategy):
         metrics = dict(reply_metrics(candidate.reply))
         if math.isfinite(candidate.norm):
             metrics["update_norm"] = candidate.norm  # measured here, for setting strategy.update_checks
+        if math.isfinite(candidate.control_norm):
+            metrics["control_norm"] = candidate.control_norm
         metrics.update(candidate.bounded)
         if phase == "train" and self.drop_stragglers and metrics.get("straggler", 0.0) > 0:
             log(

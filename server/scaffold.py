@@ -17,7 +17,9 @@ round's checkpoint holds it (server/strategy_state.py) and a resumed run goes on
 keeps its own c_i in its state folder, per run (`scaffold-run`).
 
 The update checks (server/update_checks.py) accept the extra record only with the names, shapes
-and dtypes of the state sent, and finite. A bank that fails a round sends no change, and c moves by
+and dtypes of the state sent, finite, and with a norm within `max_norm_ratio` times the round's
+median change norm (clipped to `clip_norm_ratio` times it when that bound is on): c corrects every
+bank's steps, so one bank's huge change would steer them all. A bank that fails a round sends no change, and c moves by
 the others'. Plaintext only: c is the banks' update directions in the clear, which HE is there to hide.
 The message carries twice the state downstream, and each reply twice upstream (the report's bytes).
 """

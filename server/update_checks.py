@@ -12,12 +12,15 @@ the key-holding banks check the decrypted aggregate, client/encryption.py):
   train and resends an old state), and the L2 norm of the update (reply - state sent) within
   `UpdateChecks.max_norm` when set;
 - per round (`outliers`): the update norms of the replies that passed, against `max_norm_ratio`
-  times their median (from 3 replies on: the median of two is their mean and hides nothing), and
+  times their median (from 3 replies on: the median of two is their mean and hides nothing), with
+  SCAFFOLD the norms of their control variate changes likewise (a huge change would move the
+  federation's c, which corrects every bank's local steps, while the update itself looks honest), and
   the metric keys, which must be the most common set (a reply with other keys would make Flower
   skip the round's aggregation);
 - per round, opt-in (`bounds`): the influence of each accepted reply, against the round's medians:
   an update whose norm is above `clip_norm_ratio` times the median is scaled down to it (norm
-  bounding, Sun et al. 2019, "Can You Really Backdoor Federated Learning?"), and an example count
+  bounding, Sun et al. 2019, "Can You Really Backdoor Federated Learning?"; a SCAFFOLD control variate
+  change against the median change norm the same way), and an example count
   above `max_examples_ratio` times the median count, or above the bank's `registered_examples`, is
   weighed as that many (FedAvg weighs a bank by the count it reports: a bank that inflates it would
   otherwise outweigh all the others); with a registry, a bank missing from it is refused, and the
@@ -58,7 +61,8 @@ class UpdateChecks:
     oldest forgotten first: it grows by the sampled banks every round, so a long run would grow without
     end (10,000: 500 rounds of 20 banks, about 2 MB; a forgotten state is old and far from the global).
     `clip_norm_ratio`, `max_examples_ratio` (null: off): bound what an accepted reply weighs instead of
-    refusing it: its update is scaled down to `clip_norm_ratio` times the round's median norm, its
+    refusing it: its update (with SCAFFOLD, also its control variate change) is scaled down to
+    `clip_norm_ratio` times the round's median norm, its
     example count capped at `max_examples_ratio` times the median count. Off by default: on banks of
     very different sizes a count cap takes weight from the honest large banks too (the audit measures
     both, docs/privacy-utility.md "Bounded influence"). `registered_examples`: bank name -> the most
@@ -133,22 +137,28 @@ class UpdateGate:
             return f"update norm {norm:.4g} above strategy.update_checks.max_norm={self.limits.max_norm:g}", norm
         return "", norm
 
-    def outliers(self, norms: Mapping[K, float], metric_keys: Mapping[K, frozenset[str]]) -> dict[K, str]:
-        """The replies of a round (by any key) refused against the others, with the reason."""
+    def control_norm(self, content: RecordDict) -> float:
+        """L2 norm of a SCAFFOLD reply's control variate change (NaN without one), checked like the state."""
+        if protocol.CONTROL_UPDATE not in content.array_records:
+            return math.nan
+        change = content.array_records[protocol.CONTROL_UPDATE]
+        return math.sqrt(sum(float(np.sum(array.numpy().astype(np.float64) ** 2)) for array in change.values()))
+
+    def outliers(
+        self,
+        norms: Mapping[K, float],
+        metric_keys: Mapping[K, frozenset[str]],
+        control_norms: Mapping[K, float] | None = None,
+    ) -> dict[K, str]:
+        """The replies of a round (by any key) refused against the others, with the reason: odd metric keys,
+        an update norm (or, with SCAFFOLD, a control variate change norm) far above the round's median."""
         refused = {key: f"metric keys {sorted(keys)} differ from the other banks'" for key, keys in _odd(metric_keys)}
-        ratio = self.limits.max_norm_ratio
-        valid = [norm for key, norm in norms.items() if key not in refused]
-        if ratio is None or len(valid) < MIN_REPLIES_FOR_RATIO:
-            return refused
-        median = float(np.median(valid))
-        if median <= 0:
-            return refused
-        for key, norm in norms.items():
-            if key not in refused and norm > ratio * median:
-                refused[key] = (
-                    f"update norm {norm:.4g} is {norm / median:.1f} x the round's median {median:.4g}, above "
-                    f"strategy.update_checks.max_norm_ratio={ratio:g}"
-                )
+        for what, values in (("update", norms), ("control variate change", control_norms or {})):
+            refused |= _far_above_median(
+                {key: norm for key, norm in values.items() if key not in refused and math.isfinite(norm)},
+                self.limits.max_norm_ratio,
+                what,
+            )
         return refused
 
     def bound(self, content: RecordDict, bound: Bound, bank: str, server_round: int) -> None:
@@ -172,20 +182,29 @@ class UpdateGate:
         if cap is not None and isinstance(count, int | float) and count > cap:  # checked by unusable_metrics
             Bound(examples=cap).apply(content, self._sent)
 
-    def bounds(self, norms: Mapping[K, float], examples: Mapping[K, float], banks: Mapping[K, str]) -> dict[K, Bound]:
+    def bounds(
+        self,
+        norms: Mapping[K, float],
+        examples: Mapping[K, float],
+        banks: Mapping[K, str],
+        control_norms: Mapping[K, float] | None = None,
+    ) -> dict[K, Bound]:
         """How the accepted replies of a round (by any key; `banks`: their names) are bounded: against the
         round's medians (none from fewer than 3 replies, as for `outliers`) and each bank's registered
-        count; only those changed."""
+        count; with SCAFFOLD, the control variate change is clipped as the update is; only those changed."""
         ratios = len(norms) >= MIN_REPLIES_FOR_RATIO
-        norm_cap = _cap(self.limits.clip_norm_ratio, norms.values()) if ratios else None
+        clip = self.limits.clip_norm_ratio if ratios else None
+        norm_cap = _cap(clip, norms.values())
+        controls = {key: norm for key, norm in (control_norms or {}).items() if math.isfinite(norm)}
+        control_cap = _cap(clip, controls.values()) if controls else None
         median_count_cap = _cap(self.limits.max_examples_ratio, examples.values()) if ratios else None
         bounded = {}
         for key, norm in norms.items():
-            scale = norm_cap / norm if norm_cap is not None and norm > norm_cap else 1.0
             caps = [c for c in (median_count_cap, self.limits.registered_examples.get(banks[key])) if c is not None]
             count = min(caps) if caps and examples[key] > min(caps) else None
-            if scale < 1.0 or count is not None:
-                bounded[key] = Bound(scale, count)
+            bound = Bound(_scale(norm, norm_cap), count, _scale(controls.get(key, 0.0), control_cap))
+            if bound != Bound():
+                bounded[key] = bound
         return bounded
 
 
@@ -195,13 +214,20 @@ class Bound:
 
     scale: float = 1.0
     examples: float | None = None
+    control_scale: float = 1.0  # SCAFFOLD: the bank's control variate change scaled by this
 
     def apply(self, content: RecordDict, sent: Mapping[str, np.ndarray]) -> None:
-        """Bound the reply in place: its state becomes sent + scale (state - sent), in its dtypes."""
+        """Bound the reply in place: its state becomes sent + scale (state - sent), in its dtypes, and a
+        control variate change control_scale times itself."""
         if self.scale < 1.0:
             arrays = content.array_records[protocol.ARRAYS]
             content[protocol.ARRAYS] = ArrayRecord(
                 {name: Array(_scaled(array.numpy(), sent[name], self.scale)) for name, array in arrays.items()}
+            )
+        if self.control_scale < 1.0 and protocol.CONTROL_UPDATE in content.array_records:
+            change = content.array_records[protocol.CONTROL_UPDATE]
+            content[protocol.CONTROL_UPDATE] = ArrayRecord(
+                {name: Array(_times(array.numpy(), self.control_scale)) for name, array in change.items()}
             )
         if self.examples is not None:
             content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] = self.examples
@@ -212,6 +238,32 @@ def _scaled(state: np.ndarray, sent: np.ndarray, scale: float) -> np.ndarray:
         return state
     moved = sent.astype(np.float64) + scale * (state.astype(np.float64) - sent.astype(np.float64))
     return moved.astype(state.dtype)
+
+
+def _times(values: np.ndarray, scale: float) -> np.ndarray:
+    return (values.astype(np.float64) * scale).astype(values.dtype)
+
+
+def _scale(norm: float, cap: float | None) -> float:
+    """What a norm above `cap` is multiplied by to meet it (1 when within it or without a cap)."""
+    return cap / norm if cap is not None and norm > cap else 1.0
+
+
+def _far_above_median(norms: Mapping[K, float], ratio: float | None, what: str) -> dict[K, str]:
+    """The norms (by any key) above `ratio` times their median, with the reason (none from fewer than 3)."""
+    if ratio is None or len(norms) < MIN_REPLIES_FOR_RATIO:
+        return {}
+    median = float(np.median(list(norms.values())))
+    if median <= 0:
+        return {}
+    return {
+        key: (
+            f"{what} norm {norm:.4g} is {norm / median:.1f} x the round's median {median:.4g}, above "
+            f"strategy.update_checks.max_norm_ratio={ratio:g}"
+        )
+        for key, norm in norms.items()
+        if norm > ratio * median
+    }
 
 
 def _cap(ratio: float | None, values: Iterable[float]) -> float | None:

@@ -248,11 +248,11 @@ class RecordingGrid(InProcessGrid):
         return replies
 
 
-def recorded_federation(root: Path, *overrides: str) -> RecordingGrid:
-    """`write_federation`'s three banks under `root / "data"`, federated in-process with `overrides` into
-    `root / "run"`; the grid keeps every message sent and every reply."""
+def recorded_federation(root: Path, *overrides: str, app: ClientApp = client_app) -> RecordingGrid:
+    """`write_federation`'s three banks under `root / "data"` (bank_i on node i + 1), federated in-process by
+    `app` with `overrides` into `root / "run"`; the grid keeps every message sent and every reply."""
     spec = write_federation(root / "data")
     nodes, run_config = simulated_nodes(root / "data" / "spec.json", len(spec.banks))
-    grid = RecordingGrid(client_app, nodes, run_config)
+    grid = RecordingGrid(app, nodes, run_config)
     run_federation(grid, config(*overrides), spec, root / "run")
     return grid

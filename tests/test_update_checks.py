@@ -13,7 +13,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from fingpt_federated.client.encryption import AggregateRefused, check_aggregate
-from fingpt_federated.client.hostile import Misbehaviour, misbehave, parse_all, reported_examples
+from fingpt_federated.client.hostile import Misbehaviour, control_change, misbehave, parse_all, reported_examples
 from fingpt_federated.conf import compose_config
 from fingpt_federated.federation import protocol
 from fingpt_federated.server.bank_rounds import BankRounds
@@ -97,6 +97,37 @@ def test_scaffolds_control_change_is_expected_only_with_scaffold_and_checked_as_
         "control variate change: 1 non-finite values (NaN or infinite) in 1 tensors: b.bias"
         in scaffold.check(bad_change)[0]
     )
+
+
+def control_reply(update_by: float, change_value: float) -> RecordDict:
+    """A SCAFFOLD reply: the state sent moved by `update_by`, a control variate change of `change_value` everywhere."""
+    change = {name: np.full(value.shape, change_value, np.float32) for name, value in SENT.items()}
+    return reply(moved(update_by), **{protocol.CONTROL_UPDATE: ArrayRecord({k: Array(v) for k, v in change.items()})})
+
+
+def test_a_control_variate_change_far_above_the_rounds_median_is_refused_and_clipped_to_it():
+    """SCAFFOLD adds every bank's change into c, which corrects every bank's local steps: a bank that sends
+    a huge (finite) change would steer them all, with an honest-sized update."""
+    checks = UpdateGate(UpdateChecks(clip_norm_ratio=1.0), control=True)
+    checks.sent(1, ArrayRecord({k: Array(v) for k, v in SENT.items()}))
+    replies = {"a": control_reply(0.1, 0.5), "b": control_reply(0.1, 0.6), "c": control_reply(0.1, 0.4)}
+    replies["d"] = control_reply(0.1, 1e4)
+    assert checks.control_norm(replies["a"]) == pytest.approx(0.5 * math.sqrt(17))
+    assert math.isnan(checks.control_norm(reply(moved(0.1))))
+    norms = {key: checks.check(content)[1] for key, content in replies.items()}
+    controls = {key: checks.control_norm(content) for key, content in replies.items()}
+    keys = dict.fromkeys(replies, frozenset({"num-examples"}))
+    refused = checks.outliers(norms, keys, controls)
+    assert set(refused) == {"d"} and "control variate change norm" in refused["d"]
+    assert "18181.8 x the round's median" in refused["d"]
+    # Under the ratio (max_norm_ratio off), clipping takes it to the round's median change norm.
+    bounded = gate(clip_norm_ratio=1.0).bounds(
+        norms, dict.fromkeys(replies, 10.0), dict.fromkeys(replies, "x"), controls
+    )
+    assert set(bounded) == {"b", "d"} and bounded["d"].scale == 1.0
+    assert bounded["d"].control_scale == pytest.approx(0.55 / 1e4)
+    bounded["d"].apply(replies["d"], SENT)
+    assert checks.control_norm(replies["d"]) == pytest.approx(0.55 * math.sqrt(17), rel=1e-5)
 
 
 def test_an_update_already_accepted_cannot_be_sent_again():
@@ -239,6 +270,12 @@ def test_behaviours_combine_one_of_each_group():
         parse_all("scale:2+sign_flip")
     with pytest.raises(ValueError, match="the count factor must be positive"):
         parse_all("inflate:-1")
+    change = torch_state(0.5)
+    honest = misbehave("control:100", local, sent, sent)  # its state is honest
+    assert all(torch.equal(honest[name], local[name]) for name in local)
+    boosted = control_change("scale:4+control:100", change)
+    assert all(torch.allclose(value, torch.full_like(value, 50.0)) for value in boosted.values())
+    assert control_change("scale:4", change) is change
 
 
 def test_a_bank_refuses_a_decrypted_aggregate_that_is_not_finite_or_out_of_bounds():
