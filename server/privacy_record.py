@@ -8,8 +8,9 @@ which every checkpoint carries, so the record survives a restart of the operator
 with every train message (protocol.DP_SPENT); the bank refuses to train when its ledger is missing
 or behind it (privacy/ledger_check.py).
 
-Which record a message carries: a node whose bank the operator knows (from a reply in this
-process, else from the node ids in the History) gets its own bank's entry only. A node it cannot
+Which record a message carries: a node whose bank the operator knows (in a deployment over TLS from
+the registry of bank keys, `federation.bank_registry`; else from a reply in this process or the node
+ids in the History) gets its own bank's entry only. A node it cannot
 name yet (the first round after a simulation restarts with new node ids, or a bank that came back
 under a new node id) gets every bank's entry, since it may be any of them and its first round
 must be checked too. That discloses the banks' names and spent epsilons to that node, which the
