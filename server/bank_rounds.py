@@ -264,7 +264,7 @@ class BankRounds(Strategy):
             controls,
         )
         failures += [self._failed(phase, server_round, node, reason) for node, reason in refused.items()]
-        return self._bounded(server_round, [c for c in candidates if c.node not in refused], controls)
+        return self._bounded(server_round, [c for c in candidates if c.node not in refused])
 
     def _impersonation(self, node: int, bank: str) -> str:
         """Why a reply naming `bank` from `node` is refused: a node answers for the bank it is registered as
@@ -291,9 +291,7 @@ class BankRounds(Strategy):
             return self.update_gate.check(reply.content)
         return problem, math.nan
 
-    def _bounded(
-        self, server_round: int, candidates: list[_Candidate], control_norms: Mapping[int, float]
-    ) -> list[_Candidate]:
+    def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
         """The candidates with the update gate's bounds (clipped norms, capped count) applied and noted."""
         assert self.update_gate is not None
         examples = {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
@@ -301,7 +299,7 @@ class BankRounds(Strategy):
             {c.node: c.norm for c in candidates},
             examples,
             {c.node: self._bank(c.node) for c in candidates},
-            {c.node: control_norms[c.node] for c in candidates},
+            {c.node: c.control_norm for c in candidates},
         )
         out = []
         for candidate in candidates:
@@ -312,16 +310,17 @@ class BankRounds(Strategy):
             reported = examples[candidate.node]
             self.update_gate.bound(candidate.reply.content, bound, self._bank(candidate.node), server_round)
             noted = {"clip_scale": bound.scale} | ({"reported_examples": reported} if bound.examples else {})
+            control = ""
             if bound.control_scale < 1.0:
                 noted["control_clip_scale"] = bound.control_scale
+                control = f" (its control variate change by {bound.control_scale:.3g})"
             log(
                 WARNING,
-                "round %d train: %s bounded: update scaled by %.3g (control variate change by %.3g), "
-                "weighed as %g examples (reported %g)",
+                "round %d train: %s bounded: update scaled by %.3g%s, weighed as %g examples (reported %g)",
                 server_round,
                 self._who(candidate.node),
                 bound.scale,
-                bound.control_scale,
+                control,
                 bound.examples or reported,
                 reported,
             )
