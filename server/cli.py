@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("public_key", type=Path)
     register.add_argument(
         "--name",
-        help="bank name (default: the key file's name); an encrypted run's updates are "
-        "bound to it, so use the bank's own name",
+        help="bank name (default: the key file's name): the node answers for this bank only in runs over TLS, "
+        "so use the name of the bank's data config",
     )
     register.add_argument(
         "--binding-key", type=Path, help="the bank's KEY.binding (encrypted runs; received confidentially)"
