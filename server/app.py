@@ -109,6 +109,15 @@ def _wait_for_nodes(grid: Grid, timeout_s: float = 60.0) -> list[int]:
     return nodes
 
 
+def _bank_registry(cfg: DictConfig) -> Callable[[], dict[int, str]] | None:
+    """A deployment's reader of node id -> registered bank name (`federation.bank_registry`), else None."""
+    folder = cfg.federation.get("bank_registry")
+    if not folder:
+        return None
+    path = Path(str(folder)).expanduser()
+    return lambda: authenticated_banks(path)
+
+
 def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: Path) -> History:
     """Train `cfg.federation.rounds` rounds (fewer when resuming); write the final state and metrics."""
     model_cfg = config_dict(cfg.model)
@@ -127,9 +136,7 @@ def run_federation(grid: Grid, cfg: DictConfig, spec: FederationSpec, run_dir: P
     arrays = resumed.arrays if resumed else fresh
     if resumed:
         log(WARNING, "Resuming from %s: %d of %d rounds done", checkpointer.path(done), done, rounds)
-    registry = cfg.federation.get("bank_registry")
-    nodes = authenticated_banks(Path(str(registry)).expanduser()) if registry else None
-    strategy = build_strategy(cfg, history, round_offset=done, encryption=encryption, registered_nodes=nodes)
+    strategy = build_strategy(cfg, history, round_offset=done, encryption=encryption, registry=_bank_registry(cfg))
     if resumed:
         strategy.restore_server_state(resumed.server_state)
     round_end = RoundEnd(

@@ -90,7 +90,7 @@ class BankRounds(Strategy):
         check_update: UpdateCheck | None = None,
         update_gate: UpdateGate | None = None,
         schedule: RoundSchedule | None = None,
-        registered_nodes: Mapping[int, str] | None = None,
+        registry: Callable[[], Mapping[int, str]] | None = None,
     ) -> None:
         if min_banks < 1:
             raise ValueError(f"min_banks must be at least 1, got {min_banks}")
@@ -105,9 +105,11 @@ class BankRounds(Strategy):
         self.check_update = check_update
         self.update_gate = update_gate
         self.schedule = schedule
-        # a deployment's authenticated node ids and the names the operator registered them under: a node answers
-        # for that bank only; without a registry (a simulation) a node keeps the first name it answers with
-        self.registered_nodes = dict(registered_nodes or {})
+        # a deployment's authenticated node ids and the names the operator registered them under (read again when
+        # a node it does not hold answers: a bank accepted during the run); a node answers for that bank only.
+        # Without a registry (a simulation) a node keeps the first name it answers with.
+        self.registry = registry
+        self.registered_nodes: dict[int, str] = dict(registry()) if registry is not None else {}
         self.bank_of_node: dict[int, str] = dict(self.registered_nodes)
         self._sent: dict[str, tuple[set[int], str]] = {}
         self._download_bytes: dict[str, int] = {}
@@ -270,8 +272,10 @@ class BankRounds(Strategy):
         """Why a reply naming `bank` from `node` is refused: a node answers for the bank it is registered as
         (a deployment) or else keeps the name it first answered with, and two nodes never share one (the
         name picks the bank's registered count, its DP ledger and its record)."""
-        if self.registered_nodes and node not in self.registered_nodes:
-            return f"node {node} is not in the operator's bank registry"
+        if self.registry is not None and node not in self.registered_nodes:
+            problem = self._read_registry()
+            if node not in self.registered_nodes:
+                return problem or f"node {node} is not in the operator's bank registry"
         known = self.bank_of_node.get(node)
         if known is not None and known != bank:
             if node in self.registered_nodes:
@@ -283,6 +287,16 @@ class BankRounds(Strategy):
             return f"node {node} answered as bank {known} before, now as {bank}"
         other = next((n for n, name in self.bank_of_node.items() if name == bank and n != node), None)
         return "" if other is None else f"bank name {bank} already answered from node {other}"
+
+    def _read_registry(self) -> str:
+        """Take the registry as it is now (banks accepted or renamed during the run); why it could not be read."""
+        assert self.registry is not None
+        try:
+            self.registered_nodes = dict(self.registry())
+        except (OSError, ValueError) as error:  # RegistryError is a ValueError
+            return f"the operator's bank registry could not be read again: {error}"
+        self.bank_of_node.update(self.registered_nodes)
+        return ""
 
     def _check_update(self, reply: Message, server_round: int, state_hash: str) -> tuple[str, float]:
         """Why a train reply's update must not be aggregated ("" if it may), and its norm (NaN if unknown)."""

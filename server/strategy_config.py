@@ -26,7 +26,7 @@ plaintext only. Every plaintext update passes `UpdateGate` first (server/update_
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,10 +170,10 @@ def build_strategy(
     history: History,
     round_offset: int = 0,
     encryption: EncryptedRun | None = None,
-    registered_nodes: Mapping[int, str] | None = None,
+    registry: Callable[[], Mapping[int, str]] | None = None,
 ) -> BankRounds:
     """The Flower strategy `cfg.strategy` names inside `BankRounds`; with `encryption`, inside
-    `EncryptedAggregation` first (public context, replay guard); `registered_nodes` (a deployment's
+    `EncryptedAggregation` first (public context, replay guard); `registry` (reads a deployment's
     node id -> registered bank name) binds each node to its bank's name."""
     inner = check_strategy(cfg, encrypted=encryption is not None).build()
     schedule = round_schedule(cfg, inner)
@@ -205,7 +205,7 @@ def build_strategy(
         check_update=check_update,
         update_gate=update_gate,
         schedule=schedule,
-        registered_nodes=registered_nodes,
+        registry=registry,
     )
 
 

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, Krum
 from safetensors.numpy import load_file
 
 from fingpt_federated.client.app import app as client_app
+from fingpt_federated.client.app import evaluate_global
 from fingpt_federated.client.app import train as client_train
 from fingpt_federated.federation import protocol
 from fingpt_federated.federation.protocol import Receipt
@@ -331,6 +332,9 @@ def test_a_bank_error_is_reported_by_its_message_not_by_flowers_wrapping():
     assert short_reason("no reply") == "no reply"
 
 
+NAMES = ["bank_0", "bank_1", "bank_2"]  # write_federation's banks, on nodes 1..3
+
+
 def registered(workdir: Path, nodes: dict[int, str]) -> Path:
     """An operator's banks folder whose registry.json records `nodes` (node id -> registered name)."""
     banks = {name: {"fingerprint": f"SHA256:key-of-{name}", "node_id": node} for node, name in nodes.items()}
@@ -363,6 +367,31 @@ def test_registered_names_that_match_the_banks_data_run_as_before(tmp_path):
     history = run_federation(grid, cfg, spec, tmp_path / "run")
     rows = [r for r in history.select("train") if r.bank != FEDERATION]
     assert {(r.node_id, r.bank) for r in rows} == {(1, "bank_0"), (2, "bank_1"), (3, "bank_2")}
+
+
+def test_a_bank_accepted_during_the_run_is_read_from_the_registry_when_it_first_answers(tmp_path):
+    """fingpt-server register-bank applies at once to a running SuperLink and records the new node in
+    registry.json: the run takes the bank in (here bank_2 is registered just before its node trains)."""
+    folder = registered(tmp_path / "operator", {1: "bank_0", 2: "bank_1"})
+    joining = ClientApp()
+
+    @joining.train()
+    def _(msg, context):
+        if context.node_id == 3:
+            banks = {name: {"fingerprint": f"SHA256:key-of-{name}", "node_id": n} for n, name in enumerate(NAMES, 1)}
+            (folder / "registry.json").write_bytes(Recorded(banks).to_json())
+        return client_train(msg, context)
+
+    joining.evaluate()(evaluate_global)
+    cfg, spec, grid = federation(
+        tmp_path,
+        "federation.rounds=1",
+        "federation.min_banks=3",
+        f"federation.bank_registry={folder}",
+        app=joining,
+    )
+    history = run_federation(grid, cfg, spec, tmp_path / "run")
+    assert {r.bank for r in history.select("train") if r.bank != FEDERATION} == set(NAMES)
 
 
 def test_a_bank_registry_setting_without_a_registry_stops_the_run_before_any_round(tmp_path):
