@@ -141,8 +141,7 @@ class UpdateGate:
         """L2 norm of a SCAFFOLD reply's control variate change (NaN without one), checked like the state."""
         if protocol.CONTROL_UPDATE not in content.array_records:
             return math.nan
-        change = content.array_records[protocol.CONTROL_UPDATE]
-        return math.sqrt(sum(float(np.sum(array.numpy().astype(np.float64) ** 2)) for array in change.values()))
+        return _l2(array.numpy() for array in content.array_records[protocol.CONTROL_UPDATE].values())
 
     def outliers(
         self,
@@ -227,7 +226,10 @@ class Bound:
         if self.control_scale < 1.0 and protocol.CONTROL_UPDATE in content.array_records:
             change = content.array_records[protocol.CONTROL_UPDATE]
             content[protocol.CONTROL_UPDATE] = ArrayRecord(
-                {name: Array(_times(array.numpy(), self.control_scale)) for name, array in change.items()}
+                {
+                    name: Array(_scaled(array.numpy(), np.zeros(()), self.control_scale))
+                    for name, array in change.items()
+                }
             )
         if self.examples is not None:
             content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] = self.examples
@@ -238,10 +240,6 @@ def _scaled(state: np.ndarray, sent: np.ndarray, scale: float) -> np.ndarray:
         return state
     moved = sent.astype(np.float64) + scale * (state.astype(np.float64) - sent.astype(np.float64))
     return moved.astype(state.dtype)
-
-
-def _times(values: np.ndarray, scale: float) -> np.ndarray:
-    return (values.astype(np.float64) * scale).astype(values.dtype)
 
 
 def _scale(norm: float, cap: float | None) -> float:
@@ -276,8 +274,12 @@ def _cap(ratio: float | None, values: Iterable[float]) -> float | None:
 
 def update_norm(state: Mapping[str, np.ndarray], sent: Mapping[str, np.ndarray]) -> float:
     """L2 norm of `state - sent` over every tensor, in float64."""
-    total = sum(float(np.sum((state[n].astype(np.float64) - sent[n].astype(np.float64)) ** 2)) for n in sent)
-    return math.sqrt(total)
+    return _l2(state[n].astype(np.float64) - sent[n].astype(np.float64) for n in sent)
+
+
+def _l2(arrays: Iterable[np.ndarray]) -> float:
+    """The L2 norm of all the values of `arrays` together, in float64."""
+    return math.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays))
 
 
 def non_finite(arrays: ArrayRecord) -> list[str]:
