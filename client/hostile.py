@@ -1,4 +1,4 @@
-"""A hostile bank for simulations and tests: its train replies misbehave as its FederationSpec entry says.
+"""A hostile bank for simulations and tests: its replies misbehave as its FederationSpec entry says.
 
 Only a simulation sets `BankSite.hostile` (`simulation.hostile_banks`, simulations/sim.py): a deployed
 bank builds its site from its node config, which has no such field. The bank trains as any other;
@@ -12,7 +12,8 @@ what it sends instead of its local state is, by `kind[:factor]`:
 - `constant[:C]`: every value C (default 0).
 
 One behaviour changes what the bank reports instead: `inflate[:F]` reports F times its example count
-(default 10), the weight FedAvg gives its update. One changes its SCAFFOLD reply: `control[:F]` sends F times
+(default 10) in its train and evaluate replies: the weight FedAvg gives its update, and its say in the
+validation metrics (which pick the round publishing takes). One changes its SCAFFOLD reply: `control[:F]` sends F times
 the change of its control variate (default 10,000; it keeps its true variate), which goes into the
 federation's c and so corrects every bank's local steps, while its update stays honest.
 

@@ -358,7 +358,10 @@ def evaluate_global(content: RecordDict, context: Context) -> RecordDict:
         metrics = for_reply(evaluate(worker.model, worker.tokenizer, bank.valid, batch_size))  # ROC-AUC with its share
     return RecordDict(
         {
-            protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: len(bank.valid), **metrics}),
+            # a simulated hostile bank may lie about its count here too: it weighs the validation metrics
+            protocol.METRICS: MetricRecord(
+                {protocol.NUM_EXAMPLES: hostile.reported_examples(site.hostile, len(bank.valid)), **metrics}
+            ),
             protocol.RECEIPT: Receipt(site.name, task.server_round, task.state_hash).to_config(),
         }
     )

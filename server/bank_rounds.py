@@ -54,7 +54,7 @@ from fingpt_federated.server import privacy_record, strategy_state
 from fingpt_federated.server.history import FEDERATION, History
 from fingpt_federated.server.replies import check_reply, declined_reason, reply_metrics, unusable_metrics
 from fingpt_federated.server.round_schedule import RoundSchedule
-from fingpt_federated.server.update_checks import UpdateGate, non_finite
+from fingpt_federated.server.update_checks import Bound, UpdateGate, non_finite
 
 UpdateCheck = Callable[[Message, int, str], str]
 """(train reply, global round, hash of the state sent) -> why its update must not be aggregated, "" if it may."""
@@ -251,13 +251,11 @@ class BankRounds(Strategy):
         self, phase: str, server_round: int, candidates: list[_Candidate], failures: list[str]
     ) -> list[_Candidate]:
         """The round's replies against each other (the update gate's outliers refused, into `failures`; its
-        bounds applied); evaluate counts capped by the registry, as they weigh the validation metrics."""
+        bounds applied); evaluate counts capped as train counts are, as they weigh the validation metrics."""
         if self.update_gate is None:
             return candidates
         if phase == "evaluate":
-            for c in candidates:
-                self.update_gate.cap_registered(c.reply.content, self._bank(c.node))
-            return candidates
+            return self._capped_counts(server_round, candidates)
         candidates = [replace(c, control_norm=self.update_gate.control_norm(c.reply.content)) for c in candidates]
         controls = {c.node: c.control_norm for c in candidates}
         refused = self.update_gate.outliers(
@@ -339,6 +337,30 @@ class BankRounds(Strategy):
                 reported,
             )
             out.append(replace(candidate, bounded=noted))
+        return out
+
+    def _capped_counts(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
+        """Evaluate replies weighed as the update gate's count caps allow, noted as a train reply's bound is."""
+        assert self.update_gate is not None
+        examples = {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
+        caps = self.update_gate.count_caps(examples, {c.node: self._bank(c.node) for c in candidates})
+        out = []
+        for candidate in candidates:
+            cap = caps.get(candidate.node)
+            if cap is None:
+                out.append(candidate)
+                continue
+            reported = examples[candidate.node]
+            Bound(examples=cap).apply(candidate.reply.content, {})
+            log(
+                WARNING,
+                "round %d evaluate: %s weighed as %g examples (reported %g)",
+                server_round,
+                self._who(candidate.node),
+                cap,
+                reported,
+            )
+            out.append(replace(candidate, bounded={"reported_examples": reported}))
         return out
 
     def _failed(self, phase: str, server_round: int, node: int, problem: str) -> str:

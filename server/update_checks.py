@@ -23,8 +23,9 @@ the key-holding banks check the decrypted aggregate, client/encryption.py):
   change against the median change norm the same way), and an example count
   above `max_examples_ratio` times the median count, or above the bank's `registered_examples`, is
   weighed as that many (FedAvg weighs a bank by the count it reports: a bank that inflates it would
-  otherwise outweigh all the others); with a registry, a bank missing from it is refused, and the
-  counts of its evaluate replies (which weigh the validation metrics) are capped as well;
+  otherwise outweigh all the others); with a registry, a bank missing from it is refused. The counts of
+  evaluate replies are capped the same two ways (`count_caps`): they weigh the validation metrics, and
+  so the round that publishing takes;
 - after aggregation (`non_finite`): a global state with a non-finite value is never adopted.
 
 What is out of reach: a bank that lies consistently within the bounds (a small push in a chosen
@@ -62,10 +63,10 @@ class UpdateChecks:
     end (10,000: 500 rounds of 20 banks, about 2 MB; a forgotten state is old and far from the global).
     `clip_norm_ratio`, `max_examples_ratio` (null: off): bound what an accepted reply weighs instead of
     refusing it: its update (with SCAFFOLD, also its control variate change) is scaled down to
-    `clip_norm_ratio` times the round's median norm, its
-    example count capped at `max_examples_ratio` times the median count. Off by default: on banks of
-    very different sizes a count cap takes weight from the honest large banks too (the audit measures
-    both, docs/privacy-utility.md "Bounded influence"). `registered_examples`: bank name -> the most
+    `clip_norm_ratio` times the round's median norm, its example count (train and evaluate) capped at
+    `max_examples_ratio` times the median count. Off by default: on banks of very different sizes a
+    count cap takes weight from the honest large banks too (the audit measures both,
+    docs/privacy-utility.md "Bounded influence"). `registered_examples`: bank name -> the most
     records it may be weighed as, agreed when it joined (empty: no registry; `fingpt-sim` fills it from
     the prepared banks with `simulation.register_examples=true`); a bank not in a non-empty registry is refused.
     """
@@ -174,12 +175,20 @@ class UpdateGate:
             f"{bank} has no count in strategy.update_checks.registered_examples (registered: {_few(sorted(registry))})"
         )
 
-    def cap_registered(self, content: RecordDict, bank: str) -> None:
-        """An evaluate reply's count capped in place at the bank's registered count (when it has one)."""
-        cap = self.limits.registered_examples.get(bank)
-        count = content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
-        if cap is not None and isinstance(count, int | float) and count > cap:  # checked by unusable_metrics
-            Bound(examples=cap).apply(content, self._sent)
+    def count_caps(self, examples: Mapping[K, float], banks: Mapping[K, str]) -> dict[K, float]:
+        """What the replies of a round (by any key; `banks`: their names) above a cap are weighed as instead
+        of their count: the lower of `max_examples_ratio` x the round's median count (none from fewer than 3
+        replies, as for `outliers`) and the bank's registered count. For train replies (their say in the
+        aggregate) and evaluate replies alike (their say in the validation metrics, which pick the round
+        publishing takes)."""
+        enough = len(examples) >= MIN_REPLIES_FOR_RATIO
+        median_cap = _cap(self.limits.max_examples_ratio, examples.values()) if enough else None
+        capped = {}
+        for key, count in examples.items():
+            caps = [c for c in (median_cap, self.limits.registered_examples.get(banks[key])) if c is not None]
+            if caps and count > min(caps):
+                capped[key] = min(caps)
+        return capped
 
     def bounds(
         self,
@@ -196,12 +205,10 @@ class UpdateGate:
         norm_cap = _cap(clip, norms.values())
         controls = {key: norm for key, norm in (control_norms or {}).items() if math.isfinite(norm)}
         control_cap = _cap(clip, controls.values()) if controls else None
-        median_count_cap = _cap(self.limits.max_examples_ratio, examples.values()) if ratios else None
+        counts = self.count_caps(examples, banks)
         bounded = {}
         for key, norm in norms.items():
-            caps = [c for c in (median_count_cap, self.limits.registered_examples.get(banks[key])) if c is not None]
-            count = min(caps) if caps and examples[key] > min(caps) else None
-            bound = Bound(_scale(norm, norm_cap), count, _scale(controls.get(key, 0.0), control_cap))
+            bound = Bound(_scale(norm, norm_cap), counts.get(key), _scale(controls.get(key, 0.0), control_cap))
             if bound != Bound():
                 bounded[key] = bound
         return bounded

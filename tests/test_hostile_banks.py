@@ -197,6 +197,7 @@ def test_bounds_keep_an_inflated_scaled_bank_to_the_weight_and_norm_of_a_typical
         next(m for m in grid.sent if m.metadata.message_type == MessageType.TRAIN).content[protocol.ARRAYS]
     )
     distance = {name: _distance(final, state) for name, state in grid.states.items()}
+    _assert_evaluate_counts_bounded(history, bounded, registry)
     if not bounded:
         assert distance[f"bank_{HOSTILE}"] < min(d for n, d in distance.items() if n != f"bank_{HOSTILE}")
         return
@@ -218,6 +219,29 @@ def test_bounds_keep_an_inflated_scaled_bank_to_the_weight_and_norm_of_a_typical
             for b in weights
         )
         assert np.allclose(final[name], expected, atol=1e-5), name
+
+
+def _assert_evaluate_counts_bounded(history: History, bounded: str | None, registry: dict[str, int]) -> None:
+    """The inflated bank's evaluate count (its say in the validation metrics, which pick the published round)
+    is capped as its train count is, and the federation's validation accuracy is the mean under the caps."""
+    rows = {row.bank: row for row in history.rows if row.phase == "evaluate" and row.round == 1}
+    federation = rows.pop(FEDERATION)
+    hostile = rows[f"bank_{HOSTILE}"]
+    honest = [float(row.metrics[protocol.NUM_EXAMPLES]) for name, row in rows.items() if name != hostile.bank]
+    if not bounded:
+        assert (
+            float(hostile.metrics[protocol.NUM_EXAMPLES]) > 50 * max(honest)
+            and "reported_examples" not in hostile.metrics
+        )
+        return
+    assert hostile.metrics["reported_examples"] > 50 * max(honest)
+    if bounded == "registered":  # the registry holds a bank's records, its train rows: 3 x its validation rows
+        assert hostile.metrics[protocol.NUM_EXAMPLES] == registry[hostile.bank]
+    else:
+        assert float(hostile.metrics[protocol.NUM_EXAMPLES]) <= 2 * max(honest)
+    counts = {name: float(row.metrics[protocol.NUM_EXAMPLES]) for name, row in rows.items()}
+    weighted = sum(counts[name] * float(row.metrics["accuracy"]) for name, row in rows.items()) / sum(counts.values())
+    assert float(federation.metrics["accuracy"]) == pytest.approx(weighted)
 
 
 def test_a_bank_missing_from_the_registry_is_refused_in_training_and_evaluation(tmp_path):

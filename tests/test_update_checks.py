@@ -179,11 +179,12 @@ def test_a_registered_count_caps_what_a_bank_is_weighed_as_and_an_unregistered_b
     assert checks.unregistered("bank_a") == ""
     assert "bank_x has no count in strategy.update_checks.registered_examples" in checks.unregistered("bank_x")
     assert gate().unregistered("bank_x") == ""  # no registry: nobody is refused for it
-    evaluate = RecordDict({protocol.METRICS: MetricRecord({protocol.NUM_EXAMPLES: 500, "accuracy": 0.5})})
-    checks.cap_registered(evaluate, "bank_d")  # its say in the validation metrics, as in the aggregate
-    assert evaluate.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] == 15.0
-    checks.cap_registered(evaluate, "bank_b")
-    assert evaluate.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES] == 15.0  # below bank_b's 30: as is
+    # evaluate counts (their say in the validation metrics) are capped by the same rule, norms or not
+    assert checks.count_caps({"d": 500.0, "b": 15.0}, {"d": "bank_d", "b": "bank_b"}) == {"d": 15.0}
+    assert both.count_caps({"a": 10.0, "b": 12.0, "d": 1000.0}, banks | {"b": "bank_b"}) == {"d": 12.0}
+    median_only = gate(max_examples_ratio=2.0)
+    assert median_only.count_caps({"a": 10.0, "b": 12.0, "d": 1000.0}, banks | {"b": "bank_b"}) == {"d": 24.0}
+    assert median_only.count_caps({"a": 10.0, "d": 1000.0}, banks) == {}  # no median of two
     with pytest.raises(ValueError, match="registered_examples.bank_a must be a positive count"):
         UpdateChecks(registered_examples={"bank_a": 0})
 
