@@ -129,6 +129,15 @@ class SimulationConfig:
     hostile_banks: dict[int, str] = field(default_factory=dict)
     # true: strategy.update_checks.registered_examples = each prepared bank's train rows (the consortium's registry)
     register_examples: bool = False
+    # the report's progress section: the first round (and seconds) the global test accuracy reaches each of
+    # these, and each of these shares of the pooled model's accuracy (with baseline=true)
+    targets: list[float] = field(default_factory=list)
+    pooled_targets: list[float] = field(default_factory=lambda: [0.95, 0.98])
+
+    def __post_init__(self) -> None:
+        for name, values in (("targets", self.targets), ("pooled_targets", self.pooled_targets)):
+            if any(not 0 < value <= 1 for value in values):
+                raise ValueError(f"simulation.{name} must hold accuracies in (0, 1], got {list(values)}")
 
 
 PERSONALIZED_PARTS = ("head", "head+lora")

@@ -227,11 +227,12 @@ def markdown(
     privacy: Sequence[str] = (),
     choice: RoundChoice | None = None,
     per_bank: Sequence[str] = (),
+    progress: Sequence[str] = (),
 ) -> str:
     """The report: settings, the global model per round, its task metrics (and the round `choice` that
     publishing takes), each bank, `privacy` (sections on the privacy spent, see
-    simulations/privacy_report.py), baselines, `per_bank` (the per-bank comparison of
-    simulations/personalization.py), failures."""
+    simulations/privacy_report.py), `progress` (rounds and seconds to the targets, simulations/progress.py),
+    baselines, `per_bank` (the per-bank comparison of simulations/personalization.py), failures."""
     sections = [
         f"# {title}",
         markdown_table(["setting", "value"], [[key, value] for key, value in settings.items()]),
@@ -268,6 +269,7 @@ def markdown(
             ],
         ),
         f"![global]({GLOBAL_PLOT})",
+        *progress,
         *task_metrics_section(history, choice),
         "## Banks (the global model on each bank's validation split, last round it was asked)",
         markdown_table(

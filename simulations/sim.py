@@ -93,6 +93,7 @@ from fingpt_federated.simulations.privacy_report import (
     epsilon_section,
     plot_epsilon,
 )
+from fingpt_federated.simulations.progress import Progress, progress, progress_lines, progress_section, targets
 from fingpt_federated.simulations.ray_cluster import RayClusterError, check_reachable
 from fingpt_federated.simulations.report import (
     BANKS_PLOT,
@@ -125,6 +126,7 @@ class SimulationSummary:
     baselines: list[BaselineResult] = field(default_factory=list)
     per_bank: list[BankComparison] = field(default_factory=list)  # personalize.steps > 0: on each bank's own test
     seconds: float = math.nan
+    progress: Progress | None = None  # rounds and seconds to the targets, the swing (simulations/progress.py)
     published: str = ""  # the round publishing takes and its monitor (server/best_round.py), set with the report
 
     @property
@@ -147,11 +149,16 @@ class SimulationSummary:
             "round_seconds": [r.seconds for r in self.rounds[1:]],
             "baselines": [b.to_dict() for b in self.baselines],
             "mean_local_only_accuracy": mean_local(self.baselines) if self.baselines else None,
+            "progress": self.progress.to_dict() if self.progress else None,
         }
+
+    def pooled_accuracy(self) -> float:
+        """The centralized (pooled) model's test accuracy; NaN without baselines."""
+        return next((b.test["accuracy"] for b in self.baselines if b.kind == CENTRALIZED), math.nan)
 
     def pooled_ratio(self) -> float:
         """The federated model's test accuracy over the centralized (pooled) one's; NaN without baselines."""
-        pooled = next((b.test["accuracy"] for b in self.baselines if b.kind == CENTRALIZED), math.nan)
+        pooled = self.pooled_accuracy()
         return self.final.test_accuracy / pooled if pooled > 0 else math.nan
 
 
@@ -253,6 +260,9 @@ def simulate(cfg: DictConfig, run_dir: Path, *, echo: bool = True) -> Simulation
         round_rows(history),
         baselines,
     )
+    settings = simulation_settings(cfg)
+    wanted = targets(settings["targets"], settings["pooled_targets"], summary.pooled_accuracy())
+    summary.progress = progress(summary.rounds, wanted)
     personal = personalize_settings(cfg)
     if personal.steps > 0:
         summary.per_bank = compare_banks(cfg, spec, run_dir / FINAL_STATE, baselines, resources.client_cpus)
@@ -306,6 +316,7 @@ def write_report(cfg: DictConfig, spec: FederationSpec, history: History, summar
         privacy=_privacy_section(cfg, spec, history, run_dir),
         choice=choice,
         per_bank=_per_bank_section(cfg, summary),
+        progress=progress_section(summary.progress) if summary.progress else [],
     )
     task: dict[str, object] = {"task_metrics": task_metric_rows(history), "published_round": choice.to_dict()}
     if summary.per_bank:
@@ -371,6 +382,8 @@ def print_summary(summary: SimulationSummary, console: Console | None = None) ->
         console.print(base)
     if summary.per_bank:
         _print_per_bank(summary, console)
+    for line in progress_lines(summary.progress) if summary.progress else []:
+        console.print(line)
     if summary.published:
         console.print(f"published: {summary.published}", soft_wrap=True)
     console.print(f"report: {summary.run_dir / REPORT}", soft_wrap=True)

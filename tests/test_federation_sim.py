@@ -47,6 +47,7 @@ def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(n
         "model.max_length=16",
         "model.train.lr=2e-3",
         "++baseline=true",
+        "simulation.targets=[0.3]",
         model="minilm",
     )
     with caplog.at_level(logging.INFO, logger="fingpt_federated.simulations.baselines"):
@@ -79,7 +80,15 @@ def test_federation_beats_its_start_and_every_bank_alone_on_label_skewed_banks(n
     assert per_bank == {(n, phase, f"bank_{i:02d}") for n in (1, 2) for phase in phases for i in range(3)}
     report = (tmp_path / "report.md").read_text()
     assert "centralized" in report and "mean local-only" in report
-    assert json.loads((tmp_path / "summary.json").read_text())["final_test_accuracy"] == summary.final.test_accuracy
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["final_test_accuracy"] == summary.final.test_accuracy
+    reached = written["progress"]["reached"]  # 0.3, then 0.95 and 0.98 of the pooled model's accuracy
+    pooled = summary.pooled_accuracy()
+    assert [r["accuracy"] for r in reached] == pytest.approx([0.3, 0.95 * pooled, 0.98 * pooled])
+    first = next(r for r in summary.rounds[1:] if r.test_accuracy >= 0.3)
+    assert reached[0]["round"] == first.round
+    assert reached[0]["seconds"] == pytest.approx(sum(r.seconds for r in summary.rounds[1 : first.round + 1]))
+    assert "## Progress: rounds and seconds to a target" in report
 
 
 def test_a_bad_strategy_option_fails_before_any_bank_is_prepared(tmp_path):
