@@ -344,24 +344,13 @@ class BankRounds(Strategy):
         assert self.update_gate is not None
         examples = {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
         caps = self.update_gate.count_caps(examples, {c.node: self._bank(c.node) for c in candidates})
-        out = []
-        for candidate in candidates:
-            cap = caps.get(candidate.node)
-            if cap is None:
-                out.append(candidate)
-                continue
-            reported = examples[candidate.node]
-            Bound(examples=cap).apply(candidate.reply.content, {})
-            log(
-                WARNING,
-                "round %d evaluate: %s weighed as %g examples (reported %g)",
-                server_round,
-                self._who(candidate.node),
-                cap,
-                reported,
-            )
-            out.append(replace(candidate, bounded={"reported_examples": reported}))
-        return out
+        for node, cap in caps.items():
+            reply = next(c.reply for c in candidates if c.node == node)
+            Bound(examples=cap).apply(reply.content, {})
+            message = "round %d evaluate: %s weighed as %g examples (reported %g)"
+            log(WARNING, message, server_round, self._who(node), cap, examples[node])
+        noted = {node: {"reported_examples": examples[node]} for node in caps}
+        return [replace(c, bounded=noted[c.node]) if c.node in noted else c for c in candidates]
 
     def _failed(self, phase: str, server_round: int, node: int, problem: str) -> str:
         """Log and record a bank's failure of the round; its failure line."""
