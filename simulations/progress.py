@@ -65,11 +65,12 @@ def targets(absolute: Sequence[float], of_pooled: Sequence[float], pooled: float
 def progress(rounds: Sequence[RoundRow], wanted: Sequence[Target]) -> Progress | None:
     """`rounds` from round 0 (the initial model) on, as simulations/report.py's round_rows gives them;
     None when no trained round has a global test accuracy."""
-    trained = [r for r in rounds if r.round > 0 and not math.isnan(r.test_accuracy)]
-    if not trained:
+    trained = [r for r in rounds if r.round > 0]
+    tested = [r for r in trained if not math.isnan(r.test_accuracy)]
+    if not tested:
         return None
-    best = max(trained, key=lambda r: r.test_accuracy)
-    changes = [b.test_accuracy - a.test_accuracy for a, b in zip(trained, trained[1:], strict=False)]
+    best = max(tested, key=lambda r: r.test_accuracy)
+    changes = [b.test_accuracy - a.test_accuracy for a, b in zip(tested, tested[1:], strict=False)]
     last_half = changes[len(changes) // 2 :]
     return Progress(
         reached=[_reach(trained, target) for target in wanted],
@@ -81,10 +82,11 @@ def progress(rounds: Sequence[RoundRow], wanted: Sequence[Target]) -> Progress |
 
 
 def _reach(trained: Sequence[RoundRow], target: Target) -> Reach:
+    """Every trained round's seconds count, tested or not (under HE only the last round is tested)."""
     seconds = 0.0
     for row in trained:
         seconds += row.seconds
-        if row.test_accuracy >= target.accuracy:
+        if row.test_accuracy >= target.accuracy:  # False for NaN
             return Reach(target, row.round, seconds)
     return Reach(target, None, math.nan)
 

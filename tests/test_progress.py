@@ -56,6 +56,13 @@ def test_shares_of_pooled_are_targets_only_when_the_pooled_baseline_was_trained(
     assert found[2].accuracy == pytest.approx(0.784)
 
 
+def test_rounds_without_a_test_accuracy_still_count_their_seconds():
+    """Under HE only the last round is tested (its state decrypted by a bank): the seconds are the whole run's."""
+    found = progress(rows([math.nan, math.nan, 0.7]), [Target("0.65", 0.65)])
+    assert found is not None and found.reached[0].round == 3 and found.reached[0].seconds == 60.0
+    assert found.best_round == 3 and math.isnan(found.swing) and found.largest_drop == 0.0  # one tested round
+
+
 def test_a_run_without_test_accuracies_has_no_progress_and_a_round_never_timed_gives_no_seconds():
     assert progress(rows([math.nan, math.nan]), [Target("0.5", 0.5)]) is None
     found = progress(rows([0.6, 0.7], seconds=[math.nan, 5.0]), [Target("0.65", 0.65)])
