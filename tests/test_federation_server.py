@@ -337,10 +337,15 @@ NAMES = ["bank_0", "bank_1", "bank_2"]  # write_federation's banks, on nodes 1..
 
 def registered(workdir: Path, nodes: dict[int, str]) -> Path:
     """An operator's banks folder whose registry.json records `nodes` (node id -> registered name)."""
-    banks = {name: {"fingerprint": f"SHA256:key-of-{name}", "node_id": node} for node, name in nodes.items()}
     (workdir / "banks").mkdir(parents=True)
-    (workdir / "banks" / "registry.json").write_bytes(Recorded(banks).to_json())
+    write_registry(workdir / "banks", nodes)
     return workdir / "banks"
+
+
+def write_registry(folder: Path, nodes: dict[int, str]) -> None:
+    """registry.json in `folder`, as fingpt-server register-bank writes it: `nodes` (node id -> name)."""
+    banks = {name: {"fingerprint": f"SHA256:key-of-{name}", "node_id": node} for node, name in nodes.items()}
+    (folder / "registry.json").write_bytes(Recorded(banks).to_json())
 
 
 def test_in_a_deployment_a_node_answers_only_for_the_bank_its_key_was_registered_as(tmp_path):
@@ -378,8 +383,7 @@ def test_a_bank_accepted_during_the_run_is_read_from_the_registry_when_it_first_
     @joining.train()
     def _(msg, context):
         if context.node_id == 3:
-            banks = {name: {"fingerprint": f"SHA256:key-of-{name}", "node_id": n} for n, name in enumerate(NAMES, 1)}
-            (folder / "registry.json").write_bytes(Recorded(banks).to_json())
+            write_registry(folder, dict(enumerate(NAMES, 1)))
         return client_train(msg, context)
 
     joining.evaluate()(evaluate_global)
