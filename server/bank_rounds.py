@@ -306,11 +306,11 @@ class BankRounds(Strategy):
     def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
         """The candidates with the update gate's bounds (clipped norms, capped count) applied and noted."""
         assert self.update_gate is not None
-        examples = {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
+        examples = _reported_examples(candidates)
         bounds = self.update_gate.bounds(
             {c.node: c.norm for c in candidates},
             examples,
-            {c.node: self._bank(c.node) for c in candidates},
+            self._banks(candidates),
             {c.node: c.control_norm for c in candidates},
         )
         out = []
@@ -342,8 +342,8 @@ class BankRounds(Strategy):
     def _capped_counts(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
         """Evaluate replies weighed as the update gate's count caps allow, noted as a train reply's bound is."""
         assert self.update_gate is not None
-        examples = {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
-        caps = self.update_gate.count_caps(examples, {c.node: self._bank(c.node) for c in candidates})
+        examples = _reported_examples(candidates)
+        caps = self.update_gate.count_caps(examples, self._banks(candidates))
         for node, cap in caps.items():
             reply = next(c.reply for c in candidates if c.node == node)
             Bound(examples=cap).apply(reply.content, {})
@@ -351,6 +351,9 @@ class BankRounds(Strategy):
             log(WARNING, message, server_round, self._who(node), cap, examples[node])
         noted = {node: {"reported_examples": examples[node]} for node in caps}
         return [replace(c, bounded=noted[c.node]) if c.node in noted else c for c in candidates]
+
+    def _banks(self, candidates: list[_Candidate]) -> dict[int, str]:
+        return {c.node: self._bank(c.node) for c in candidates}
 
     def _failed(self, phase: str, server_round: int, node: int, problem: str) -> str:
         """Log and record a bank's failure of the round; its failure line."""
@@ -425,3 +428,8 @@ def _in_dtypes(arrays: ArrayRecord, dtypes: Mapping[str, str]) -> ArrayRecord:
             for name, array in arrays.items()
         }
     )
+
+
+def _reported_examples(candidates: list[_Candidate]) -> dict[int, float]:
+    """The example count each candidate's reply reports, by node."""
+    return {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}
