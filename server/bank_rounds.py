@@ -52,7 +52,13 @@ from flwr.serverapp.strategy import Strategy
 from fingpt_federated.federation import protocol
 from fingpt_federated.server import privacy_record, strategy_state
 from fingpt_federated.server.history import FEDERATION, History
-from fingpt_federated.server.replies import check_reply, declined_reason, reply_metrics, unusable_metrics
+from fingpt_federated.server.replies import (
+    check_reply,
+    declined_reason,
+    reply_metrics,
+    reported_examples,
+    unusable_metrics,
+)
 from fingpt_federated.server.round_schedule import RoundSchedule
 from fingpt_federated.server.update_checks import Bound, UpdateGate, non_finite
 
@@ -306,7 +312,7 @@ class BankRounds(Strategy):
     def _bounded(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
         """The candidates with the update gate's bounds (clipped norms, capped count) applied and noted."""
         assert self.update_gate is not None
-        examples = _reported_examples(candidates)
+        examples = {c.node: reported_examples(c.reply) for c in candidates}
         bounds = self.update_gate.bounds(
             {c.node: c.norm for c in candidates},
             examples,
@@ -342,7 +348,7 @@ class BankRounds(Strategy):
     def _capped_counts(self, server_round: int, candidates: list[_Candidate]) -> list[_Candidate]:
         """Evaluate replies weighed as the update gate's count caps allow, noted as a train reply's bound is."""
         assert self.update_gate is not None
-        examples = _reported_examples(candidates)
+        examples = {c.node: reported_examples(c.reply) for c in candidates}
         caps = self.update_gate.count_caps(examples, self._banks(candidates))
         for node, cap in caps.items():
             reply = next(c.reply for c in candidates if c.node == node)
@@ -428,8 +434,3 @@ def _in_dtypes(arrays: ArrayRecord, dtypes: Mapping[str, str]) -> ArrayRecord:
             for name, array in arrays.items()
         }
     )
-
-
-def _reported_examples(candidates: list[_Candidate]) -> dict[int, float]:
-    """The example count each candidate's reply reports, by node."""
-    return {c.node: float(reply_metrics(c.reply)[protocol.NUM_EXAMPLES]) for c in candidates}

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fingpt_federated.federation import protocol
+from fingpt_federated.server.replies import reported_examples
 from fingpt_federated.server.strategy_wrapper import StrategyWrapper
 
 ETA_METRIC = "fedexp-eta"
@@ -88,7 +89,7 @@ def weighted_update_norm(replies: list[Message], sent: dict[str, np.ndarray]) ->
             continue
         state = {name: array.numpy() for name, array in reply.content.array_records[protocol.ARRAYS].items()}
         norms.append(squared_norm(state, sent))
-        weights.append(float(reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]))  # type: ignore[arg-type]
+        weights.append(reported_examples(reply))
     if not norms:
         return None
     return float(np.dot(np.asarray(weights) / sum(weights), norms))

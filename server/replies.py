@@ -65,6 +65,14 @@ def reply_metrics(reply: Message) -> Mapping[str, Any]:
     return dict(records[protocol.METRICS]) if protocol.METRICS in records else {}
 
 
+def reported_examples(reply: Message) -> float:
+    """The example count a train or evaluate reply reports: its weight in the mean (the update checks refuse a reply
+    without a positive finite one before any strategy reads it)."""
+    examples = reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
+    assert isinstance(examples, int | float)
+    return float(examples)
+
+
 UNIT_INTERVAL_METRICS = frozenset({"accuracy", "macro_f1", ROC_AUC, AUC_SHARE})
 """Evaluate metrics that are shares: honest code reports them within [0, 1]."""
 

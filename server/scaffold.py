@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fingpt_federated.federation import protocol
+from fingpt_federated.server.replies import reported_examples
 from fingpt_federated.server.strategy_wrapper import StrategyWrapper
 
 
@@ -61,7 +62,9 @@ class Scaffold(StrategyWrapper):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        changes = [(change, _examples(reply)) for reply in replies if (change := _pop_change(reply)) is not None]
+        changes = [
+            (change, reported_examples(reply)) for reply in replies if (change := _pop_change(reply)) is not None
+        ]
         arrays, metrics = self.strategy.aggregate_train(server_round, replies)
         if arrays is not None and changes:  # c moves with the state it belongs to
             self.control = moved_control(self.control, changes, max(self._banks, len(changes)))
@@ -82,13 +85,6 @@ def moved_control(
         )
         for name, value in control.items()
     }
-
-
-def _examples(reply: Message) -> float:
-    """The bank's example count, its weight (the update checks made sure it is positive and finite)."""
-    examples = reply.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
-    assert isinstance(examples, int | float)  # update_checks: a positive finite count
-    return float(examples)
 
 
 def _pop_change(reply: Message) -> dict[str, np.ndarray] | None:
