@@ -11,6 +11,7 @@ from federation_helpers import (  # noqa: F401
     config,
     one_torch_thread,
     recorded_federation,
+    server_identity,
 )
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
@@ -84,6 +85,7 @@ def _reply(update: np.ndarray, examples: int, sent: Message) -> Message:
 def test_a_bank_that_cancels_the_others_mean_cannot_stretch_the_step_past_max_eta():
     """Two banks at +d, one at -1.9 d (a hostile one): the mean is d / 30, and FedExP's eta, uncapped, would
     be about 720: a step of 24 d, far longer than any bank's update."""
+    server_identity()  # the Messages below are built outside a Flower runtime
     x, d = np.zeros(4), np.array([1.0, -2.0, 0.5, 0.0])
     wrapper = FedExP(FedAvg(), epsilon=1e-3, max_eta=5.0)
     sent = Message(
