@@ -26,6 +26,7 @@ from fingpt_federated.model.evaluation import evaluate, logits_of
 from fingpt_federated.model.state import federated_state, trainable_parameters
 from fingpt_federated.model.train_config import TrainConfig
 from fingpt_federated.simulations.personalization import BankComparison, markdown_section, verdict_lines, verdicts
+from fingpt_federated.simulations.prior_shift import main as prior_shift_main
 from fingpt_federated.simulations.repersonalize import main as repersonalize_main
 from tests.federation_helpers import CLASSES, config, news, news_data_overrides, tiny_model, write_news_csv
 
@@ -278,11 +279,27 @@ def test_quick_parity_through_fingpt_sim(tmp_path, tiny_setting):
     assert repersonalize_main([str(run), "--out", str(again)]) == 0
     assert json.loads(again.read_text())["banks"] == per_bank["banks"]
     assert repersonalize_main([str(run), "--out", str(again)]) == 2  # never over an existing file
+    # the label prior added at prediction: tau 0 is the run's own round-2 test accuracy, tau 1 moves the loss
+    shifted = tmp_path / "shifted.json"
+    last = run / "checkpoints" / "round_0002" / "state.safetensors"
+    assert prior_shift_main([str(run), "--state", str(last), "--tau", "0,1", "--out", str(shifted)]) == 0
+    rows = json.loads(shifted.read_text())["rows"]
+    round_2 = next(r["test_accuracy"] for r in saved["task_metrics"] if r.get("round") == 2 and "test_accuracy" in r)
+    assert rows[0]["accuracy"] == pytest.approx(round_2) and rows[1]["loss"] != pytest.approx(rows[0]["loss"])
+    assert sum(json.loads(shifted.read_text())["prior"]) == pytest.approx(1.0)
     other = tmp_path / "prior.json"
     assert repersonalize_main([str(run), "personalize.label_prior=true", "--out", str(other)]) == 0
     found = json.loads(other.read_text())
     assert found["personalize"]["label_prior"] is True
     assert [row["alone"] for row in found["banks"]] == [row["alone"] for row in per_bank["banks"]]
+
+
+def test_prior_shift_refuses_a_folder_that_is_not_a_run_and_bad_taus(tmp_path, capsys):
+    assert prior_shift_main([str(tmp_path)]) == 2
+    assert "resolved_config.yaml is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        prior_shift_main([str(tmp_path), "--tau", "1,x"])
+    assert "numbers separated by commas" in capsys.readouterr().err
 
 
 def test_repersonalize_refuses_what_a_finished_run_cannot_change(tmp_path, capsys):
