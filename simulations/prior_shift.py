@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fingpt_federated.config_dicts import config_dict
@@ -56,7 +57,11 @@ def shifted_metrics(run_dir: Path, state_file: Path, taus: list[float]) -> dict[
     model, tokenizer = build_model(config_dict(cfg.model), spec.num_classes, spec.num_features)
     test = load_bank(spec.test_dir).train
     fit_features_on(model, test)
-    load_federated_state(model, load_file(str(state_file)))
+    try:
+        state = load_file(str(state_file))
+    except SafetensorError as error:
+        raise ValueError(f"{state_file} is not a readable safetensors state: {error}") from None
+    load_federated_state(model, state)
     logits = logits_of(model, tokenizer, test, int(cfg.model.train.eval_batch_size))
     prior = federation_prior(spec)
     log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32))

@@ -300,6 +300,10 @@ def test_prior_shift_refuses_a_folder_that_is_not_a_run_and_bad_taus(tmp_path, c
     with pytest.raises(SystemExit):
         prior_shift_main([str(tmp_path), "--tau", "1,x"])
     assert "numbers separated by commas" in capsys.readouterr().err
+    for name in ("resolved_config.yaml", "federation_spec.json"):
+        (tmp_path / name).write_text("{}")
+    assert prior_shift_main([str(tmp_path)]) == 2  # a damaged run folder: one line, no traceback
+    assert capsys.readouterr().err.startswith("prior_shift: error:")
 
 
 def test_repersonalize_refuses_what_a_finished_run_cannot_change(tmp_path, capsys):
