@@ -40,8 +40,7 @@ def federation_prior(spec: FederationSpec) -> np.ndarray:
     """The add-one smoothed label prior of all the banks' training rows."""
     counts = np.zeros(spec.num_classes)
     for bank in spec.banks:
-        labels = np.asarray(load_bank(bank.path).train.labels, dtype=np.int64)
-        counts += np.bincount(labels, minlength=spec.num_classes)
+        counts += load_bank(bank.path).train.label_counts()
     return (counts + 1.0) / (counts + 1.0).sum()
 
 
